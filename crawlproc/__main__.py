@@ -1,0 +1,3 @@
+from crawlproc.cli import main
+
+main()

@@ -1,0 +1,295 @@
+"""The `crawlproc` command: parse, call the library, print, pick the exit code.
+
+Nothing else in crawlproc prints. Every error a user can cause becomes one
+line on stderr and the exit code of SPEC.md (2 usage, 3 OUT locked, 130
+interrupted), never a traceback. Heavy modules are imported inside the
+commands, so `crawlproc --help` starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from crawlproc import __version__
+from crawlproc.errors import CrawlprocError
+
+DEFAULT_OUT = "crawlproc-out"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class CrawlprocGroup(click.Group):
+    """A click group whose errors are one line each, with SPEC.md's exit codes."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx else "crawlproc"
+            _fail(f"{where}: {exc.format_message()} (see {where} --help)", 2)
+        except click.ClickException as exc:
+            _fail(f"crawlproc: {exc.format_message()}", exc.exit_code)
+        except click.Abort:
+            _fail("crawlproc: interrupted", 130)
+        except CrawlprocError as exc:
+            _fail(f"crawlproc: {exc}", exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("crawlproc: interrupted; run the same command again to resume", 130)
+        except sqlite3.DatabaseError as exc:
+            _fail(f"crawlproc: the ledger cannot be used ({exc}); is OUT/ledger.db damaged?", 2)
+        except OSError as exc:
+            _fail(f"crawlproc: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", 1)
+        sys.exit(code or 0)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(message, err=True)
+    sys.exit(code)
+
+
+# -- option parsing -------------------------------------------------------------
+
+def parse_size(text: str) -> int:
+    """'64MB', '512M', '1GiB', '4096' -> bytes (powers of 1024)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a size like 512MB or 1GiB")
+    number, unit, _ = match.groups()
+    return int(float(number) * _UNITS[unit.lower()])
+
+
+def _size_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    return None if value in (None, "", "off") else parse_size(value)
+
+
+def _params_option(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    params = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE")
+        params[key] = value
+    return params
+
+
+def _failures_option(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, bool] | None:
+    if value in (None, ""):
+        return None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(%?)\s*", value)
+    if not match:
+        raise click.BadParameter(f"{value!r} is not N or N%")
+    return float(match.group(1)), bool(match.group(2))
+
+
+def _env(name: str) -> str:
+    return f"CRAWLPROC_{name.upper()}"
+
+
+def out_option(func: Any) -> Any:
+    return click.option("-o", "--out", type=click.Path(path_type=Path), default=DEFAULT_OUT,
+                        envvar=_env("out"), show_default=True,
+                        help="Where the ledger, results, merged output and logs live.")(func)
+
+
+def processing_options(func: Any) -> Any:
+    """The options `run` (and later `watch`) share; each also reads CRAWLPROC_<NAME>."""
+    options = [
+        click.option("-p", "--processor", default="linecount", envvar=_env("processor"), show_default=True,
+                     help="Built-in name, package.module:function, or path/to/file.py:function."),
+        click.option("--param", "params", multiple=True, callback=_params_option, metavar="KEY=VALUE",
+                     envvar=_env("param"), help="Given to the processor as task.params; repeatable."),
+        out_option,
+        click.option("-w", "--workers", type=click.IntRange(1), default=os.cpu_count() or 1,
+                     envvar=_env("workers"), show_default="CPU count", help="Worker processes."),
+        click.option("--include", multiple=True, envvar=_env("include"), metavar="GLOB",
+                     help="Only files matching GLOB (on the path relative to DATA_DIR); repeatable."),
+        click.option("--exclude", multiple=True, envvar=_env("exclude"), metavar="GLOB",
+                     help="Skip files and folders matching GLOB; repeatable."),
+        click.option("--max-tasks-per-child", type=click.IntRange(1), default=1000, show_default=True,
+                     envvar=_env("max_tasks_per_child"), help="Recycle a worker after N tasks."),
+        click.option("--max-memory-per-child", "max_memory", callback=_size_option, metavar="SIZE",
+                     envvar=_env("max_memory_per_child"), help="Recycle a worker whose RSS passed SIZE (e.g. 512MB)."),
+        click.option("--timeout", type=click.FloatRange(min=0, min_open=True), envvar=_env("timeout"),
+                     help="Kill a task's worker after SECONDS; counts as a failed attempt."),
+        click.option("--retries", type=click.IntRange(0), default=2, show_default=True, envvar=_env("retries"),
+                     help="Extra attempts for a failing task, with exponential backoff and jitter."),
+        click.option("--retry-delay", type=click.FloatRange(0), default=0.5, show_default=True,
+                     envvar=_env("retry_delay"), help="Base delay in seconds before the first retry; doubles each time."),
+        click.option("--max-failures", callback=_failures_option, metavar="N|N%", envvar=_env("max_failures"),
+                     help="Stop early (exit 1) once more tasks than this have failed."),
+        click.option("--durable", is_flag=True, envvar=_env("durable"),
+                     help="fsync each result file and its folder before its tasks are marked done."),
+        click.option("--retry-failed", is_flag=True, envvar=_env("retry_failed"),
+                     help="Put failed tasks back to pending before running."),
+        click.option("--reprocess", is_flag=True, envvar=_env("reprocess"),
+                     help="Accept another processor/version/params on an existing OUT and redo every task."),
+        click.option("--batch-size", type=click.IntRange(1), envvar=_env("batch_size"),
+                     help="Most tasks in one claimed batch and result file [default: adaptive, up to 512]."),
+        click.option("--follow-symlinks", is_flag=True, envvar=_env("follow_symlinks"),
+                     help="Follow symlinks (never outside DATA_DIR; loops are detected)."),
+        click.option("--output", type=click.Path(path_type=Path, dir_okay=False), envvar=_env("output"),
+                     help="Merged output file [default: OUT/merged.jsonl]."),
+        click.option("--format", "output_format", type=click.Choice(["jsonl"]), default="jsonl",
+                     show_default=True, envvar=_env("format"), help="Merged output format."),
+        click.option("--no-merge", is_flag=True, envvar=_env("no_merge"), help="Skip the finalizer."),
+        click.option("--executor", type=click.Choice(["local", "dask"]), default="local", show_default=True,
+                     envvar=_env("executor"), help="Where tasks run."),
+        click.option("--scheduler", metavar="ADDR", envvar=_env("scheduler"), help="Dask scheduler address."),
+        click.option("-v", "--verbose", count=True, help="More log lines (debug)."),
+        click.option("-q", "--quiet", is_flag=True, envvar=_env("quiet"), help="Only warnings and errors."),
+        click.option("--log-json", is_flag=True, envvar=_env("log_json"), help="Log lines on stderr as JSON."),
+        click.option("--no-progress", is_flag=True, envvar=_env("no_progress"), help="No progress bar."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+# -- commands ---------------------------------------------------------------------
+
+@click.group(cls=CrawlprocGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="crawlproc")
+def cli() -> None:
+    """Run one processor over every file of a folder tree, on all cores, resumably.
+
+    A SQLite ledger in OUT records every file as a task; rerunning the same
+    command after a crash or Ctrl-C carries on where it stopped.
+    """
+
+
+@cli.command()
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@processing_options
+@click.pass_context
+def run(ctx: click.Context, data_dir: Path, **kw: Any) -> None:
+    """Scan DATA_DIR, process every pending file, merge the results, exit."""
+    from crawlproc import logs
+    from crawlproc.progress import ProgressReporter
+    from crawlproc.run import RunOptions, run_job
+
+    if kw["executor"] != "local":
+        raise click.UsageError("--executor dask is not available in this version; use local")
+    logs.setup_stderr(kw["verbose"], kw["quiet"], kw["log_json"])
+    options = RunOptions(
+        data_dir=data_dir, out=kw["out"], processor=kw["processor"], params=kw["params"],
+        workers=kw["workers"], include=kw["include"], exclude=kw["exclude"],
+        max_tasks_per_child=kw["max_tasks_per_child"], max_memory=kw["max_memory"], timeout=kw["timeout"],
+        retries=kw["retries"], retry_delay=kw["retry_delay"], max_failures=kw["max_failures"],
+        durable=kw["durable"], retry_failed=kw["retry_failed"], reprocess=kw["reprocess"],
+        batch_size=kw["batch_size"], follow_symlinks=kw["follow_symlinks"], output=kw["output"],
+        merge=not kw["no_merge"],
+    )
+    reporter = ProgressReporter(bar=not kw["no_progress"] and not kw["quiet"] and sys.stderr.isatty())
+    try:
+        outcome = run_job(options, on_progress=reporter)
+    finally:
+        reporter.close()
+    if not kw["quiet"]:
+        _print_run_summary(outcome)
+    ctx.exit(outcome.exit_code)
+
+
+def _print_run_summary(outcome: Any) -> None:
+    summary = outcome.summary or {}
+    counts = summary.get("counts", {})
+    timings = summary.get("timings", {})
+    line = (f"{counts.get('done', 0)} done, {counts.get('failed', 0)} failed, {counts.get('gone', 0)} gone "
+            f"of {summary.get('total', 0)} tasks; {timings.get('tasks_done_this_run', 0)} processed this run "
+            f"in {timings.get('elapsed_s', 0):.2f}s")
+    click.echo(line, err=True)
+    if summary.get("merged_output"):
+        click.echo(f"merged output: {summary['merged_output']}", err=True)
+    click.echo(f"summary: {Path(summary.get('out', '.')) / 'summary.json'}", err=True)
+    if outcome.exit_code == 130:
+        click.echo("interrupted: run the same command again to resume", err=True)
+    elif counts.get("failed"):
+        click.echo("some tasks failed: see `crawlproc failures`; `crawlproc retry --failed` to try again", err=True)
+
+
+@cli.command()
+@out_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def status(out: Path, as_json: bool) -> None:
+    """Counts by state, throughput, failures and the last run of OUT."""
+    from crawlproc.report import status_data, status_table
+
+    data = status_data(out)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        _print_rich(status_table(data))
+
+
+@cli.command()
+@out_option
+@click.option("--json", "as_json", is_flag=True, help="A JSON list.")
+def failures(out: Path, as_json: bool) -> None:
+    """Failed tasks of OUT with their last error."""
+    from crawlproc.report import failures_data, failures_table
+
+    rows = failures_data(out)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        _print_rich(failures_table(rows))
+
+
+@cli.command()
+@out_option
+@click.option("--failed", "which", flag_value="failed", default=True, help="Failed tasks (the default).")
+@click.option("--all", "which", flag_value="all", help="Failed and done tasks: redo everything.")
+@click.argument("paths", nargs=-1)
+def retry(out: Path, which: str, paths: tuple[str, ...]) -> None:
+    """Put tasks back to pending (failed ones, or all; optionally only PATHs)."""
+    from crawlproc.report import retry_tasks
+
+    count = retry_tasks(out, include_done=which == "all", relpaths=paths)
+    click.echo(f"{count} tasks back to pending; `crawlproc run DATA_DIR -o {out}` processes them", err=True)
+
+
+@cli.command()
+@out_option
+@click.option("--output", type=click.Path(path_type=Path, dir_okay=False), help="Merged output file.")
+def merge(out: Path, output: Path | None) -> None:
+    """Run the finalizer alone: merged output and summary.json from the done results."""
+    from crawlproc.report import merge_only
+
+    summary, damaged = merge_only(out, output)
+    click.echo(f"merged {summary['counts']['done']} done tasks into {summary['merged_output']}", err=True)
+    if damaged:
+        click.echo(f"{damaged} tasks had a missing or damaged result and went back to pending; "
+                   "run `crawlproc run` to redo them", err=True)
+
+
+@cli.command()
+def processors() -> None:
+    """List the built-in processors."""
+    from crawlproc.processors import describe_builtins
+
+    for name, version, line in describe_builtins():
+        click.echo(f"{name:<12} v{version:<4} {line}")
+
+
+def _print_rich(renderable: Any) -> None:
+    from rich.console import Console
+
+    Console().print(renderable)
+
+
+def main() -> None:
+    cli(prog_name="crawlproc")
+
+
+if __name__ == "__main__":
+    main()

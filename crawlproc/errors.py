@@ -1,0 +1,46 @@
+"""The exceptions crawlproc raises on purpose.
+
+Each carries the process exit code that SPEC.md assigns to it, so the CLI can
+turn any of them into one line on stderr and the right status without a table
+of special cases.
+"""
+
+from __future__ import annotations
+
+
+class CrawlprocError(Exception):
+    """Root of crawlproc's own errors; the message is meant for a person."""
+
+    exit_code = 2
+
+
+class UsageError(CrawlprocError):
+    """A bad path, option or value given by the user."""
+
+
+class ProcessorLoadError(CrawlprocError):
+    """The processor named by -p could not be imported or is not callable."""
+
+
+class IdentityMismatch(CrawlprocError):
+    """OUT was made by another processor, version, params or DATA_DIR."""
+
+
+class LedgerError(CrawlprocError):
+    """OUT/ledger.db is damaged, foreign, or cannot be opened."""
+
+
+class OutLocked(CrawlprocError):
+    """Another crawlproc coordinator holds OUT."""
+
+    exit_code = 3
+
+
+class Interrupted(CrawlprocError):
+    """The run was stopped by a signal; it can be resumed."""
+
+    exit_code = 130
+
+
+class TaskFailed(Exception):
+    """Raised inside a worker to fail an attempt with a message and no traceback."""

@@ -1,0 +1,430 @@
+"""The task ledger: OUT/ledger.db, the single source of truth. The only module with SQL.
+
+    scan ──upsert──> tasks(pending) ──claim──> running ──report──> done | pending(not_before) | failed
+                        │  changed/reappeared -> pending           gone <── not seen by a full scan
+
+One writer (the coordinator) in WAL mode, so `status`, `failures` and the
+sqlite3 shell can read while a run goes on. Every write goes through
+`transaction()` (BEGIN IMMEDIATE); the coordinator groups a whole loop turn of
+completions and claims into one of them.
+
+Paths are keyed on their exact bytes (`path_bytes`, so non-UTF-8 names open
+again and sort the same everywhere); `relpath` is the escaped form for people.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from crawlproc.errors import IdentityMismatch, LedgerError
+
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x43504C31  # "CPL1": tells our ledger from any other SQLite file
+BUSY_TIMEOUT_MS = 10_000
+
+
+class State(str, Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    GONE = "gone"
+
+
+class ClaimedTask(NamedTuple):
+    """A claimed task's row as `claim` returns it (as a plain tuple, for speed)."""
+
+    id: int
+    path_bytes: bytes
+    offset: int
+    length: int | None
+    size: int
+    mtime_ns: int
+    attempts: int
+
+
+# Upsert from a scan: new -> pending; size/mtime changed or reappeared -> pending
+# with fresh attempts; unchanged -> not written at all (a no-op rerun stays cheap).
+# A task being processed keeps `running`: its worker sees the change and hands it back.
+_UPSERT = """
+INSERT INTO tasks (relpath, path_bytes, "offset", length, size, mtime_ns, state)
+VALUES (?, ?, ?, ?, ?, ?, 'pending')
+ON CONFLICT (path_bytes, "offset") DO UPDATE SET
+    size = excluded.size, mtime_ns = excluded.mtime_ns, length = excluded.length,
+    state = CASE WHEN tasks.state = 'running' THEN 'running' ELSE 'pending' END,
+    attempts = 0, error = NULL, traceback = NULL, not_before = 0
+WHERE tasks.size != excluded.size OR tasks.mtime_ns != excluded.mtime_ns
+   OR tasks.state = 'gone'
+"""
+
+# Claim: the first pending tasks in merge order, up to LIMIT and while the input
+# before each stays under the byte cap (so a big file still goes alone).
+_CLAIM = """
+UPDATE tasks SET state = 'running' WHERE id IN (
+    SELECT id FROM (
+        SELECT id, sum(coalesce(length, size)) OVER (ORDER BY path_bytes, "offset"
+               ROWS UNBOUNDED PRECEDING) - coalesce(length, size) AS before
+        FROM tasks WHERE state = 'pending' AND not_before <= ?1
+        ORDER BY path_bytes, "offset" LIMIT ?2)
+    WHERE before < ?3)
+RETURNING id, path_bytes, "offset", length, size, mtime_ns, attempts
+"""
+
+
+def _merge_key(row: tuple) -> tuple:
+    return (row[1], row[2])
+
+
+class Ledger:
+    """All reads and writes of OUT/ledger.db."""
+
+    def __init__(self, path: Path, *, durable: bool = False, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.conn = _connect(self.path, readonly=readonly)
+        self.conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+        self._track_seen = True
+        self._check_or_create(readonly)
+
+    # -- set-up ------------------------------------------------------------
+    def _check_or_create(self, readonly: bool) -> None:
+        try:
+            app_id = self.conn.execute("PRAGMA application_id").fetchone()[0]
+            has_tables = self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"{self.path} is not a crawlproc ledger ({exc}); use another --out") from None
+        if app_id == APPLICATION_ID:
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            if version != SCHEMA_VERSION:
+                raise LedgerError(f"{self.path} has ledger schema {version}, this crawlproc reads {SCHEMA_VERSION}")
+            return
+        if has_tables or readonly:
+            raise LedgerError(f"{self.path} is an SQLite file but not a crawlproc ledger; use another --out")
+        self._create_schema()
+
+    def _create_schema(self) -> None:
+        import sqlite_utils  # only needed once per OUT; keeps start-up light
+
+        db = sqlite_utils.Database(self.conn)
+        with self.transaction():
+            db["meta"].create({"key": str, "value": str}, pk="key")
+            db["tasks"].create(
+                {
+                    "id": int, "relpath": str, "path_bytes": bytes, "offset": int, "length": int,
+                    "size": int, "mtime_ns": int, "state": str, "attempts": int, "error": str,
+                    "traceback": str, "not_before": float, "batch_id": int, "result_offset": int,
+                    "result_length": int, "result_crc": int, "worker_pid": int,
+                    "elapsed_s": float, "finished_at": float,
+                },
+                pk="id",
+                not_null={"relpath", "path_bytes", "offset", "size", "mtime_ns", "state", "attempts", "not_before"},
+                defaults={"offset": 0, "state": "pending", "attempts": 0, "not_before": 0},
+            )
+            db["tasks"].create_index(["path_bytes", "offset"], unique=True, index_name="tasks_key")
+            # The claim query walks only pending tasks, in merge order.
+            self.conn.execute(
+                'CREATE INDEX tasks_pending ON tasks (path_bytes, "offset") WHERE state = \'pending\''
+            )
+            db["runs"].create(
+                {"id": int, "command": str, "pid": int, "started": float, "updated": float,
+                 "finished": float, "exit_code": int, "done": int, "failed": int, "info": str},
+                pk="id",
+            )
+            self.conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+            self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE), retried only while the file is locked."""
+        _begin_immediate(self.conn)
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- identity ------------------------------------------------------------
+    def meta(self) -> dict[str, str]:
+        return dict(self.conn.execute("SELECT key, value FROM meta"))
+
+    def set_meta(self, values: Mapping[str, Any]) -> None:
+        with self.transaction() as conn:
+            conn.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [(k, _meta_text(v)) for k, v in values.items()],
+            )
+
+    def check_identity(self, identity: Mapping[str, Any], *, reprocess: bool) -> bool:
+        """Compare the run's identity with OUT's; True when every task must be redone.
+
+        Raises IdentityMismatch naming both sides unless `reprocess` is set.
+        """
+        stored = self.meta()
+        wanted = {k: _meta_text(v) for k, v in identity.items()}
+        if "processor" not in stored:
+            self.set_meta(wanted)
+            return False
+        differ = {k: (stored.get(k), v) for k, v in wanted.items() if stored.get(k) != v}
+        if not differ:
+            return False
+        if not reprocess:
+            detail = "; ".join(f"{k}: OUT has {old!r}, this run {new!r}" for k, (old, new) in differ.items())
+            raise IdentityMismatch(
+                f"{self.path.parent} was made with other settings ({detail}); "
+                "use a new --out, or pass --reprocess to redo every task"
+            )
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE tasks SET state = 'pending', attempts = 0, error = NULL, traceback = NULL, "
+                "not_before = 0 WHERE state != 'gone'"
+            )
+        self.set_meta(wanted)
+        return True
+
+    # -- recovery ------------------------------------------------------------
+    def requeue_stale(self) -> int:
+        """Tasks left `running` by a coordinator that died go back to pending, unpenalised."""
+        with self.transaction() as conn:
+            return conn.execute(
+                "UPDATE tasks SET state = 'pending', error = 'requeued: its run stopped before it finished' "
+                "WHERE state = 'running'"
+            ).rowcount
+
+    def next_batch_id(self) -> int:
+        """Batch ids only need to differ from every id a task still refers to.
+
+        A file left by a batch whose done marks were never committed is not
+        referenced, so reusing its id (and overwriting it) is harmless.
+        """
+        row = self.conn.execute("SELECT max(batch_id) FROM tasks").fetchone()
+        return (row[0] or 0) + 1
+
+    # -- scanning --------------------------------------------------------------
+    def begin_scan(self) -> None:
+        """Start a full scan. Seen paths are only tracked when some task could be gone."""
+        self.conn.execute("CREATE TEMP TABLE IF NOT EXISTS seen (path_bytes BLOB PRIMARY KEY) WITHOUT ROWID")
+        self.conn.execute("DELETE FROM temp.seen")
+        self._track_seen = self.conn.execute("SELECT 1 FROM tasks LIMIT 1").fetchone() is not None
+
+    def upsert_scanned(self, conn: sqlite3.Connection, rows: list[tuple]) -> None:
+        """rows: (relpath, path_bytes, offset, length, size, mtime_ns); inside a transaction."""
+        conn.executemany(_UPSERT, rows)
+        if self._track_seen:
+            conn.executemany("INSERT OR IGNORE INTO temp.seen VALUES (?)", ((r[1],) for r in rows))
+
+    def keep_subtree(self, prefix: bytes) -> None:
+        """Count every task under `prefix` as seen: its folder could not be read this time."""
+        if not self._track_seen:
+            return
+        self.conn.execute(
+            "INSERT OR IGNORE INTO temp.seen SELECT path_bytes FROM tasks "
+            "WHERE substr(path_bytes, 1, ?) = ?",
+            (len(prefix), prefix),
+        )
+
+    def finish_scan(self) -> int:
+        """After a complete scan: tasks of files not seen become gone. Returns how many."""
+        if not self._track_seen:
+            return 0  # the ledger was empty when the scan began: nothing can have vanished
+        with self.transaction() as conn:
+            gone = conn.execute(
+                "UPDATE tasks SET state = 'gone' WHERE state NOT IN ('gone', 'running') "
+                "AND path_bytes NOT IN (SELECT path_bytes FROM temp.seen)"
+            ).rowcount
+        self.conn.execute("DELETE FROM temp.seen")
+        return gone
+
+    # -- claiming and reporting --------------------------------------------------
+    def claim(self, conn: sqlite3.Connection, limit: int, max_bytes: int, now: float) -> list[tuple]:
+        """Take up to `limit` pending tasks in merge order, stopping near `max_bytes` of input.
+
+        One statement picks and marks them (a running sum enforces the byte cap),
+        so claiming costs no Python per task. Rows are shaped like ClaimedTask.
+        """
+        rows = conn.execute(_CLAIM, (now, limit, max_bytes)).fetchall()
+        rows.sort(key=_merge_key)
+        return rows
+
+    def has_claimable(self, conn: sqlite3.Connection, now: float) -> bool:
+        return conn.execute(
+            "SELECT 1 FROM tasks WHERE state = 'pending' AND not_before <= ? LIMIT 1", (now,)
+        ).fetchone() is not None
+
+    def mark_done(self, conn: sqlite3.Connection, rows: Iterable[tuple]) -> None:
+        """rows: (batch_id, result_offset, result_length, result_crc, worker_pid, elapsed_s, finished_at, id)."""
+        conn.executemany(
+            "UPDATE tasks SET state = 'done', attempts = attempts + 1, batch_id = ?, result_offset = ?, "
+            "result_length = ?, result_crc = ?, worker_pid = ?, elapsed_s = ?, finished_at = ?, "
+            "error = NULL, traceback = NULL WHERE id = ? AND state = 'running'",
+            rows,
+        )
+
+    def mark_failed_attempt(
+        self, conn: sqlite3.Connection, task_id: int, error: str, traceback: str | None,
+        worker_pid: int | None, retry_at: float | None,
+    ) -> None:
+        """One failed attempt: back to pending at `retry_at`, or failed for good when it is None."""
+        state = State.FAILED.value if retry_at is None else State.PENDING.value
+        conn.execute(
+            "UPDATE tasks SET state = ?, attempts = attempts + 1, error = ?, traceback = ?, "
+            "worker_pid = ?, not_before = ?, finished_at = ? WHERE id = ? AND state = 'running'",
+            (state, error, traceback, worker_pid, retry_at or 0, time.time(), task_id),
+        )
+
+    def hand_back(self, conn: sqlite3.Connection, ids: Iterable[int]) -> None:
+        """Running tasks that never started (or whose worker stopped) go back unpenalised."""
+        conn.executemany(
+            "UPDATE tasks SET state = 'pending' WHERE id = ? AND state = 'running'", ((i,) for i in ids)
+        )
+
+    def mark_changed(self, conn: sqlite3.Connection, task_id: int, size: int, mtime_ns: int) -> None:
+        """The file changed while it was processed: take the new stat, process it again."""
+        conn.execute(
+            "UPDATE tasks SET state = 'pending', size = ?, mtime_ns = ?, "
+            "error = 'file changed while it was processed' WHERE id = ? AND state = 'running'",
+            (size, mtime_ns, task_id),
+        )
+
+    def mark_gone(self, conn: sqlite3.Connection, task_id: int) -> None:
+        conn.execute("UPDATE tasks SET state = 'gone' WHERE id = ? AND state = 'running'", (task_id,))
+
+    def task_attempts(self, task_id: int) -> int:
+        return self.conn.execute("SELECT attempts FROM tasks WHERE id = ?", (task_id,)).fetchone()[0]
+
+    # -- finalizer ------------------------------------------------------------
+    def done_in_merge_order(self) -> Iterator[tuple]:
+        """(id, path_bytes, offset, batch_id, result_offset, result_length, result_crc) per done task."""
+        cursor = self.conn.execute(
+            'SELECT id, path_bytes, "offset", batch_id, result_offset, result_length, result_crc '
+            "FROM tasks WHERE state = 'done' ORDER BY path_bytes, \"offset\""
+        )
+        return cursor  # plain tuples: this runs once per task
+
+    def live_batch_ids(self) -> set[int]:
+        return {r[0] for r in self.conn.execute("SELECT DISTINCT batch_id FROM tasks WHERE state = 'done'")}
+
+    def requeue_damaged(self, ids: list[int], reason: str) -> None:
+        with self.transaction() as conn:
+            conn.executemany(
+                "UPDATE tasks SET state = 'pending', error = ? WHERE id = ? AND state = 'done'",
+                ((reason, i) for i in ids),
+            )
+
+    # -- reading for people ------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        counts = {s.value: 0 for s in State}
+        for state, n in self.conn.execute("SELECT state, count(*) FROM tasks GROUP BY state"):
+            counts[state] = n
+        return counts
+
+    def waiting_retry(self, now: float) -> tuple[int, float | None]:
+        """Pending tasks held back by a retry delay, and the soonest time one is due."""
+        n, soonest = self.conn.execute(
+            "SELECT count(*), min(not_before) FROM tasks WHERE state = 'pending' AND not_before > ?", (now,)
+        ).fetchone()
+        return n, soonest
+
+    def failures(self) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            'SELECT relpath, "offset", attempts, error, traceback FROM tasks '
+            "WHERE state = 'failed' ORDER BY path_bytes, \"offset\""
+        )
+        return [dict(zip(("relpath", "offset", "attempts", "error", "traceback"), r)) for r in rows]
+
+    def retry(self, *, include_done: bool, relpaths: Iterable[str] = ()) -> int:
+        """Put failed (and with include_done, done) tasks back to pending; returns how many."""
+        states = ("failed", "done") if include_done else ("failed",)
+        marks = ",".join("?" * len(states))
+        sql = (
+            "UPDATE tasks SET state = 'pending', attempts = 0, not_before = 0, error = NULL, "
+            f"traceback = NULL WHERE state IN ({marks})"
+        )
+        paths = list(relpaths)
+        with self.transaction() as conn:
+            if not paths:
+                return conn.execute(sql, states).rowcount
+            return sum(conn.execute(sql + " AND relpath = ?", (*states, p)).rowcount for p in paths)
+
+    # -- runs ------------------------------------------------------------------
+    def start_run(self, command: str, pid: int) -> int:
+        now = time.time()
+        with self.transaction() as conn:
+            return conn.execute(
+                "INSERT INTO runs (command, pid, started, updated, done, failed) VALUES (?, ?, ?, ?, 0, 0)",
+                (command, pid, now, now),
+            ).lastrowid
+
+    def update_run(self, conn: sqlite3.Connection, run_id: int, done: int, failed: int, info: Mapping | None = None) -> None:
+        conn.execute(
+            "UPDATE runs SET updated = ?, done = ?, failed = ?, info = coalesce(?, info) WHERE id = ?",
+            (time.time(), done, failed, json.dumps(info) if info is not None else None, run_id),
+        )
+
+    def finish_run(self, run_id: int, exit_code: int, done: int, failed: int) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE runs SET finished = ?, updated = ?, exit_code = ?, done = ?, failed = ? WHERE id = ?",
+                (time.time(), time.time(), exit_code, done, failed, run_id),
+            )
+
+    def last_run(self) -> dict[str, Any] | None:
+        cursor = self.conn.execute("SELECT * FROM runs ORDER BY id DESC LIMIT 1")
+        row = cursor.fetchone()
+        if row is None:
+            return None
+        return dict(zip((d[0] for d in cursor.description), row))
+
+
+def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
+    if readonly:
+        if not path.exists():
+            raise LedgerError(f"no ledger at {path}: has crawlproc run with this --out?")
+        uri = f"file:{path}?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    try:
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        if not readonly:
+            conn.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise LedgerError(f"{path} is not a crawlproc ledger ({exc}); use another --out") from None
+    return conn
+
+
+def _begin_immediate(conn: sqlite3.Connection) -> None:
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc) and "busy" not in str(exc):
+            raise
+        _retry_begin(conn)
+
+
+def _retry_begin(conn: sqlite3.Connection) -> None:
+    """Bounded retries with backoff for a lock held past busy_timeout (a long reader checkpoint)."""
+    import tenacity
+
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception_message(match=r".*(locked|busy).*"),
+        wait=tenacity.wait_exponential(multiplier=0.05, max=2) + tenacity.wait_random(0, 0.05),
+        stop=tenacity.stop_after_attempt(8),
+        reraise=True,
+    )
+    retrying(conn.execute, "BEGIN IMMEDIATE")
+
+
+def _meta_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)

@@ -1,0 +1,58 @@
+"""Logging set-up: loguru to stderr (for people) and to OUT/logs/crawlproc.log (for later).
+
+Every file line carries the pid and, where there is one, the task id. While a
+rich progress bar is on screen, stderr lines go through its console so the bar
+is redrawn under them instead of being torn.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+LOG_DIR = "logs"
+LOG_NAME = "crawlproc.log"
+_FILE_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | pid={process} task={extra[task]} | {message}"
+_STDERR_FORMAT = "<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> {message}"
+
+_console: Any = None
+_file_sink: int | None = None
+
+
+def setup_stderr(verbose: int, quiet: bool, json_lines: bool) -> None:
+    level = "WARNING" if quiet else ("DEBUG" if verbose else "INFO")
+    logger.remove()
+    logger.configure(extra={"task": "-"})
+    if json_lines:
+        logger.add(sys.stderr, level=level, serialize=True)
+    else:
+        logger.add(_write_stderr, level=level, format=_STDERR_FORMAT, colorize=sys.stderr.isatty())
+
+
+def add_file_sink(out: Path) -> None:
+    global _file_sink
+    if _file_sink is not None:
+        logger.remove(_file_sink)
+    (out / LOG_DIR).mkdir(parents=True, exist_ok=True)
+    _file_sink = logger.add(
+        out / LOG_DIR / LOG_NAME, level="DEBUG", format=_FILE_FORMAT,
+        rotation="10 MB", retention=5, encoding="utf-8",
+    )
+
+
+def use_console(console: Any) -> None:
+    """Route stderr log lines through a rich console while its live display runs."""
+    global _console
+    _console = console
+
+
+def _write_stderr(message: str) -> None:
+    if _console is not None:
+        from rich.text import Text
+
+        _console.print(Text.from_ansi(message.rstrip("\n")), highlight=False)
+    else:
+        sys.stderr.write(message)

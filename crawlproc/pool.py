@@ -1,0 +1,524 @@
+"""The coordinator: feeds batches of tasks to N worker processes and records what happens.
+
+    ┌─────────── one loop turn ───────────────────────────────────────────────┐
+    │ scan.step()      another slice of DATA_DIR into the ledger (while any)  │
+    │ _commit_turn()   ONE transaction: reports -> done/failed/pending,       │
+    │                  deaths -> blame + hand back, claims for idle workers   │
+    │ send batches     at most PIPELINE batches in flight per worker          │
+    │ _wait()          pipes + process sentinels + signal wake-up together,   │
+    │                  until a report, a death, a --timeout or a retry is due │
+    └─────────────────────────────────────────────────────────────────────────┘
+
+Each worker has a shared slot (task id, start time) that it sets before each
+task, so a worker that dies or passes --timeout is blamed for exactly that task
+and the rest of its batches go back to pending unpenalised. Workers are
+replaced after --max-tasks-per-child tasks, or when they retire on memory.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_for
+from types import SimpleNamespace
+from typing import Any
+
+from loguru import logger
+
+from crawlproc.errors import CrawlprocError
+from crawlproc.ledger import ClaimedTask, Ledger
+from crawlproc.scanner import Scan
+from crawlproc.task import relpath_for_people
+from crawlproc.worker import CHANGED, DONE, FAILED, GONE, RETURNED, BatchReport, WorkBatch, WorkerConfig, worker_main
+
+PIPELINE = 2  # batches in flight per worker: it never waits for the coordinator
+MAX_BATCH_BYTES = 64 << 20
+TARGET_BATCH_SECONDS = 0.1  # adaptive batches take about this long: responsive, fair tails
+SCAN_SLICE = 2000
+GRACE_SECONDS = 5.0
+TICK_SECONDS = 0.5
+RUN_UPDATE_SECONDS = 1.0
+MAX_STARTUP_DEATHS = 10
+
+
+@dataclass(frozen=True)
+class PoolOptions:
+    workers: int
+    max_tasks_per_child: int = 1000
+    batch_size: int | None = None  # a cap; None = adaptive up to 512
+    timeout: float | None = None
+    retries: int = 2
+    retry_delay: float = 0.5
+    max_failures: tuple[float, bool] | None = None  # (limit, is_percent)
+    grace_seconds: float = GRACE_SECONDS
+
+
+@dataclass
+class PoolResult:
+    done: int = 0
+    failed: int = 0
+    stop_reason: str | None = None  # None (ran out of work), "interrupted", "failure budget", "write error"
+    message: str | None = None
+
+
+@dataclass
+class _Worker:
+    process: Any
+    conn: Any
+    slot: Any
+    inflight: deque = field(default_factory=deque)  # WorkBatch, oldest first
+    tasks_sent: int = 0
+    retiring: bool = False
+    kill_reason: str | None = None
+    reported: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        ledger: Ledger,
+        config: WorkerConfig,
+        options: PoolOptions,
+        *,
+        run_id: int | None = None,
+        on_progress: Callable[[dict], None] | None = None,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self.ledger = ledger
+        self.config = config
+        self.options = options
+        self.run_id = run_id
+        self.on_progress = on_progress or (lambda stats: None)
+        self.now = now
+        self.ctx = multiprocessing.get_context("forkserver")
+        self.ctx.set_forkserver_preload(["crawlproc.worker"])
+        self.workers: list[_Worker] = []
+        self.result = PoolResult()
+        self._claimed: dict[int, tuple] = {}  # task id -> its ClaimedTask-shaped row, while in flight
+        self._reports: list[tuple[_Worker, BatchReport]] = []
+        self._deaths: list[tuple[_Worker, int | None]] = []
+        self._next_batch = ledger.next_batch_id()
+        self._claimable = True
+        self._retry_due: float | None = None
+        self._avg_task_seconds: float | None = None
+        self._pending_left: int | None = None  # known once the scan is over: balances the tail
+        self._signals = 0
+        self._grace_deadline: float | None = None
+        self._startup_deaths = 0
+        self._started = False
+        self._last_run_update = 0.0
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self.scan: Scan | None = None
+
+    # -- the loop ------------------------------------------------------------
+    def run(self, scan: Scan | None) -> PoolResult:
+        self.scan = scan
+        previous = self._install_signal_handlers()
+        try:
+            while True:
+                if self._scanning:
+                    self._scan_slice()
+                self._send(self._commit_turn())
+                if self._finished():
+                    break
+                self._wait()
+                self.on_progress(self.stats())
+        finally:
+            self._shutdown()
+            self._restore_signal_handlers(previous)
+        return self.result
+
+    @property
+    def _scanning(self) -> bool:
+        return self.scan is not None and not self.scan.finished and not self._stopping
+
+    @property
+    def _stopping(self) -> bool:
+        return self.result.stop_reason is not None
+
+    def _finished(self) -> bool:
+        if any(w.inflight for w in self.workers) or self._reports or self._deaths:
+            return False
+        if self._stopping:
+            return True
+        if self._scanning or self._claimable:
+            return False
+        waiting, soonest = self.ledger.waiting_retry(self.now())
+        self._retry_due = soonest
+        return waiting == 0
+
+    def _scan_slice(self) -> None:
+        if self.scan.step(SCAN_SLICE):
+            self._claimable = True
+        if self.scan.finished:
+            self._pending_left = self.ledger.counts()["pending"]
+            self._claimable = True
+
+    # -- one transaction per turn ----------------------------------------------
+    def _commit_turn(self) -> list[tuple[_Worker, WorkBatch]]:
+        idle = [w for w in self.workers if self._wants_work(w)]
+        starting = not self._started and self._claimable and not self._stopping
+        if not (self._reports or self._deaths or (idle and self._claimable) or starting):
+            return []
+        batches = []
+        with self.ledger.transaction() as conn:
+            if starting:
+                idle = self._start_workers_if_work(conn)
+            for worker, report in self._reports:
+                self._apply_report(conn, worker, report)
+            for worker, exitcode in self._deaths:
+                self._apply_death(conn, worker, exitcode)
+            self._reports.clear()
+            self._deaths.clear()
+            for worker in idle:
+                if self._stopping or not self._claimable:
+                    break
+                batch = self._claim(conn, worker)
+                if batch is not None:
+                    batches.append((worker, batch))
+            self._maybe_update_run(conn)
+        return batches
+
+    def _start_workers_if_work(self, conn: Any) -> list[_Worker]:
+        """Workers start only once there is something to do: a no-op rerun costs no processes."""
+        if not self.ledger.has_claimable(conn, self.now()):
+            self._claimable = False
+            return []
+        self._started = True
+        return [self._spawn() for _ in range(self.options.workers)]
+
+    def _wants_work(self, worker: _Worker) -> bool:
+        return not worker.retiring and len(worker.inflight) < PIPELINE and worker.process.is_alive()
+
+    def _claim(self, conn: Any, worker: _Worker) -> WorkBatch | None:
+        budget = self.options.max_tasks_per_child - worker.tasks_sent
+        tasks = self.ledger.claim(conn, min(self._batch_size(), budget), MAX_BATCH_BYTES, self.now())
+        if not tasks:
+            self._claimable = False
+            return None
+        for task in tasks:
+            self._claimed[task[0]] = task
+        if self._pending_left is not None:
+            self._pending_left = max(0, self._pending_left - len(tasks))
+        batch = WorkBatch(self._next_batch, tuple(tasks))
+        self._next_batch += 1
+        worker.tasks_sent += len(tasks)
+        worker.inflight.append(batch)
+        return batch
+
+    def _batch_size(self) -> int:
+        cap = self.options.batch_size or 512
+        size = 32 if self._avg_task_seconds is None else int(TARGET_BATCH_SECONDS / max(self._avg_task_seconds, 1e-6))
+        if self._pending_left is not None:  # the tail: split what is left over all workers
+            size = min(size, -(-self._pending_left // (2 * self.options.workers)))
+        return max(1, min(size, cap))
+
+    def _send(self, batches: list[tuple[_Worker, WorkBatch]]) -> None:
+        for worker, batch in batches:
+            try:
+                worker.conn.send(batch)
+            except OSError:
+                pass  # it died: its sentinel tells us next, and the batch goes back then
+            if worker.tasks_sent >= self.options.max_tasks_per_child and not worker.retiring:
+                self._retire(worker)
+
+    # -- outcomes ----------------------------------------------------------------
+    def _apply_report(self, conn: Any, worker: _Worker, report: BatchReport) -> None:
+        batch = worker.inflight.popleft()
+        assert batch.batch_id == report.batch_id, (batch.batch_id, report.batch_id)
+        worker.reported = True
+        self._startup_deaths = 0
+        now = self.now()
+        done_rows = []
+        for task_id, kind, detail, elapsed in report.outcomes:
+            task = self._claimed.pop(task_id)
+            if kind == DONE and report.write_error is None:
+                done_rows.append((report.batch_id, *detail, report.pid, elapsed, now, task_id))
+                self._learn_speed(elapsed)
+            elif kind == DONE or kind == RETURNED:
+                self._hand_back(conn, [task_id])
+            elif kind == FAILED:
+                self._fail_attempt(conn, task, detail[0], detail[1], report.pid)
+            elif kind == CHANGED:
+                self.ledger.mark_changed(conn, task_id, *detail)
+                self._claimable = True
+            elif kind == GONE:
+                self.ledger.mark_gone(conn, task_id)
+        self.ledger.mark_done(conn, done_rows)
+        self.result.done += len(done_rows)
+        if report.retiring and not worker.retiring:
+            self._retire(worker)  # it passed --max-memory-per-child or a task raised SystemExit
+        if report.write_error:
+            self._stop("write error", report.write_error)
+
+    def _apply_death(self, conn: Any, worker: _Worker, exitcode: int | None) -> None:
+        blamed = worker.slot[0]
+        lost = [t[0] for batch in worker.inflight for t in batch.tasks]
+        worker.inflight.clear()
+        if blamed and blamed in self._claimed and (exitcode != 0 or worker.kill_reason):
+            reason = worker.kill_reason or describe_death(exitcode)
+            self._fail_attempt(conn, self._claimed[blamed], reason, None, worker.pid)
+            lost.remove(blamed)
+            self._claimed.pop(blamed)
+        for task_id in lost:
+            self._claimed.pop(task_id, None)
+        self._hand_back(conn, lost)
+
+    def _hand_back(self, conn: Any, task_ids: list[int]) -> None:
+        if task_ids:
+            self.ledger.hand_back(conn, task_ids)
+            self._claimable = True
+            if self._pending_left is not None:
+                self._pending_left += len(task_ids)
+
+    def _fail_attempt(self, conn: Any, row: tuple, error: str, tb: str | None, pid: int) -> None:
+        task = ClaimedTask(*row)
+        attempt = task.attempts + 1
+        final = attempt > self.options.retries
+        retry_at = None if final else self.now() + self._backoff(attempt)
+        self.ledger.mark_failed_attempt(conn, task.id, error, tb, pid, retry_at)
+        name = relpath_for_people(task.path_bytes)
+        logger.bind(task=task.id).warning(
+            "task {} ({}) failed on attempt {}/{}: {}{}", task.id, name, attempt,
+            self.options.retries + 1, error, "" if not final else " - giving up")
+        if final:
+            self.result.failed += 1
+            self._check_failure_budget(conn)
+        else:
+            self._retry_due = min(self._retry_due or retry_at, retry_at)
+
+    def _backoff(self, attempt: int) -> float:
+        import tenacity  # only on the failure path
+
+        delay = self.options.retry_delay
+        wait = tenacity.wait_exponential(multiplier=delay, max=60) + tenacity.wait_random(0, delay / 2)
+        return wait(SimpleNamespace(attempt_number=attempt))
+
+    def _check_failure_budget(self, conn: Any) -> None:
+        if self.options.max_failures is None:
+            return
+        limit, percent = self.options.max_failures
+        if percent:
+            total = conn.execute("SELECT count(*) FROM tasks WHERE state != 'gone'").fetchone()[0]
+            limit = limit * total / 100
+        if self.result.failed > limit:
+            self._stop("failure budget", f"{self.result.failed} tasks failed, more than --max-failures allows")
+
+    def _learn_speed(self, elapsed: float) -> None:
+        avg = self._avg_task_seconds
+        self._avg_task_seconds = elapsed if avg is None else avg * 0.98 + elapsed * 0.02
+
+    # -- waiting ----------------------------------------------------------------
+    def _wait(self) -> None:
+        ready = wait_for(self._waitables(), timeout=self._wait_timeout())
+        for worker in list(self.workers):
+            if worker.conn in ready or worker.process.sentinel in ready:
+                self._collect(worker)
+        if self._wake_r in ready:
+            os.read(self._wake_r, 512)
+        self._enforce_deadlines()
+
+    def _waitables(self) -> list:
+        items: list = [self._wake_r]
+        for worker in self.workers:
+            items += [worker.conn, worker.process.sentinel]
+        return items
+
+    def _wait_timeout(self) -> float:
+        if self._scanning:
+            return 0
+        now = self.now()
+        timeout = TICK_SECONDS
+        if self._retry_due is not None and not self._stopping:
+            timeout = min(timeout, max(0.0, self._retry_due - now))
+        if self._grace_deadline is not None:
+            timeout = min(timeout, max(0.0, self._grace_deadline - now))
+        if self.options.timeout:
+            timeout = min(timeout, self._next_task_deadline())
+        return timeout
+
+    def _next_task_deadline(self) -> float:
+        now_ns = time.monotonic_ns()
+        soonest = TICK_SECONDS
+        for worker in self.workers:
+            if worker.slot[0]:
+                left = (worker.slot[1] - now_ns) / 1e9 + self.options.timeout
+                soonest = min(soonest, max(0.0, left))
+        return soonest
+
+    def _collect(self, worker: _Worker) -> None:
+        """Read every report the worker sent; if it has exited, record its death."""
+        try:
+            while worker.conn.poll():
+                self._reports.append((worker, worker.conn.recv()))
+        except Exception:
+            pass  # EOF, or a report cut short by the worker's death: its tasks go back
+        if worker.process.is_alive():
+            return
+        worker.process.join()
+        self.workers.remove(worker)
+        worker.conn.close()
+        self._on_exit(worker)
+
+    def _on_exit(self, worker: _Worker) -> None:
+        exitcode = worker.process.exitcode
+        abnormal = exitcode != 0 or worker.kill_reason
+        if abnormal or worker.inflight:
+            self._deaths.append((worker, exitcode))
+        if abnormal and not worker.reported and not worker.kill_reason:
+            self._startup_deaths += 1
+            if self._startup_deaths >= MAX_STARTUP_DEATHS:
+                raise CrawlprocError(f"workers keep dying before finishing any batch ({describe_death(exitcode)})")
+        if abnormal:
+            logger.warning("worker {} {}", worker.pid, worker.kill_reason or describe_death(exitcode))
+        if not self._stopping and not worker.retiring:
+            self._spawn()
+
+    def _enforce_deadlines(self) -> None:
+        if self._retry_due is not None and self.now() >= self._retry_due:
+            self._retry_due = None
+            self._claimable = True
+        if self._grace_deadline is not None and time.monotonic() >= self._grace_deadline:
+            self._kill_all("stopped after the grace period")
+        if not self.options.timeout:
+            return
+        now_ns = time.monotonic_ns()
+        for worker in self.workers:
+            task_id, started = worker.slot[0], worker.slot[1]
+            if task_id and (now_ns - started) / 1e9 > self.options.timeout and not worker.kill_reason:
+                worker.kill_reason = f"timed out after {self.options.timeout:g}s (worker killed)"
+                _kill_group(worker.pid)
+
+    # -- workers ------------------------------------------------------------------
+    def _spawn(self) -> _Worker:
+        parent_conn, child_conn = self.ctx.Pipe(duplex=True)
+        slot = self.ctx.RawArray("q", 2)
+        process = self.ctx.Process(
+            target=worker_main, args=(self.config, child_conn, slot), daemon=True, name="crawlproc-worker")
+        process.start()
+        child_conn.close()  # only the worker holds its end: its EOF means we are gone
+        worker = _Worker(process, parent_conn, slot)
+        self.workers.append(worker)
+        return worker
+
+    def _retire(self, worker: _Worker) -> None:
+        """Stop feeding a worker at its task limit; start its successor now so no time is lost."""
+        worker.retiring = True
+        try:
+            worker.conn.send(None)  # it exits after the batches already queued
+        except OSError:
+            pass
+        if not self._stopping:
+            self._spawn()
+
+    def _kill_all(self, reason: str) -> None:
+        for worker in self.workers:
+            if worker.process.is_alive():
+                worker.kill_reason = worker.kill_reason or reason
+                _kill_group(worker.pid)
+        self._grace_deadline = None
+
+    def _shutdown(self) -> None:
+        for worker in self.workers:
+            try:
+                worker.conn.send(None)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 5
+        for worker in self.workers:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                _kill_group(worker.pid)
+                worker.process.join(5)
+        leftover = [t[0] for w in self.workers for b in w.inflight for t in b.tasks]
+        if leftover or self._reports:
+            with self.ledger.transaction() as conn:
+                for worker, report in self._reports:
+                    self._apply_report(conn, worker, report)
+                self.ledger.hand_back(conn, leftover)
+        for worker in self.workers:
+            worker.conn.close()
+        self.workers.clear()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # -- signals and stopping --------------------------------------------------------
+    def _stop(self, reason: str, message: str | None = None) -> None:
+        if self.result.stop_reason is None:
+            self.result.stop_reason = reason
+            self.result.message = message
+            if message:
+                logger.error(message)
+
+    def _install_signal_handlers(self) -> dict:
+        previous = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, self._on_signal)
+        return previous
+
+    def _restore_signal_handlers(self, previous: dict) -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._signals += 1
+        try:
+            os.write(self._wake_w, b"!")
+        except BlockingIOError:
+            pass
+        if self._signals == 1:
+            self._stop("interrupted")
+            self._grace_deadline = time.monotonic() + self.options.grace_seconds
+            logger.warning("{} received: finishing tasks in flight (up to {:g}s); "
+                           "press Ctrl-C again to stop now", signal.Signals(signum).name,
+                           self.options.grace_seconds)
+        else:
+            self._kill_all("stopped by a second signal")
+
+    # -- progress ---------------------------------------------------------------------
+    def stats(self) -> dict:
+        return {
+            "scanned": self.scan.files if self.scan else 0,
+            "scan_finished": self.scan is None or self.scan.finished,
+            "done": self.result.done,
+            "failed": self.result.failed,
+            "pending_left": self._pending_left,
+            "running": len(self._claimed),
+        }
+
+    def _maybe_update_run(self, conn: Any) -> None:
+        now = time.monotonic()
+        if self.run_id is not None and now - self._last_run_update >= RUN_UPDATE_SECONDS:
+            self._last_run_update = now
+            self.ledger.update_run(conn, self.run_id, self.result.done, self.result.failed)
+
+
+def describe_death(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "worker vanished"
+    if exitcode < 0:
+        try:
+            return f"worker killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"worker killed by signal {-exitcode}"
+    return f"worker exited with code {exitcode} during the task"
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

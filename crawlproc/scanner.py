@@ -1,0 +1,249 @@
+"""Walking DATA_DIR: a pure iterator of file entries, then the glue that feeds the ledger.
+
+    walk(root) ──FileEntry──> Scan.step() ──rows (one per task)──> Ledger.upsert_scanned
+                                                   └─ finish(): files not seen -> gone
+
+The walk works on bytes so that any file name, UTF-8 or not, is kept exactly.
+It never opens a file (a FIFO would block), visits folders in sorted order,
+and prunes excluded folders, OUT, unreadable folders and symlink loops.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import stat
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from crawlproc.task import relpath_for_people
+
+if TYPE_CHECKING:
+    from crawlproc.ledger import Ledger
+
+SkipReporter = Callable[[bytes, str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    relpath: bytes  # POSIX, relative to DATA_DIR, exact bytes
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    include: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+    follow_symlinks: bool = False
+    skip_dirs: frozenset[tuple[int, int]] = field(default_factory=frozenset)  # (st_dev, st_ino), e.g. OUT
+
+
+class PathFilter:
+    """--include/--exclude globs on the path relative to DATA_DIR.
+
+    A pattern without '/' matches a name in any folder (like .gitignore);
+    a pattern with '/' matches the whole relative path. '*' crosses '/'.
+    """
+
+    def __init__(self, include: Sequence[str], exclude: Sequence[str]) -> None:
+        self._include = _compile(include)
+        self._exclude = _compile(exclude)
+
+    def wants_file(self, relpath: str, name: str) -> bool:
+        if self._exclude and _matches(self._exclude, relpath, name):
+            return False
+        return not self._include or _matches(self._include, relpath, name)
+
+    def prunes_dir(self, relpath: str, name: str) -> bool:
+        return bool(self._exclude) and _matches(self._exclude, relpath, name)
+
+
+def _compile(patterns: Sequence[str]) -> tuple[re.Pattern | None, re.Pattern | None] | None:
+    if not patterns:
+        return None
+    by_name = [p for p in patterns if "/" not in p]
+    by_path = [p for p in patterns if "/" in p]
+    by_path += [p[3:] for p in by_path if p.startswith("**/")]  # '**/x' also matches 'x' at the top
+    return (_regex(by_name), _regex(by_path))
+
+
+def _regex(patterns: list[str]) -> re.Pattern | None:
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+
+
+def _matches(compiled: tuple[re.Pattern | None, re.Pattern | None], relpath: str, name: str) -> bool:
+    by_name, by_path = compiled
+    return bool((by_name and by_name.match(name)) or (by_path and by_path.match(relpath)))
+
+
+def walk(
+    root: bytes,
+    options: ScanOptions,
+    on_skip: SkipReporter | None = None,
+    unreadable: list[bytes] | None = None,
+) -> Iterator[FileEntry]:
+    """Yield every regular file under `root` that the options select, in sorted order.
+
+    Folders that cannot be read are reported and their relpath prefixes appended
+    to `unreadable`, so their files are not mistaken for deleted ones.
+    """
+    report = on_skip or (lambda relpath, reason: None)
+    paths = PathFilter(options.include, options.exclude)
+    filtering = bool(options.include or options.exclude)
+    follow = options.follow_symlinks
+    real_root = os.path.realpath(root)
+    skip_inodes = {ino for _, ino in options.skip_dirs}
+    # Each stack item: (absolute dir, its relpath prefix, ids of the dirs above it for loop checks).
+    stack: list[tuple[bytes, bytes, frozenset]] = [(root, b"", frozenset({_dir_id(root)}))]
+    while stack:
+        directory, prefix, ancestors = stack.pop()
+        entries = _sorted_entries(directory, prefix, report)
+        if entries is None:
+            if unreadable is not None:
+                unreadable.append(prefix)
+            continue
+        subdirs = []
+        for entry in entries:
+            # Fast path: the kind comes from the directory listing, so a plain file
+            # costs one stat and a plain folder none (this loop runs once per file).
+            if entry.is_file(follow_symlinks=False):
+                kind = "file"
+            elif entry.is_dir(follow_symlinks=False):
+                kind = "dir"
+            else:
+                kind = None
+            relpath = prefix + entry.name
+            if kind is None or (kind == "dir" and (follow or entry.inode() in skip_inodes)):
+                kind, st = _classify(entry, follow, real_root, relpath, report)
+            if kind == "file":
+                if filtering and not paths.wants_file(os.fsdecode(relpath), os.fsdecode(entry.name)):
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False) if not entry.is_symlink() else st
+                except FileNotFoundError:
+                    continue
+                yield FileEntry(relpath, st.st_size, st.st_mtime_ns)
+            elif kind == "dir":
+                if filtering and paths.prunes_dir(os.fsdecode(relpath), os.fsdecode(entry.name)):
+                    continue
+                if follow or entry.inode() in skip_inodes:
+                    dir_id = (st.st_dev, st.st_ino)
+                    if dir_id in options.skip_dirs:
+                        continue
+                    if dir_id in ancestors:
+                        report(relpath, "symlink loop: this folder is one of its own parents")
+                        continue
+                    ancestors_below = ancestors | {dir_id}
+                else:
+                    ancestors_below = ancestors
+                subdirs.append((entry.path, relpath + b"/", ancestors_below))
+        stack.extend(reversed(subdirs))  # pop() then visits them in sorted order
+
+
+def _sorted_entries(directory: bytes, prefix: bytes, report: SkipReporter) -> list[os.DirEntry] | None:
+    try:
+        with os.scandir(directory) as it:
+            return sorted(it, key=lambda e: e.name)
+    except FileNotFoundError:
+        return []  # vanished while we walked: its files will be marked gone
+    except OSError as exc:
+        report(prefix.rstrip(b"/") or b".", f"cannot read folder: {exc.strerror}")
+        return None
+
+
+def _classify(
+    entry: os.DirEntry, follow: bool, real_root: bytes, relpath: bytes, report: SkipReporter
+) -> tuple[str | None, os.stat_result | None]:
+    """('file' | 'dir' | None, stat) for one directory entry; None means skip it."""
+    try:
+        if entry.is_symlink():
+            if not follow:
+                return None, None
+            target = os.path.realpath(entry.path)
+            if target != real_root and not target.startswith(real_root + b"/"):
+                report(relpath, "symlink points outside DATA_DIR; skipped")
+                return None, None
+            st = os.stat(entry.path)
+        else:
+            st = entry.stat(follow_symlinks=False)
+    except FileNotFoundError:
+        return None, None  # a dangling link, or a file deleted under us
+    except OSError as exc:
+        report(relpath, f"cannot stat: {exc.strerror}")
+        return None, None
+    if stat.S_ISDIR(st.st_mode):
+        return "dir", st
+    if stat.S_ISREG(st.st_mode):
+        return "file", st
+    report(relpath, f"not a regular file ({_kind_name(st.st_mode)}); skipped")
+    return None, None
+
+
+def _kind_name(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _dir_id(path: bytes) -> tuple[int, int]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino)
+
+
+def dir_id(path: str | bytes) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of a folder, or None when it does not exist yet."""
+    try:
+        return _dir_id(os.fsencode(path))
+    except OSError:
+        return None
+
+
+def task_rows(entry: FileEntry) -> list[tuple]:
+    """The ledger rows (relpath, path_bytes, offset, length, size, mtime_ns) of one file."""
+    return [(relpath_for_people(entry.relpath), entry.relpath, 0, None, entry.size, entry.mtime_ns)]
+
+
+class Scan:
+    """One full walk fed into the ledger a slice at a time, so the pool runs between slices.
+
+    Memory stays flat: only one slice of entries is held, whatever the tree's size.
+    """
+
+    def __init__(self, ledger: "Ledger", root: bytes, options: ScanOptions, on_skip: SkipReporter) -> None:
+        self._ledger = ledger
+        self._unreadable: list[bytes] = []
+        self._entries = walk(root, options, on_skip, self._unreadable)
+        self.files = 0
+        self.finished = False
+        self.gone = 0
+        ledger.begin_scan()
+
+    def step(self, max_files: int = 2000) -> int:
+        """Record up to `max_files` more files; on the last slice, mark vanished files gone."""
+        rows: list[tuple] = []
+        count = 0
+        for entry in self._entries:
+            rows.extend(task_rows(entry))
+            count += 1
+            if count >= max_files:
+                break
+        if rows:
+            with self._ledger.transaction() as conn:
+                self._ledger.upsert_scanned(conn, rows)
+        self.files += count
+        if count < max_files:
+            self._finish()
+        return count
+
+    def _finish(self) -> None:
+        for prefix in self._unreadable:
+            self._ledger.keep_subtree(prefix)
+        self.gone = self._ledger.finish_scan()
+        self.finished = True

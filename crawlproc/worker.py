@@ -1,0 +1,202 @@
+"""The worker: take a batch, run the processor on each task, write one result file, report.
+
+    coordinator ──WorkBatch──> inbox thread ──> Worker.run_batch() ──> results/<shard>/<batch>.jsonl
+         ^                                              │
+         └──────────────── BatchReport (one per batch) ─┘
+
+Before each task the worker writes the task id and start time into its shared
+slot, so the coordinator can blame exactly that task if the worker dies or runs
+past --timeout, without any message. A processor exception fails only its own
+task. The worker leads its own process group (a timeout kills whatever it
+started too) and exits by itself once the coordinator's pipe closes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crawlproc.results import checksum, result_path, write_atomic
+from crawlproc.task import Task, relpath_for_processors
+
+# Outcome kinds, first item after the task id in an outcome tuple.
+DONE, FAILED, CHANGED, GONE, RETURNED = "done", "failed", "changed", "gone", "returned"
+
+_ENCODER = json.JSONEncoder(allow_nan=False)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a worker needs, picklable: paths, the processor spec, limits."""
+
+    data_dir: bytes
+    out: str
+    processor: str
+    params: Mapping[str, str]
+    durable: bool = False
+    max_memory: int | None = None  # bytes of RSS after which the worker retires
+
+
+@dataclass(frozen=True)
+class WorkBatch:
+    batch_id: int
+    tasks: tuple[tuple, ...]  # ledger.ClaimedTask-shaped: (id, path_bytes, offset, length, size, mtime_ns, attempts)
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """Outcomes: (task_id, kind, detail, elapsed_s); detail by kind:
+    done (result_offset, length, crc32) | failed (error, traceback) |
+    changed (size, mtime_ns) | gone None | returned None."""
+
+    batch_id: int
+    pid: int
+    outcomes: list[tuple]
+    retiring: bool = False
+    write_error: str | None = None
+
+
+class Worker:
+    """Runs batches in the current process; `run_batch` is one unit of work."""
+
+    def __init__(self, config: WorkerConfig, slot: Any = None) -> None:
+        from crawlproc.processors.base import load
+
+        self.config = config
+        self.processor = load(config.processor)
+        self.slot = slot if slot is not None else [0, 0]
+        self.out = Path(config.out)
+        self.pid = os.getpid()
+
+    def run_batch(self, batch: WorkBatch) -> BatchReport:
+        chunks: list[bytes] = []
+        outcomes: list[tuple] = []
+        written = 0
+        retiring = False
+        for index, spec in enumerate(batch.tasks):
+            if retiring:
+                outcomes.extend((t[0], RETURNED, None, 0.0) for t in batch.tasks[index:])
+                break
+            outcome, data, retiring = self._run_one(spec, written)
+            if data:
+                chunks.append(data)
+                written += len(data)
+            outcomes.append(outcome)
+        write_error = self._write(batch.batch_id, chunks) if chunks else None
+        return BatchReport(batch.batch_id, self.pid, outcomes, retiring, write_error)
+
+    def _run_one(self, spec: tuple, written: int) -> tuple[tuple, bytes, bool]:
+        task_id, path_bytes, offset, length, size, mtime_ns = spec[:6]
+        path = os.fsdecode(self.config.data_dir + b"/" + path_bytes)
+        task = Task(task_id, path, relpath_for_processors(path_bytes),
+                    offset if length is not None else None, length, self.config.params)
+        self.slot[1] = time.monotonic_ns()
+        self.slot[0] = task_id
+        started = time.perf_counter()
+        retiring = False
+        try:
+            data = encode_records(self.processor.func(task))
+            outcome = self._check_unchanged(task_id, path, size, mtime_ns, data, written, started)
+        except Exception as exc:
+            data, outcome = b"", self._failure(task_id, path, exc, started)
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt: fail the task, then retire
+            data, outcome, retiring = b"", self._failure(task_id, path, exc, started), True
+        finally:
+            self.slot[0] = 0
+        if outcome[1] != DONE:
+            data = b""
+        return outcome, data, retiring or self._over_memory()
+
+    def _check_unchanged(self, task_id, path, size, mtime_ns, data, written, started) -> tuple:
+        """Done only if the file still has the size and mtime it was scanned with."""
+        elapsed = time.perf_counter() - started
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return (task_id, GONE, None, elapsed)
+        if st.st_size != size or st.st_mtime_ns != mtime_ns:
+            return (task_id, CHANGED, (st.st_size, st.st_mtime_ns), elapsed)
+        return (task_id, DONE, (written, len(data), checksum(data)), elapsed)
+
+    def _failure(self, task_id: int, path: str, exc: BaseException, started: float) -> tuple:
+        elapsed = time.perf_counter() - started
+        if isinstance(exc, FileNotFoundError) and not os.path.lexists(path):
+            return (task_id, GONE, None, elapsed)
+        return (task_id, FAILED, (describe_exception(exc), traceback.format_exc()), elapsed)
+
+    def _over_memory(self) -> bool:
+        if not self.config.max_memory:
+            return False
+        import psutil
+
+        return psutil.Process().memory_info().rss > self.config.max_memory
+
+    def _write(self, batch_id: int, chunks: list[bytes]) -> str | None:
+        try:
+            write_atomic(result_path(self.out, batch_id), b"".join(chunks), durable=self.config.durable)
+        except OSError as exc:
+            return f"cannot write result file for batch {batch_id}: {exc.strerror or exc}"
+        return None
+
+
+def encode_records(result: Any) -> bytes:
+    """JSON lines for what a processor returned: a dict, an iterable of dicts, or None."""
+    if result is None:
+        return b""
+    if isinstance(result, Mapping):
+        return _encode_one(result)
+    if isinstance(result, (str, bytes)) or not hasattr(result, "__iter__"):
+        raise TypeError(f"processor returned {type(result).__name__}; expected a dict, dicts, or None")
+    return b"".join(_encode_one(record) for record in result)
+
+
+def _encode_one(record: Any) -> bytes:
+    if not isinstance(record, Mapping):
+        raise TypeError(f"processor yielded {type(record).__name__}; each record must be a dict")
+    try:
+        return (_ENCODER.encode(record) + "\n").encode()
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"processor returned a record that cannot be written as JSON: {exc}") from None
+
+
+def describe_exception(exc: BaseException) -> str:
+    text = repr(exc)
+    return text if len(text) <= 2000 else text[:2000] + "..."
+
+
+# -- the worker process ---------------------------------------------------------
+
+def worker_main(config: WorkerConfig, conn: Any, slot: Any) -> None:
+    """Entry point of a worker process (started with forkserver or spawn)."""
+    os.setpgrp()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when we stop
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=_read_inbox, args=(conn, inbox), daemon=True, name="inbox").start()
+    worker = Worker(config, slot)
+    while (batch := inbox.get()) is not None:
+        report = worker.run_batch(batch)
+        conn.send(report)
+        if report.retiring:
+            break
+    conn.close()
+
+
+def _read_inbox(conn: Any, inbox: queue.SimpleQueue) -> None:
+    """Forward batches; when the coordinator's end closes (it died), stop everything at once."""
+    try:
+        while True:
+            message = conn.recv()
+            inbox.put(message)
+            if message is None:
+                return
+    except (EOFError, OSError):
+        os.killpg(0, signal.SIGKILL)  # ourselves and anything a processor started

@@ -1,0 +1,666 @@
+"""Benchmark crawlproc against a bare multiprocessing pool and GNU parallel.
+
+Usage: scripts/bench [WORKLOAD ...] [--workers 2] [--quick]   (default: tiny typical)
+
+Workloads (inputs are generated once, seeded, outside the repo under
+$CRAWLPROC_BENCH_DIR or <tmp>/crawlproc-bench, and reused while a marker file
+says they are complete with the same parameters):
+
+  tiny     100,000 text files of 1-4 KB (random words, newline-terminated
+           lines) in 1,000 nested folders (10 x 10 x 10); processor: built-in
+           ``linecount``.
+  typical  5,000 files of 200 KB; processor ``scripts/bench_work.py:typical``,
+           about 2 ms of CPU per file (sha256 over the data, 17 rounds).
+  scale    1,000,000 files of a few bytes in 10,000 folders; processor
+           ``linecount``. Only the crawlproc first run and the bare baseline;
+           the figure of interest is crawlproc's coordinator peak RSS
+           (target < 150 MB). Run only when named.
+
+--quick shrinks every workload 10x (a smoke check, not a measurement).
+
+What is measured, per workload, as wall-clock time of a subprocess
+(time.perf_counter around it, with a timeout), after every input file has been
+read once (page-cache warm-up) and after os.sync():
+
+  bare        python scripts/bench_work.py: multiprocessing.Pool(W)
+              .imap_unordered(fn, os.walk paths, chunksize=256), records sorted
+              by path and written once as JSONL. No ledger, no durability.
+  crawlproc   ``crawlproc run DATA -o NEWOUT -w W -p PROC --no-progress -q``,
+              then the same command again on the finished OUT (no-op rerun).
+  parallel    GNU parallel, if installed: ``wc -lw`` one job per file (on a
+              subset of tiny: all 100k files would take minutes) and batched
+              with ``-X``. On typical the work differs (wc, not sha256).
+
+Checks: crawlproc's merged.jsonl holds exactly one record per input file and
+its records (for tiny: lines/words/bytes totals) equal the bare baseline's;
+otherwise a loud MISMATCH line and exit status 1.
+
+Every output goes to a new folder <bench dir>/runs/<run id>/; folders of
+earlier runs are removed at the very end, after all timing. The report is
+printed and written to <bench dir>/last-results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import platform
+import random
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parent
+REPO = SCRIPTS.parent
+sys.path.insert(0, str(SCRIPTS))
+import bench_work  # noqa: E402
+
+SEED = 20241124
+GEN_VERSION = 1
+BLOCK_BYTES = 4 * 1024 * 1024  # shared random-words text that files are cut from
+DEFAULT_TIMEOUT_S = 3600
+
+
+# --- workloads ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    name: str
+    fanout: tuple[int, ...]  # nested folder fan-out, e.g. (10, 10, 10)
+    files_per_dir: int
+    size: tuple[int, int]  # file size range in bytes, inclusive
+    processor: str  # crawlproc -p value
+    full: bool  # also GNU parallel and the crawlproc rerun
+    parallel_subset: int | None  # one-job-per-file GNU parallel on this many files
+    ratio_target: float | None  # crawlproc first run / bare
+    rss_target_mb: float | None
+
+    @property
+    def n_dirs(self) -> int:
+        return math.prod(self.fanout)
+
+    @property
+    def n_files(self) -> int:
+        return self.n_dirs * self.files_per_dir
+
+    def shrink(self, factor: int) -> "Workload":
+        subset = self.parallel_subset // factor if self.parallel_subset else None
+        return dataclasses.replace(
+            self, files_per_dir=max(1, self.files_per_dir // factor), parallel_subset=subset
+        )
+
+    def gen_params(self) -> dict:
+        return {
+            "name": self.name,
+            "fanout": list(self.fanout),
+            "files_per_dir": self.files_per_dir,
+            "size": list(self.size),
+            "seed": SEED,
+            "gen_version": GEN_VERSION,
+        }
+
+
+TYPICAL_PROCESSOR = f"{SCRIPTS / 'bench_work.py'}:typical"
+
+WORKLOADS = {
+    "tiny": Workload("tiny", (10, 10, 10), 100, (1024, 4096), "linecount",
+                     full=True, parallel_subset=5000, ratio_target=1.5, rss_target_mb=None),
+    "typical": Workload("typical", (10, 10), 50, (204800, 204800), TYPICAL_PROCESSOR,
+                        full=True, parallel_subset=None, ratio_target=1.05, rss_target_mb=None),
+    "scale": Workload("scale", (10, 10, 100), 100, (2, 16), "linecount",
+                      full=False, parallel_subset=None, ratio_target=None, rss_target_mb=150),
+}
+DEFAULT_WORKLOADS = ["tiny", "typical"]
+
+
+# --- input generation ---------------------------------------------------------
+
+_BLOCK: bytes | None = None
+
+
+def text_block() -> bytes:
+    """Seeded random-words text of newline-terminated lines; files are cut from it."""
+    global _BLOCK
+    if _BLOCK is None:
+        rng = random.Random(f"{SEED}-block")
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        vocab = ["".join(rng.choices(letters, k=rng.randint(2, 10))) for _ in range(5000)]
+        lines, size = [], 0
+        while size < BLOCK_BYTES:
+            line = " ".join(rng.choices(vocab, k=rng.randint(3, 14))) + "\n"
+            lines.append(line)
+            size += len(line)
+        _BLOCK = "".join(lines).encode()
+    return _BLOCK
+
+
+def leaf_dir(fanout: tuple[int, ...], index: int) -> str:
+    """Relative folder of leaf ``index``, e.g. d03/d07/d01."""
+    parts = []
+    for base in reversed(fanout):
+        index, digit = divmod(index, base)
+        parts.append(f"d{digit:02d}")
+    return "/".join(reversed(parts))
+
+
+def file_content(rng: random.Random, size_range: tuple[int, int]) -> bytes:
+    """``size`` bytes of whole-word lines, starting at a line and ending in a newline."""
+    block = text_block()
+    size = rng.randint(*size_range)
+    start = rng.randrange(len(block) - size_range[1] - 1024)
+    start = block.index(b"\n", start) + 1
+    return block[start:start + size - 1] + b"\n"
+
+
+def generate_leaf(job: tuple[str, dict, int]) -> int:
+    root, params, index = job
+    rng = random.Random(f"{params['seed']}-{params['name']}-{index}")
+    folder = Path(root, leaf_dir(tuple(params["fanout"]), index))
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in range(params["files_per_dir"]):
+        (folder / f"f{n:04d}.txt").write_bytes(file_content(rng, tuple(params["size"])))
+    return params["files_per_dir"]
+
+
+def data_dir_for(bench_dir: Path, wl: Workload) -> Path:
+    digest = hashlib.sha256(json.dumps(wl.gen_params(), sort_keys=True).encode()).hexdigest()
+    return bench_dir / f"data-{wl.name}-{wl.n_files}-{digest[:10]}"
+
+
+def ensure_data(bench_dir: Path, wl: Workload) -> tuple[Path, float | None]:
+    """Generate the workload's tree unless a complete one exists; return (dir, gen seconds)."""
+    root = data_dir_for(bench_dir, wl)
+    marker = root.with_name(root.name + ".complete.json")
+    params = wl.gen_params()
+    if marker.exists() and json.loads(marker.read_text()) == params:
+        return root, None
+    # An incomplete tree is overwritten in place (same names, same bytes).
+    t0 = time.perf_counter()
+    jobs = [(str(root), params, i) for i in range(wl.n_dirs)]
+    text_block()  # built once here, inherited by the forked workers
+    with multiprocessing.Pool(os.cpu_count() or 2) as pool:
+        written = sum(pool.imap_unordered(generate_leaf, jobs, chunksize=4))
+    os.sync()
+    assert written == wl.n_files, (written, wl.n_files)
+    marker.write_text(json.dumps(params, sort_keys=True))
+    return root, time.perf_counter() - t0
+
+
+def _read_size(item: tuple[str, str]) -> int:
+    with open(item[0], "rb") as f:
+        return len(f.read())
+
+
+def warm_up(data: Path, workers: int) -> tuple[int, float]:
+    """Read every input file once (page cache); return (file count, seconds)."""
+    t0 = time.perf_counter()
+    with multiprocessing.Pool(workers) as pool:
+        n = sum(1 for _ in pool.imap_unordered(_read_size, bench_work.walk_files(str(data)), chunksize=256))
+    return n, time.perf_counter() - t0
+
+
+# --- running timed steps ------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Row:
+    run: str
+    wall: float | None = None  # None: did not run or failed
+    files: int = 0
+    note: str = ""
+    failed: bool = False
+
+
+def run_timed(cmd: list[str], log: Path, timeout: float) -> tuple[int | None, float]:
+    """Run ``cmd`` in its own process group; return (exit code or None on timeout, wall s).
+
+    (subprocess.run semantics with the timeout applied to the whole process group,
+    so a pipeline's children do not outlive it.)
+    """
+    os.sync()  # earlier steps' writeback must not land in this step's time
+    with open(log, "wb") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = None
+        return rc, time.perf_counter() - t0
+
+
+def log_tail(log: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def step(label: str, cmd: list[str], log: Path, files: int, timeout: float) -> Row:
+    print(f"  {label} ...", end="", flush=True)
+    rc, wall = run_timed(cmd, log, timeout)
+    if rc == 0:
+        print(f" {wall:.2f} s ({files / wall:,.0f} files/s)", flush=True)
+        return Row(label, wall, files)
+    why = "timeout" if rc is None else f"exit {rc}"
+    print(f" FAILED ({why}) after {wall:.1f} s\n    $ {shlex.join(cmd)}", flush=True)
+    tail = log_tail(log)
+    if tail:
+        print("    " + tail.replace("\n", "\n    "), flush=True)
+    return Row(label, None, files, f"FAILED ({why}), log {log}", failed=True)
+
+
+def crawlproc_exe() -> str | None:
+    beside = Path(sys.executable).parent / "crawlproc"
+    return str(beside) if beside.exists() else shutil.which("crawlproc")
+
+
+# --- result checks ------------------------------------------------------------
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def field(record: dict, key: str):
+    """A processor field, top level or under a nested "result" dict."""
+    if key in record:
+        return record[key]
+    nested = record.get("result")
+    return nested.get(key) if isinstance(nested, dict) else None
+
+
+def totals(records: list[dict], keys=("lines", "words", "bytes")) -> dict:
+    return {k: sum(field(r, k) or 0 for r in records) for k in keys}
+
+
+def check_merged(out: Path, bare_jsonl: Path | None, wl: Workload, n_files: int) -> list[str]:
+    """Compare crawlproc's merged.jsonl with the bare baseline; MISMATCH lines on error."""
+    merged = out / "merged.jsonl"
+    if not merged.exists():
+        return [f"MISMATCH {wl.name}: {merged} does not exist"]
+    got = read_jsonl(merged)
+    problems = []
+    paths = [field(r, "path") for r in got]
+    if len(got) != n_files or len(set(paths)) != n_files:
+        problems.append(f"MISMATCH {wl.name}: merged.jsonl has {len(got)} records, "
+                        f"{len(set(paths))} distinct paths, for {n_files} input files")
+    if paths != sorted(paths):
+        problems.append(f"MISMATCH {wl.name}: merged.jsonl is not sorted by path")
+    if bare_jsonl is None or not bare_jsonl.exists():
+        return problems
+    bare = {r["path"]: r for r in read_jsonl(bare_jsonl)}
+    by_path = {field(r, "path"): r for r in got}
+    missing = [p for p in bare if p not in by_path]
+    differing = [p for p, r in bare.items() if p in by_path
+                 and any(field(by_path[p], k) != v for k, v in r.items())]
+    if missing:
+        problems.append(f"MISMATCH {wl.name}: {len(missing)} input files missing from "
+                        f"merged.jsonl, e.g. {missing[:3]}")
+    if differing:
+        p = differing[0]
+        problems.append(f"MISMATCH {wl.name}: {len(differing)} records differ from the bare "
+                        f"baseline, e.g. {by_path[p]} vs {bare[p]}")
+    if "lines" in next(iter(bare.values()), {}):
+        want, have = totals(list(bare.values())), totals(got)
+        if want != have:
+            problems.append(f"MISMATCH {wl.name}: totals {have} != bare baseline {want}")
+    return problems
+
+
+def wc_totals(output: Path) -> tuple[int, int, int]:
+    """(files, lines, words) from ``wc -lw`` output, leaving out its "total" lines."""
+    files = lines = words = 0
+    with open(output, encoding="utf-8", errors="replace") as f:
+        for row in f:
+            parts = row.split(None, 2)
+            if len(parts) == 3 and parts[2].strip() != "total":
+                files += 1
+                lines += int(parts[0])
+                words += int(parts[1])
+    return files, lines, words
+
+
+def fmt_counts(summary: dict) -> str:
+    counts = summary.get("counts")
+    if not isinstance(counts, dict):
+        return "counts ?"
+    return "counts " + (", ".join(f"{k} {v}" for k, v in counts.items() if v) or "all 0")
+
+
+def read_summary(out: Path) -> dict:
+    try:
+        return json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# --- one workload ---------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Report:
+    wl: Workload
+    n_files: int = 0
+    rows: list[Row] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    problems: list[str] = dataclasses.field(default_factory=list)
+    first_wall: float | None = None
+    rerun_wall: float | None = None
+    bare_wall: float | None = None
+    bare_jsonl: Path | None = None
+    peak_rss: int | None = None
+
+
+def repeated_step(label: str, make_cmd, tag: str, run_dir: Path, files: int, args) -> tuple[Row, str]:
+    """Run ``make_cmd(suffix)`` --repeat times, each into new outputs named with ``suffix``.
+
+    Returns the row (median wall time) and the suffix of the last run's outputs.
+    """
+    walls, suffix = [], ""
+    for i in range(args.repeat):
+        suffix = f"-{i + 1}" if args.repeat > 1 else ""
+        row = step(label + suffix.replace("-", " #"), make_cmd(suffix),
+                   run_dir / f"{tag}{suffix}.log", files, args.timeout)
+        if row.failed:
+            row.run = label
+            return row, suffix
+        walls.append(row.wall)
+    note = "" if len(walls) == 1 else "median of " + ", ".join(f"{w:.2f}" for w in walls)
+    return Row(label, statistics.median(walls), files, note), suffix
+
+
+def run_bare(wl: Workload, data: Path, run_dir: Path, n: int, args, rep: Report) -> None:
+    def cmd(suffix: str) -> list[str]:
+        return [sys.executable, str(SCRIPTS / "bench_work.py"), wl.name, str(data),
+                str(run_dir / f"bare{suffix}.jsonl"), str(args.workers)]
+
+    row, suffix = repeated_step("bare Pool.imap_unordered", cmd, "bare", run_dir, n, args)
+    rep.rows.append(row)
+    rep.bare_wall = row.wall
+    rep.bare_jsonl = run_dir / f"bare{suffix}.jsonl"
+    if row.failed:
+        rep.problems.append(f"FAILED: bare baseline on {wl.name}: $ {shlex.join(cmd(suffix))}")
+
+
+def run_crawlproc(wl: Workload, data: Path, run_dir: Path, n: int, args, rep: Report) -> None:
+    exe = crawlproc_exe()
+    if exe is None:
+        rep.rows.append(Row("crawlproc first run", note="crawlproc not installed", failed=True))
+        rep.problems.append("FAILED: crawlproc executable not found")
+        return
+
+    def cmd(suffix: str) -> list[str]:
+        return [exe, "run", str(data), "-o", str(run_dir / f"crawlproc-out{suffix}"),
+                "-w", str(args.workers), "-p", wl.processor, "--no-progress", "-q"]
+
+    first, suffix = repeated_step("crawlproc first run", cmd, "crawlproc-first", run_dir, n, args)
+    rep.rows.append(first)
+    if first.failed:
+        rep.problems.append(f"FAILED: crawlproc first run on {wl.name}: $ {shlex.join(cmd(suffix))}")
+        return
+    rep.first_wall = first.wall
+    out = run_dir / f"crawlproc-out{suffix}"
+    summary = read_summary(out)
+    timings = summary.get("timings", {})
+    rep.peak_rss = timings.get("coordinator_peak_rss_bytes")
+    elapsed = timings.get("elapsed_s")
+    elapsed = f"{elapsed:.2f}" if isinstance(elapsed, (int, float)) else "?"
+    first.note = "; ".join(filter(None, [first.note, f"summary elapsed_s {elapsed}",
+                                         fmt_counts(summary)]))
+    rep.problems += check_merged(out, rep.bare_jsonl, wl, n)
+    if not wl.full:
+        return
+    rerun = step("crawlproc no-op rerun", cmd(suffix), run_dir / "crawlproc-rerun.log", n, args.timeout)
+    rep.rows.append(rerun)
+    if rerun.failed:
+        rep.problems.append(f"FAILED: crawlproc rerun on {wl.name}: $ {shlex.join(cmd(suffix))}")
+        return
+    rep.rerun_wall = rerun.wall
+    rerun.note = fmt_counts(read_summary(out))
+    rep.problems += [p + " (after rerun)" for p in check_merged(out, rep.bare_jsonl, wl, n)]
+
+
+def run_parallel(wl: Workload, data: Path, run_dir: Path, n: int, args, rep: Report) -> None:
+    work_differs = "" if wl.processor == "linecount" else "; work differs: wc -lw, not sha256"
+    if shutil.which("parallel") is None:
+        rep.rows.append(Row("GNU parallel", note="not installed"))
+        return
+    w, d = str(args.workers), shlex.quote(str(data))
+    subset = wl.parallel_subset
+    feed = f"find {d} -type f" + (f" | head -n {subset}" if subset else "")
+    log1, out1 = run_dir / "parallel-per-file.joblog", run_dir / "parallel-per-file.out"
+    per_file = (f"{feed} | parallel --joblog {shlex.quote(str(log1))} -j {w} wc -lw {{}} "
+                f"> {shlex.quote(str(out1))}")
+    label = "GNU parallel wc -lw, one job per file" + (f" (subset {subset:,} files)" if subset else "")
+    row = step(label, ["bash", "-c", per_file], run_dir / "parallel-per-file.log",
+               subset or n, args.timeout)
+    if not row.failed:
+        files, _, _ = wc_totals(out1)
+        row.note = f"{files:,} files in output{work_differs}"
+    rep.rows.append(row)
+
+    log2, out2 = run_dir / "parallel-X.joblog", run_dir / "parallel-X.out"
+    batched = (f"find {d} -type f | parallel -X --joblog {shlex.quote(str(log2))} -j {w} wc -lw "
+               f"> {shlex.quote(str(out2))}")
+    row = step("GNU parallel -X wc -lw (batched)", ["bash", "-c", batched],
+               run_dir / "parallel-X.log", n, args.timeout)
+    if not row.failed:
+        files, lines, words = wc_totals(out2)
+        row.note = f"{files:,} files in output{work_differs}"
+        if files != n:
+            rep.problems.append(f"MISMATCH {wl.name}: GNU parallel -X output lists {files} of {n} files")
+        if wl.processor == "linecount" and rep.bare_jsonl and rep.bare_jsonl.exists():
+            want = totals(read_jsonl(rep.bare_jsonl))
+            if (lines, words) != (want["lines"], want["words"]):
+                rep.problems.append(f"MISMATCH {wl.name}: GNU parallel -X totals lines={lines} "
+                                    f"words={words} != bare {want}")
+    rep.rows.append(row)
+
+
+def bench_workload(wl: Workload, bench_dir: Path, run_root: Path, args) -> Report:
+    rep = Report(wl)
+    print(f"\n[{wl.name}] {wl.n_files:,} files", flush=True)
+    data, gen_s = ensure_data(bench_dir, wl)
+    rep.notes.append(f"inputs {data}: " + ("reused" if gen_s is None else f"generated in {gen_s:.1f} s"))
+    print(f"  {rep.notes[-1]}", flush=True)
+    n, warm_s = warm_up(data, args.workers)
+    rep.n_files = n
+    rep.notes.append(f"page-cache warm-up: read {n:,} files in {warm_s:.1f} s")
+    print(f"  {rep.notes[-1]}", flush=True)
+    if n != wl.n_files:
+        rep.problems.append(f"MISMATCH {wl.name}: data tree has {n} files, expected {wl.n_files}")
+
+    run_dir = run_root / wl.name
+    run_dir.mkdir(parents=True)
+    run_bare(wl, data, run_dir, n, args, rep)
+    run_crawlproc(wl, data, run_dir, n, args, rep)
+    if wl.full:
+        run_parallel(wl, data, run_dir, n, args, rep)
+    for p in rep.problems:
+        print(f"  !!! {p}", flush=True)
+    return rep
+
+
+# --- start-up time -------------------------------------------------------------
+
+
+def startup_time(runs: int = 5) -> tuple[float | None, str]:
+    exe = crawlproc_exe()
+    if exe is None:
+        return None, "crawlproc not installed"
+    walls = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        proc = subprocess.run([exe, "--help"], capture_output=True, timeout=60)
+        walls.append(time.perf_counter() - t0)
+        if proc.returncode != 0:
+            return None, f"`crawlproc --help` exit {proc.returncode}: {proc.stderr.decode()[-300:]}"
+    return statistics.median(walls), ""
+
+
+# --- report ----------------------------------------------------------------------
+
+
+def fmt_ratio(row: Row, rep: Report) -> str:
+    """Time per file relative to bare: the wall-time ratio when both did all files."""
+    if row.wall is None or not rep.bare_wall or not row.files:
+        return ""
+    ratio = (row.wall / row.files) / (rep.bare_wall / rep.n_files)
+    return f"{ratio:.2f}x" + (" (per file)" if row.files != rep.n_files else "")
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def workload_markdown(rep: Report, workers: int) -> list[str]:
+    wl = rep.wl
+    md = [f"## {wl.name}: {rep.n_files:,} files, processor `{Path(wl.processor).name}`, "
+          f"workers {workers}", "",
+          "| run | wall s | files/s | vs bare | note |", "|---|---:|---:|---:|---|"]
+    for r in rep.rows:
+        wall = f"{r.wall:.2f}" if r.wall is not None else "-"
+        rate = f"{r.files / r.wall:,.0f}" if r.wall else "-"
+        md.append(f"| {r.run} | {wall} | {rate} | {fmt_ratio(r, rep)} | {r.note} |")
+    md.append("")
+    if rep.first_wall and rep.bare_wall and wl.ratio_target:
+        ratio = rep.first_wall / rep.bare_wall
+        md.append(f"- crawlproc first run vs bare: {ratio:.2f}x (target <= {wl.ratio_target}x): "
+                  f"{verdict(ratio <= wl.ratio_target)}")
+    if rep.first_wall and rep.rerun_wall:
+        md.append(f"- no-op rerun: {rep.rerun_wall:.2f} s = "
+                  f"{100 * rep.rerun_wall / rep.first_wall:.1f}% of the first run")
+    if rep.peak_rss is not None:
+        mb = rep.peak_rss / 1e6
+        target = (f" (target < {wl.rss_target_mb:.0f} MB): {verdict(mb < wl.rss_target_mb)}"
+                  if wl.rss_target_mb else "")
+        md.append(f"- crawlproc coordinator peak RSS: {mb:.1f} MB{target}")
+    elif rep.first_wall:
+        md.append("- crawlproc coordinator peak RSS: not in summary.json")
+    md += [f"- {n}" for n in rep.notes]
+    md += [f"- **{p}**" for p in rep.problems]
+    md.append("")
+    return md
+
+
+def git_revision() -> str:
+    try:
+        proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                              capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (proc.stdout.strip() or "no commit") + (" (dirty tree)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def work_calibration() -> str:
+    data = os.urandom(204800)
+    t0 = time.perf_counter()
+    for _ in range(50):
+        bench_work.typical_record("x", data)
+    ms = (time.perf_counter() - t0) / 50 * 1000
+    return f"typical work: {ms:.2f} ms per 200 KB file ({bench_work.TYPICAL_ROUNDS} sha256 rounds; aim ~2 ms)"
+
+
+def full_markdown(reports: list[Report], args, startup: tuple[float | None, str]) -> str:
+    md = ["# crawlproc benchmark", "",
+          f"- started {args.started}, {os.cpu_count()} CPUs, "
+          f"Python {platform.python_version()}, git {git_revision()}",
+          f"- workers {args.workers}" + (", QUICK (inputs shrunk 10x: smoke check only)"
+                                         if args.quick else ""),
+          f"- {work_calibration()}"]
+    median, err = startup
+    if median is not None:
+        md.append(f"- `crawlproc --help` start-up: median {median:.3f} s of 5 (target < 0.3 s): "
+                  f"{verdict(median < 0.3)}")
+    else:
+        md.append(f"- `crawlproc --help` start-up: not measured ({err})")
+    md.append("")
+    for rep in reports:
+        md += workload_markdown(rep, args.workers)
+    return "\n".join(md)
+
+
+# --- main ----------------------------------------------------------------------
+
+
+def bench_dir() -> Path:
+    env = os.environ.get("CRAWLPROC_BENCH_DIR")
+    return Path(env) if env else Path(tempfile.gettempdir()) / "crawlproc-bench"
+
+
+def remove_old_runs(runs: Path, keep: Path) -> int:
+    old = [p for p in runs.iterdir() if p.is_dir() and p != keep]
+    for p in old:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(old)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("workloads", nargs="*", metavar="WORKLOAD",
+                        help=f"any of {', '.join(WORKLOADS)} (default: {' '.join(DEFAULT_WORKLOADS)})")
+    parser.add_argument("--workers", "-w", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="shrink every workload 10x")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                        help="seconds allowed for each timed step")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the bare baseline and crawlproc's first run N times "
+                             "(each into new outputs) and report the median")
+    args = parser.parse_args(argv)
+    unknown = [w for w in args.workloads if w not in WORKLOADS]
+    if unknown:
+        parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
+    args.workloads = args.workloads or DEFAULT_WORKLOADS
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    args.started = time.strftime("%Y-%m-%d %H:%M:%S")
+    root = bench_dir()
+    run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+    runs = root / "runs"
+    run_root = runs / run_id
+    run_root.mkdir(parents=True)
+    print(f"bench dir {root}, run {run_id}", flush=True)
+
+    startup = startup_time()
+    reports = []
+    for name in args.workloads:
+        wl = WORKLOADS[name].shrink(10) if args.quick else WORKLOADS[name]
+        reports.append(bench_workload(wl, root, run_root, args))
+
+    text = full_markdown(reports, args, startup)
+    print("\n" + text)
+    (root / "last-results.md").write_text(text + "\n")
+    (run_root / "results.md").write_text(text + "\n")
+    print(f"results written to {root / 'last-results.md'}")
+    removed = remove_old_runs(runs, keep=run_root)
+    print(f"outputs of this run kept in {run_root}; removed {removed} older run folder(s)")
+    problems = [p for r in reports for p in r.problems]
+    if problems:
+        print(f"\n!!! {len(problems)} problem(s), MISMATCH or FAILED: see above", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

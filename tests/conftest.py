@@ -1,0 +1,42 @@
+"""Shared fixtures: a generated data tree and a helper to run the crawlproc CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "fixtures"
+SUBPROCESS_TIMEOUT = 120
+
+
+def run_cli(*args: str, timeout: float = SUBPROCESS_TIMEOUT, env: dict | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m crawlproc ARGS` in a real subprocess, with a timeout."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "crawlproc", *args],
+        capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd,
+    )
+
+
+def make_tree(root: Path, files: dict[str, bytes | str]) -> Path:
+    for relpath, content in files.items():
+        path = root / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+    return root
+
+
+@pytest.fixture
+def small_tree(tmp_path: Path) -> Path:
+    return make_tree(tmp_path / "data", {
+        "a.txt": "one two\nthree\n",
+        "b/c.txt": "x\n",
+        "b/d/e.log": "hello world\nbye",
+        "empty.txt": "",
+    })
