@@ -14,5 +14,5 @@ def test_run_merges_every_file_and_reduces_totals(small_tree, tmp_path):
     records = [json.loads(line) for line in (out / "merged.jsonl").read_text().splitlines()]
     assert [r["path"] for r in records] == ["a.txt", "b/c.txt", "b/d/e.log", "empty.txt"]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["reduced"] == {"files": 4, "lines": 5, "words": 8, "bytes": 31}
+    assert summary["reduced"] == {"files": 4, "lines": 5, "words": 7, "bytes": 31}
     assert summary["counts"]["done"] == 4
