@@ -14,6 +14,7 @@ import re
 import sqlite3
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -174,14 +175,57 @@ def cli() -> None:
 @click.pass_context
 def run(ctx: click.Context, data_dir: Path, **kw: Any) -> None:
     """Scan DATA_DIR, process every pending file, merge the results, exit."""
+    from crawlproc.run import run_job
+
+    outcome = _with_progress(kw, lambda options, reporter: run_job(options, on_progress=reporter), data_dir)
+    ctx.exit(outcome.exit_code)
+
+
+@cli.command()
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@processing_options
+@click.option("--settle", type=click.FloatRange(0), default=2.0, show_default=True, envvar=_env("settle"),
+              help="Seconds a file must stay unchanged when no close-after-write event is seen.")
+@click.option("--rescan-interval", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+              envvar=_env("rescan_interval"), help="Seconds between full rescans (events can be lost).")
+@click.option("--merge-interval", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              envvar=_env("merge_interval"), help="Seconds between refreshes of the merged output.")
+@click.pass_context
+def watch(ctx: click.Context, data_dir: Path, settle: float, rescan_interval: float, merge_interval: float,
+          **kw: Any) -> None:
+    """Catch up like `run`, then process new and changed files as they arrive, until Ctrl-C."""
+    from crawlproc.run import watch_job
+
+    outcome = _with_progress(kw, lambda options, reporter: watch_job(
+        options, settle=settle, rescan_interval=rescan_interval, merge_interval=merge_interval,
+        on_progress=reporter), data_dir, watching=True)
+    ctx.exit(outcome.exit_code)
+
+
+def _with_progress(kw: dict[str, Any], job: Callable[[Any, Any], Any], data_dir: Path, *,
+                   watching: bool = False) -> Any:
+    """Set up logging and progress, build RunOptions from the shared options, run `job`."""
     from crawlproc import logs
     from crawlproc.progress import ProgressReporter
-    from crawlproc.run import RunOptions, run_job
 
     if kw["executor"] != "local":
         raise click.UsageError("--executor dask is not available in this version; use local")
     logs.setup_stderr(kw["verbose"], kw["quiet"], kw["log_json"])
-    options = RunOptions(
+    reporter = ProgressReporter(bar=not kw["no_progress"] and not kw["quiet"] and sys.stderr.isatty(),
+                                watching=watching)
+    try:
+        outcome = job(_run_options(data_dir, kw), reporter)
+    finally:
+        reporter.close()
+    if not kw["quiet"]:
+        _print_run_summary(outcome)
+    return outcome
+
+
+def _run_options(data_dir: Path, kw: dict[str, Any]) -> Any:
+    from crawlproc.run import RunOptions
+
+    return RunOptions(
         data_dir=data_dir, out=kw["out"], processor=kw["processor"], params=kw["params"],
         workers=kw["workers"], include=kw["include"], exclude=kw["exclude"],
         max_tasks_per_child=kw["max_tasks_per_child"], max_memory=kw["max_memory"], timeout=kw["timeout"],
@@ -190,14 +234,6 @@ def run(ctx: click.Context, data_dir: Path, **kw: Any) -> None:
         batch_size=kw["batch_size"], follow_symlinks=kw["follow_symlinks"], output=kw["output"],
         merge=not kw["no_merge"],
     )
-    reporter = ProgressReporter(bar=not kw["no_progress"] and not kw["quiet"] and sys.stderr.isatty())
-    try:
-        outcome = run_job(options, on_progress=reporter)
-    finally:
-        reporter.close()
-    if not kw["quiet"]:
-        _print_run_summary(outcome)
-    ctx.exit(outcome.exit_code)
 
 
 def _print_run_summary(outcome: Any) -> None:

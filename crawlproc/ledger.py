@@ -89,7 +89,7 @@ class Ledger:
         self.path = Path(path)
         self.conn = _connect(self.path, readonly=readonly)
         self.conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-        self._track_seen = True
+        self._track_seen = False  # True during a full scan that can find files gone
         self._check_or_create(readonly)
 
     # -- set-up ------------------------------------------------------------
@@ -223,6 +223,11 @@ class Ledger:
         if self._track_seen:
             conn.executemany("INSERT OR IGNORE INTO temp.seen VALUES (?)", ((r[1],) for r in rows))
 
+    def mark_seen(self, conn: sqlite3.Connection, paths: list[bytes]) -> None:
+        """Paths a full scan saw but did not record (held back): not gone."""
+        if self._track_seen and paths:
+            conn.executemany("INSERT OR IGNORE INTO temp.seen VALUES (?)", ((p,) for p in paths))
+
     def keep_subtree(self, prefix: bytes) -> None:
         """Count every task under `prefix` as seen: its folder could not be read this time."""
         if not self._track_seen:
@@ -237,6 +242,7 @@ class Ledger:
         """After a complete scan: tasks of files not seen become gone. Returns how many."""
         if not self._track_seen:
             return 0  # the ledger was empty when the scan began: nothing can have vanished
+        self._track_seen = False
         with self.transaction() as conn:
             gone = conn.execute(
                 "UPDATE tasks SET state = 'gone' WHERE state NOT IN ('gone', 'running') "
@@ -299,8 +305,17 @@ class Ledger:
     def mark_gone(self, conn: sqlite3.Connection, task_id: int) -> None:
         conn.execute("UPDATE tasks SET state = 'gone' WHERE id = ? AND state = 'running'", (task_id,))
 
-    def task_attempts(self, task_id: int) -> int:
-        return self.conn.execute("SELECT attempts FROM tasks WHERE id = ?", (task_id,)).fetchone()[0]
+    def mark_paths_gone(self, conn: sqlite3.Connection, files: list[bytes], folders: list[bytes]) -> None:
+        """Files deleted (or moved away) and every file under deleted folders ('x/' prefixes).
+
+        Running tasks too: their worker's report then finds them no longer running.
+        """
+        conn.executemany("UPDATE tasks SET state = 'gone' WHERE path_bytes = ? AND state != 'gone'",
+                         ((p,) for p in files))
+        conn.executemany(
+            "UPDATE tasks SET state = 'gone' WHERE substr(path_bytes, 1, ?) = ? AND state != 'gone'",
+            ((len(p), p) for p in folders),
+        )
 
     # -- finalizer ------------------------------------------------------------
     def done_in_merge_order(self) -> Iterator[tuple]:

@@ -1,7 +1,8 @@
 """The coordinator: feeds batches of tasks to N worker processes and records what happens.
 
     ┌─────────── one loop turn ───────────────────────────────────────────────┐
-    │ scan.step()      another slice of DATA_DIR into the ledger (while any)  │
+    │ source.step()    more work into the ledger: a slice of the scan, or     │
+    │                  settled watch events (while it has any)                │
     │ _commit_turn()   ONE transaction: reports -> done/failed/pending,       │
     │                  deaths -> blame + hand back, claims for idle workers   │
     │ send batches     at most PIPELINE batches in flight per worker          │
@@ -13,6 +14,10 @@ Each worker has a shared slot (task id, start time) that it sets before each
 task, so a worker that dies or passes --timeout is blamed for exactly that task
 and the rest of its batches go back to pending unpenalised. Workers are
 replaced after --max-tasks-per-child tasks, or when they retire on memory.
+
+Work arrives from a *source* (`WorkSource`): a `scanner.Scan` for `run`, a
+`watch.Watcher` for `watch`. The pool ends when the source is exhausted and
+nothing is pending, or when it is told to stop.
 """
 
 from __future__ import annotations
@@ -26,13 +31,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_for
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Protocol
 
 from loguru import logger
 
 from crawlproc.errors import CrawlprocError
 from crawlproc.ledger import ClaimedTask, Ledger
-from crawlproc.scanner import Scan
 from crawlproc.task import relpath_for_people
 from crawlproc.worker import CHANGED, DONE, FAILED, GONE, RETURNED, BatchReport, WorkBatch, WorkerConfig, worker_main
 
@@ -44,6 +48,20 @@ GRACE_SECONDS = 5.0
 TICK_SECONDS = 0.5
 RUN_UPDATE_SECONDS = 1.0
 MAX_STARTUP_DEATHS = 10
+
+
+class WorkSource(Protocol):
+    """Where new tasks come from; the pool calls `step` between its other duties."""
+
+    files: int  # files recorded so far, for progress
+    wakeup_fd: int | None  # readable when the source has something new (or None)
+
+    @property
+    def exhausted(self) -> bool: ...  # no more work will ever come
+    @property
+    def busy(self) -> bool: ...  # more to do right now: the pool must not block
+    def step(self, max_files: int) -> int: ...  # record more work; how many files
+    def wait_hint(self) -> float | None: ...  # longest the pool may block before the next step
 
 
 @dataclass(frozen=True)
@@ -91,6 +109,8 @@ class WorkerPool:
         *,
         run_id: int | None = None,
         on_progress: Callable[[dict], None] | None = None,
+        on_turn: Callable[[], None] | None = None,
+        run_info: Callable[[], dict] | None = None,
         now: Callable[[], float] = time.time,
     ) -> None:
         self.ledger = ledger
@@ -98,6 +118,8 @@ class WorkerPool:
         self.options = options
         self.run_id = run_id
         self.on_progress = on_progress or (lambda stats: None)
+        self.on_turn = on_turn or (lambda: None)
+        self.run_info = run_info
         self.now = now
         self.ctx = multiprocessing.get_context("forkserver")
         self.ctx.set_forkserver_preload(["crawlproc.worker"])
@@ -110,7 +132,7 @@ class WorkerPool:
         self._claimable = True
         self._retry_due: float | None = None
         self._avg_task_seconds: float | None = None
-        self._pending_left: int | None = None  # known once the scan is over: balances the tail
+        self._pending_left: int | None = None  # known once a full scan is over: balances the tail
         self._signals = 0
         self._grace_deadline: float | None = None
         self._startup_deaths = 0
@@ -118,29 +140,34 @@ class WorkerPool:
         self._last_run_update = 0.0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
-        self.scan: Scan | None = None
+        self.source: WorkSource | None = None
+
+    def poke(self) -> None:
+        """Something outside the pool put tasks back to pending: look again."""
+        self._claimable = True
 
     # -- the loop ------------------------------------------------------------
-    def run(self, scan: Scan | None) -> PoolResult:
-        self.scan = scan
+    def run(self, source: WorkSource | None) -> PoolResult:
+        self.source = source
         previous = self._install_signal_handlers()
         try:
             while True:
-                if self._scanning:
-                    self._scan_slice()
+                if self._feeding:
+                    self._feed()
                 self._send(self._commit_turn())
                 if self._finished():
                     break
                 self._wait()
                 self.on_progress(self.stats())
+                self.on_turn()
         finally:
             self._shutdown()
             self._restore_signal_handlers(previous)
         return self.result
 
     @property
-    def _scanning(self) -> bool:
-        return self.scan is not None and not self.scan.finished and not self._stopping
+    def _feeding(self) -> bool:
+        return self.source is not None and not self.source.exhausted and not self._stopping
 
     @property
     def _stopping(self) -> bool:
@@ -151,16 +178,16 @@ class WorkerPool:
             return False
         if self._stopping:
             return True
-        if self._scanning or self._claimable:
+        if self._feeding or self._claimable:
             return False
         waiting, soonest = self.ledger.waiting_retry(self.now())
         self._retry_due = soonest
         return waiting == 0
 
-    def _scan_slice(self) -> None:
-        if self.scan.step(SCAN_SLICE):
+    def _feed(self) -> None:
+        if self.source.step(SCAN_SLICE):
             self._claimable = True
-        if self.scan.finished:
+        if self.source.exhausted:
             self._pending_left = self.ledger.counts()["pending"]
             self._claimable = True
 
@@ -330,15 +357,19 @@ class WorkerPool:
 
     def _waitables(self) -> list:
         items: list = [self._wake_r]
+        if self.source is not None and self.source.wakeup_fd is not None:
+            items.append(self.source.wakeup_fd)
         for worker in self.workers:
             items += [worker.conn, worker.process.sentinel]
         return items
 
     def _wait_timeout(self) -> float:
-        if self._scanning:
+        if self._feeding and self.source.busy:
             return 0
         now = self.now()
         timeout = TICK_SECONDS
+        if self._feeding and self.source.wait_hint() is not None:
+            timeout = min(timeout, self.source.wait_hint())
         if self._retry_due is not None and not self._stopping:
             timeout = min(timeout, max(0.0, self._retry_due - now))
         if self._grace_deadline is not None:
@@ -488,8 +519,8 @@ class WorkerPool:
     # -- progress ---------------------------------------------------------------------
     def stats(self) -> dict:
         return {
-            "scanned": self.scan.files if self.scan else 0,
-            "scan_finished": self.scan is None or self.scan.finished,
+            "scanned": self.source.files if self.source else 0,
+            "scan_finished": self.source is None or self.source.exhausted,
             "done": self.result.done,
             "failed": self.result.failed,
             "pending_left": self._pending_left,
@@ -500,7 +531,8 @@ class WorkerPool:
         now = time.monotonic()
         if self.run_id is not None and now - self._last_run_update >= RUN_UPDATE_SECONDS:
             self._last_run_update = now
-            self.ledger.update_run(conn, self.run_id, self.result.done, self.result.failed)
+            info = self.run_info() if self.run_info else None
+            self.ledger.update_run(conn, self.run_id, self.result.done, self.result.failed, info)
 
 
 def describe_death(exitcode: int | None) -> str:

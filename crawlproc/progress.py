@@ -20,7 +20,8 @@ DRAW_EVERY_SECONDS = 0.1
 class ProgressReporter:
     """Call with the pool's stats dict; `close()` when the run ends."""
 
-    def __init__(self, *, bar: bool) -> None:
+    def __init__(self, *, bar: bool, watching: bool = False) -> None:
+        self.watching = watching
         self.started = time.monotonic()
         self._last = self.started if not bar else 0.0
         self._bar = _RichBar() if bar else None
@@ -50,8 +51,13 @@ class ProgressReporter:
             "done": done, "failed": failed, "rate": rate, "total": total,
             "of": "" if total is None else f"/{total}",
             "eta": "" if eta is None else f", ETA {eta:.0f}s",
-            "scan": "scan finished" if stats["scan_finished"] else f"scanning, {stats['scanned']} files so far",
+            "scan": self._source_text(stats),
         }
+
+    def _source_text(self, stats: dict) -> str:
+        if self.watching:
+            return f"watching, {stats['scanned']} files recorded"
+        return "scan finished" if stats["scan_finished"] else f"scanning, {stats['scanned']} files so far"
 
     def close(self) -> None:
         if self._bar:

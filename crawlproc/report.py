@@ -63,7 +63,9 @@ def status_data(out: Path) -> dict[str, Any]:
     if last:
         end = last["finished"] or last["updated"] or time.time()
         elapsed = max(end - last["started"], 1e-9)
-        data["last_run"] = {k: last[k] for k in ("id", "pid", "started", "updated", "finished", "exit_code", "done", "failed")}
+        data["last_run"] = {k: last[k] for k in ("id", "command", "pid", "started", "updated", "finished",
+                                                  "exit_code", "done", "failed")}
+        data["last_run"]["watch"] = json.loads(last["info"]) if last["info"] else None
         data["throughput_files_per_s"] = round(last["done"] / elapsed, 1)
     return data
 
@@ -85,11 +87,20 @@ def status_table(data: dict[str, Any]) -> Any:
     if run:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run["started"]))
         end = "still going" if run["finished"] is None else f"exit code {run['exit_code']}"
-        lines.append(f"last run: started {when}, {run['done']} done, {run['failed']} failed, {end}; "
+        lines.append(f"last {run['command']}: started {when}, {run['done']} done, {run['failed']} failed, {end}; "
                      f"{data['throughput_files_per_s']} files/s")
+        if run["watch"] and run["finished"] is None:
+            lines.append(_watch_line(run["watch"]))
     from rich.console import Group
 
     return Group(*lines)
+
+
+def _watch_line(info: dict[str, Any]) -> str:
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["watching_since"]))
+    last = "none yet" if not info["last_event"] else f"{time.time() - info['last_event']:.0f}s ago"
+    return (f"watching since {since}; queue depth {info['queue_depth']}; last event {last}; "
+            f"{info['events']} events, {info['rescans']} scans")
 
 
 def failures_data(out: Path) -> list[dict[str, Any]]:

@@ -1,7 +1,8 @@
-"""One `crawlproc run`: from a DATA_DIR and an OUT to a merged output and an exit code.
+"""One job on an OUT, `run` or `watch`: from DATA_DIR to a merged output and an exit code.
 
     check DATA_DIR, OUT ─> lock OUT ─> open ledger ─> check identity ─> recover
-      ─> scan ∥ pool ─> merge (done results crc-checked; damaged ones redone first)
+      run:   scan ∥ pool ─> merge (done results crc-checked; damaged ones redone first)
+      watch: catch-up scan, then file events ∥ pool, merging every --merge-interval
       ─> summary.json ─> exit code (0 all done, 1 some failed, 130 interrupted)
 
 Everything here is sequencing; each step is owned by its module.
@@ -12,9 +13,11 @@ from __future__ import annotations
 import os
 import resource
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from loguru import logger
 
@@ -96,7 +99,22 @@ def run_identity(options: RunOptions, processor: Processor) -> dict[str, Any]:
     }
 
 
-def run_job(options: RunOptions, *, on_progress: Callable[[dict], None] | None = None) -> RunOutcome:
+@dataclass
+class _Job:
+    """What every job on an OUT holds while it runs: the locked ledger, the processor, the identity."""
+
+    options: RunOptions
+    ledger: Ledger
+    processor: Processor
+    identity: dict[str, Any]
+    run_id: int
+    started: float = field(default_factory=time.monotonic)
+    wall_started: float = field(default_factory=time.time)
+
+
+@contextmanager
+def _open_job(options: RunOptions, command: str) -> Iterator[_Job]:
+    """Check paths, lock OUT, open the ledger, check identity, recover a dead run's leftovers."""
     check_data_dir(options.data_dir)
     prepare_out(options.out)
     processor = load(options.processor)
@@ -104,35 +122,98 @@ def run_job(options: RunOptions, *, on_progress: Callable[[dict], None] | None =
         logs.add_file_sink(options.out)
         ledger = Ledger(options.out / LEDGER_NAME, durable=options.durable)
         try:
-            return _run_locked(options, ledger, processor, on_progress)
+            identity = run_identity(options, processor)
+            if ledger.check_identity(identity, reprocess=options.reprocess):
+                logger.info("--reprocess: every task of {} will be processed again", options.out)
+            _recover(options.out, ledger)
+            if options.retry_failed:
+                logger.info("--retry-failed: {} failed tasks back to pending", ledger.retry(include_done=False))
+            yield _Job(options, ledger, processor, identity, ledger.start_run(command, os.getpid()))
         finally:
             ledger.close()
 
 
-def _run_locked(options: RunOptions, ledger: Ledger, processor: Processor, on_progress) -> RunOutcome:
-    started, wall_started = time.monotonic(), time.time()
-    identity = run_identity(options, processor)
-    if ledger.check_identity(identity, reprocess=options.reprocess):
-        logger.info("--reprocess: every task of {} will be processed again", options.out)
-    _recover(options.out, ledger)
-    if options.retry_failed:
-        logger.info("--retry-failed: {} failed tasks back to pending", ledger.retry(include_done=False))
-    run_id = ledger.start_run("run", os.getpid())
-    pool_result = _process(options, ledger, run_id, on_progress, scan=True)
-    merged = None
-    if options.merge:
-        merged, pool_result = _merge_until_clean(options, ledger, run_id, pool_result, on_progress)
-    elapsed = time.monotonic() - started
-    timings = {
-        "started": wall_started, "elapsed_s": round(elapsed, 3),
+def run_job(options: RunOptions, *, on_progress: Callable[[dict], None] | None = None) -> RunOutcome:
+    with _open_job(options, "run") as job:
+        source = Scan(job.ledger, os.fsencode(options.data_dir), scan_options(options), _log_skip)
+        pool_result = make_pool(job, on_progress).run(source)
+        if source.finished and source.gone:
+            logger.info("{} files disappeared since the last scan; their records leave the output", source.gone)
+        merged = None
+        if options.merge:
+            merged, pool_result = _merge_until_clean(job, pool_result, on_progress)
+        return _finish(job, pool_result, merged, _exit_code(pool_result, job.ledger.counts()))
+
+
+def watch_job(
+    options: RunOptions, *, settle: float, rescan_interval: float, merge_interval: float,
+    on_progress: Callable[[dict], None] | None = None,
+) -> RunOutcome:
+    """Catch up like `run`, then follow file events until SIGINT/SIGTERM; merge; exit 0."""
+    from crawlproc.watch import Watcher
+
+    with _open_job(options, "watch") as job:
+        watcher = Watcher(
+            job.ledger, os.fsencode(options.data_dir), scan_options(options), settle=settle,
+            rescan_interval=rescan_interval, out_relpath=_relpath_inside(options.out, options.data_dir),
+            on_skip=_log_skip,
+        )
+        merger = _PeriodicMerge(job, merge_interval)
+        pool = make_pool(job, on_progress, on_turn=merger.maybe_merge, run_info=watcher.info)
+        merger.pool = pool
+        logger.info("watching {} (Ctrl-C to stop)", options.data_dir)
+        try:
+            pool_result = pool.run(watcher)
+        finally:
+            watcher.stop()
+        merged = merger.merge() if options.merge else None
+        exit_code = 0 if pool_result.stop_reason in (None, "interrupted") else 1
+        return _finish(job, pool_result, merged, exit_code)
+
+
+class _PeriodicMerge:
+    """--merge-interval: refresh merged output and summary while watching, when something changed."""
+
+    def __init__(self, job: _Job, interval: float) -> None:
+        self.job, self.interval = job, interval
+        self.pool: WorkerPool | None = None
+        self._next = time.monotonic() + interval
+        self._merged_state: tuple | None = None
+
+    def maybe_merge(self) -> None:
+        if not self.job.options.merge or time.monotonic() < self._next:
+            return
+        self._next = time.monotonic() + self.interval
+        state = tuple(self.job.ledger.counts().values()) + (self.pool.result.done,)
+        if state != self._merged_state:
+            self.merge()
+            self._merged_state = state
+
+    def merge(self) -> MergeOutcome:
+        """Publish what is done now; damaged results go back to pending for the pool."""
+        merged = merge_results(self.job.ledger, self.job.options.out, _output_path(self.job.options))
+        if merged.damaged and self.pool is not None:
+            self.pool.poke()
+        write_summary(self.job.options.out, self.job.ledger, self.job.processor, self.job.identity, merged,
+                      _timings(self.job, self.pool.result if self.pool else PoolResult()))
+        return merged
+
+
+def _finish(job: _Job, pool_result: PoolResult, merged: MergeOutcome | None, exit_code: int) -> RunOutcome:
+    summary = write_summary(job.options.out, job.ledger, job.processor, job.identity, merged,
+                            _timings(job, pool_result))
+    job.ledger.finish_run(job.run_id, exit_code, pool_result.done, pool_result.failed)
+    return RunOutcome(exit_code, summary, pool_result, pool_result.message)
+
+
+def _timings(job: _Job, pool_result: PoolResult) -> dict[str, Any]:
+    elapsed = time.monotonic() - job.started
+    return {
+        "started": job.wall_started, "elapsed_s": round(elapsed, 3),
         "tasks_done_this_run": pool_result.done,
         "files_per_s": round(pool_result.done / elapsed, 1) if elapsed > 0 else None,
         "coordinator_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
-    summary = write_summary(options.out, ledger, processor, identity, merged, timings)
-    exit_code = _exit_code(pool_result, summary["counts"])
-    ledger.finish_run(run_id, exit_code, pool_result.done, pool_result.failed)
-    return RunOutcome(exit_code, summary, pool_result, pool_result.message)
 
 
 def _recover(out: Path, ledger: Ledger) -> None:
@@ -142,7 +223,16 @@ def _recover(out: Path, ledger: Ledger) -> None:
     remove_temp_files(out)
 
 
-def _process(options: RunOptions, ledger: Ledger, run_id: int, on_progress, *, scan: bool) -> PoolResult:
+def scan_options(options: RunOptions) -> ScanOptions:
+    out_id = dir_id(options.out)
+    return ScanOptions(
+        include=options.include, exclude=options.exclude, follow_symlinks=options.follow_symlinks,
+        skip_dirs=frozenset({out_id} if out_id else ()),
+    )
+
+
+def make_pool(job: _Job, on_progress: Callable[[dict], None] | None, **hooks: Any) -> WorkerPool:
+    options = job.options
     config = WorkerConfig(
         data_dir=os.fsencode(os.path.abspath(options.data_dir)),
         out=str(options.out),
@@ -156,38 +246,38 @@ def _process(options: RunOptions, ledger: Ledger, run_id: int, on_progress, *, s
         batch_size=options.batch_size, timeout=options.timeout, retries=options.retries,
         retry_delay=options.retry_delay, max_failures=options.max_failures,
     )
-    walk = None
-    if scan:
-        out_id = dir_id(options.out)
-        scan_options = ScanOptions(
-            include=options.include, exclude=options.exclude, follow_symlinks=options.follow_symlinks,
-            skip_dirs=frozenset({out_id} if out_id else ()),
-        )
-        walk = Scan(ledger, os.fsencode(options.data_dir), scan_options, _log_skip)
-    pool = WorkerPool(ledger, config, pool_options, run_id=run_id, on_progress=on_progress)
-    result = pool.run(walk)
-    if walk is not None and walk.finished and walk.gone:
-        logger.info("{} files disappeared since the last scan; their records leave the output", walk.gone)
-    return result
+    return WorkerPool(job.ledger, config, pool_options, run_id=job.run_id, on_progress=on_progress, **hooks)
 
 
-def _merge_until_clean(options, ledger, run_id, pool_result, on_progress) -> tuple[MergeOutcome, PoolResult]:
+def _output_path(options: RunOptions) -> Path:
+    return options.output or options.out / MERGED_NAME
+
+
+def _relpath_inside(path: Path, root: Path) -> bytes | None:
+    """`path` relative to `root` as bytes, when it lies inside it (OUT inside DATA_DIR)."""
+    path_abs, root_abs = os.path.abspath(path), os.path.abspath(root)
+    if os.path.commonpath([path_abs, root_abs]) != root_abs or path_abs == root_abs:
+        return None
+    return os.fsencode(os.path.relpath(path_abs, root_abs))
+
+
+def _merge_until_clean(job: _Job, pool_result: PoolResult, on_progress) -> tuple[MergeOutcome, PoolResult]:
     """Merge; while results turn out missing or damaged, process those tasks again first."""
-    output = options.output or options.out / MERGED_NAME
+    ledger, options = job.ledger, job.options
     merged: MergeOutcome | None = None
     for _ in range(MAX_MERGE_ROUNDS):
         if pool_result.stop_reason is not None:
             break  # interrupted or over budget: publish what is done, redo nothing now
-        merged = merge_results(ledger, options.out, output, publish_if_damaged=False)
+        merged = merge_results(ledger, options.out, _output_path(options), publish_if_damaged=False)
         if merged.published:
             break
         logger.warning("{} done tasks had a missing or damaged result; processing them again", merged.damaged)
-        again = _process(options, ledger, run_id, on_progress, scan=False)
+        again = make_pool(job, on_progress).run(None)
         pool_result.done += again.done
         pool_result.failed += again.failed
         pool_result.stop_reason, pool_result.message = again.stop_reason, again.message
     if merged is None or not merged.published:
-        merged = merge_results(ledger, options.out, output)
+        merged = merge_results(ledger, options.out, _output_path(options))
     remove_unreferenced(options.out, ledger.live_batch_ids())
     return merged, pool_result
 

@@ -86,9 +86,11 @@ def walk(
     options: ScanOptions,
     on_skip: SkipReporter | None = None,
     unreadable: list[bytes] | None = None,
+    start: bytes = b"",
 ) -> Iterator[FileEntry]:
     """Yield every regular file under `root` that the options select, in sorted order.
 
+    `start` (a relpath ending in '/') walks only that folder of `root`.
     Folders that cannot be read are reported and their relpath prefixes appended
     to `unreadable`, so their files are not mistaken for deleted ones.
     """
@@ -99,7 +101,11 @@ def walk(
     real_root = os.path.realpath(root)
     skip_inodes = {ino for _, ino in options.skip_dirs}
     # Each stack item: (absolute dir, its relpath prefix, ids of the dirs above it for loop checks).
-    stack: list[tuple[bytes, bytes, frozenset]] = [(root, b"", frozenset({_dir_id(root)}))]
+    first = os.path.join(root, start) if start else root
+    try:
+        stack: list[tuple[bytes, bytes, frozenset]] = [(first, start, frozenset({_dir_id(first)}))]
+    except FileNotFoundError:
+        return
     while stack:
         directory, prefix, ancestors = stack.pop()
         entries = _sorted_entries(directory, prefix, report)
@@ -211,39 +217,78 @@ def task_rows(entry: FileEntry) -> list[tuple]:
 
 
 class Scan:
-    """One full walk fed into the ledger a slice at a time, so the pool runs between slices.
+    """One walk fed into the ledger a slice at a time, so the pool runs between slices.
 
-    Memory stays flat: only one slice of entries is held, whatever the tree's size.
+    Memory stays flat: only one slice of entries is held, whatever the tree's
+    size. A full scan (`start` empty) ends by marking files it did not see as
+    gone; a partial one (a folder that just appeared) does not. `hold_back`
+    lets watch mode keep files that are still being written out of the ledger
+    for now (they count as seen, so they are not taken for deleted).
     """
 
-    def __init__(self, ledger: "Ledger", root: bytes, options: ScanOptions, on_skip: SkipReporter) -> None:
+    def __init__(
+        self,
+        ledger: "Ledger",
+        root: bytes,
+        options: ScanOptions,
+        on_skip: SkipReporter,
+        *,
+        start: bytes = b"",
+        hold_back: Callable[[FileEntry], bool] | None = None,
+    ) -> None:
         self._ledger = ledger
         self._unreadable: list[bytes] = []
-        self._entries = walk(root, options, on_skip, self._unreadable)
+        self._entries = walk(root, options, on_skip, self._unreadable, start)
+        self.full = not start
+        self._hold_back = hold_back
         self.files = 0
+        self.held = 0
         self.finished = False
         self.gone = 0
-        ledger.begin_scan()
+        if self.full:
+            ledger.begin_scan()
+
+    # The pool's work-source protocol (see pool.WorkerPool): a scan always has
+    # more to do right now until it is finished, and never needs waking up.
+    wakeup_fd = None
+
+    @property
+    def exhausted(self) -> bool:
+        return self.finished
+
+    @property
+    def busy(self) -> bool:
+        return not self.finished
+
+    def wait_hint(self) -> float | None:
+        return None
 
     def step(self, max_files: int = 2000) -> int:
-        """Record up to `max_files` more files; on the last slice, mark vanished files gone."""
+        """Record up to `max_files` more files; on the last slice of a full scan, mark vanished files gone."""
         rows: list[tuple] = []
+        held: list[bytes] = []
         count = 0
         for entry in self._entries:
-            rows.extend(task_rows(entry))
             count += 1
+            if self._hold_back is not None and self._hold_back(entry):
+                held.append(entry.relpath)
+            else:
+                rows.extend(task_rows(entry))
             if count >= max_files:
                 break
-        if rows:
+        if rows or held:
             with self._ledger.transaction() as conn:
                 self._ledger.upsert_scanned(conn, rows)
-        self.files += count
+                self._ledger.mark_seen(conn, held)
+        self.files += count - len(held)
+        self.held += len(held)
         if count < max_files:
             self._finish()
         return count
 
     def _finish(self) -> None:
-        for prefix in self._unreadable:
-            self._ledger.keep_subtree(prefix)
-        self.gone = self._ledger.finish_scan()
+        if self.full:
+            for prefix in self._unreadable:
+                self._ledger.keep_subtree(prefix)
+            self.gone = self._ledger.finish_scan()
         self.finished = True

@@ -272,6 +272,26 @@ def crawlproc_exe() -> str | None:
 # --- result checks ------------------------------------------------------------
 
 
+def in_child(fn, *args):
+    """Run ``fn(*args)`` in a forked child and return its result.
+
+    Used for every check that loads a whole JSONL file: this process must stay
+    small because a program started from it inherits its RSS into its own
+    ru_maxrss (kept across exec), which is how crawlproc measures its peak.
+    """
+    with multiprocessing.Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def own_peak_rss_mb() -> float | None:
+    """This process's peak RSS (VmHWM, Linux /proc), shown beside crawlproc's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1e3 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def read_jsonl(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -323,6 +343,10 @@ def check_merged(out: Path, bare_jsonl: Path | None, wl: Workload, n_files: int)
     return problems
 
 
+def bare_totals(bare_jsonl: Path) -> dict:
+    return totals(read_jsonl(bare_jsonl))
+
+
 def wc_totals(output: Path) -> tuple[int, int, int]:
     """(files, lines, words) from ``wc -lw`` output, leaving out its "total" lines."""
     files = lines = words = 0
@@ -365,6 +389,7 @@ class Report:
     bare_wall: float | None = None
     bare_jsonl: Path | None = None
     peak_rss: int | None = None
+    parent_rss_mb: float | None = None  # this script's peak RSS when it started crawlproc
 
 
 def repeated_step(label: str, make_cmd, tag: str, run_dir: Path, files: int, args) -> tuple[Row, str]:
@@ -409,6 +434,7 @@ def run_crawlproc(wl: Workload, data: Path, run_dir: Path, n: int, args, rep: Re
         return [exe, "run", str(data), "-o", str(run_dir / f"crawlproc-out{suffix}"),
                 "-w", str(args.workers), "-p", wl.processor, "--no-progress", "-q"]
 
+    rep.parent_rss_mb = own_peak_rss_mb()
     first, suffix = repeated_step("crawlproc first run", cmd, "crawlproc-first", run_dir, n, args)
     rep.rows.append(first)
     if first.failed:
@@ -423,7 +449,7 @@ def run_crawlproc(wl: Workload, data: Path, run_dir: Path, n: int, args, rep: Re
     elapsed = f"{elapsed:.2f}" if isinstance(elapsed, (int, float)) else "?"
     first.note = "; ".join(filter(None, [first.note, f"summary elapsed_s {elapsed}",
                                          fmt_counts(summary)]))
-    rep.problems += check_merged(out, rep.bare_jsonl, wl, n)
+    rep.problems += in_child(check_merged, out, rep.bare_jsonl, wl, n)
     if not wl.full:
         return
     rerun = step("crawlproc no-op rerun", cmd(suffix), run_dir / "crawlproc-rerun.log", n, args.timeout)
@@ -433,7 +459,7 @@ def run_crawlproc(wl: Workload, data: Path, run_dir: Path, n: int, args, rep: Re
         return
     rep.rerun_wall = rerun.wall
     rerun.note = fmt_counts(read_summary(out))
-    rep.problems += [p + " (after rerun)" for p in check_merged(out, rep.bare_jsonl, wl, n)]
+    rep.problems += [p + " (after rerun)" for p in in_child(check_merged, out, rep.bare_jsonl, wl, n)]
 
 
 def run_parallel(wl: Workload, data: Path, run_dir: Path, n: int, args, rep: Report) -> None:
@@ -466,7 +492,7 @@ def run_parallel(wl: Workload, data: Path, run_dir: Path, n: int, args, rep: Rep
         if files != n:
             rep.problems.append(f"MISMATCH {wl.name}: GNU parallel -X output lists {files} of {n} files")
         if wl.processor == "linecount" and rep.bare_jsonl and rep.bare_jsonl.exists():
-            want = totals(read_jsonl(rep.bare_jsonl))
+            want = in_child(bare_totals, rep.bare_jsonl)
             if (lines, words) != (want["lines"], want["words"]):
                 rep.problems.append(f"MISMATCH {wl.name}: GNU parallel -X totals lines={lines} "
                                     f"words={words} != bare {want}")
@@ -551,6 +577,9 @@ def workload_markdown(rep: Report, workers: int) -> list[str]:
         target = (f" (target < {wl.rss_target_mb:.0f} MB): {verdict(mb < wl.rss_target_mb)}"
                   if wl.rss_target_mb else "")
         md.append(f"- crawlproc coordinator peak RSS: {mb:.1f} MB{target}")
+        if rep.parent_rss_mb is not None:
+            md.append(f"  (bench.py's own peak RSS when it started crawlproc: {rep.parent_rss_mb:.1f} MB; "
+                      "a child's ru_maxrss starts from it, so it is a floor for that figure)")
     elif rep.first_wall:
         md.append("- crawlproc coordinator peak RSS: not in summary.json")
     md += [f"- {n}" for n in rep.notes]

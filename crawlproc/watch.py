@@ -1,0 +1,326 @@
+"""Watch mode: files that arrive or change under DATA_DIR become tasks once they are complete.
+
+    watchdog observer thread ──events──> queue ──┐  (+ a byte on a wake-up pipe)
+                                                 v
+    Watcher.step() (in the coordinator, between pool turns):
+        catch-up scan / periodic rescan ──┐
+        events: created/modified ─────────┼──> candidates ──settled──> ledger (pending)
+        close-after-write, rename-in ─────┘        (heap by due time)
+        deleted / moved away ───────────────────────────────────────> ledger (gone)
+
+A file is *settled* on its close-after-write event, or once its size and mtime
+stayed the same for --settle seconds; every scan in watch mode holds back files
+modified less than --settle ago and looks at them again later. Events can be
+lost (inotify overflow): a rescan reconciles every --rescan-interval, and an
+overflow triggers one at once.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+
+from crawlproc.scanner import FileEntry, PathFilter, Scan, ScanOptions, task_rows
+
+if TYPE_CHECKING:
+    from crawlproc.ledger import Ledger
+
+# Names that common writers use while a file is incomplete; watched files with
+# such names wait until they are renamed to their final name.
+TEMP_NAME_PATTERNS = ("*.tmp", "*.part", ".*")
+MAX_EVENTS_PER_STEP = 5000
+
+
+@dataclass
+class _Candidate:
+    size: int
+    mtime_ns: int
+    stable_since: float
+    ready: bool  # closed after writing, or renamed in: no need to wait for --settle
+
+
+class _EventHandler:
+    """Runs in watchdog's thread: turns events into (kind, relpath, dest) on a queue."""
+
+    def __init__(self, watcher: "Watcher") -> None:
+        self.w = watcher
+
+    def dispatch(self, event: Any) -> None:
+        kind = event.event_type
+        is_dir = event.is_directory
+        src = self.w.relpath_of(event.src_path)
+        dest = self.w.relpath_of(getattr(event, "dest_path", b"") or b"")
+        if kind == "moved":
+            if src is not None:
+                self.w.post("dir_gone" if is_dir else "gone", src)
+            if dest is not None:
+                self.w.post("dir_new" if is_dir else "ready", dest)
+        elif src is None:
+            return
+        elif kind == "created":
+            self.w.post("dir_new" if is_dir else "changed", src)
+        elif kind == "modified" and not is_dir:
+            self.w.post("changed", src)
+        elif kind == "closed":
+            self.w.post("ready", src)
+        elif kind == "deleted":
+            self.w.post("dir_gone" if is_dir else "gone", src)
+
+
+class _OverflowSpy(logging.Handler):
+    """watchdog reports a lost-events overflow only as a log record: listen for it."""
+
+    def __init__(self, flag: threading.Event) -> None:
+        super().__init__(logging.WARNING)
+        self.flag = flag
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self.flag.set()
+
+
+class Watcher:
+    """The work source of `crawlproc watch` (see pool.WorkSource)."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        data_dir: bytes,
+        scan_options: ScanOptions,
+        *,
+        settle: float,
+        rescan_interval: float,
+        out_relpath: bytes | None,
+        on_skip: Callable[[bytes, str], None],
+        monotonic: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.ledger = ledger
+        self.data_dir = os.path.abspath(data_dir)
+        self.settle = settle
+        self.rescan_interval = rescan_interval
+        self.out_prefix = out_relpath + b"/" if out_relpath else None
+        self.on_skip = on_skip
+        self.monotonic, self.wall = monotonic, wall
+        self.scan_options = ScanOptions(scan_options.include, tuple(scan_options.exclude) + TEMP_NAME_PATTERNS,
+                                        scan_options.follow_symlinks, scan_options.skip_dirs)
+        self.paths = PathFilter(self.scan_options.include, self.scan_options.exclude)
+        self.files = 0
+        self.stats: dict[str, Any] = {"watching_since": wall(), "last_event": None, "events": 0, "rescans": 0}
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._candidates: dict[bytes, _Candidate] = {}
+        self._due: list[tuple[float, bytes]] = []  # heap of (monotonic due time, relpath)
+        self._scans: list[Scan] = []
+        self._next_rescan = monotonic() + rescan_interval
+        self._overflow = threading.Event()
+        self._stopped = False
+        self.wakeup_fd, self._wake_w = os.pipe()
+        os.set_blocking(self.wakeup_fd, False)
+        os.set_blocking(self._wake_w, False)
+        self._observer = self._start_observer()
+        self._start_scan(b"")  # catch up, exactly like `run` (events meanwhile are queued)
+
+    # -- pool.WorkSource ----------------------------------------------------------
+    @property
+    def exhausted(self) -> bool:
+        return self._stopped
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._scans) or not self._events.empty() or self._next_due() <= self.monotonic()
+
+    def wait_hint(self) -> float | None:
+        now = self.monotonic()
+        return max(0.0, min(self._next_due(), self._next_rescan) - now)
+
+    def step(self, max_files: int) -> int:
+        self._drain_wakeups()
+        if self._overflow.is_set():
+            self._overflow.clear()
+            logger.warning("file events were lost (inotify queue overflow); rescanning {}", os.fsdecode(self.data_dir))
+            self._start_scan(b"")
+        if self.monotonic() >= self._next_rescan:
+            self._start_scan(b"")
+        recorded = self._apply_events()
+        recorded += self._step_scans(max_files)
+        recorded += self._record_settled()
+        self.files += recorded
+        return recorded
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._observer.stop()
+        self._observer.join(timeout=5)
+        logging.getLogger("watchdog").removeHandler(self._spy)
+        os.close(self.wakeup_fd)
+        os.close(self._wake_w)
+
+    def info(self) -> dict[str, Any]:
+        return {**self.stats, "queue_depth": len(self._candidates) + self._events.qsize(),
+                "scanning": bool(self._scans)}
+
+    # -- events (observer thread) ---------------------------------------------------
+    def relpath_of(self, path: bytes | str) -> bytes | None:
+        """The relpath of an event's path, or None when it is outside, in OUT, or filtered."""
+        path = os.fsencode(path)
+        if not path.startswith(self.data_dir + b"/"):
+            return None
+        relpath = path[len(self.data_dir) + 1:]
+        if self.out_prefix and (relpath + b"/").startswith(self.out_prefix):
+            return None
+        return relpath
+
+    def post(self, kind: str, relpath: bytes) -> None:
+        self._events.put((kind, relpath))
+        try:
+            os.write(self._wake_w, b"!")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (the pool will wake anyway) or closed (stopping)
+
+    def _start_observer(self) -> Any:
+        from watchdog.events import (DirCreatedEvent, DirDeletedEvent, DirMovedEvent, FileClosedEvent,
+                                     FileCreatedEvent, FileDeletedEvent, FileModifiedEvent, FileMovedEvent)
+        from watchdog.observers import Observer
+
+        self._spy = _OverflowSpy(self._overflow)
+        logging.getLogger("watchdog").addHandler(self._spy)
+        observer = Observer()
+        observer.schedule(
+            _EventHandler(self), self.data_dir, recursive=True,
+            # Not opened/closed-without-writing: our own workers reading files would echo back.
+            event_filter=[FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent,
+                          FileDeletedEvent, DirCreatedEvent, DirMovedEvent, DirDeletedEvent],
+        )
+        observer.daemon = True
+        observer.start()
+        return observer
+
+    # -- events (coordinator) -------------------------------------------------------------
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self.wakeup_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _apply_events(self) -> int:
+        gone_files: list[bytes] = []
+        gone_dirs: list[bytes] = []
+        for _ in range(MAX_EVENTS_PER_STEP):
+            try:
+                kind, relpath = self._events.get_nowait()
+            except queue.Empty:
+                break
+            self.stats["events"] += 1
+            self.stats["last_event"] = self.wall()
+            if kind == "dir_new":
+                self._start_scan(relpath + b"/")  # it may already hold files we got no event for
+            elif kind == "dir_gone":
+                gone_dirs.append(relpath + b"/")
+            elif kind == "gone":
+                self._candidates.pop(relpath, None)
+                gone_files.append(relpath)
+            elif self._wanted(relpath):
+                self._note_change(relpath, ready=kind == "ready")
+        if gone_files or gone_dirs:
+            with self.ledger.transaction() as conn:
+                self.ledger.mark_paths_gone(conn, gone_files, gone_dirs)
+        return 0
+
+    def _wanted(self, relpath: bytes) -> bool:
+        """The same choice a scan makes: no file in a pruned folder, no excluded or temp name."""
+        parts = os.fsdecode(relpath).split("/")
+        for depth in range(1, len(parts)):
+            if self.paths.prunes_dir("/".join(parts[:depth]), parts[depth - 1]):
+                return False
+        return self.paths.wants_file("/".join(parts), parts[-1])
+
+    def _note_change(self, relpath: bytes, *, ready: bool) -> None:
+        now = self.monotonic()
+        candidate = self._candidates.get(relpath)
+        if candidate is None:
+            candidate = self._candidates[relpath] = _Candidate(-1, -1, now, ready)
+        candidate.ready = candidate.ready or ready
+        if not ready:
+            candidate.stable_since = now
+        heapq.heappush(self._due, (now if candidate.ready else now + self.settle, relpath))
+
+    def _next_due(self) -> float:
+        return self._due[0][0] if self._due else float("inf")
+
+    def _record_settled(self) -> int:
+        """Stat the candidates whose time has come; record those that are complete."""
+        now = self.monotonic()
+        rows: list[tuple] = []
+        while self._due and self._due[0][0] <= now:
+            _, relpath = heapq.heappop(self._due)
+            candidate = self._candidates.get(relpath)
+            if candidate is None:
+                continue
+            entry = self._settled_entry(relpath, candidate, now)
+            if entry is not None:
+                del self._candidates[relpath]
+                rows.extend(task_rows(entry))
+        if rows:
+            with self.ledger.transaction() as conn:
+                self.ledger.upsert_scanned(conn, rows)
+        return len(rows)
+
+    def _settled_entry(self, relpath: bytes, candidate: _Candidate, now: float) -> FileEntry | None:
+        try:
+            st = os.stat(os.path.join(self.data_dir, relpath))
+        except FileNotFoundError:
+            del self._candidates[relpath]  # its delete event marks it gone
+            return None
+        except OSError as exc:
+            self.on_skip(relpath, f"cannot stat: {exc.strerror}")
+            del self._candidates[relpath]
+            return None
+        entry = FileEntry(relpath, st.st_size, st.st_mtime_ns)
+        if candidate.ready:
+            return entry
+        if (st.st_size, st.st_mtime_ns) != (candidate.size, candidate.mtime_ns):
+            candidate.size, candidate.mtime_ns, candidate.stable_since = st.st_size, st.st_mtime_ns, now
+        if now - candidate.stable_since >= self.settle:
+            return entry
+        heapq.heappush(self._due, (candidate.stable_since + self.settle, relpath))
+        return None
+
+    # -- scans ------------------------------------------------------------------------
+    def _start_scan(self, start: bytes) -> None:
+        if not start:
+            self._next_rescan = self.monotonic() + self.rescan_interval
+            if any(scan.full for scan in self._scans):
+                return  # a full scan is already under way
+            self.stats["rescans"] += 1
+        self._scans.append(Scan(self.ledger, self.data_dir, self.scan_options, self.on_skip,
+                                start=start, hold_back=self._hold_back))
+
+    def _hold_back(self, entry: FileEntry) -> bool:
+        """A scan in watch mode must not hand out a file that may still be written."""
+        if self.wall() - entry.mtime_ns / 1e9 >= self.settle:
+            return False
+        self._note_change(entry.relpath, ready=False)
+        return True
+
+    def _step_scans(self, max_files: int) -> int:
+        if not self._scans:
+            return 0
+        scan = self._scans[0]
+        before = scan.files
+        scan.step(max_files)
+        if scan.finished:
+            self._scans.pop(0)
+            if scan.gone:
+                logger.info("{} files disappeared; their records leave the output", scan.gone)
+        return scan.files - before
+

@@ -1,0 +1,391 @@
+"""Walking DATA_DIR (crawlproc.scanner.walk) and feeding the ledger (Scan)."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import make_tree
+from crawlproc.ledger import Ledger
+from crawlproc.scanner import PathFilter, Scan, ScanOptions, dir_id, walk
+
+WALK_TIMEOUT = 10
+
+
+def collect(root: Path, options: ScanOptions | None = None) -> tuple[list[bytes], list[tuple[bytes, str]], list[bytes]]:
+    """(relpaths yielded, skip reports, unreadable prefixes), with a deadline so a hang fails."""
+    reports: list[tuple[bytes, str]] = []
+    unreadable: list[bytes] = []
+    found: list = []
+    errors: list = []
+
+    def target() -> None:
+        try:
+            found.extend(walk(os.fsencode(root), options or ScanOptions(), lambda p, r: reports.append((p, r)),
+                              unreadable))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(WALK_TIMEOUT)
+    assert not thread.is_alive(), "walk did not finish: it hangs"
+    if errors:
+        raise errors[0]
+    return [e.relpath for e in found], reports, unreadable
+
+
+def relpaths(root: Path, options: ScanOptions | None = None) -> list[bytes]:
+    return collect(root, options)[0]
+
+
+def tree_order(paths: list[bytes]) -> list[bytes]:
+    """Depth-first order: in each folder its files by name, then its subfolders by name."""
+    def key(path: bytes) -> tuple:
+        parts = path.split(b"/")
+        return tuple((0, p) if i == len(parts) - 1 else (1, p) for i, p in enumerate(parts))
+    return sorted(paths, key=key)
+
+
+def run_scan(ledger: Ledger, root: Path, options: ScanOptions | None = None, step: int = 2) -> Scan:
+    reports: list = []
+    scan = Scan(ledger, os.fsencode(root), options or ScanOptions(), lambda p, r: reports.append((p, r)))
+    for _ in range(10_000):
+        scan.step(step)
+        if scan.finished:
+            break
+    assert scan.finished
+    scan.reports = reports  # type: ignore[attr-defined]
+    return scan
+
+
+def states(ledger: Ledger) -> dict[bytes, str]:
+    return dict(ledger.conn.execute("SELECT path_bytes, state FROM tasks"))
+
+
+# -- plain walks -------------------------------------------------------------------------
+
+def test_nested_folders_in_sorted_order_with_sizes_and_mtimes(tmp_path):
+    files = {"b.txt": "bb", "a/z.txt": "z", "a/b/c.txt": "ccc", "a/a.txt": "", "c/d/e/f.txt": "f",
+             "B.txt": "B", "a.txt": "a", "a/b.txt": "ab"}
+    root = make_tree(tmp_path / "data", files)
+    os.utime(root / "a/z.txt", ns=(1_000_000_000, 1_234_567_890_123))
+    reports: list = []
+    entries = list(walk(os.fsencode(root), ScanOptions(), lambda p, r: reports.append((p, r))))
+    got = [e.relpath for e in entries]
+    expected = [p.encode() for p in files]
+    assert sorted(got) == sorted(expected)
+    assert len(got) == len(set(got))
+    # Sorted by bytes: either strictly by path, or folder by folder (files first, then subfolders).
+    assert got in (sorted(expected), tree_order(expected)), got
+    by_path = {e.relpath: e for e in entries}
+    assert by_path[b"b.txt"].size == 2 and by_path[b"a/a.txt"].size == 0
+    assert by_path[b"a/z.txt"].mtime_ns == 1_234_567_890_123
+    assert reports == []
+
+
+def test_walk_is_deterministic_and_yields_posix_relpaths(tmp_path):
+    root = make_tree(tmp_path / "data", {f"d{i % 3}/f{i}.txt": str(i) for i in range(20)})
+    first = relpaths(root)
+    assert first == relpaths(root)
+    assert all(not p.startswith(b"/") and b"\\" not in p for p in first)
+    assert len(first) == 20
+
+
+def test_empty_files_and_empty_folders(tmp_path):
+    root = make_tree(tmp_path / "data", {"empty.txt": "", "sub/also_empty": ""})
+    (root / "no_files" / "deeper").mkdir(parents=True)
+    entries = list(walk(os.fsencode(root), ScanOptions()))
+    assert {e.relpath: e.size for e in entries} == {b"empty.txt": 0, b"sub/also_empty": 0}
+
+
+def test_non_utf8_name_is_yielded_with_exact_bytes(tmp_path):
+    root = tmp_path / "data"
+    (root / "dir").mkdir(parents=True)
+    raw = os.fsencode(root) + b"/dir/caf\xe9.txt"
+    fd = os.open(raw, os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, b"latin-1 name\n")
+    os.close(fd)
+    (root / "dir" / "plain.txt").write_text("x")
+    assert relpaths(root) == [b"dir/caf\xe9.txt", b"dir/plain.txt"]
+
+
+def test_empty_data_dir(tmp_path):
+    (tmp_path / "data").mkdir()
+    assert relpaths(tmp_path / "data") == []
+
+
+# -- symlinks ----------------------------------------------------------------------------
+
+@pytest.fixture
+def linked_tree(tmp_path: Path) -> Path:
+    root = make_tree(tmp_path / "data", {"real/file.txt": "inside", "top.txt": "top"})
+    make_tree(tmp_path / "outside", {"secret.txt": "outside"})
+    os.symlink(root / "top.txt", root / "link_to_file")
+    os.symlink("real", root / "link_to_dir")
+    os.symlink(tmp_path / "outside", root / "link_outside")
+    os.symlink(tmp_path / "outside" / "secret.txt", root / "link_outside_file")
+    os.symlink("..", root / "real" / "loop")
+    os.symlink("nowhere", root / "dangling")
+    return root
+
+
+def test_symlinks_are_not_followed_by_default(linked_tree):
+    got, reports, _ = collect(linked_tree)
+    assert got == [b"top.txt", b"real/file.txt"] or got == [b"real/file.txt", b"top.txt"]
+
+
+def test_follow_symlinks_inside_yes_outside_no_loops_detected(linked_tree):
+    got, reports, _ = collect(linked_tree, ScanOptions(follow_symlinks=True))
+    assert set(got) == {b"top.txt", b"real/file.txt", b"link_to_file", b"link_to_dir/file.txt"}
+    assert len(got) == len(set(got))
+    reported = {path: reason for path, reason in reports}
+    assert b"link_outside" in reported and "outside" in reported[b"link_outside"]
+    assert b"link_outside_file" in reported
+    loops = [p for p, reason in reports if "loop" in reason]
+    assert b"real/loop" in loops
+    assert not any(b"secret" in p for p in got)
+
+
+def test_follow_symlinks_loop_to_itself_terminates(tmp_path):
+    root = make_tree(tmp_path / "data", {"a/b/f.txt": "f"})
+    os.symlink("../..", root / "a" / "b" / "up2")
+    os.symlink(".", root / "a" / "self")
+    os.symlink("a", root / "alias")  # not a loop: the same folder under another name
+    got, reports, _ = collect(root, ScanOptions(follow_symlinks=True))
+    assert set(got) == {b"a/b/f.txt", b"alias/b/f.txt"}
+    loops = {p for p, reason in reports if "loop" in reason}
+    assert {b"a/b/up2", b"a/self"} <= loops
+
+
+# -- special files -------------------------------------------------------------------------
+
+def test_fifo_is_skipped_with_a_report_and_does_not_hang(tmp_path):
+    root = make_tree(tmp_path / "data", {"a.txt": "a", "z.txt": "z"})
+    os.mkfifo(root / "pipe")
+    os.mkfifo(root / "sub_pipe_dir_fifo")
+    for follow in (False, True):
+        got, reports, _ = collect(root, ScanOptions(follow_symlinks=follow))
+        assert got == [b"a.txt", b"z.txt"]
+        reported = dict(reports)
+        assert "FIFO" in reported.get(b"pipe", "") and b"sub_pipe_dir_fifo" in reported
+
+
+def test_fifo_does_not_hang_a_scan_into_the_ledger(tmp_path):
+    root = make_tree(tmp_path / "data", {"a.txt": "a"})
+    os.mkfifo(root / "pipe")
+    ledger = Ledger(tmp_path / "ledger.db")
+    try:
+        scan = run_scan(ledger, root)
+        assert states(ledger) == {b"a.txt": "pending"}
+        assert [p for p, _ in scan.reports] == [b"pipe"]
+    finally:
+        ledger.close()
+
+
+# -- include / exclude ---------------------------------------------------------------------
+
+FILTER_TREE = {"a.txt": "", "a.log": "", "docs/b.txt": "", "docs/b.md": "", "docs/deep/c.txt": "",
+               "logs/x.log": "", "logs/sub/y.txt": "", "src/main.py": ""}
+
+
+def test_include_without_slash_matches_the_name_in_any_folder(tmp_path):
+    root = make_tree(tmp_path / "data", FILTER_TREE)
+    got = relpaths(root, ScanOptions(include=("*.txt",)))
+    assert sorted(got) == [b"a.txt", b"docs/b.txt", b"docs/deep/c.txt", b"logs/sub/y.txt"]
+
+
+def test_include_with_slash_matches_the_relpath(tmp_path):
+    root = make_tree(tmp_path / "data", FILTER_TREE)
+    assert sorted(relpaths(root, ScanOptions(include=("docs/*.md",)))) == [b"docs/b.md"]
+    # '*' crosses '/': docs/*.txt matches deeper files too.
+    assert sorted(relpaths(root, ScanOptions(include=("docs/*.txt",)))) == [b"docs/b.txt", b"docs/deep/c.txt"]
+    assert relpaths(root, ScanOptions(include=("b.txt/x",))) == []
+    assert sorted(relpaths(root, ScanOptions(include=("**/c.txt",)))) == [b"docs/deep/c.txt"]
+
+
+def test_several_includes_are_ored(tmp_path):
+    root = make_tree(tmp_path / "data", FILTER_TREE)
+    assert sorted(relpaths(root, ScanOptions(include=("*.md", "src/*")))) == [b"docs/b.md", b"src/main.py"]
+
+
+def test_exclude_by_name_and_by_path(tmp_path):
+    root = make_tree(tmp_path / "data", FILTER_TREE)
+    assert sorted(relpaths(root, ScanOptions(exclude=("*.txt",)))) == \
+        [b"a.log", b"docs/b.md", b"logs/x.log", b"src/main.py"]
+    assert sorted(relpaths(root, ScanOptions(exclude=("docs/b.*",)))) == \
+        [b"a.log", b"a.txt", b"docs/deep/c.txt", b"logs/sub/y.txt", b"logs/x.log", b"src/main.py"]
+
+
+def test_exclude_wins_over_include(tmp_path):
+    root = make_tree(tmp_path / "data", FILTER_TREE)
+    got = relpaths(root, ScanOptions(include=("*.txt",), exclude=("logs",)))
+    assert sorted(got) == [b"a.txt", b"docs/b.txt", b"docs/deep/c.txt"]
+
+
+def test_exclude_prunes_folders_without_entering_them(tmp_path):
+    root = make_tree(tmp_path / "data", FILTER_TREE)
+    os.mkfifo(root / "logs" / "sub" / "pipe")  # would be reported if the folder were walked
+    got, reports, _ = collect(root, ScanOptions(exclude=("logs",)))
+    assert not any(p.startswith(b"logs/") for p in got)
+    assert reports == []
+    got, reports, _ = collect(root, ScanOptions(exclude=("logs/sub",)))
+    assert b"logs/x.log" in got and not any(p.startswith(b"logs/sub/") for p in got)
+    assert reports == []
+    got, reports, _ = collect(root, ScanOptions(exclude=("sub",)))  # a folder name at any depth
+    assert b"logs/x.log" in got and reports == []
+
+
+def test_path_filter_directly():
+    f = PathFilter(include=["*.txt", "data/*.csv"], exclude=["tmp"])
+    assert f.wants_file("x/y/z.txt", "z.txt")
+    assert f.wants_file("data/a/b.csv", "b.csv")
+    assert not f.wants_file("other/b.csv", "b.csv")
+    assert not f.wants_file("x/tmp", "tmp")
+    assert f.prunes_dir("a/tmp", "tmp")
+    assert not f.prunes_dir("a/tmpx", "tmpx")
+    everything = PathFilter([], [])
+    assert everything.wants_file("any/thing", "thing") and not everything.prunes_dir("any", "any")
+
+
+def test_filters_apply_to_non_utf8_names(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    for name in (b"caf\xe9.txt", b"caf\xe9.log"):
+        os.close(os.open(os.fsencode(root) + b"/" + name, os.O_WRONLY | os.O_CREAT, 0o644))
+    assert relpaths(root, ScanOptions(include=("*.txt",))) == [b"caf\xe9.txt"]
+
+
+# -- skip_dirs (OUT inside DATA_DIR) ---------------------------------------------------------
+
+def test_skip_dirs_prunes_out_inside_data_dir(tmp_path):
+    root = make_tree(tmp_path / "data", {"a.txt": "a", "out/ledger.db": "x", "out/results/00000/1.jsonl": "{}",
+                                         "sub/out/keep.txt": "k"})
+    options = ScanOptions(skip_dirs=frozenset({dir_id(root / "out")}))
+    got, reports, _ = collect(root, options)
+    assert sorted(got) == [b"a.txt", b"sub/out/keep.txt"]
+    assert sorted(relpaths(root)) == [b"a.txt", b"out/ledger.db", b"out/results/00000/1.jsonl",
+                                      b"sub/out/keep.txt"]
+
+
+def test_skip_dirs_also_with_follow_symlinks(tmp_path):
+    root = make_tree(tmp_path / "data", {"a.txt": "a", "out/ledger.db": "x"})
+    os.symlink("out", root / "link_to_out")
+    options = ScanOptions(follow_symlinks=True, skip_dirs=frozenset({dir_id(root / "out")}))
+    assert relpaths(root, options) == [b"a.txt"]
+
+
+def test_dir_id_of_missing_folder_is_none(tmp_path):
+    assert dir_id(tmp_path / "missing") is None
+    assert dir_id(tmp_path) == (os.stat(tmp_path).st_dev, os.stat(tmp_path).st_ino)
+
+
+# -- Scan glue --------------------------------------------------------------------------------
+
+def test_scan_feeds_ledger_in_slices_and_marks_vanished_files_gone(tmp_path):
+    root = make_tree(tmp_path / "data", {f"f{i:02d}.txt": "x" * i for i in range(7)})
+    ledger = Ledger(tmp_path / "ledger.db")
+    try:
+        scan = run_scan(ledger, root, step=3)
+        assert scan.files == 7 and scan.gone == 0
+        assert set(states(ledger).values()) == {"pending"}
+        size = dict(ledger.conn.execute("SELECT path_bytes, size FROM tasks"))
+        assert size[b"f05.txt"] == 5
+        (root / "f03.txt").unlink()
+        (root / "f04.txt").write_text("changed")
+        scan = run_scan(ledger, root, step=2)
+        assert scan.files == 6 and scan.gone == 1
+        assert states(ledger)[b"f03.txt"] == "gone"
+        assert dict(ledger.conn.execute("SELECT path_bytes, size FROM tasks"))[b"f04.txt"] == 7
+    finally:
+        ledger.close()
+
+
+def test_scan_of_empty_tree_finishes(tmp_path):
+    (tmp_path / "data").mkdir()
+    ledger = Ledger(tmp_path / "ledger.db")
+    try:
+        scan = run_scan(ledger, tmp_path / "data")
+        assert scan.files == 0 and ledger.counts()["pending"] == 0
+    finally:
+        ledger.close()
+
+
+# -- unreadable folders -------------------------------------------------------------------------
+
+def unreadable_scenario(base: str) -> dict:
+    """Scan a tree, lock one folder (chmod 000), scan again; report what happened."""
+    base_path = Path(base)
+    root = make_tree(base_path / "data", {"a.txt": "a", "locked/x.txt": "x", "locked/y/z.txt": "z",
+                                          "gone.txt": "g", "locked_sibling.txt": "s", "locked_old.txt": "o"})
+    ledger = Ledger(base_path / "ledger.db")
+    try:
+        run_scan(ledger, root)
+        (root / "gone.txt").unlink()
+        (root / "locked_old.txt").unlink()  # shares the prefix "locked", not the folder
+        os.chmod(root / "locked", 0)
+        try:
+            readable = os.access(root / "locked", os.R_OK)
+            walked, walk_reports, unreadable = collect(root)
+            scan = run_scan(ledger, root)
+        finally:
+            os.chmod(root / "locked", 0o755)
+        return {
+            "readable_after_chmod": readable,
+            "walked": [p.decode() for p in walked],
+            "walk_reports": [[p.decode(), r] for p, r in walk_reports],
+            "unreadable": [p.decode() for p in unreadable],
+            "scan_reports": [p.decode() for p, _ in scan.reports],
+            "gone": scan.gone,
+            "states": {k.decode(): v for k, v in states(ledger).items()},
+        }
+    finally:
+        ledger.close()
+
+
+def _drop_dac_capabilities() -> None:
+    """In a child of root: lose the power to read any file regardless of its mode."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_unreadable_folder_is_reported_and_its_tasks_are_not_marked_gone(tmp_path):
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    os.chmod(probe, 0)
+    as_root = os.access(probe, os.R_OK)
+    os.chmod(probe, 0o755)
+    if not as_root:
+        outcome = unreadable_scenario(str(tmp_path))
+    else:
+        # Root reads anything: run the scenario in a child without DAC override.
+        script = ("import json, sys, test_scanner; "
+                  "print(json.dumps(test_scanner.unreadable_scenario(sys.argv[1])))")
+        try:
+            proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                                  timeout=60, preexec_fn=_drop_dac_capabilities,
+                                  cwd=Path(__file__).parent,
+                                  env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+        except subprocess.SubprocessError as exc:
+            pytest.skip(f"cannot drop root's DAC capabilities here: {exc}")
+        assert proc.returncode == 0, proc.stderr
+        outcome = json.loads(proc.stdout)
+    if outcome["readable_after_chmod"]:
+        pytest.skip("running with privileges that read a chmod 000 folder")
+    assert sorted(outcome["walked"]) == ["a.txt", "locked_sibling.txt"]
+    assert [p for p, _ in outcome["walk_reports"]] == ["locked"]
+    assert "cannot read" in outcome["walk_reports"][0][1]
+    assert outcome["unreadable"] == ["locked/"]
+    assert outcome["scan_reports"] == ["locked"]
+    assert outcome["gone"] == 2
+    assert outcome["states"] == {"a.txt": "pending", "locked/x.txt": "pending", "locked/y/z.txt": "pending",
+                                 "gone.txt": "gone", "locked_sibling.txt": "pending", "locked_old.txt": "gone"}
