@@ -137,6 +137,8 @@ def processing_options(func: Any) -> Any:
                      help="Accept another processor/version/params on an existing OUT and redo every task."),
         click.option("--batch-size", type=click.IntRange(1), envvar=_env("batch_size"),
                      help="Most tasks in one claimed batch and result file [default: adaptive, up to 512]."),
+        click.option("--chunk-size", callback=_size_option, metavar="SIZE", envvar=_env("chunk_size"),
+                     help="Split files larger than SIZE (e.g. 64MB) into line-aligned byte ranges, one task each."),
         click.option("--follow-symlinks", is_flag=True, envvar=_env("follow_symlinks"),
                      help="Follow symlinks (never outside DATA_DIR; loops are detected)."),
         click.option("--output", type=click.Path(path_type=Path, dir_okay=False), envvar=_env("output"),
@@ -231,7 +233,8 @@ def _run_options(data_dir: Path, kw: dict[str, Any]) -> Any:
         max_tasks_per_child=kw["max_tasks_per_child"], max_memory=kw["max_memory"], timeout=kw["timeout"],
         retries=kw["retries"], retry_delay=kw["retry_delay"], max_failures=kw["max_failures"],
         durable=kw["durable"], retry_failed=kw["retry_failed"], reprocess=kw["reprocess"],
-        batch_size=kw["batch_size"], follow_symlinks=kw["follow_symlinks"], output=kw["output"],
+        batch_size=kw["batch_size"], follow_symlinks=kw["follow_symlinks"], chunk_size=kw["chunk_size"],
+        output=kw["output"],
         merge=not kw["no_merge"],
     )
 

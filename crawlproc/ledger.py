@@ -61,7 +61,7 @@ ON CONFLICT (path_bytes, "offset") DO UPDATE SET
     state = CASE WHEN tasks.state = 'running' THEN 'running' ELSE 'pending' END,
     attempts = 0, error = NULL, traceback = NULL, not_before = 0
 WHERE tasks.size != excluded.size OR tasks.mtime_ns != excluded.mtime_ns
-   OR tasks.state = 'gone'
+   OR tasks.length IS NOT excluded.length OR tasks.state = 'gone'
 """
 
 # Claim: the first pending tasks in merge order, up to LIMIT and while the input
@@ -189,6 +189,8 @@ class Ledger:
                 "UPDATE tasks SET state = 'pending', attempts = 0, error = NULL, traceback = NULL, "
                 "not_before = 0 WHERE state != 'gone'"
             )
+            # Byte ranges are planned again by the next scan, under the new --chunk-size.
+            conn.execute('DELETE FROM tasks WHERE "offset" > 0')
         self.set_meta(wanted)
         return True
 
@@ -217,9 +219,21 @@ class Ledger:
         self.conn.execute("DELETE FROM temp.seen")
         self._track_seen = self.conn.execute("SELECT 1 FROM tasks LIMIT 1").fetchone() is not None
 
-    def upsert_scanned(self, conn: sqlite3.Connection, rows: list[tuple]) -> None:
-        """rows: (relpath, path_bytes, offset, length, size, mtime_ns); inside a transaction."""
+    def upsert_scanned(self, conn: sqlite3.Connection, rows: list[tuple], *, chunked: bool = False) -> None:
+        """rows: (relpath, path_bytes, offset, length, size, mtime_ns); inside a transaction.
+
+        With `chunked`, byte-range tasks past a file's new plan (it shrank, or no
+        longer needs chunks) become gone, so a changed file's chunks are planned anew.
+        """
         conn.executemany(_UPSERT, rows)
+        if chunked:
+            # A whole-file task owns offset 0 only; a chunked file owns offsets below its size.
+            plan_ends = {(r[1], 1 if r[3] is None else r[4]) for r in rows}
+            conn.executemany(
+                'UPDATE tasks SET state = \'gone\' WHERE path_bytes = ? AND "offset" >= ? '
+                "AND \"offset\" > 0 AND state != 'gone'",
+                plan_ends,
+            )
         if self._track_seen:
             conn.executemany("INSERT OR IGNORE INTO temp.seen VALUES (?)", ((r[1],) for r in rows))
 

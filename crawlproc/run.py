@@ -56,6 +56,7 @@ class RunOptions:
     reprocess: bool = False
     batch_size: int | None = None
     follow_symlinks: bool = False
+    chunk_size: int | None = None
     output: Path | None = None
     merge: bool = True
 
@@ -96,6 +97,7 @@ def run_identity(options: RunOptions, processor: Processor) -> dict[str, Any]:
         "processor": normalise_spec(options.processor),
         "processor_version": processor.version,
         "params": dict(sorted(options.params.items())),
+        "chunk_size": options.chunk_size,
     }
 
 
@@ -227,7 +229,7 @@ def scan_options(options: RunOptions) -> ScanOptions:
     out_id = dir_id(options.out)
     return ScanOptions(
         include=options.include, exclude=options.exclude, follow_symlinks=options.follow_symlinks,
-        skip_dirs=frozenset({out_id} if out_id else ()),
+        skip_dirs=frozenset({out_id} if out_id else ()), chunk_size=options.chunk_size,
     )
 
 

@@ -39,6 +39,7 @@ class ScanOptions:
     exclude: Sequence[str] = ()
     follow_symlinks: bool = False
     skip_dirs: frozenset[tuple[int, int]] = field(default_factory=frozenset)  # (st_dev, st_ino), e.g. OUT
+    chunk_size: int | None = None  # files larger than this become byte-range tasks
 
 
 class PathFilter:
@@ -211,9 +212,20 @@ def dir_id(path: str | bytes) -> tuple[int, int] | None:
         return None
 
 
-def task_rows(entry: FileEntry) -> list[tuple]:
-    """The ledger rows (relpath, path_bytes, offset, length, size, mtime_ns) of one file."""
-    return [(relpath_for_people(entry.relpath), entry.relpath, 0, None, entry.size, entry.mtime_ns)]
+def task_rows(entry: FileEntry, chunk_size: int | None = None) -> list[tuple]:
+    """The ledger rows (relpath, path_bytes, offset, length, size, mtime_ns) of one file.
+
+    A file larger than `chunk_size` becomes one task per byte range; each range
+    owns the lines that start inside it (see Task.lines), so ranges need not
+    fall on line boundaries.
+    """
+    people = relpath_for_people(entry.relpath)
+    if not chunk_size or entry.size <= chunk_size:
+        return [(people, entry.relpath, 0, None, entry.size, entry.mtime_ns)]
+    return [
+        (people, entry.relpath, offset, min(chunk_size, entry.size - offset), entry.size, entry.mtime_ns)
+        for offset in range(0, entry.size, chunk_size)
+    ]
 
 
 class Scan:
@@ -240,6 +252,7 @@ class Scan:
         self._unreadable: list[bytes] = []
         self._entries = walk(root, options, on_skip, self._unreadable, start)
         self.full = not start
+        self._chunk_size = options.chunk_size
         self._hold_back = hold_back
         self.files = 0
         self.held = 0
@@ -273,12 +286,12 @@ class Scan:
             if self._hold_back is not None and self._hold_back(entry):
                 held.append(entry.relpath)
             else:
-                rows.extend(task_rows(entry))
+                rows.extend(task_rows(entry, self._chunk_size))
             if count >= max_files:
                 break
         if rows or held:
             with self._ledger.transaction() as conn:
-                self._ledger.upsert_scanned(conn, rows)
+                self._ledger.upsert_scanned(conn, rows, chunked=bool(self._chunk_size))
                 self._ledger.mark_seen(conn, held)
         self.files += count - len(held)
         self.held += len(held)

@@ -17,6 +17,7 @@ overflow triggers one at once.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
 import os
@@ -111,8 +112,8 @@ class Watcher:
         self.out_prefix = out_relpath + b"/" if out_relpath else None
         self.on_skip = on_skip
         self.monotonic, self.wall = monotonic, wall
-        self.scan_options = ScanOptions(scan_options.include, tuple(scan_options.exclude) + TEMP_NAME_PATTERNS,
-                                        scan_options.follow_symlinks, scan_options.skip_dirs)
+        self.scan_options = dataclasses.replace(
+            scan_options, exclude=tuple(scan_options.exclude) + TEMP_NAME_PATTERNS)
         self.paths = PathFilter(self.scan_options.include, self.scan_options.exclude)
         self.files = 0
         self.stats: dict[str, Any] = {"watching_since": wall(), "last_event": None, "events": 0, "rescans": 0}
@@ -269,10 +270,10 @@ class Watcher:
             entry = self._settled_entry(relpath, candidate, now)
             if entry is not None:
                 del self._candidates[relpath]
-                rows.extend(task_rows(entry))
+                rows.extend(task_rows(entry, self.scan_options.chunk_size))
         if rows:
             with self.ledger.transaction() as conn:
-                self.ledger.upsert_scanned(conn, rows)
+                self.ledger.upsert_scanned(conn, rows, chunked=bool(self.scan_options.chunk_size))
         return len(rows)
 
     def _settled_entry(self, relpath: bytes, candidate: _Candidate, now: float) -> FileEntry | None:

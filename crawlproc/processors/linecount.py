@@ -28,8 +28,10 @@ def linecount(task: Task) -> dict:
 @linecount.reducer
 def totals(records: Iterable[dict]) -> dict:
     files = lines = words = size = 0
-    for record in records:
-        files += 1
+    previous = None
+    for record in records:  # in merge order: the chunks of a file are adjacent
+        files += record["path"] != previous
+        previous = record["path"]
         lines += record["lines"]
         words += record["words"]
         size += record["bytes"]
