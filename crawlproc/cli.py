@@ -51,6 +51,11 @@ class CrawlprocGroup(click.Group):
             _fail(f"crawlproc: the ledger cannot be used ({exc}); is OUT/ledger.db damaged?", 2)
         except OSError as exc:
             _fail(f"crawlproc: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", 1)
+        except Exception as exc:
+            if os.environ.get("CRAWLPROC_DEBUG"):
+                raise
+            _fail(f"crawlproc: internal error: {exc!r} (set CRAWLPROC_DEBUG=1 for the traceback; "
+                  "the run can be resumed)", 1)
         sys.exit(code or 0)
 
 
@@ -95,6 +100,21 @@ def _failures_option(ctx: click.Context, param: click.Parameter, value: str | No
 
 def _env(name: str) -> str:
     return f"CRAWLPROC_{name.upper()}"
+
+
+def _check_format(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if value == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise click.BadParameter("parquet output needs pyarrow: pip install 'crawlproc[parquet]'") from None
+    return value
+
+
+def format_option(func: Any) -> Any:
+    return click.option("--format", "output_format", type=click.Choice(["jsonl", "csv", "parquet"]),
+                        default="jsonl", show_default=True, envvar=_env("format"), callback=_check_format,
+                        help="Merged output format (OUT/merged.<format> unless --output).")(func)
 
 
 def out_option(func: Any) -> Any:
@@ -143,8 +163,7 @@ def processing_options(func: Any) -> Any:
                      help="Follow symlinks (never outside DATA_DIR; loops are detected)."),
         click.option("--output", type=click.Path(path_type=Path, dir_okay=False), envvar=_env("output"),
                      help="Merged output file [default: OUT/merged.jsonl]."),
-        click.option("--format", "output_format", type=click.Choice(["jsonl"]), default="jsonl",
-                     show_default=True, envvar=_env("format"), help="Merged output format."),
+        format_option,
         click.option("--no-merge", is_flag=True, envvar=_env("no_merge"), help="Skip the finalizer."),
         click.option("--executor", type=click.Choice(["local", "dask"]), default="local", show_default=True,
                      envvar=_env("executor"), help="Where tasks run."),
@@ -234,7 +253,7 @@ def _run_options(data_dir: Path, kw: dict[str, Any]) -> Any:
         retries=kw["retries"], retry_delay=kw["retry_delay"], max_failures=kw["max_failures"],
         durable=kw["durable"], retry_failed=kw["retry_failed"], reprocess=kw["reprocess"],
         batch_size=kw["batch_size"], follow_symlinks=kw["follow_symlinks"], chunk_size=kw["chunk_size"],
-        output=kw["output"],
+        output=kw["output"], output_format=kw["output_format"],
         merge=not kw["no_merge"],
     )
 
@@ -300,11 +319,12 @@ def retry(out: Path, which: str, paths: tuple[str, ...]) -> None:
 @cli.command()
 @out_option
 @click.option("--output", type=click.Path(path_type=Path, dir_okay=False), help="Merged output file.")
-def merge(out: Path, output: Path | None) -> None:
+@format_option
+def merge(out: Path, output: Path | None, output_format: str) -> None:
     """Run the finalizer alone: merged output and summary.json from the done results."""
     from crawlproc.report import merge_only
 
-    summary, damaged = merge_only(out, output)
+    summary, damaged = merge_only(out, output, output_format)
     click.echo(f"merged {summary['counts']['done']} done tasks into {summary['merged_output']}", err=True)
     if damaged:
         click.echo(f"{damaged} tasks had a missing or damaged result and went back to pending; "

@@ -1,7 +1,8 @@
 """The finalizer: done tasks' records, in (relpath, offset) order, into one output + summary.
 
     ledger (done, ORDER BY path_bytes, offset) ──> result file ranges, crc-checked
-        ──> temp file ──rename──> merged.jsonl ──reducer──> summary.json (temp + rename)
+        ──> temp JSON lines ──reducer──> (kept for summary.json)
+                  └──rename (jsonl) or convert (csv, parquet)──> --output
 
 Readers never see a half-written file. A done task whose range is missing or
 does not match its checksum goes back to pending: `run` processes it again
@@ -10,10 +11,11 @@ before it merges; `merge` alone reports it.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from itertools import islice
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,9 @@ from crawlproc.processors.base import Processor
 from crawlproc.results import ResultReader, checksum, write_atomic
 
 SUMMARY_NAME = "summary.json"
-MERGED_NAME = "merged.jsonl"
+
+
+FORMATS = ("jsonl", "csv", "parquet")
 
 
 @dataclass
@@ -34,6 +38,11 @@ class MergeOutcome:
     tasks: int = 0
     damaged: int = 0
     output: Path | None = None
+    reduced: Any = None
+
+
+def default_output(out: Path, fmt: str) -> Path:
+    return out / f"merged.{fmt}"
 
 
 def merge_results(
@@ -41,20 +50,38 @@ def merge_results(
     out: Path,
     output: Path,
     *,
+    fmt: str = "jsonl",
+    reducer: Callable[[Iterator[dict]], Any] | None = None,
     publish_if_damaged: bool = True,
 ) -> MergeOutcome:
-    """Copy every done task's records into `output`, atomically.
+    """Copy every done task's records into `output`, atomically, and reduce them.
 
     Damaged tasks are requeued; with `publish_if_damaged=False` nothing is
     published in that case, so the caller can redo them and merge again.
     """
     output.parent.mkdir(parents=True, exist_ok=True)
-    temp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    temp = output.with_name(f".{output.name}.{os.getpid()}.jsonl.tmp")
+    try:
+        written, tasks, damaged = _copy_done_ranges(ledger, out, temp)
+        if damaged:
+            ledger.requeue_damaged(damaged, "result file missing or damaged; processed again")
+            if not publish_if_damaged:
+                return MergeOutcome(False, written, tasks, len(damaged))
+        reduced = reducer(iter_records(temp)) if reducer is not None else None
+        _publish(temp, output, fmt)
+    finally:
+        if temp.exists():
+            os.unlink(temp)
+    return MergeOutcome(True, written, tasks, len(damaged), output, reduced)
+
+
+def _copy_done_ranges(ledger: Ledger, out: Path, sink_path: Path) -> tuple[int, int, list[int]]:
+    """Append each done task's crc-checked records to `sink_path`; (bytes, tasks, damaged ids)."""
     reader = ResultReader(out)
     damaged: list[int] = []
     tasks = written = 0
     try:
-        with open(temp, "wb", buffering=1 << 20) as sink:
+        with open(sink_path, "wb", buffering=1 << 20) as sink:
             for task_id, _, _, batch_id, offset, length, crc in ledger.done_in_merge_order():
                 data = reader.read(batch_id, offset, length) if length else b""
                 if data is None or checksum(data) != crc:
@@ -65,13 +92,50 @@ def merge_results(
                 tasks += 1
     finally:
         reader.close()
-    if damaged:
-        ledger.requeue_damaged(damaged, "result file missing or damaged; processed again")
-        if not publish_if_damaged:
+    return written, tasks, damaged
+
+
+def _publish(merged_jsonl: Path, output: Path, fmt: str) -> None:
+    """Put the merged records at `output` in `fmt`, atomically (temp in the same folder, rename)."""
+    if fmt == "jsonl":
+        os.replace(merged_jsonl, output)
+        return
+    temp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    try:
+        (_write_csv if fmt == "csv" else _write_parquet)(merged_jsonl, temp)
+        os.replace(temp, output)
+    finally:
+        if temp.exists():
             os.unlink(temp)
-            return MergeOutcome(False, written, tasks, len(damaged))
-    os.replace(temp, output)
-    return MergeOutcome(True, written, tasks, len(damaged), output)
+
+
+def _write_csv(merged_jsonl: Path, target: Path) -> None:
+    """Columns: the union of record keys in first-seen order; nested values as JSON text."""
+    columns: dict[str, None] = {}
+    for record in iter_records(merged_jsonl):
+        columns.update(dict.fromkeys(record))
+    # Names that are not UTF-8 come back from JSON as lone surrogates: write them escaped.
+    with open(target, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        for record in iter_records(merged_jsonl):
+            writer.writerow({k: _csv_cell(v) for k, v in record.items()})
+
+
+def _csv_cell(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, (dict, list)) else value
+
+
+def _write_parquet(merged_jsonl: Path, target: Path) -> None:
+    import pyarrow.json as pa_json
+    import pyarrow.parquet as pq
+
+    if merged_jsonl.stat().st_size == 0:
+        import pyarrow as pa
+
+        pq.write_table(pa.table({}), target)
+        return
+    pq.write_table(pa_json.read_json(merged_jsonl), target)
 
 
 def iter_records(path: Path, block: int = 4096) -> Iterator[dict]:
@@ -102,8 +166,8 @@ def write_summary(
         "timings": dict(timings),
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    if processor.reduce is not None and merged and merged.output:
-        summary["reduced"] = processor.reduce(iter_records(merged.output))
+    if processor.reduce is not None and merged is not None:
+        summary["reduced"] = merged.reduced
     text = json.dumps(summary, indent=2, sort_keys=False, default=str) + "\n"
     write_atomic(out / SUMMARY_NAME, text.encode())
     return summary

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from crawlproc.errors import UsageError
-from crawlproc.finalize import MERGED_NAME, merge_results, write_summary
+from crawlproc.finalize import default_output, merge_results, write_summary
 from crawlproc.ledger import Ledger
 from crawlproc.lock import LOCK_NAME, OutLock
 from crawlproc.results import remove_temp_files, remove_unreferenced
@@ -133,7 +133,7 @@ def retry_tasks(out: Path, *, include_done: bool, relpaths: tuple[str, ...]) -> 
             ledger.close()
 
 
-def merge_only(out: Path, output: Path | None) -> tuple[dict[str, Any], int]:
+def merge_only(out: Path, output: Path | None, fmt: str = "jsonl") -> tuple[dict[str, Any], int]:
     """The finalizer alone; damaged results are requeued and reported, not redone."""
     from crawlproc.processors.base import load
 
@@ -144,7 +144,8 @@ def merge_only(out: Path, output: Path | None) -> tuple[dict[str, Any], int]:
             meta = ledger.meta()
             processor = load(meta["processor"])
             remove_temp_files(out)
-            merged = merge_results(ledger, out, output or out / MERGED_NAME)
+            merged = merge_results(ledger, out, output or default_output(out, fmt), fmt=fmt,
+                                   reducer=processor.reduce)
             remove_unreferenced(out, ledger.live_batch_ids())
             identity = {k: meta.get(k) for k in ("processor", "processor_version")}
             identity["params"] = json.loads(meta.get("params", "{}"))

@@ -23,7 +23,7 @@ from loguru import logger
 
 from crawlproc import logs
 from crawlproc.errors import UsageError
-from crawlproc.finalize import MERGED_NAME, MergeOutcome, merge_results, write_summary
+from crawlproc.finalize import MergeOutcome, default_output, merge_results, write_summary
 from crawlproc.ledger import Ledger
 from crawlproc.lock import OutLock
 from crawlproc.pool import PoolOptions, PoolResult, WorkerPool
@@ -58,6 +58,7 @@ class RunOptions:
     follow_symlinks: bool = False
     chunk_size: int | None = None
     output: Path | None = None
+    output_format: str = "jsonl"
     merge: bool = True
 
 
@@ -193,7 +194,7 @@ class _PeriodicMerge:
 
     def merge(self) -> MergeOutcome:
         """Publish what is done now; damaged results go back to pending for the pool."""
-        merged = merge_results(self.job.ledger, self.job.options.out, _output_path(self.job.options))
+        merged = _merge(self.job)
         if merged.damaged and self.pool is not None:
             self.pool.poke()
         write_summary(self.job.options.out, self.job.ledger, self.job.processor, self.job.identity, merged,
@@ -251,8 +252,12 @@ def make_pool(job: _Job, on_progress: Callable[[dict], None] | None, **hooks: An
     return WorkerPool(job.ledger, config, pool_options, run_id=job.run_id, on_progress=on_progress, **hooks)
 
 
-def _output_path(options: RunOptions) -> Path:
-    return options.output or options.out / MERGED_NAME
+def _merge(job: _Job, *, publish_if_damaged: bool = True) -> MergeOutcome:
+    options = job.options
+    return merge_results(
+        job.ledger, options.out, options.output or default_output(options.out, options.output_format),
+        fmt=options.output_format, reducer=job.processor.reduce, publish_if_damaged=publish_if_damaged,
+    )
 
 
 def _relpath_inside(path: Path, root: Path) -> bytes | None:
@@ -270,7 +275,7 @@ def _merge_until_clean(job: _Job, pool_result: PoolResult, on_progress) -> tuple
     for _ in range(MAX_MERGE_ROUNDS):
         if pool_result.stop_reason is not None:
             break  # interrupted or over budget: publish what is done, redo nothing now
-        merged = merge_results(ledger, options.out, _output_path(options), publish_if_damaged=False)
+        merged = _merge(job, publish_if_damaged=False)
         if merged.published:
             break
         logger.warning("{} done tasks had a missing or damaged result; processing them again", merged.damaged)
@@ -279,7 +284,7 @@ def _merge_until_clean(job: _Job, pool_result: PoolResult, on_progress) -> tuple
         pool_result.failed += again.failed
         pool_result.stop_reason, pool_result.message = again.stop_reason, again.message
     if merged is None or not merged.published:
-        merged = merge_results(ledger, options.out, _output_path(options))
+        merged = _merge(job)
     remove_unreferenced(options.out, ledger.live_batch_ids())
     return merged, pool_result
 

@@ -14,7 +14,7 @@ otherwise returns an ordinary record, so one tree can hold both kinds:
     sysexit*        raises SystemExit(5)
     unserialisable* returns a record that is not JSON
     deleter*        deletes the file of the same folder named by its content
-    slow*           sleeps 0.2 s
+    slow*           sleeps 0.2 s ($CRASHY_SLOW_SECONDS)
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ import sys
 import time
 
 LEAK_BYTES = 300 << 20
-SLOW_SECONDS = 0.2
+# How long `slow` takes per file; from the environment, which is not part of a run's
+# identity, so a test can make the clean reference run (or a resume) fast.
+SLOW_SECONDS = float(os.environ.get("CRASHY_SLOW_SECONDS", "0.2"))
 
 _leaked: list[bytearray] = []  # what `leak*` files keep alive: the worker's RSS only grows
 
@@ -70,7 +72,7 @@ def crashy(task) -> dict:
 
 
 def slow(task) -> dict:
-    """Every file takes 0.2 s: runs last long enough to be interrupted."""
+    """Every file takes 0.2 s ($CRASHY_SLOW_SECONDS): runs last long enough to be interrupted."""
     time.sleep(SLOW_SECONDS)
     return _record(task)
 
