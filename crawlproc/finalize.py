@@ -127,15 +127,27 @@ def _csv_cell(value: Any) -> Any:
 
 
 def _write_parquet(merged_jsonl: Path, target: Path) -> None:
-    import pyarrow.json as pa_json
+    """One Parquet table; schema inferred by pyarrow (the records are held in memory)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if merged_jsonl.stat().st_size == 0:
-        import pyarrow as pa
+    records = [_valid_utf8(record) for record in iter_records(merged_jsonl)]
+    pq.write_table(pa.Table.from_pylist(records), target)
 
-        pq.write_table(pa.table({}), target)
-        return
-    pq.write_table(pa_json.read_json(merged_jsonl), target)
+
+def _valid_utf8(value: Any) -> Any:
+    """Lone surrogates (from non-UTF-8 names) written as \\udcXX, as Arrow strings must be UTF-8."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_valid_utf8(k): _valid_utf8(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_valid_utf8(v) for v in value]
+    return value
 
 
 def iter_records(path: Path, block: int = 4096) -> Iterator[dict]:
