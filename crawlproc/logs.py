@@ -35,7 +35,10 @@ def setup_stderr(verbose: int, quiet: bool, json_lines: bool) -> None:
 def add_file_sink(out: Path) -> None:
     global _file_sink
     if _file_sink is not None:
-        logger.remove(_file_sink)
+        try:
+            logger.remove(_file_sink)
+        except ValueError:
+            pass  # already removed by setup_stderr(), which starts from no handlers
     (out / LOG_DIR).mkdir(parents=True, exist_ok=True)
     _file_sink = logger.add(
         out / LOG_DIR / LOG_NAME, level="DEBUG", format=_FILE_FORMAT,

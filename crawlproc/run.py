@@ -215,8 +215,20 @@ def _timings(job: _Job, pool_result: PoolResult) -> dict[str, Any]:
         "started": job.wall_started, "elapsed_s": round(elapsed, 3),
         "tasks_done_this_run": pool_result.done,
         "files_per_s": round(pool_result.done / elapsed, 1) if elapsed > 0 else None,
-        "coordinator_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "coordinator_peak_rss_bytes": peak_rss_bytes(),
     }
+
+
+def peak_rss_bytes() -> int:
+    """This process's own peak RSS. (ru_maxrss can carry the peak of the process that started us.)"""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _recover(out: Path, ledger: Ledger) -> None:

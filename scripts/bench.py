@@ -1,6 +1,6 @@
 """Benchmark crawlproc against a bare multiprocessing pool and GNU parallel.
 
-Usage: scripts/bench [WORKLOAD ...] [--workers 2] [--quick]   (default: tiny typical)
+Usage: scripts/bench [WORKLOAD ...] [--workers 2] [--quick] [--repeat N]   (default: tiny typical)
 
 Workloads (inputs are generated once, seeded, outside the repo under
 $CRAWLPROC_BENCH_DIR or <tmp>/crawlproc-bench, and reused while a marker file
@@ -17,6 +17,8 @@ says they are complete with the same parameters):
            (target < 150 MB). Run only when named.
 
 --quick shrinks every workload 10x (a smoke check, not a measurement).
+--repeat N runs the bare baseline and crawlproc's first run N times each (new
+outputs every time) and reports the median: use it on a busy machine.
 
 What is measured, per workload, as wall-clock time of a subprocess
 (time.perf_counter around it, with a timeout), after every input file has been

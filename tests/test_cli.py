@@ -328,3 +328,13 @@ def test_quiet_run_prints_nothing(data, tmp_path):
     result = invoke("run", str(data), "-o", str(tmp_path / "out"), "-w", "1", "-q")
     assert result.exit_code == 0
     assert result.stdout == "" and result.stderr == ""
+
+
+def test_two_runs_in_one_process(data, tmp_path):
+    """The CLI entry point called twice in one process (a notebook, a test, an embedding program)."""
+    out = tmp_path / "out"
+    first = invoke("run", str(data), "-o", str(out), "-w", "1", "--no-progress")
+    assert first.exit_code == 0, first.stderr
+    second = invoke("run", str(data), "-o", str(out), "-w", "1", "--no-progress")
+    assert second.exit_code == 0, second.stderr
+    assert "0 processed this run" in second.stderr
