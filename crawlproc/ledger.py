@@ -71,8 +71,9 @@ UPDATE tasks SET state = 'running' WHERE id IN (
     SELECT id FROM (
         SELECT id, sum(coalesce(length, size)) OVER (ORDER BY path_bytes, "offset"
                ROWS UNBOUNDED PRECEDING) - coalesce(length, size) AS before
-        FROM tasks WHERE state = 'pending' AND not_before <= ?1
-        ORDER BY path_bytes, "offset" LIMIT ?2)
+        FROM (SELECT id, path_bytes, "offset", length, size FROM tasks
+              WHERE state = 'pending' AND not_before <= ?1
+              ORDER BY path_bytes, "offset" LIMIT ?2))
     WHERE before < ?3)
 RETURNING id, path_bytes, "offset", length, size, mtime_ns, attempts
 """

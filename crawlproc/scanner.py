@@ -16,7 +16,7 @@ import re
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from crawlproc.task import relpath_for_people
 
@@ -26,8 +26,7 @@ if TYPE_CHECKING:
 SkipReporter = Callable[[bytes, str], None]
 
 
-@dataclass(frozen=True, slots=True)
-class FileEntry:
+class FileEntry(NamedTuple):  # a tuple: the walk makes one per file
     relpath: bytes  # POSIX, relative to DATA_DIR, exact bytes
     size: int
     mtime_ns: int

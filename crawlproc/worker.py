@@ -152,7 +152,7 @@ def encode_records(result: Any) -> bytes:
     """JSON lines for what a processor returned: a dict, an iterable of dicts, or None."""
     if result is None:
         return b""
-    if isinstance(result, Mapping):
+    if type(result) is dict or isinstance(result, Mapping):
         return _encode_one(result)
     if isinstance(result, (str, bytes)) or not hasattr(result, "__iter__"):
         raise TypeError(f"processor returned {type(result).__name__}; expected a dict, dicts, or None")
@@ -160,7 +160,7 @@ def encode_records(result: Any) -> bytes:
 
 
 def _encode_one(record: Any) -> bytes:
-    if not isinstance(record, Mapping):
+    if type(record) is not dict and not isinstance(record, Mapping):
         raise TypeError(f"processor yielded {type(record).__name__}; each record must be a dict")
     try:
         return (_ENCODER.encode(record) + "\n").encode()

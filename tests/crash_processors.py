@@ -15,6 +15,7 @@ otherwise returns an ordinary record, so one tree can hold both kinds:
     unserialisable* returns a record that is not JSON
     deleter*        deletes the file of the same folder named by its content
     slow*           sleeps 0.2 s ($CRASHY_SLOW_SECONDS)
+    late-*          sleeps like slow, then acts on the rest of the name (late-raise.bin)
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def _record(task) -> dict:
 
 def crashy(task) -> dict:
     name = os.path.basename(task.relpath)
+    if name.startswith("late-"):
+        time.sleep(SLOW_SECONDS)
+        name = name[len("late-"):]
     if name.startswith("segfault"):
         ctypes.string_at(0)
     elif name.startswith("exit"):

@@ -295,6 +295,24 @@ def test_crash_fails_only_its_task_after_retries(tmp_path, name):
     assert CRASHES[name] in failed[0]["error"]
 
 
+@pytest.mark.parametrize("name", ["raise.bin", "sysexit.bin", "unserialisable.bin"])
+def test_retry_due_at_once_is_not_forgotten(tmp_path, name):
+    """--retry-delay 0: a failed attempt is due again at once; the run must not end with it pending.
+
+    The failing task comes last and takes 0.2 s, so its report arrives after the pool
+    last found nothing to claim (the tail of every run looks like this).
+    """
+    files = {**{f"a/slow{i}": "y\n" for i in range(4)}, f"z/late-{name}": "x\n"}
+    data = make_tree(tmp_path / "data", files)
+    out = tmp_path / "out"
+    result = crawl(data, out, "-p", CRASHY, "-w", "1", "--retries", "1", "--retry-delay", "0",
+                   env={"CRASHY_SLOW_SECONDS": "0.2"})
+    row = task_row(out, f"z/late-{name}")
+    assert (row["state"], row["attempts"]) == ("failed", 2), row
+    assert result.returncode == 1, result.stderr
+    assert_each_once(out, {f"a/slow{i}" for i in range(4)})
+
+
 def test_many_crashing_tasks_in_a_row_fail_only_themselves(tmp_path):
     """Twenty inputs that each segfault their worker: twenty failed tasks, not an aborted run."""
     files = {**{f"segfault{i:02d}": "x\n" for i in range(20)}, **plain_files("z", 10)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -245,7 +246,7 @@ def test_processor_file_with_reducer_and_version_bump(data, tmp_path):
     # A relative path, from another working directory.
     ok(crawl(data, out, "-w", "2", "-p", "procs/words.py:words", cwd=tmp_path))
     assert [r["path"] for r in records(out)] == sorted(TREE)
-    assert summary(out)["reduced"] == {"words": 11}
+    assert summary(out)["reduced"] == {"words": 9}
     assert summary(out)["processor_version"] == "1"
     ok(crawl(data, out, "-w", "1", "-p", f"{source}:words"))  # the same file, named absolutely
     assert summary(out)["timings"]["tasks_done_this_run"] == 0
@@ -290,14 +291,17 @@ def test_raising_processor_fails_only_its_task(picky_data, picky, tmp_path):
     assert [(f["relpath"], f["offset"], f["attempts"]) for f in listed] == [("bad.txt", 0, 1)]
     assert "picky cannot read" in listed[0]["error"] and "Traceback" in listed[0]["traceback"]
     assert summary(out)["counts"]["failed"] == 1
+    # The log names the process and the task on each line about it.
+    log_lines = [line for line in (out / "logs" / "crawlproc.log").read_text().splitlines() if "bad.txt" in line]
+    assert log_lines
+    assert all(re.search(rf"pid=\d+ task={bad['id']}\b", line) for line in log_lines), log_lines
 
 
 def test_default_retries_make_three_attempts(picky_data, picky, tmp_path):
     out = tmp_path / "out"
     result = crawl(picky_data, out, "-w", "1", "-p", picky, "--retry-delay", "0", env={"PICKY_FAIL": "1"})
     assert result.returncode == 1, result.stderr
-    assert tasks(out)["bad.txt"]["attempts"] == 3
-    assert tasks(out)["bad.txt"]["state"] == "failed"
+    assert (tasks(out)["bad.txt"]["state"], tasks(out)["bad.txt"]["attempts"]) == ("failed", 3)
     assert tasks(out)["a.txt"]["attempts"] == 1
 
 
@@ -306,7 +310,18 @@ def test_retries_option_counts_attempts(picky_data, picky, tmp_path):
     result = crawl(picky_data, out, "-w", "1", "-p", picky, "--retries", "4", "--retry-delay", "0",
                    env={"PICKY_FAIL": "1"})
     assert result.returncode == 1
-    assert tasks(out)["bad.txt"]["attempts"] == 5
+    assert (tasks(out)["bad.txt"]["state"], tasks(out)["bad.txt"]["attempts"]) == ("failed", 5)
+
+
+def test_zero_retry_delay_retries_every_task_until_it_fails(tmp_path, picky):
+    data = make_tree(tmp_path / "data", {f"bad{i}.txt": f"{i}\n" for i in range(4)} | {"good.txt": "g\n"})
+    out = tmp_path / "out"
+    result = crawl(data, out, "-w", "2", "-p", picky, "--retries", "6", "--retry-delay", "0",
+                   env={"PICKY_FAIL": "1"})
+    assert result.returncode == 1, result.stderr
+    rows = tasks(out)
+    assert {k: (v["state"], v["attempts"]) for k, v in rows.items()} == \
+        {**{f"bad{i}.txt": ("failed", 7) for i in range(4)}, "good.txt": ("done", 1)}
 
 
 def test_plain_rerun_leaves_failed_and_retry_failed_reruns_them(picky_data, picky, tmp_path):
@@ -482,8 +497,7 @@ def test_out_layout(data, tmp_path):
     out = tmp_path / "out"
     ok(crawl(data, out, "-w", "1"))
     assert (out / "ledger.db").is_file() and (out / "summary.json").is_file()
-    log = (out / "logs" / "crawlproc.log").read_text()
-    assert f"pid=" in log
+    assert (out / "logs" / "crawlproc.log").is_file()
     for path in _result_files(out):
         assert path.parent.parent == out / "results"
 
