@@ -358,12 +358,13 @@ class Ledger:
             counts[state] = n
         return counts
 
-    def waiting_retry(self, now: float) -> tuple[int, float | None]:
-        """Pending tasks held back by a retry delay, and the soonest time one is due."""
-        n, soonest = self.conn.execute(
-            "SELECT count(*), min(not_before) FROM tasks WHERE state = 'pending' AND not_before > ?", (now,)
-        ).fetchone()
-        return n, soonest
+    def pending_outlook(self, now: float) -> tuple[bool, float | None]:
+        """(is any pending task claimable now, the soonest retry time of those that are not)."""
+        ready = self.has_claimable(self.conn, now)
+        soonest = self.conn.execute(
+            "SELECT min(not_before) FROM tasks WHERE state = 'pending' AND not_before > ?", (now,)
+        ).fetchone()[0]
+        return ready, soonest
 
     def failures(self) -> list[dict[str, Any]]:
         rows = self.conn.execute(

@@ -182,9 +182,12 @@ class WorkerPool:
             return True
         if self._feeding or self._claimable:
             return False
-        waiting, soonest = self.ledger.waiting_retry(self.now())
+        ready, soonest = self.ledger.pending_outlook(self.now())
+        if ready:  # a retry came due, or tasks were handed back, since the last claim
+            self._claimable = True
+            return False
         self._retry_due = soonest
-        return waiting == 0
+        return soonest is None
 
     def _feed(self) -> None:
         if self.source.step(SCAN_SLICE):

@@ -261,7 +261,8 @@ def test_claim_skips_tasks_whose_not_before_is_in_the_future(ledger):
     with ledger.transaction() as conn:
         assert not ledger.has_claimable(conn, now)
         assert ledger.has_claimable(conn, now + 101)
-    assert ledger.waiting_retry(now) == (1, pytest.approx(now + 100))
+    assert ledger.pending_outlook(now) == (False, pytest.approx(now + 100))
+    assert ledger.pending_outlook(now + 101) == (True, None)
     again = claim(ledger, now=now + 101)
     assert claimed_names(again) == [b"a"]
     assert again[0][6] == 1  # attempts so far
