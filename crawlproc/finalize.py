@@ -23,9 +23,10 @@ from typing import Any
 
 from crawlproc.ledger import Ledger
 from crawlproc.processors.base import Processor
-from crawlproc.results import ResultReader, checksum, write_atomic
+from crawlproc.results import ResultReader, checksum, result_path, write_atomic
 
 SUMMARY_NAME = "summary.json"
+LAST_MERGE_KEY = "last_merge"
 
 
 FORMATS = ("jsonl", "csv", "parquet")
@@ -39,6 +40,7 @@ class MergeOutcome:
     damaged: int = 0
     output: Path | None = None
     reduced: Any = None
+    unchanged: bool = False  # nothing changed since the last merge: the output was kept
 
 
 def default_output(out: Path, fmt: str) -> Path:
@@ -53,12 +55,19 @@ def merge_results(
     fmt: str = "jsonl",
     reducer: Callable[[Iterator[dict]], Any] | None = None,
     publish_if_damaged: bool = True,
+    reuse_unchanged: bool = False,
 ) -> MergeOutcome:
     """Copy every done task's records into `output`, atomically, and reduce them.
 
     Damaged tasks are requeued; with `publish_if_damaged=False` nothing is
     published in that case, so the caller can redo them and merge again.
+    With `reuse_unchanged`, when nothing changed since the last merge into the
+    same `output` and its result files are all still there (size checked, not
+    checksums), the published output is kept as it is: a no-op rerun stays cheap.
     """
+    signature = [str(output), fmt, *ledger.done_signature()]
+    if reuse_unchanged and (previous := _previous_merge(ledger, output, signature, out)) is not None:
+        return previous
     output.parent.mkdir(parents=True, exist_ok=True)
     temp = output.with_name(f".{output.name}.{os.getpid()}.jsonl.tmp")
     try:
@@ -72,7 +81,43 @@ def merge_results(
     finally:
         if temp.exists():
             os.unlink(temp)
+    if not damaged:
+        _remember_merge(ledger, output, signature, reduced)
     return MergeOutcome(True, written, tasks, len(damaged), output, reduced)
+
+
+def _previous_merge(ledger: Ledger, output: Path, signature: list, out: Path) -> MergeOutcome | None:
+    """The last merge's outcome if it is still exactly what a new merge would publish."""
+    stored = ledger.meta().get(LAST_MERGE_KEY)
+    if stored is None:
+        return None
+    last = json.loads(stored)
+    try:
+        st = output.stat()
+    except FileNotFoundError:
+        return None
+    if last["signature"] != signature or last["output_stat"] != [st.st_size, st.st_mtime_ns]:
+        return None
+    if not _result_files_present(ledger, out):
+        return None  # a full merge finds which tasks lost their results, and requeues them
+    return MergeOutcome(True, st.st_size, signature[2], 0, output, last["reduced"], unchanged=True)
+
+
+def _remember_merge(ledger: Ledger, output: Path, signature: list, reduced: Any) -> None:
+    st = output.stat()
+    ledger.set_meta({LAST_MERGE_KEY: json.dumps(
+        {"signature": signature, "output_stat": [st.st_size, st.st_mtime_ns], "reduced": reduced}, default=str)})
+
+
+def _result_files_present(ledger: Ledger, out: Path) -> bool:
+    """Cheap check: every referenced result file exists and is long enough."""
+    for batch_id, needed in ledger.batch_extents():
+        try:
+            if result_path(out, batch_id).stat().st_size < needed:
+                return False
+        except FileNotFoundError:
+            return False
+    return True
 
 
 def _copy_done_ranges(ledger: Ledger, out: Path, sink_path: Path) -> tuple[int, int, list[int]]:

@@ -341,6 +341,20 @@ class Ledger:
         )
         return cursor  # plain tuples: this runs once per task
 
+    def done_signature(self) -> list:
+        """Changes whenever the set of done tasks or any of their results changes."""
+        return list(self.conn.execute(
+            "SELECT count(*), max(id), total(batch_id), total(finished_at), total(result_crc) "
+            "FROM tasks WHERE state = 'done'"
+        ).fetchone())
+
+    def batch_extents(self) -> list[tuple[int, int]]:
+        """(batch id, bytes its done tasks need) for every result file still referenced."""
+        return self.conn.execute(
+            "SELECT batch_id, max(result_offset + result_length) FROM tasks "
+            "WHERE state = 'done' AND result_length > 0 GROUP BY batch_id"
+        ).fetchall()
+
     def live_batch_ids(self) -> set[int]:
         return {r[0] for r in self.conn.execute("SELECT DISTINCT batch_id FROM tasks WHERE state = 'done'")}
 

@@ -269,6 +269,7 @@ def _merge(job: _Job, *, publish_if_damaged: bool = True) -> MergeOutcome:
     return merge_results(
         job.ledger, options.out, options.output or default_output(options.out, options.output_format),
         fmt=options.output_format, reducer=job.processor.reduce, publish_if_damaged=publish_if_damaged,
+        reuse_unchanged=True,
     )
 
 

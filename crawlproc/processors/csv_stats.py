@@ -122,8 +122,11 @@ def _convert(values: Sequence, kind: _Kind) -> tuple[list, list]:
     else:
         # All parse as float and one at least is not an integer literal. Integer
         # literals among them are exact as floats below 2**53.
-        if kind.clean(values, kind.bad_float) and -_EXACT < min(floats) and max(floats) < _EXACT:
-            return [], floats
+        if kind.clean(values, kind.bad_float):
+            if -_EXACT < min(floats) and max(floats) < _EXACT:
+                return [], floats
+            if math.isfinite(sum(floats)) and not any(map(kind.int, values)):
+                return [], floats  # large, but no integer literal that a float would round
         return _convert_slow(values, kind)
     if kind.empty in values:
         values = list(filter(None, values))
@@ -449,10 +452,10 @@ class _Stats:
                 break
             self._bad(first_line + reader.line_num - 1, f"csv: {error}")
         ncols = self.ncols
-        if set(map(len, rows)) - {ncols}:
+        if ncols == 0 or set(map(len, rows)) - {ncols}:
             good = []
             for i, row in enumerate(rows):
-                if len(row) == ncols:
+                if len(row) == ncols and ncols:
                     good.append(row)
                 elif row:  # [] is a blank line
                     line = None

@@ -1,0 +1,574 @@
+"""`crawlproc watch`, end to end: real files, real watchdog events, a real subprocess.
+
+Every test starts `python -m crawlproc watch DATA -o OUT` in the background and
+talks to it only through the file system: it writes, renames and deletes files
+under DATA, then polls the ledger (sqlite3 on OUT/ledger.db) or merged.jsonl
+until a deadline. Nothing sleeps where a poll can say when it is time; the
+sleeps left are part of what is tested (a slow writer pausing between pieces).
+Every process is killed in a `finally`, whatever happens.
+
+The processor (`record`, written into tmp_path) appends one line per call to
+$WATCH_TEST_LOG, so "processed once" is counted on the processor's calls, not
+guessed from the ledger; files named boom* raise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import make_tree, run_cli
+
+SETTLE = "0.5"
+MERGE_INTERVAL = "0.3"
+DEADLINE = 20.0  # seconds for any ordinary wait on the watcher
+STOP_TIMEOUT = 30.0  # a signalled watch must have exited by then
+BURST_FILES = 20_000
+BURST_DEADLINE = 90.0
+
+PROCESSOR_SOURCE = '''\
+"""Processor for tests/test_watch.py: a record per file, a log line per call."""
+import os
+import time
+
+from crawlproc import processor
+
+
+@processor(version="1")
+def record(task):
+    data = task.read_bytes()
+    delay = float(os.environ.get("WATCH_TEST_SLEEP", "0"))
+    if delay:
+        time.sleep(delay)
+    log = os.environ.get("WATCH_TEST_LOG")
+    if log:
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{task.relpath}\\t{len(data)}\\n".encode())
+        finally:
+            os.close(fd)
+    if os.path.basename(task.relpath).startswith("boom"):
+        raise ValueError(f"boom: {task.relpath}")
+    return {"path": task.relpath, "bytes": len(data), "head": data[:64].decode("utf-8", "replace")}
+'''
+
+
+# -- helpers ----------------------------------------------------------------------
+
+@pytest.fixture
+def proc_spec(tmp_path: Path) -> str:
+    path = tmp_path / "watch_processor.py"
+    path.write_text(PROCESSOR_SOURCE)
+    return f"{path}:record"
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> tuple[Path, Path]:
+    data = tmp_path / "data"
+    data.mkdir()
+    return data, tmp_path / "out"
+
+
+class Watch:
+    """A `crawlproc watch` subprocess; its stdout and stderr go to files in tmp_path."""
+
+    count = 0
+
+    def __init__(self, data: Path, out: Path, processor: str, *args: str, log: Path | None = None,
+                 sleep: float = 0.0, settle: str = SETTLE) -> None:
+        Watch.count += 1
+        self.out = out
+        self.log = log or out.parent / "calls.log"
+        self.stderr_path = out.parent / f"watch-{Watch.count}.stderr"
+        self.stdout_path = out.parent / f"watch-{Watch.count}.stdout"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "default",
+               "WATCH_TEST_LOG": str(self.log), "WATCH_TEST_SLEEP": str(sleep)}
+        cmd = [sys.executable, "-m", "crawlproc", "watch", str(data), "-o", str(out), "-w", "2",
+               "-p", processor, "--no-progress", "--settle", settle, "--merge-interval", MERGE_INTERVAL, *args]
+        with open(self.stdout_path, "wb") as stdout, open(self.stderr_path, "wb") as stderr:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                                         env=env, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, signum: int = signal.SIGINT, *, group: bool = False) -> int:
+        """Signal the watch (or its whole process group, like Ctrl-C) and wait for its exit code."""
+        if group:
+            os.killpg(self.pid, signum)
+        else:
+            os.kill(self.pid, signum)
+        try:
+            return self.proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"watch did not exit within {STOP_TIMEOUT}s of {signal.Signals(signum).name}:\n"
+                        f"{self.stderr[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL the watch and everything it started."""
+        try:
+            procs = psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            procs = []
+        for p in [*procs]:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if self.alive():
+            self.proc.kill()
+        self.proc.wait(timeout=STOP_TIMEOUT)
+
+    def __enter__(self) -> "Watch":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.alive():
+            self.kill()
+
+
+def wait_until(predicate, what: str, timeout: float = DEADLINE, watch: Watch | None = None,
+               interval: float = 0.05):
+    """Poll `predicate` until it is true; fail (with the watch's stderr) at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if watch is not None and not watch.alive():
+            pytest.fail(f"watch exited ({watch.proc.returncode}) while waiting for {what}:\n{watch.stderr[-3000:]}")
+        if time.monotonic() > deadline:
+            tail = f"\nwatch stderr:\n{watch.stderr[-3000:]}" if watch is not None else ""
+            pytest.fail(f"timed out after {timeout}s waiting for {what}{tail}")
+        time.sleep(interval)
+
+
+def query(out: Path, sql: str, params: tuple = ()) -> list[tuple]:
+    """Read the ledger like the sqlite3 shell would, while the watch writes it."""
+    path = out / "ledger.db"
+    if not path.exists():
+        return []
+    conn = sqlite3.connect(path, timeout=10)
+    try:
+        return conn.execute(sql, params).fetchall()
+    except sqlite3.OperationalError:  # the schema is not there yet
+        return []
+    finally:
+        conn.close()
+
+
+def task(out: Path, relpath: str) -> dict | None:
+    cols = ("state", "attempts", "size", "error", "finished_at")
+    rows = query(out, f"SELECT {', '.join(cols)} FROM tasks WHERE relpath = ?", (relpath,))
+    return dict(zip(cols, rows[0])) if rows else None
+
+
+def state_of(out: Path, relpath: str) -> str | None:
+    row = task(out, relpath)
+    return row["state"] if row else None
+
+
+def all_done(out: Path, relpaths) -> bool:
+    wanted = set(relpaths)
+    done = {r for (r,) in query(out, "SELECT relpath FROM tasks WHERE state = 'done'")}
+    return wanted <= done
+
+
+def ledger_paths(out: Path) -> set[str]:
+    return {r for (r,) in query(out, "SELECT relpath FROM tasks")}
+
+
+def merged(out: Path) -> dict[str, dict]:
+    """merged.jsonl by path; asserts that no path appears twice."""
+    path = out / "merged.jsonl"
+    if not path.exists():
+        return {}
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    paths = [r["path"] for r in records]
+    duplicated = sorted(p for p, n in Counter(paths).items() if n > 1)
+    assert not duplicated, f"paths twice in merged.jsonl: {duplicated[:10]}"
+    assert paths == sorted(paths), "merged.jsonl is not in path order"
+    return {r["path"]: r for r in records}
+
+
+def calls(log: Path) -> Counter:
+    """How many times the processor ran on each relpath."""
+    if not log.exists():
+        return Counter()
+    return Counter(line.split("\t")[0] for line in log.read_text().splitlines())
+
+
+def call_sizes(log: Path, relpath: str) -> list[int]:
+    return [int(line.split("\t")[1]) for line in log.read_text().splitlines()
+            if line.split("\t")[0] == relpath]
+
+
+def temp_files(out: Path) -> list[Path]:
+    return [p for p in out.rglob(".*") if p.name.endswith(".tmp")]
+
+
+def assert_clean_stderr(text: str) -> None:
+    assert "Traceback" not in text, text[-3000:]
+    assert "Warning" not in text.replace("WARNING", ""), text[-3000:]
+
+
+def status_json(out: Path) -> dict:
+    result = run_cli("status", "-o", str(out), "--json", timeout=30)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def write_file(path: Path, content: str | bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+
+
+def started(watch: Watch, data: Path, name: str = "_started.txt") -> None:
+    """Wait until the watch follows events: a file written now gets processed."""
+    write_file(data / name, "ping\n")
+    wait_until(lambda: state_of(watch.out, name) == "done", f"{name} to be processed", watch=watch)
+
+
+# -- 1. catch-up ------------------------------------------------------------------
+
+def test_catch_up_on_start_and_after_downtime(dirs, proc_spec):
+    data, out = dirs
+    make_tree(data, {"a.txt": "one\n", "sub/b.txt": "two two\n", "sub/deep/c.txt": "three\n"})
+    with Watch(data, out, proc_spec) as w:
+        wait_until(lambda: all_done(out, ["a.txt", "sub/b.txt", "sub/deep/c.txt"]), "catch-up", watch=w)
+        wait_until(lambda: set(merged(out)) == {"a.txt", "sub/b.txt", "sub/deep/c.txt"}, "merged", watch=w)
+        assert w.stop() == 0
+    # While it is down: one new file, one new folder, one changed, one deleted.
+    write_file(data / "d.txt", "four\n")
+    write_file(data / "new/e.txt", "five\n")
+    write_file(data / "a.txt", "one changed\n")
+    (data / "sub/b.txt").unlink()
+    with Watch(data, out, proc_spec) as w:
+        wanted = {"a.txt", "sub/deep/c.txt", "d.txt", "new/e.txt"}
+        wait_until(lambda: set(merged(out)) == wanted and merged(out)["a.txt"]["bytes"] == 12,
+                   "the second catch-up in merged.jsonl", watch=w)
+        assert state_of(out, "sub/b.txt") == "gone"
+        assert w.stop() == 0
+    assert calls(w.log) == Counter({"a.txt": 2, "sub/b.txt": 1, "sub/deep/c.txt": 1, "d.txt": 1, "new/e.txt": 1})
+
+
+# -- 2. settling -------------------------------------------------------------------
+
+def test_new_files_are_processed_once_and_whole(dirs, proc_spec):
+    data, out = dirs
+    with Watch(data, out, proc_spec) as w:
+        started(w, data)
+        write_file(data / "quick.txt", "written at once\n")
+        # A slow writer through ONE handle: pieces 0.3 s apart (less than --settle), then close.
+        pieces = [f"piece {i} " .encode() * 50 + b"\n" for i in range(6)]
+        with open(data / "slow.txt", "wb") as f:
+            for piece in pieces:
+                f.write(piece)
+                f.flush()
+                time.sleep(0.3)
+            assert state_of(out, "slow.txt") is None, "a file still being written became a task"
+        size = sum(map(len, pieces))
+        wait_until(lambda: all_done(out, ["quick.txt", "slow.txt"]), "both files processed", watch=w)
+        wait_until(lambda: {"quick.txt", "slow.txt"} <= set(merged(out)), "merged", watch=w)
+        assert merged(out)["slow.txt"]["bytes"] == size
+        assert merged(out)["quick.txt"]["bytes"] == len("written at once\n")
+        # Held open but unchanged for --settle: no close event is needed.
+        with open(data / "held.txt", "wb") as f:
+            f.write(b"held open\n")
+            f.flush()
+            wait_until(lambda: state_of(out, "held.txt") == "done", "held.txt settled while open", watch=w)
+        assert w.stop() == 0
+    assert task(out, "slow.txt")["attempts"] == 1
+    assert task(out, "quick.txt")["attempts"] == 1
+    assert call_sizes(w.log, "slow.txt") == [size], "slow.txt was processed before it was complete"
+    assert call_sizes(w.log, "quick.txt") == [16]
+    assert call_sizes(w.log, "held.txt") == [10], "closing an unchanged, settled file processed it again"
+
+
+# -- 3. temp names --------------------------------------------------------------------
+
+@pytest.mark.parametrize("temp_name", ["x.part", ".x.tmp", "x.txt.tmp"])
+def test_write_then_rename_only_the_final_name_becomes_a_task(dirs, proc_spec, temp_name):
+    data, out = dirs
+    with Watch(data, out, proc_spec, "--rescan-interval", "0.5") as w:
+        started(w, data)
+        write_file(data / temp_name, "final content\n")
+        # The temp file outlives --settle and two rescans (what is tested, not a wait for a result).
+        time.sleep(1.2)
+        write_file(data / "_later.txt", "later\n")
+        wait_until(lambda: state_of(out, "_later.txt") == "done", "a file after the temp one", watch=w)
+        assert state_of(out, temp_name) is None, "the temp name became a task"
+        os.rename(data / temp_name, data / "x.txt")
+        wait_until(lambda: "x.txt" in merged(out), "x.txt in merged.jsonl", watch=w)
+        assert w.stop() == 0
+    assert set(merged(out)) == {"_started.txt", "_later.txt", "x.txt"}
+    assert ledger_paths(out) == {"_started.txt", "_later.txt", "x.txt"}, "the temp name became a task"
+    assert calls(w.log) == Counter({"_started.txt": 1, "_later.txt": 1, "x.txt": 1})
+
+
+# -- 4. filters --------------------------------------------------------------------
+
+def test_include_and_exclude_apply_to_events(dirs, proc_spec):
+    data, out = dirs
+    with Watch(data, out, proc_spec, "--include", "*.txt", "--exclude", "skip",
+               "--exclude", "logs/old-*") as w:
+        started(w, data)
+        write_file(data / "a.txt", "a\n")
+        write_file(data / "b.log", "b\n")
+        write_file(data / "skip/c.txt", "c\n")
+        write_file(data / "keep/skip/d.txt", "d\n")  # a pruned folder's name at any depth
+        write_file(data / "logs/old-e.txt", "e\n")
+        write_file(data / "logs/new-f.txt", "f\n")
+        os.rename(data / "b.log", data / "b2.log")  # a rename keeps the filter too
+        write_file(data / "z.txt", "last\n")  # after the unwanted ones: they were seen by now
+        wait_until(lambda: all_done(out, ["a.txt", "logs/new-f.txt", "z.txt"]), "wanted files", watch=w)
+        assert w.stop() == 0
+    assert ledger_paths(out) == {"_started.txt", "a.txt", "logs/new-f.txt", "z.txt"}
+
+
+# -- 5. changes, deletes, folders ----------------------------------------------------
+
+def test_changed_deleted_and_new_folders(dirs, proc_spec, tmp_path):
+    data, out = dirs
+    with Watch(data, out, proc_spec) as w:
+        started(w, data)
+        write_file(data / "a.txt", "first\n")
+        write_file(data / "b.txt", "to be deleted\n")
+        wait_until(lambda: {"a.txt", "b.txt"} <= set(merged(out)), "a.txt and b.txt merged", watch=w)
+
+        write_file(data / "a.txt", "second version, longer\n")
+        wait_until(lambda: merged(out).get("a.txt", {}).get("bytes") == 23, "a.txt's record updated", watch=w)
+
+        (data / "b.txt").unlink()
+        wait_until(lambda: "b.txt" not in merged(out), "b.txt out of merged.jsonl", watch=w)
+        assert state_of(out, "b.txt") == "gone"
+
+        # A finished folder moved in at once (rename from outside DATA_DIR).
+        staged = tmp_path / "staging"
+        make_tree(staged, {f"m/n/f{i}.txt": f"moved {i}\n" for i in range(10)})
+        os.rename(staged / "m", data / "m")
+        # A folder tree copied in (folders created as the files are written).
+        make_tree(staged, {f"c/d/g{i}.txt": f"copied {i}\n" for i in range(10)})
+        shutil.copytree(staged / "c", data / "c")
+        # `mkdir -p p/q && cp files p/q/`
+        make_tree(staged, {f"loose/h{i}.txt": f"cp {i}\n" for i in range(10)})
+        subprocess.run(f"mkdir -p '{data}/p/q' && cp '{staged}'/loose/* '{data}/p/q/'", shell=True,
+                       check=True, timeout=30)
+        folders = ([f"m/n/f{i}.txt" for i in range(10)] + [f"c/d/g{i}.txt" for i in range(10)]
+                   + [f"p/q/h{i}.txt" for i in range(10)])
+        wait_until(lambda: set(folders) <= set(merged(out)), "every file of the new folders merged", watch=w)
+
+        # A folder renamed inside DATA_DIR: old paths gone, new ones processed.
+        os.rename(data / "m", data / "m2")
+        renamed = [f"m2/n/f{i}.txt" for i in range(10)]
+        wait_until(lambda: set(renamed) <= set(merged(out)) and not any(p.startswith("m/") for p in merged(out)),
+                   "the renamed folder in merged.jsonl under its new name only", watch=w)
+        shutil.rmtree(data / "c")
+        wait_until(lambda: not any(p.startswith("c/") for p in merged(out)), "a deleted folder's files out",
+                   watch=w)
+        assert w.stop() == 0
+    final = merged(out)
+    assert set(final) == {"_started.txt", "a.txt", *renamed, *(f"p/q/h{i}.txt" for i in range(10))}
+    assert final["a.txt"]["head"] == "second version, longer\n"
+    counted = calls(w.log)
+    assert all(counted[p] == 1 for p in folders), {p: counted[p] for p in folders if counted[p] != 1}
+
+
+# -- 6. a burst -------------------------------------------------------------------------
+
+def test_burst_of_20000_files_all_processed_exactly_once(dirs, proc_spec):
+    """SLOW (the longest test of this file): 20,000 files created as fast as Python can.
+
+    This can overflow the inotify queue (/proc/sys/fs/inotify/max_queued_events,
+    often 16384, with about 3 events per file); the watch must still end
+    complete, through its overflow rescan or the --rescan-interval of 5 s.
+    """
+    data, out = dirs
+    with Watch(data, out, proc_spec, "--rescan-interval", "5", "-q") as w:
+        started(w, data)
+        t0 = time.monotonic()
+        names = []
+        for folder in range(4):
+            (data / f"burst/s{folder}").mkdir(parents=True)
+            for i in range(BURST_FILES // 4):
+                name = f"burst/s{folder}/f{i:05d}.txt"
+                with open(data / name, "wb") as f:
+                    f.write(b"%d\n" % i)
+                names.append(name)
+        created = time.monotonic() - t0
+
+        def burst_done() -> bool:
+            rows = query(out, "SELECT count(*) FROM tasks WHERE state = 'done' AND relpath LIKE 'burst/%'")
+            return bool(rows) and rows[0][0] == BURST_FILES
+
+        wait_until(burst_done, f"{BURST_FILES} burst files done", timeout=BURST_DEADLINE, watch=w, interval=0.2)
+        processed = time.monotonic() - t0
+        wait_until(lambda: sum(p.startswith("burst/") for p in merged(out)) == BURST_FILES,
+                   "all burst files in merged.jsonl", watch=w)
+        assert w.stop() == 0
+        stderr = w.stderr
+    overflowed = "overflow" in stderr.lower()
+    print(f"\nburst: {BURST_FILES} files created in {created:.1f}s, all done {processed:.1f}s after the "
+          f"first; inotify overflow: {overflowed}")
+    assert sorted(p for p in merged(out) if p.startswith("burst/")) == sorted(names)
+    counted = calls(w.log)
+    twice = [p for p in names if counted[p] != 1]
+    assert not twice, f"{len(twice)} burst files not processed exactly once, e.g. {[(p, counted[p]) for p in twice[:5]]}"
+    assert "Traceback" not in stderr, stderr[-3000:]
+
+
+# -- 7. periodic merge and status ------------------------------------------------------
+
+def test_merge_interval_and_status_while_watching(dirs, proc_spec):
+    data, out = dirs
+    with Watch(data, out, proc_spec) as w:
+        started(w, data)
+        for i in range(3):
+            write_file(data / f"m{i}.txt", f"file {i}\n")
+            wait_until(lambda: f"m{i}.txt" in merged(out), f"merged.jsonl refreshed with m{i}.txt", watch=w)
+        assert (out / "summary.json").exists()
+        assert w.alive()
+
+        def watch_info() -> dict | None:
+            info = status_json(out)["last_run"]["watch"]
+            return info if info and info.get("last_event") else None
+
+        info = wait_until(watch_info, "status --json to show the watcher with a last event", watch=w)
+        status = status_json(out)
+        assert status["running_pid"] == w.pid
+        assert status["last_run"]["command"] == "watch" and status["last_run"]["finished"] is None
+        assert isinstance(info["watching_since"], float) and info["watching_since"] <= time.time()
+        assert isinstance(info["queue_depth"], int) and info["queue_depth"] >= 0
+        assert info["watching_since"] <= info["last_event"] <= time.time()
+        # The last event of a quiet watcher is the last file written: status must say so.
+        t_write = time.time()
+        write_file(data / "later.txt", "later\n")
+        wait_until(lambda: state_of(out, "later.txt") == "done", "later.txt processed", watch=w)
+        wait_until(lambda: (status_json(out)["last_run"]["watch"] or {}).get("last_event", 0) >= t_write,
+                   "status to show the newest event", timeout=5, watch=w)
+        human = run_cli("status", "-o", str(out), timeout=30)
+        assert human.returncode == 0 and "watching since" in human.stdout, human.stdout + human.stderr
+        assert w.stop() == 0
+
+
+# -- 8. stopping --------------------------------------------------------------------
+
+@pytest.mark.parametrize("signum, group", [(signal.SIGINT, True), (signal.SIGTERM, False)],
+                         ids=["SIGINT-to-group", "SIGTERM"])
+def test_signal_stops_with_exit_0_and_a_merged_output(dirs, proc_spec, signum, group):
+    data, out = dirs
+    make_tree(data, {f"f{i:03d}.txt": f"line {i}\n" for i in range(60)})
+    with Watch(data, out, proc_spec, sleep=0.05) as w:
+        # Stop while tasks are in flight: 60 files at 0.05 s each on 2 workers take ~1.5 s.
+        wait_until(lambda: (query(out, "SELECT count(*) FROM tasks WHERE state = 'done'") or [(0,)])[0][0] >= 5,
+                   "some tasks done", watch=w)
+        rc = w.stop(signum, group=group)
+        stderr = w.stderr
+    assert rc == 0, stderr[-3000:]
+    assert (out / "summary.json").exists()
+    assert not temp_files(out), temp_files(out)
+    states = dict(query(out, "SELECT relpath, state FROM tasks"))
+    assert "running" not in states.values(), "in-flight tasks were neither finished nor handed back"
+    assert set(merged(out)) == {r for r, s in states.items() if s == "done"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["done"] == len(merged(out))
+    assert_clean_stderr(stderr)
+
+
+def test_kill9_of_watch_then_run_finishes_the_job(dirs, proc_spec, tmp_path):
+    data, out = dirs
+    make_tree(data, {f"d{i % 5}/f{i:03d}.txt": f"{i} " * (i % 7 + 1) + "\n" for i in range(150)})
+    with Watch(data, out, proc_spec, sleep=0.02) as w:
+        wait_until(lambda: (query(out, "SELECT count(*) FROM tasks WHERE state = 'done'") or [(0,)])[0][0] >= 10,
+                   "some tasks done", watch=w)
+        make_tree(data, {f"late/g{i}.txt": f"late {i}\n" for i in range(20)})  # arrive while it runs
+        wait_until(lambda: "late/g0.txt" in ledger_paths(out), "a late file recorded", watch=w)
+        done_before = query(out, "SELECT count(*) FROM tasks WHERE state = 'done'")[0][0]
+        assert done_before < 170, "everything was done before the kill: the test would prove nothing"
+        os.kill(w.pid, signal.SIGKILL)
+        w.proc.wait(timeout=STOP_TIMEOUT)
+    resumed = run_cli("run", str(data), "-o", str(out), "-w", "2", "-p", proc_spec, "--no-progress", timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    clean_out = tmp_path / "clean"
+    clean = run_cli("run", str(data), "-o", str(clean_out), "-w", "2", "-p", proc_spec, "--no-progress",
+                    timeout=120)
+    assert clean.returncode == 0, clean.stderr
+    assert len(merged(clean_out)) == 170
+    assert (out / "merged.jsonl").read_bytes() == (clean_out / "merged.jsonl").read_bytes()
+
+
+# -- 9. fault tolerance ------------------------------------------------------------------
+
+def test_a_raising_task_fails_alone_and_watch_goes_on(dirs, proc_spec):
+    data, out = dirs
+    with Watch(data, out, proc_spec, "--retries", "1", "--retry-delay", "0") as w:
+        started(w, data)
+        write_file(data / "good1.txt", "fine\n")
+        write_file(data / "boom.txt", "raises\n")
+        write_file(data / "good2.txt", "fine too\n")
+        wait_until(lambda: state_of(out, "boom.txt") == "failed", "boom.txt to fail", watch=w)
+        write_file(data / "after.txt", "still watching\n")
+        wait_until(lambda: all_done(out, ["good1.txt", "good2.txt", "after.txt"]), "the other files", watch=w)
+        wait_until(lambda: "after.txt" in merged(out), "after.txt merged", watch=w)
+        failures = json.loads(run_cli("failures", "-o", str(out), "--json", timeout=30).stdout)
+        assert w.stop() == 0
+    assert [(f["relpath"], f["attempts"]) for f in failures] == [("boom.txt", 2)]
+    assert "ValueError" in failures[0]["error"] and "boom" in failures[0]["traceback"]
+    assert calls(w.log)["boom.txt"] == 2
+    assert set(merged(out)) == {"_started.txt", "good1.txt", "good2.txt", "after.txt"}
+
+
+# -- 10. workers and the observer thread ------------------------------------------------------
+
+def test_workers_are_forkserver_children_and_stderr_is_clean(dirs, proc_spec):
+    data, out = dirs
+    make_tree(data, {"a.txt": "a\n"})
+    with Watch(data, out, proc_spec) as w:
+        wait_until(lambda: state_of(out, "a.txt") == "done", "catch-up", watch=w)
+        for i in range(20):
+            write_file(data / f"n{i}.txt", f"{i}\n")
+        wait_until(lambda: all_done(out, [f"n{i}.txt" for i in range(20)]), "new files", watch=w)
+        coordinator = psutil.Process(w.pid)
+        children = coordinator.children()
+        cmdlines = [" ".join(c.cmdline()) for c in children]
+        # Forked straight from the coordinator (which runs the observer thread), a worker
+        # would carry its command line; forkserver workers are the server's children.
+        assert not any("crawlproc" in c and "watch" in c for c in cmdlines), cmdlines
+        server = [c for c, line in zip(children, cmdlines) if "forkserver" in line]
+        assert server, cmdlines
+        assert len(server[0].children()) >= 1
+        assert w.stop() == 0
+        stderr = w.stderr
+    assert_clean_stderr(stderr)
+
+
+def test_out_inside_data_dir_is_not_watched(tmp_path, proc_spec):
+    data = tmp_path / "data"
+    out = data / "crawl-out"
+    make_tree(data, {"a.txt": "a\n"})
+    with Watch(data, out, proc_spec) as w:
+        wait_until(lambda: "a.txt" in merged(out), "catch-up merged", watch=w)
+        write_file(data / "b.txt", "b\n")
+        wait_until(lambda: "b.txt" in merged(out), "b.txt merged", watch=w)
+        assert w.stop() == 0
+    assert ledger_paths(out) == {"a.txt", "b.txt"}
