@@ -1,7 +1,7 @@
 """The task ledger: OUT/ledger.db, the single source of truth. The only module with SQL.
 
-    scan ──upsert──> tasks(pending) ──claim──> running ──report──> done | pending(not_before) | failed
-                        │  changed/reappeared -> pending           gone <── not seen by a full scan
+    scan ──reconcile──> tasks(pending) ──claim──> running ──report──> done | pending(not_before) | failed
+                           │  changed/reappeared -> pending        gone <── not seen by a full scan
 
 One writer (the coordinator) in WAL mode, so `status`, `failures` and the
 sqlite3 shell can read while a run goes on. Every write goes through
@@ -90,7 +90,6 @@ class Ledger:
         self.path = Path(path)
         self.conn = _connect(self.path, readonly=readonly)
         self.conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-        self._track_seen = False  # True during a full scan that can find files gone
         self._check_or_create(readonly)
 
     # -- set-up ------------------------------------------------------------
@@ -214,11 +213,58 @@ class Ledger:
         return (row[0] or 0) + 1
 
     # -- scanning --------------------------------------------------------------
-    def begin_scan(self) -> None:
-        """Start a full scan. Seen paths are only tracked when some task could be gone."""
-        self.conn.execute("CREATE TEMP TABLE IF NOT EXISTS seen (path_bytes BLOB PRIMARY KEY) WITHOUT ROWID")
-        self.conn.execute("DELETE FROM temp.seen")
-        self._track_seen = self.conn.execute("SELECT 1 FROM tasks LIMIT 1").fetchone() is not None
+    def reconcile(
+        self,
+        rows: list[tuple],
+        *,
+        lo: bytes | None = None,
+        hi: bytes | None = None,
+        held: Iterable[bytes] = (),
+        keep_prefixes: Iterable[bytes] = (),
+        mark_gone: bool = True,
+        chunked: bool = False,
+    ) -> tuple[int, int]:
+        """Bring the tasks of paths in (lo, hi] in line with what a scan saw there.
+
+        `rows` are the planned tasks (relpath, path_bytes, offset, length, size,
+        mtime_ns) of every file seen in that range. New or changed files are
+        upserted; unchanged ones are not written at all (a no-op rerun stays
+        cheap). With `mark_gone`, files of the range that were not seen, not
+        `held` back, and not under an unreadable folder (`keep_prefixes`)
+        become gone. None bounds are open. Returns (tasks written, files gone).
+        """
+        existing = self._live_tasks_between(lo, hi)
+        planned: dict[bytes, list[tuple]] = {}
+        for row in rows:
+            planned.setdefault(row[1], []).append(row)
+        changed = []
+        for path, plan in planned.items():
+            if existing.pop(path, None) != sorted(r[2:] for r in plan):
+                changed.extend(plan)
+        for path in held:
+            existing.pop(path, None)
+        keep = tuple(keep_prefixes)
+        gone = [p for p in existing if not p.startswith(keep)] if mark_gone else []
+        if changed or gone:
+            with self.transaction() as conn:
+                self.upsert_scanned(conn, changed, chunked=chunked)
+                self.mark_paths_gone(conn, gone, [], running_too=False)
+        return len(changed), len(gone)
+
+    def _live_tasks_between(self, lo: bytes | None, hi: bytes | None) -> dict[bytes, list[tuple]]:
+        """{path_bytes: sorted [(offset, length, size, mtime_ns)]} of tasks not gone, lo < path <= hi."""
+        sql = 'SELECT path_bytes, "offset", length, size, mtime_ns FROM tasks WHERE state != \'gone\''
+        args: list[bytes] = []
+        if lo is not None:
+            sql += " AND path_bytes > ?"
+            args.append(lo)
+        if hi is not None:
+            sql += " AND path_bytes <= ?"
+            args.append(hi)
+        found: dict[bytes, list[tuple]] = {}
+        for path, *rest in self.conn.execute(sql + ' ORDER BY path_bytes, "offset"', args):
+            found.setdefault(path, []).append(tuple(rest))
+        return found
 
     def upsert_scanned(self, conn: sqlite3.Connection, rows: list[tuple], *, chunked: bool = False) -> None:
         """rows: (relpath, path_bytes, offset, length, size, mtime_ns); inside a transaction.
@@ -235,36 +281,6 @@ class Ledger:
                 "AND \"offset\" > 0 AND state != 'gone'",
                 plan_ends,
             )
-        if self._track_seen:
-            conn.executemany("INSERT OR IGNORE INTO temp.seen VALUES (?)", ((r[1],) for r in rows))
-
-    def mark_seen(self, conn: sqlite3.Connection, paths: list[bytes]) -> None:
-        """Paths a full scan saw but did not record (held back): not gone."""
-        if self._track_seen and paths:
-            conn.executemany("INSERT OR IGNORE INTO temp.seen VALUES (?)", ((p,) for p in paths))
-
-    def keep_subtree(self, prefix: bytes) -> None:
-        """Count every task under `prefix` as seen: its folder could not be read this time."""
-        if not self._track_seen:
-            return
-        self.conn.execute(
-            "INSERT OR IGNORE INTO temp.seen SELECT path_bytes FROM tasks "
-            "WHERE substr(path_bytes, 1, ?) = ?",
-            (len(prefix), prefix),
-        )
-
-    def finish_scan(self) -> int:
-        """After a complete scan: tasks of files not seen become gone. Returns how many."""
-        if not self._track_seen:
-            return 0  # the ledger was empty when the scan began: nothing can have vanished
-        self._track_seen = False
-        with self.transaction() as conn:
-            gone = conn.execute(
-                "UPDATE tasks SET state = 'gone' WHERE state NOT IN ('gone', 'running') "
-                "AND path_bytes NOT IN (SELECT path_bytes FROM temp.seen)"
-            ).rowcount
-        self.conn.execute("DELETE FROM temp.seen")
-        return gone
 
     # -- claiming and reporting --------------------------------------------------
     def claim(self, conn: sqlite3.Connection, limit: int, max_bytes: int, now: float) -> list[tuple]:
@@ -320,15 +336,19 @@ class Ledger:
     def mark_gone(self, conn: sqlite3.Connection, task_id: int) -> None:
         conn.execute("UPDATE tasks SET state = 'gone' WHERE id = ? AND state = 'running'", (task_id,))
 
-    def mark_paths_gone(self, conn: sqlite3.Connection, files: list[bytes], folders: list[bytes]) -> None:
+    def mark_paths_gone(
+        self, conn: sqlite3.Connection, files: list[bytes], folders: list[bytes], *, running_too: bool = True
+    ) -> None:
         """Files deleted (or moved away) and every file under deleted folders ('x/' prefixes).
 
-        Running tasks too: their worker's report then finds them no longer running.
+        A running task is left to its worker (which finds the file missing) when
+        `running_too` is off; else it is gone now and its worker's report is ignored.
         """
-        conn.executemany("UPDATE tasks SET state = 'gone' WHERE path_bytes = ? AND state != 'gone'",
+        skip = "('gone', 'running')" if not running_too else "('gone')"
+        conn.executemany(f"UPDATE tasks SET state = 'gone' WHERE path_bytes = ? AND state NOT IN {skip}",
                          ((p,) for p in files))
         conn.executemany(
-            "UPDATE tasks SET state = 'gone' WHERE substr(path_bytes, 1, ?) = ? AND state != 'gone'",
+            f"UPDATE tasks SET state = 'gone' WHERE substr(path_bytes, 1, ?) = ? AND state NOT IN {skip}",
             ((len(p), p) for p in folders),
         )
 

@@ -16,6 +16,7 @@ import re
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import TYPE_CHECKING, NamedTuple
 
 from crawlproc.task import relpath_for_people
@@ -100,66 +101,84 @@ def walk(
     follow = options.follow_symlinks
     real_root = os.path.realpath(root)
     skip_inodes = {ino for _, ino in options.skip_dirs}
-    # Each stack item: (absolute dir, its relpath prefix, ids of the dirs above it for loop checks).
     first = os.path.join(root, start) if start else root
     try:
-        stack: list[tuple[bytes, bytes, frozenset]] = [(first, start, frozenset({_dir_id(first)}))]
+        ancestors = frozenset({_dir_id(first)})
     except FileNotFoundError:
         return
+    # Depth first, each folder's entries in _walk_order, entering a folder at its
+    # place among them: relpaths come out in byte order. One iterator per level.
+    stack: list[tuple[Iterator[os.DirEntry], bytes, frozenset]] = []
+    _enter(stack, first, start, ancestors, report, unreadable)
     while stack:
-        directory, prefix, ancestors = stack.pop()
-        entries = _sorted_entries(directory, prefix, report)
-        if entries is None:
-            if unreadable is not None:
-                unreadable.append(prefix)
+        entries, prefix, ancestors = stack[-1]
+        entry = next(entries, None)
+        if entry is None:
+            stack.pop()
             continue
-        subdirs = []
-        for entry in entries:
-            # Fast path: the kind comes from the directory listing, so a plain file
-            # costs one stat and a plain folder none (this loop runs once per file).
-            if entry.is_file(follow_symlinks=False):
-                kind = "file"
-            elif entry.is_dir(follow_symlinks=False):
-                kind = "dir"
-            else:
-                kind = None
-            relpath = prefix + entry.name
-            if kind is None or (kind == "dir" and (follow or entry.inode() in skip_inodes)):
-                kind, st = _classify(entry, follow, real_root, relpath, report)
-            if kind == "file":
-                if filtering and not paths.wants_file(os.fsdecode(relpath), os.fsdecode(entry.name)):
+        # Fast path: the kind comes from the directory listing, so a plain file
+        # costs one stat and a plain folder none (this loop runs once per file).
+        if entry.is_file(follow_symlinks=False):
+            kind = "file"
+        elif entry.is_dir(follow_symlinks=False):
+            kind = "dir"
+        else:
+            kind = None
+        relpath = prefix + entry.name
+        st = None
+        if kind is None or (kind == "dir" and (follow or entry.inode() in skip_inodes)):
+            kind, st = _classify(entry, follow, real_root, relpath, report)
+        if kind == "file":
+            if filtering and not paths.wants_file(os.fsdecode(relpath), os.fsdecode(entry.name)):
+                continue
+            try:
+                st = st or entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            yield FileEntry(relpath, st.st_size, st.st_mtime_ns)
+        elif kind == "dir":
+            if filtering and paths.prunes_dir(os.fsdecode(relpath), os.fsdecode(entry.name)):
+                continue
+            below = ancestors
+            if st is not None:
+                dir_id = (st.st_dev, st.st_ino)
+                if dir_id in options.skip_dirs:
                     continue
-                try:
-                    st = entry.stat(follow_symlinks=False) if not entry.is_symlink() else st
-                except FileNotFoundError:
+                if dir_id in ancestors:
+                    report(relpath, "symlink loop: this folder is one of its own parents")
                     continue
-                yield FileEntry(relpath, st.st_size, st.st_mtime_ns)
-            elif kind == "dir":
-                if filtering and paths.prunes_dir(os.fsdecode(relpath), os.fsdecode(entry.name)):
-                    continue
-                if follow or entry.inode() in skip_inodes:
-                    dir_id = (st.st_dev, st.st_ino)
-                    if dir_id in options.skip_dirs:
-                        continue
-                    if dir_id in ancestors:
-                        report(relpath, "symlink loop: this folder is one of its own parents")
-                        continue
-                    ancestors_below = ancestors | {dir_id}
-                else:
-                    ancestors_below = ancestors
-                subdirs.append((entry.path, relpath + b"/", ancestors_below))
-        stack.extend(reversed(subdirs))  # pop() then visits them in sorted order
+                below = ancestors | {dir_id}
+            _enter(stack, entry.path, relpath + b"/", below, report, unreadable)
+
+
+def _enter(stack: list, directory: bytes, prefix: bytes, ancestors: frozenset,
+           report: SkipReporter, unreadable: list[bytes] | None) -> None:
+    entries = _sorted_entries(directory, prefix, report)
+    if entries is None:
+        if unreadable is not None:
+            unreadable.append(prefix)
+        return
+    stack.append((iter(entries), prefix, ancestors))
 
 
 def _sorted_entries(directory: bytes, prefix: bytes, report: SkipReporter) -> list[os.DirEntry] | None:
     try:
         with os.scandir(directory) as it:
-            return sorted(it, key=lambda e: e.name)
+            return sorted(it, key=_walk_order)
     except FileNotFoundError:
         return []  # vanished while we walked: its files will be marked gone
     except OSError as exc:
         report(prefix.rstrip(b"/") or b".", f"cannot read folder: {exc.strerror}")
         return None
+
+
+def _walk_order(entry: os.DirEntry) -> bytes:
+    """Folders sort as 'name/': the walk then yields relpaths in plain byte order,
+    the ledger's order, which lets a scan compare slices of both side by side."""
+    try:
+        return entry.name + b"/" if entry.is_dir() else entry.name
+    except OSError:
+        return entry.name
 
 
 def _classify(
@@ -228,13 +247,15 @@ def task_rows(entry: FileEntry, chunk_size: int | None = None) -> list[tuple]:
 
 
 class Scan:
-    """One walk fed into the ledger a slice at a time, so the pool runs between slices.
+    """One walk reconciled with the ledger a slice at a time, so the pool runs between slices.
 
-    Memory stays flat: only one slice of entries is held, whatever the tree's
-    size. A full scan (`start` empty) ends by marking files it did not see as
-    gone; a partial one (a folder that just appeared) does not. `hold_back`
-    lets watch mode keep files that are still being written out of the ledger
-    for now (they count as seen, so they are not taken for deleted).
+    The walk yields paths in the ledger's order, so each slice covers a key
+    range (previous slice's last path, this slice's last path]: the ledger's
+    tasks in that range are compared with what the walk saw there, and only
+    differences are written. Memory stays flat whatever the tree's size. A
+    full scan marks files it did not see as gone; a partial one (a folder that
+    just appeared, in watch mode) does not. `hold_back` lets watch mode keep
+    files still being written out of the ledger for now (not taken for deleted).
     """
 
     def __init__(
@@ -253,12 +274,11 @@ class Scan:
         self.full = not start
         self._chunk_size = options.chunk_size
         self._hold_back = hold_back
+        self._lo: bytes | None = start or None  # every path under `start` sorts after it
         self.files = 0
         self.held = 0
         self.finished = False
         self.gone = 0
-        if self.full:
-            ledger.begin_scan()
 
     # The pool's work-source protocol (see pool.WorkerPool): a scan always has
     # more to do right now until it is finished, and never needs waking up.
@@ -276,31 +296,24 @@ class Scan:
         return None
 
     def step(self, max_files: int = 2000) -> int:
-        """Record up to `max_files` more files; on the last slice of a full scan, mark vanished files gone."""
+        """Reconcile up to `max_files` more files; the last slice also covers the range's end."""
+        entries = list(islice(self._entries, max_files))
+        last_slice = len(entries) < max_files
+        hi = None if last_slice and self.full else (entries[-1].relpath if entries else self._lo)
         rows: list[tuple] = []
         held: list[bytes] = []
-        count = 0
-        for entry in self._entries:
-            count += 1
+        for entry in entries:
             if self._hold_back is not None and self._hold_back(entry):
                 held.append(entry.relpath)
             else:
                 rows.extend(task_rows(entry, self._chunk_size))
-            if count >= max_files:
-                break
-        if rows or held:
-            with self._ledger.transaction() as conn:
-                self._ledger.upsert_scanned(conn, rows, chunked=bool(self._chunk_size))
-                self._ledger.mark_seen(conn, held)
-        self.files += count - len(held)
+        _, gone = self._ledger.reconcile(
+            rows, lo=self._lo, hi=hi, held=held, keep_prefixes=self._unreadable,
+            mark_gone=self.full, chunked=bool(self._chunk_size),
+        )
+        self._lo = hi
+        self.gone += gone
+        self.files += len(entries) - len(held)
         self.held += len(held)
-        if count < max_files:
-            self._finish()
-        return count
-
-    def _finish(self) -> None:
-        if self.full:
-            for prefix in self._unreadable:
-                self._ledger.keep_subtree(prefix)
-            self.gone = self._ledger.finish_scan()
-        self.finished = True
+        self.finished = last_slice
+        return len(entries)

@@ -16,6 +16,22 @@ says they are complete with the same parameters):
            the figure of interest is crawlproc's coordinator peak RSS
            (target < 150 MB). Run only when named.
 
+  watch    ``crawlproc watch`` on an empty folder (-w W, default --settle and
+           --merge-interval, --no-progress -q), fed by writer processes:
+           (a) latency: 1,000 files of ~1 KB at 50 files/s for 20 s, each
+               written and closed at once; per file, close time (time.time()
+               in the writer) to its task's ``finished_at`` in the ledger (the
+               coordinator's time.time() when it marks the task done):
+               p50 and p95 (targets < 100 ms, < 500 ms);
+           (b) sustained: 60,000 files of ~100 bytes at 2,000 files/s for
+               30 s, 1,000 per folder (new folders appear during the run),
+               from 2 paced writer processes; the achieved rate is reported.
+               Checks that every file is done exactly once, and measures the
+               drain: last close of the burst to the last task done (target
+               < 10 s).
+           Then SIGINT: exit code 0 and a merged.jsonl with every file once.
+           Run only when named.
+
 --quick shrinks every workload 10x (a smoke check, not a measurement).
 --repeat N runs the bare baseline and crawlproc's first run N times each (new
 outputs every time) and reports the median: use it on a busy machine.
@@ -125,6 +141,7 @@ WORKLOADS = {
                       full=False, parallel_subset=None, ratio_target=None, rss_target_mb=150),
 }
 DEFAULT_WORKLOADS = ["tiny", "typical"]
+SPECIAL_WORKLOADS = ["watch"]  # not a generated tree: see bench_watch()
 
 
 # --- input generation ---------------------------------------------------------
@@ -525,6 +542,292 @@ def bench_workload(wl: Workload, bench_dir: Path, run_root: Path, args) -> Repor
     return rep
 
 
+# --- watch workload ----------------------------------------------------------------
+
+WATCH_LATENCY = (50, 20.0)  # (files/s, seconds): files arriving one by one
+WATCH_SUSTAINED = (2000, 30.0)  # (files/s, seconds): a sustained arrival
+WATCH_WRITERS = 2  # paced writer processes for the sustained phase
+WATCH_FILES_PER_DIR = 1000
+WATCH_DRAIN_TIMEOUT_S = 120.0  # after the last arrival; past it, missing files count as lost
+WATCH_TARGETS = {"p50_ms": 100.0, "p95_ms": 500.0, "drain_s": 10.0}
+
+
+@dataclasses.dataclass
+class WatchPhase:
+    name: str
+    files: int  # files written
+    arrival_s: float  # first to last close
+    latencies: list[float]  # seconds, close -> done, one per done file
+    done: int = 0  # tasks of this phase done (each file once: checked separately)
+    not_once: int = 0  # files whose task is not done with attempts == 1
+    drain_s: float | None = None  # last close -> last done; None when some file never got done
+
+    @property
+    def rate(self) -> float:
+        return self.files / self.arrival_s if self.arrival_s > 0 else float("nan")
+
+    @property
+    def lost(self) -> int:
+        return self.files - self.done
+
+
+@dataclasses.dataclass
+class WatchReport:
+    phases: list[WatchPhase] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    problems: list[str] = dataclasses.field(default_factory=list)
+    exit_code: int | None = None
+    options: str = ""
+
+    def markdown(self, workers: int) -> list[str]:
+        md = [f"## watch: files arriving under `crawlproc watch`, processor `linecount`, workers {workers}", "",
+              f"`{self.options}`", "",
+              "| phase | files | arrival s | files/s achieved | p50 ms | p95 ms | max ms | drain s | lost | not once |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for ph in self.phases:
+            p50, p95, top = (percentile(ph.latencies, q) for q in (50, 95, 100))
+            drain = f"{ph.drain_s:.2f}" if ph.drain_s is not None else "-"
+            md.append(f"| {ph.name} | {ph.files:,} | {ph.arrival_s:.1f} | {ph.rate:,.0f} | {ms(p50)} | {ms(p95)} "
+                      f"| {ms(top)} | {drain} | {ph.lost} | {ph.not_once} |")
+        md.append("")
+        by_name = {ph.name: ph for ph in self.phases}
+        lat = by_name.get("latency")
+        if lat and lat.latencies:
+            p50, p95 = percentile(lat.latencies, 50), percentile(lat.latencies, 95)
+            md.append(f"- latency p50 {ms(p50)} ms (target < {WATCH_TARGETS['p50_ms']:.0f}): "
+                      f"{verdict(p50 * 1000 < WATCH_TARGETS['p50_ms'])}; p95 {ms(p95)} ms (target < "
+                      f"{WATCH_TARGETS['p95_ms']:.0f}): {verdict(p95 * 1000 < WATCH_TARGETS['p95_ms'])}")
+        sus = by_name.get("sustained")
+        if sus:
+            ok = sus.drain_s is not None and sus.drain_s < WATCH_TARGETS["drain_s"]
+            drain = f"{sus.drain_s:.2f} s" if sus.drain_s is not None else "never (files lost)"
+            md.append(f"- sustained: backlog drained {drain} after the last arrival (target < "
+                      f"{WATCH_TARGETS['drain_s']:.0f} s): {verdict(ok)}; no file lost, each once: "
+                      f"{verdict(sus.lost == 0 and sus.not_once == 0)}")
+        md.append(f"- SIGINT: exit code {self.exit_code} (want 0): {verdict(self.exit_code == 0)}")
+        md += [f"- {n}" for n in self.notes]
+        md += [f"- **{p}**" for p in self.problems]
+        md.append("")
+        return md
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of `values`; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f}"
+
+
+def write_paced(job: tuple[str, str, int, int, int, float, float, int]) -> list[tuple[str, float]]:
+    """One writer: files ``writer, writer + writers, ...`` below ``count``, file i due at ``t0 + i / rate``.
+
+    Each file is written and closed at once; returns (relpath, close time.time()) per file.
+    Runs in a forked writer process for the sustained phase.
+    """
+    root, prefix, writer, writers, count, t0, rate, size = job
+    body = (b"x" * 63 + b"\n") * max(1, size // 64)
+    made: set[int] = set()
+    closed = []
+    for i in range(writer, count, writers):
+        due = t0 + i / rate
+        ahead = due - time.time()
+        if ahead > 0.002:
+            time.sleep(ahead)
+        folder = i // WATCH_FILES_PER_DIR
+        if folder not in made:
+            os.makedirs(os.path.join(root, prefix, f"d{folder:03d}"), exist_ok=True)
+            made.add(folder)
+        relpath = f"{prefix}/d{folder:03d}/f{i:06d}.txt"
+        with open(os.path.join(root, relpath), "wb") as f:
+            f.write(body)
+        closed.append((relpath, time.time()))
+    return closed
+
+
+def ledger_rows(out: Path, sql: str, params: tuple = ()) -> list[tuple]:
+    path = out / "ledger.db"
+    if not path.exists():
+        return []
+    import sqlite3
+
+    conn = sqlite3.connect(path, timeout=30)
+    try:
+        return conn.execute(sql, params).fetchall()
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        conn.close()
+
+
+def done_under(out: Path, prefix: str) -> int:
+    rows = ledger_rows(out, "SELECT count(*) FROM tasks WHERE state = 'done' AND substr(relpath, 1, ?) = ?",
+                       (len(prefix) + 1, prefix + "/"))
+    return rows[0][0] if rows else 0
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
+            return False
+        time.sleep(interval)
+    return True
+
+
+def measure_phase(name: str, out: Path, closed: list[tuple[str, float]], proc: subprocess.Popen) -> WatchPhase:
+    """Wait until the phase's files are done (or the drain timeout), then read their done times."""
+    prefix = name
+    n = len(closed)
+    times = [t for _, t in closed]
+    phase = WatchPhase(name, n, max(times) - min(times) if times else 0.0, [])
+    wait_for(lambda: done_under(out, prefix) >= n, WATCH_DRAIN_TIMEOUT_S, proc, interval=0.05)
+    rows = ledger_rows(out, "SELECT relpath, state, attempts, finished_at FROM tasks "
+                            "WHERE substr(relpath, 1, ?) = ?", (len(prefix) + 1, prefix + "/"))
+    by_path = {r[0]: r for r in rows}
+    finished = []
+    for relpath, close in closed:
+        row = by_path.get(relpath)
+        if row is None or row[1] != "done":
+            continue
+        phase.done += 1
+        phase.not_once += row[2] != 1
+        phase.latencies.append(row[3] - close)
+        finished.append(row[3])
+    phase.not_once += phase.files - phase.done
+    extra = len(by_path) - len({p for p, _ in closed} & set(by_path))
+    if extra:
+        phase.not_once += extra  # tasks for names nobody wrote: would be a serious bug
+    if phase.done == n and finished:
+        phase.drain_s = max(finished) - max(times)
+    return phase
+
+
+def check_watch_merged(out: Path, expected: int) -> list[str]:
+    merged = out / "merged.jsonl"
+    if not merged.exists():
+        return [f"MISMATCH watch: {merged} does not exist"]
+    paths = [field(r, "path") for r in read_jsonl(merged)]
+    if len(paths) != expected or len(set(paths)) != expected:
+        return [f"MISMATCH watch: merged.jsonl has {len(paths)} records, {len(set(paths))} distinct "
+                f"paths, for {expected} files written"]
+    return []
+
+
+def bench_watch(run_root: Path, args) -> WatchReport:
+    rep = WatchReport()
+    factor = 10 if args.quick else 1
+    print("\n[watch] files arriving under crawlproc watch", flush=True)
+    exe = crawlproc_exe()
+    if exe is None:
+        rep.problems.append("FAILED: crawlproc executable not found")
+        return rep
+    run_dir = run_root / "watch"
+    data, out = run_dir / "data", run_dir / "crawlproc-out"
+    data.mkdir(parents=True)
+    cmd = [exe, "watch", str(data), "-o", str(out), "-w", str(args.workers), "--no-progress", "-q"]
+    rep.options = shlex.join(["crawlproc", *cmd[1:]]).replace(str(run_dir) + "/", "")
+    log = run_dir / "watch.log"
+    with open(log, "wb") as log_file:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        written = run_watch_phases(rep, proc, data, out, factor)
+        print("  SIGINT ...", end="", flush=True)
+        t0 = time.perf_counter()
+        proc.send_signal(signal.SIGINT)
+        try:
+            rep.exit_code = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            rep.problems.append("FAILED: watch did not exit within 120 s of SIGINT")
+        print(f" exit {rep.exit_code} after {time.perf_counter() - t0:.2f} s", flush=True)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if rep.exit_code != 0:
+        rep.problems.append(f"FAILED: watch exit code {rep.exit_code} after SIGINT (log {log}):\n"
+                            + log_tail(log))
+    text = log.read_text(errors="replace")
+    overflows = text.count("inotify queue overflow")
+    rep.notes.append(f"inotify overflows reported: {overflows} (max_queued_events "
+                     f"{Path('/proc/sys/fs/inotify/max_queued_events').read_text().strip()})")
+    if "Traceback" in text:
+        rep.problems.append(f"FAILED: a traceback in the watch log {log}")
+    summary = read_summary(out)
+    done_this_run = summary.get("timings", {}).get("tasks_done_this_run")
+    rep.notes.append(f"summary: {fmt_counts(summary)}; tasks done this run {done_this_run} for {written} files "
+                     "written")
+    if done_this_run != written:
+        rep.problems.append(f"MISMATCH watch: {done_this_run} tasks done this run for {written} files written "
+                            "(a file processed twice, or lost)")
+    rep.problems += in_child(check_watch_merged, out, written)
+    for ph in rep.phases:
+        if ph.lost or ph.not_once:
+            rep.problems.append(f"MISMATCH watch: {ph.name}: {ph.lost} files lost, {ph.not_once} not done "
+                                "exactly once")
+    for p in rep.problems:
+        print(f"  !!! {p}", flush=True)
+    return rep
+
+
+def run_watch_phases(rep: WatchReport, proc: subprocess.Popen, data: Path, out: Path, factor: int) -> int:
+    """Both phases against a running watch; returns how many files were written in all."""
+    (data / "ready.txt").write_bytes(b"ready\n")
+    ready = lambda: bool(ledger_rows(out, "SELECT 1 FROM tasks WHERE relpath = 'ready.txt' AND state = 'done'"))
+    if not wait_for(ready, 60, proc):
+        rep.problems.append("FAILED: watch did not process its first file within 60 s")
+        return 1
+    written = 1
+    import psutil  # in the venv: crawlproc depends on it
+
+    coordinator = psutil.Process(proc.pid)
+
+    rate, seconds = WATCH_LATENCY
+    n = int(rate * seconds / factor)
+    print(f"  latency: {n} files at {rate}/s ...", end="", flush=True)
+    closed = write_paced((str(data), "latency", 0, 1, n, time.time() + 0.2, rate, 1024))
+    written += n
+    phase = measure_phase("latency", out, closed, proc)
+    rep.phases.append(phase)
+    print(f" p50 {ms(percentile(phase.latencies, 50))} ms, p95 {ms(percentile(phase.latencies, 95))} ms, "
+          f"{phase.lost} lost", flush=True)
+
+    rate, seconds = WATCH_SUSTAINED
+    n = int(rate * seconds / factor)
+    print(f"  sustained: {n:,} files at {rate:,}/s from {WATCH_WRITERS} writers ...", end="", flush=True)
+    cpu0 = sum(coordinator.cpu_times()[:2])
+    t_start = time.time() + 0.5
+    jobs = [(str(data), "sustained", w, WATCH_WRITERS, n, t_start, float(rate), 100) for w in range(WATCH_WRITERS)]
+    with multiprocessing.get_context("fork").Pool(WATCH_WRITERS) as pool:
+        closed = [item for part in pool.map(write_paced, jobs) for item in part]
+    written += n
+    phase = measure_phase("sustained", out, closed, proc)
+    wall = time.time() - t_start
+    rep.phases.append(phase)
+    drain = f"{phase.drain_s:.2f} s" if phase.drain_s is not None else "never"
+    print(f" achieved {phase.rate:,.0f}/s, drained {drain} after the last file, {phase.lost} lost", flush=True)
+    late = sum(1 for lat in phase.latencies if lat > 1.0)
+    rep.notes.append(f"sustained: {late:,} of {phase.done:,} files took over 1 s from close to done")
+    try:
+        cpu = sum(coordinator.cpu_times()[:2]) - cpu0
+        rep.notes.append(f"sustained: coordinator CPU {cpu:.1f} s over {wall:.1f} s of arrival and drain "
+                         f"({100 * cpu / wall:.0f}% of one core)")
+    except psutil.Error:
+        pass
+    info = ledger_rows(out, "SELECT info FROM runs ORDER BY id DESC LIMIT 1")
+    if info and info[0][0]:
+        state = json.loads(info[0][0])
+        rep.notes.append(f"watcher (runs.info): {state.get('events')} events, {state.get('rescans')} full scans, "
+                         f"queue depth {state.get('queue_depth')}")
+    return written
+
+
 # --- start-up time -------------------------------------------------------------
 
 
@@ -625,7 +928,7 @@ def full_markdown(reports: list[Report], args, startup: tuple[float | None, str]
         md.append(f"- `crawlproc --help` start-up: not measured ({err})")
     md.append("")
     for rep in reports:
-        md += workload_markdown(rep, args.workers)
+        md += rep.markdown(args.workers) if isinstance(rep, WatchReport) else workload_markdown(rep, args.workers)
     return "\n".join(md)
 
 
@@ -648,7 +951,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workloads", nargs="*", metavar="WORKLOAD",
-                        help=f"any of {', '.join(WORKLOADS)} (default: {' '.join(DEFAULT_WORKLOADS)})")
+                        help=f"any of {', '.join([*WORKLOADS, *SPECIAL_WORKLOADS])} "
+                             f"(default: {' '.join(DEFAULT_WORKLOADS)})")
     parser.add_argument("--workers", "-w", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="shrink every workload 10x")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
@@ -657,9 +961,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="run the bare baseline and crawlproc's first run N times "
                              "(each into new outputs) and report the median")
     args = parser.parse_args(argv)
-    unknown = [w for w in args.workloads if w not in WORKLOADS]
+    known = [*WORKLOADS, *SPECIAL_WORKLOADS]
+    unknown = [w for w in args.workloads if w not in known]
     if unknown:
-        parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
+        parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     args.workloads = args.workloads or DEFAULT_WORKLOADS
     return args
 
@@ -677,6 +982,9 @@ def main(argv: list[str]) -> int:
     startup = startup_time()
     reports = []
     for name in args.workloads:
+        if name == "watch":
+            reports.append(bench_watch(run_root, args))
+            continue
         wl = WORKLOADS[name].shrink(10) if args.quick else WORKLOADS[name]
         reports.append(bench_workload(wl, root, run_root, args))
 

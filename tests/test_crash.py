@@ -153,13 +153,6 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        return _alive(psutil.Process(pid))
-    except psutil.NoSuchProcess:
-        return False
-
-
 def descendants(pid: int) -> list[psutil.Process]:
     try:
         return [p for p in psutil.Process(pid).children(recursive=True) if _alive(p)]
@@ -415,6 +408,21 @@ def test_task_limit_recycles_workers(tmp_path):
     assert len(per_worker) > 1
     assert len(per_worker) >= 17  # 50 tasks, at most 3 per worker
     assert max(per_worker.values()) <= 3, per_worker
+
+
+def test_task_limit_recycling_keeps_the_pool_size(tmp_path):
+    """-w 2: a retiring worker may overlap its successor (4 at most), never a growing crowd."""
+    files = {f"slow{i:03d}": "x\n" for i in range(300)}
+    data = make_tree(tmp_path / "data", files)
+    out = tmp_path / "out"
+    proc = start_run(data, out, "-p", CRASHY, "-w", "2", "--max-tasks-per-child", "10",
+                     env=env_with(CRASHY_SLOW_SECONDS="0.005"))
+    watch = PoolWatch(proc)
+    code, err = finish(proc)
+    watch.join()
+    assert code == 0, err
+    assert_each_once(out, set(files))
+    assert watch.most <= 4, f"-w 2 had up to {watch.most} workers alive at once"
 
 
 # -- 4. records that are not JSON ---------------------------------------------------------------

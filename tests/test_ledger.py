@@ -33,10 +33,7 @@ def row(name: str, size: int = 10, mtime_ns: int = 1_000, offset: int = 0, lengt
 
 def scan(led: Ledger, rows: list[tuple]) -> int:
     """One complete scan that saw exactly `rows`; returns how many tasks became gone."""
-    led.begin_scan()
-    with led.transaction() as conn:
-        led.upsert_scanned(conn, rows)
-    return led.finish_scan()
+    return led.reconcile(rows)[1]
 
 
 def states(led: Ledger) -> dict[str, str]:
@@ -195,9 +192,7 @@ def test_running_task_is_not_marked_gone(ledger):
 
 def test_keep_subtree_protects_an_unreadable_folder(ledger):
     scan(ledger, [row("locked/x"), row("locked/y"), row("other")])
-    ledger.begin_scan()
-    ledger.keep_subtree(b"locked/")
-    assert ledger.finish_scan() == 1
+    assert ledger.reconcile([], keep_prefixes=[b"locked/"]) == (0, 1)
     assert states(ledger) == {"locked/x": "pending", "locked/y": "pending", "other": "gone"}
 
 

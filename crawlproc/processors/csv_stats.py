@@ -46,9 +46,8 @@ import io
 import math
 import operator
 import re
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import count, islice, repeat
+from itertools import repeat
 from typing import Any
 
 from crawlproc.errors import TaskFailed
@@ -60,87 +59,66 @@ MAX_SAMPLES = 5               # malformed rows described per task
 REDUCED_SAMPLES = 10          # ... and in the reduced summary
 _EXACT = float(1 << 53)       # integers below this are exact as floats
 _PENDING_FLUSH = 1 << 20      # values buffered by the many-groups path before folding
+_FOLD = 1 << 15               # floats buffered per column before their exact sum is updated
 
-_WS = " \t\n\x0b\x0c\r"      # what int() and float() strip, among ASCII characters
 _NUM = r"[ \t\n\x0b\x0c\r]*[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?[ \t\n\x0b\x0c\r]*"
 _INT = r"[ \t\n\x0b\x0c\r]*[-+]?[0-9]+[ \t\n\x0b\x0c\r]*"
-_START = r"(?:^|\n)[ \t\n\x0b\x0c\r0-9+.\-]"
-_NUMCHARS = set(_WS + "0123456789+-.eE")
+_is_num = re.compile(_NUM).fullmatch
+_is_int = re.compile(_INT).fullmatch
+_NUMCHARS = " \t\n\x0b\x0c\r0123456789+-.eE"   # the only characters a numeric value can hold
+_NUMBYTES = _NUMCHARS.encode()
 
 
-class _Kind:
-    """Helpers for one value type: the fast path splits `bytes`, the csv module gives `str`."""
-
-    def __init__(self, empty: Any, encode: Any) -> None:
-        self.empty = empty
-        self.nl = encode("\n")
-        self.num = re.compile(encode(_NUM)).fullmatch
-        self.int = re.compile(encode(_INT)).fullmatch
-        self.start = re.compile(encode(_START)).search
-        self.bad_int = [encode("_")]
-        self.bad_float = [encode(c) for c in "_nN"]
-        self.numchars = {encode(c) for c in _NUMCHARS}
-        self.is_bytes = isinstance(empty, bytes)
-
-    def clean(self, values: Sequence, bad: list) -> bool:
-        """True if `values` has no character that int()/float() accept but a literal may not have."""
-        joined = self.empty.join(values)
-        if not self.is_bytes and not joined.isascii():
-            return False
-        return not any(b in joined for b in bad)
-
-    def chars(self, value: Any) -> Iterator[Any]:
-        return (value[i:i + 1] for i in range(len(value))) if self.is_bytes else iter(value)
-
-
-_BYTES = _Kind(b"", str.encode)
-_STR = _Kind("", str)
-
-
-def _kind(values: Sequence) -> _Kind:
-    return _BYTES if isinstance(values[0], bytes) else _STR
+def _clean(values: Sequence[str], bad: str) -> bool:
+    """No value holds a character that int()/float() accept but a decimal literal may not have."""
+    joined = "".join(values)
+    return joined.isascii() and not any(b in joined for b in bad)
 
 
 # -- converting one column ------------------------------------------------------
 
-def _convert(values: Sequence, kind: _Kind) -> tuple[list, list]:
-    """The numeric values of `values`: (integer literals as int, other literals as float)."""
+def _convert(values: Sequence[str], clean: bool = False) -> tuple[list, list, tuple | None]:
+    """The numeric values of `values`: (integer literals as int, other literals as float, bounds).
+
+    `clean` says the values are known to be ASCII without underscores. `bounds`
+    is (min, max) of the floats when already computed, else None.
+    """
     if not values:
-        return [], []
+        return [], [], None
     try:
         ints = list(map(int, values))
     except ValueError:
         pass
     else:
-        if kind.clean(values, kind.bad_int):
-            return ints, []
-        return _convert_slow(values, kind)
+        if clean or _clean(values, "_"):
+            return ints, [], None
+        return _convert_slow(values)
     try:
         floats = list(map(float, values))
     except ValueError:
         pass
     else:
         # All parse as float and one at least is not an integer literal. Integer
-        # literals among them are exact as floats below 2**53.
-        if kind.clean(values, kind.bad_float):
-            if -_EXACT < min(floats) and max(floats) < _EXACT:
-                return [], floats
-            if math.isfinite(sum(floats)) and not any(map(kind.int, values)):
-                return [], floats  # large, but no integer literal that a float would round
-        return _convert_slow(values, kind)
-    if kind.empty in values:
-        values = list(filter(None, values))
-        return _convert(values, kind) if values else ([], [])
-    if _is_text(values, kind):
-        return [], []
-    return _convert_slow(values, kind)
+        # literals among them are exact as floats below 2**53; nan and inf are
+        # not numbers for us (their sum is not finite).
+        if (clean or _clean(values, "_")) and math.isfinite(sum(floats)):
+            lo, hi = min(floats), max(floats)
+            if -_EXACT < lo and hi < _EXACT or not any(map(_is_int, values)):
+                return [], floats, (lo, hi)
+        return _convert_slow(values)
+    if "" in values or "\n" in values:
+        values = [v for v in values if v and v != "\n"]
+        return _convert(values, clean) if values else ([], [], None)
+    if _is_text(values):
+        return [], [], None
+    return _convert_slow(values)
 
 
-def _convert_slow(values: Iterable, kind: _Kind) -> tuple[list, list]:
+def _convert_slow(values: Iterable[str]) -> tuple[list, list, None]:
     ints: list = []
     floats: list = []
-    for text in filter(kind.num, values):
-        if kind.int(text):
+    for text in filter(_is_num, values):
+        if _is_int(text):
             try:
                 ints.append(int(text))
             except ValueError:  # more digits than int() accepts: not a number for us
@@ -149,41 +127,45 @@ def _convert_slow(values: Iterable, kind: _Kind) -> tuple[list, list]:
             value = float(text)
             if math.isfinite(value):
                 floats.append(value)
-    return ints, floats
+    return ints, floats, None
 
 
-def _is_text(values: Sequence, kind: _Kind) -> bool:
-    """A quick 'no value of this column is numeric' (False means: maybe some are)."""
+def _is_text(values: Sequence[str]) -> bool:
+    """A quick 'no value of this column is numeric' (False means: some may be)."""
     if not values:
         return True
+    first = values[0]
     try:
-        float(values[0])
+        float(first)
         return False
     except ValueError:
         pass
-    if not kind.start(kind.nl.join(values)):
-        return True  # no value starts like a number
-    for char in kind.chars(values[0]):
-        if char not in kind.numchars:
-            # every value holding a character a number cannot have
-            return all(map(operator.contains, values, repeat(char)))
-    return False
+    for char in first:
+        if char not in _NUMCHARS:
+            # a character that no number has, in every value?
+            if all(map(operator.contains, values, repeat(char))):
+                return True
+            break
+    # Delete every character a number may hold: a numeric value leaves nothing
+    # between its two separators.
+    joined = ("\0" + "\0".join(values) + "\0").encode("utf-8", "surrogatepass")
+    return b"\0\0" not in joined.translate(None, _NUMBYTES)
 
 
-def _aligned(values: Sequence, kind: _Kind) -> list:
+def _aligned(values: Sequence[str], clean: bool) -> list:
     """One entry per value: int, float, or None (not numeric). For the many-groups path."""
     try:
         ints = list(map(int, values))
-        if kind.clean(values, kind.bad_int):
+        if clean or _clean(values, "_"):
             return ints
     except ValueError:
         pass
     out: list = []
     append = out.append
     for text in values:
-        if not kind.num(text):
+        if not _is_num(text):
             append(None)
-        elif kind.int(text):
+        elif _is_int(text):
             try:
                 append(int(text))
             except ValueError:
@@ -220,38 +202,50 @@ def _int_parts(n: int) -> list[float]:
 class _Column:
     """count/sum/min/max of one column (of one group), exact whatever the order of adds."""
 
-    __slots__ = ("count", "isum", "fparts", "has_float", "min", "max", "overflow")
+    __slots__ = ("count", "isum", "fparts", "pending", "has_float", "min", "max", "overflow")
 
     def __init__(self) -> None:
         self.count = 0
         self.isum = 0
         self.fparts: list[float] = []
+        self.pending: list[float] = []
         self.has_float = False
         self.min: Any = None
         self.max: Any = None
         self.overflow = False
 
-    def add(self, ints: list, floats: list) -> None:
-        for values in (ints, floats):
-            if not values:
-                continue
-            self.count += len(values)
-            lo, hi = min(values), max(values)
-            if self.min is None or lo < self.min:
-                self.min = lo
-            if self.max is None or hi > self.max:
-                self.max = hi
+    def add(self, ints: list, floats: list, bounds: tuple | None = None) -> None:
+        """Add integer literals and other values; `bounds` is (min, max) of `floats` if known."""
         if ints:
+            self.count += len(ints)
+            self._bound(min(ints), max(ints))
             self.isum += sum(ints)
         if floats:
+            self.count += len(floats)
+            self._bound(*(bounds or (min(floats), max(floats))))
             self.has_float = True
             self._add_parts(floats)
 
+    def _bound(self, lo: Any, hi: Any) -> None:
+        if self.min is None or lo < self.min:
+            self.min = lo
+        if self.max is None or hi > self.max:
+            self.max = hi
+
     def _add_parts(self, floats: list) -> None:
-        if self.overflow:
+        # Floats wait in `pending` and are folded into the exact `fparts` in
+        # large batches: the same work per value, far fewer calls.
+        self.pending.extend(floats)
+        if len(self.pending) >= _FOLD:
+            self._fold()
+
+    def _fold(self) -> None:
+        values, self.pending = self.pending, []
+        if self.overflow or not values:
             return
+        values.extend(self.fparts)
         try:
-            self.fparts.extend(_expansion(floats))
+            self.fparts = _expansion(values)
         except OverflowError:
             self.overflow = True
 
@@ -267,12 +261,12 @@ class _Column:
             self.has_float = self.overflow = True
         elif isinstance(total, float) or "sum_parts" in stats:
             self.has_float = True
-            if not self.overflow:
-                self.fparts.extend(stats.get("sum_parts") or [total])
+            self._add_parts(stats.get("sum_parts") or [total])
         else:
             self.isum += total
 
     def result(self, *, parts: bool = True) -> dict:
+        self._fold()
         if not self.has_float:
             return {"count": self.count, "sum": self.isum, "min": self.min, "max": self.max}
         total: float | None
@@ -398,44 +392,56 @@ class _Stats:
         self.names = names
         self.g = group_index
         self.delimiter = delimiter
-        self.bdelim = delimiter.encode()
-        self.groups: dict[Any, _Group] = {}
+        self.groups: dict[str | None, _Group] = {}
         self.malformed = 0
         self.samples: list[dict] = []       # {"line": task line number, "error": ...}
         self.pending: dict[str, dict[int, list]] = {}  # many-groups path: values not yet folded
         self.npending = 0
+        self.clean = False                  # the current block is ASCII without underscores
 
     # -- one block of lines
 
     def feed(self, data: bytes, first_line: int) -> None:
         """Add a block of whole lines; `first_line` is the task line number of its first line."""
-        if b'"' not in data and b"\x00" not in data:
-            cols, n = self._split(data)
-            if cols is not None:
-                self._add(cols, n)
-                return
-        self._feed_csv(data, first_line)
-
-    def _split(self, data: bytes) -> tuple[list | None, int]:
-        """Fields of a quote-free block with bytes methods, if every line is a well-formed row."""
-        if b"\r" in data:
-            if data.count(b"\r") != data.count(b"\r\n"):
-                return None, 0  # a lone CR: the csv module decides
-            data = data.replace(b"\r\n", b"\n")
-        lines = data.split(b"\n")
-        if lines[-1] == b"":
-            lines.pop()
-        ncols = self.ncols
-        if not lines or ncols == 0:
-            return None, 0
-        counts = set(map(bytes.count, lines, repeat(self.bdelim)))
-        if counts != {ncols - 1} or (ncols == 1 and b"" in lines):
-            return None, 0  # blank lines or rows of another width: the csv module decides
-        flat = self.bdelim.join(lines).split(self.bdelim)
-        return [flat[j::ncols] for j in range(ncols)], len(lines)
-
-    def _feed_csv(self, data: bytes, first_line: int) -> None:
+        self.clean = data.isascii() and b"_" not in data
         text = data.decode("utf-8", "replace")
+        if '"' not in text:
+            cols = self._split(text)
+            if cols is not None:
+                self._add(cols)
+                return
+        self._feed_csv(text, first_line)
+
+    def _split(self, text: str) -> list | None:
+        """The columns of a block without quotes, if every line is a row of the header's width.
+
+        The csv module would give the same fields; this is several times faster.
+        The last column keeps each line's "\n" (int() and float() ignore it).
+        """
+        if "\r" in text:
+            if text.count("\r") != text.count("\r\n"):
+                return None  # a lone CR: the csv module decides
+            text = text.replace("\r\n", "\n")
+        if not text.endswith("\n"):
+            text += "\n"
+        ncols, delim = self.ncols, self.delimiter
+        if ncols == 0 or (ncols == 1 and ("\n\n" in text or text.startswith("\n"))):
+            return None  # blank lines: the csv module skips them
+        lines = text.count("\n")
+        fields = text.replace("\n", "\n" + delim).split(delim)
+        fields.pop()  # "" after the last newline
+        if len(fields) != lines * ncols:
+            return None
+        last = fields[ncols - 1::ncols]
+        if "".join(last).count("\n") != lines:
+            return None  # some line has another width: the csv module decides
+        cols = [fields[j::ncols] for j in range(ncols - 1)]
+        cols.append(last)
+        if self.g == ncols - 1:
+            cols[-1] = [v[:-1] for v in last]
+        return cols
+
+    def _feed_csv(self, text: str, first_line: int) -> None:
         reader = csv.reader(io.StringIO(text, newline="\n"), delimiter=self.delimiter)
         rows: list[list[str]] = []
         segments: list[tuple[int, int, bool]] = []  # (first row index, first line, one line per row)
@@ -466,7 +472,7 @@ class _Stats:
                     self._bad(line, f"{len(row)} fields, expected {ncols}")
             rows = good
         if rows:
-            self._add(list(zip(*rows)), len(rows))
+            self._add(list(zip(*rows)))
 
     def _bad(self, line: int | None, error: str) -> None:
         self.malformed += 1
@@ -475,52 +481,51 @@ class _Stats:
 
     # -- statistics of well-formed rows, column-wise
 
-    def _group(self, key: Any) -> _Group:
-        if isinstance(key, bytes):
-            key = key.decode("utf-8", "replace")
+    def _group(self, key: str | None) -> _Group:
         grp = self.groups.get(key)
         if grp is None:
             grp = self.groups[key] = _Group()
         return grp
 
-    def _add(self, cols: list[Sequence], n: int) -> None:
-        kind = _kind(cols[0])
+    def _add(self, cols: list[Sequence[str]]) -> None:
+        n = len(cols[0])
         if self.g is None:
-            self._add_group(self._group(None), cols, range(self.ncols), n, kind)
+            self._add_group(self._group(None), cols, range(self.ncols), n)
             return
         keys = cols[self.g]
         distinct = set(keys)
-        numeric = [j for j in range(self.ncols) if j != self.g and not _is_text(cols[j], kind)]
+        numeric = [j for j in range(self.ncols) if j != self.g and not _is_text(cols[j])]
         if len(distinct) == 1:
-            self._add_group(self._group(keys[0]), cols, numeric, n, kind)
+            self._add_group(self._group(keys[0]), cols, numeric, n)
         elif len(distinct) <= max(64, n // 16):
-            index: dict[Any, list[int]] = {k: [] for k in distinct}
+            # Few groups: the row numbers of each group, then a C-level gather per column.
+            index: dict[str, list[int]] = {k: [] for k in distinct}
             appends = {k: v.append for k, v in index.items()}
-            deque(map(operator.call, map(appends.__getitem__, keys), count()), 0)
+            for i, key in enumerate(keys):
+                appends[key](i)
             for key, rows in index.items():
                 take = operator.itemgetter(*rows)
-                if len(rows) == 1:
-                    sub = [(take(col),) if j in numeric else () for j, col in enumerate(cols)]
-                else:
-                    sub = [take(col) if j in numeric else () for j, col in enumerate(cols)]
-                self._add_group(self._group(key), sub, numeric, len(rows), kind)
+                sub: list[Sequence[str]] = [()] * self.ncols
+                for j in numeric:
+                    sub[j] = take(cols[j]) if len(rows) > 1 else (take(cols[j]),)
+                self._add_group(self._group(key), sub, numeric, len(rows))
         else:
-            self._add_many_groups(cols, keys, numeric, kind)
+            self._add_many_groups(cols, keys, numeric)
 
-    def _add_group(self, grp: _Group, cols: list[Sequence], numeric: Iterable[int], n: int, kind: _Kind) -> None:
+    def _add_group(self, grp: _Group, cols: list[Sequence[str]], numeric: Iterable[int], n: int) -> None:
         grp.rows += n
         for j in numeric:
             if j == self.g:
                 continue
-            ints, floats = _convert(cols[j], kind)
+            ints, floats, bounds = _convert(cols[j], self.clean)
             if ints or floats:
-                grp.column(j).add(ints, floats)
+                grp.column(j).add(ints, floats, bounds)
 
-    def _add_many_groups(self, cols: list[Sequence], keys: Sequence, numeric: list[int], kind: _Kind) -> None:
+    def _add_many_groups(self, cols: list[Sequence[str]], keys: Sequence[str], numeric: list[int]) -> None:
         """Many distinct group values: convert each column once, then a step per row."""
-        values = [(j, _aligned(cols[j], kind)) for j in numeric]
+        values = [(j, _aligned(cols[j], self.clean)) for j in numeric]
         pending = self.pending
-        rows: dict[Any, int] = {}
+        rows: dict[str, int] = {}
         for i, key in enumerate(keys):
             rows[key] = rows.get(key, 0) + 1
             lists = pending.get(key)
@@ -563,27 +568,23 @@ def csv_stats(task: Task) -> dict:
     group_by = task.params.get("group_by") or None
     header = _read_header(task.path, delimiter)
     record: dict[str, Any] = {"path": task.relpath, "offset": task.offset or 0, "rows": 0, "malformed": 0}
+    if group_by:
+        record["group_by"] = group_by
     if header is None:
-        if group_by:
-            record["group_by"] = group_by
-            record["groups"] = {}
-        else:
-            record["columns"] = {}
+        record["groups" if group_by else "columns"] = {}
         return record
-    names = _column_names(header)
     group_index = None
     if group_by:
         if group_by not in header:
             raise TaskFailed(f"csv-stats: group_by column {group_by!r} is not in the header {header!r}")
         group_index = header.index(group_by)
-    stats = _Stats(len(header), names, group_index, delimiter)
+    stats = _Stats(len(header), _column_names(header), group_index, delimiter)
     at_top = not task.offset
     gc_was_enabled = gc.isenabled()
     gc.disable()  # millions of short-lived lists: the cyclic GC would only slow us down
     try:
         line = 1
-        blocks = _blocks(task.path, task.offset, task.length)
-        for data in _whole_records(blocks):
+        for data in _whole_records(_blocks(task.path, task.offset, task.length)):
             if at_top and line == 1:
                 cut = data.find(b"\n") + 1 or len(data)  # the header is not a row
                 data, line = data[cut:], 2
@@ -600,7 +601,6 @@ def csv_stats(task: Task) -> dict:
     if stats.samples:
         record["malformed_samples"] = _locate(task, stats.samples, at_top)
     if group_by:
-        record["group_by"] = group_by
         record["groups"] = {
             key: {"rows": grp.rows, "columns": stats.columns(grp)}
             for key, grp in sorted(stats.groups.items())
@@ -616,7 +616,7 @@ def _whole_records(blocks: Iterator[bytes]) -> Iterator[bytes]:
     pending = b""
     for data in blocks:
         pending = pending + data if pending else data
-        if pending.count(b'"') % 2 == 0:
+        if b'"' not in pending or pending.count(b'"') % 2 == 0:
             yield pending
             pending = b""
     if pending:
