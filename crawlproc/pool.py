@@ -94,6 +94,7 @@ class _Worker:
     retiring: bool = False
     kill_reason: str | None = None
     reported: bool = False
+    replaced: bool = False  # a successor has been started for it
 
     @property
     def pid(self) -> int:
@@ -227,6 +228,7 @@ class WorkerPool:
             self._claimable = False
             return []
         self._started = True
+        _start_forkserver_shielded()
         return [self._spawn() for _ in range(self.options.workers)]
 
     def _wants_work(self, worker: _Worker) -> bool:
@@ -411,14 +413,13 @@ class WorkerPool:
         abnormal = exitcode != 0 or worker.kill_reason
         if abnormal or worker.inflight:
             self._deaths.append((worker, exitcode))
-        if abnormal and not worker.reported and not worker.kill_reason:
-            self._startup_deaths += 1
+        if abnormal and not worker.reported and not worker.kill_reason and not worker.slot[0]:
+            self._startup_deaths += 1  # died before any task: a broken start, not a bad file
             if self._startup_deaths >= MAX_STARTUP_DEATHS:
                 raise CrawlprocError(f"workers keep dying before finishing any batch ({describe_death(exitcode)})")
         if abnormal:
             logger.warning("worker {} {}", worker.pid, worker.kill_reason or describe_death(exitcode))
-        if not self._stopping and not worker.retiring:
-            self._spawn()
+        self._replace(worker)
 
     def _enforce_deadlines(self) -> None:
         if self._retry_due is not None and self.now() >= self._retry_due:
@@ -454,7 +455,13 @@ class WorkerPool:
             worker.conn.send(None)  # it exits after the batches already queued
         except OSError:
             pass
-        if not self._stopping:
+        if len(self.workers) < 2 * self.options.workers:  # else its exit starts the successor
+            self._replace(worker)
+
+    def _replace(self, worker: _Worker) -> None:
+        """Start one successor per worker that retires or dies, never two."""
+        if not worker.replaced and not self._stopping:
+            worker.replaced = True
             self._spawn()
 
     def _kill_all(self, reason: str) -> None:
@@ -538,6 +545,23 @@ class WorkerPool:
             self._last_run_update = now
             info = self.run_info() if self.run_info else None
             self.ledger.update_run(conn, self.run_id, self.result.done, self.result.failed, info)
+
+
+def _start_forkserver_shielded() -> None:
+    """Start the forkserver with SIGINT/SIGTERM ignored (inherited across exec).
+
+    It shares our process group, so a Ctrl-C or a `kill -TERM -PGID` would
+    otherwise kill it, and with it every worker's exit-status channel: live
+    workers would look dead. Stopping is the coordinator's job alone.
+    """
+    from multiprocessing import forkserver
+
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        forkserver.ensure_running()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _importable_module(spec: str) -> list[str]:

@@ -179,6 +179,7 @@ def worker_main(config: WorkerConfig, conn: Any, slot: Any) -> None:
     """Entry point of a worker process (started with forkserver or spawn)."""
     os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when we stop
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the forkserver ignores it; we need not
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     threading.Thread(target=_read_inbox, args=(conn, inbox), daemon=True, name="inbox").start()
     worker = Worker(config, slot)
@@ -187,7 +188,8 @@ def worker_main(config: WorkerConfig, conn: Any, slot: Any) -> None:
         conn.send(report)
         if report.retiring:
             break
-    conn.close()
+    # Return without closing `conn`: the inbox thread would take its own closed
+    # pipe for a dead coordinator. The process exit closes it.
 
 
 def _read_inbox(conn: Any, inbox: queue.SimpleQueue) -> None:

@@ -338,3 +338,24 @@ def test_two_runs_in_one_process(data, tmp_path):
     second = invoke("run", str(data), "-o", str(out), "-w", "1", "--no-progress")
     assert second.exit_code == 0, second.stderr
     assert "0 processed this run" in second.stderr
+
+
+def test_edited_processor_file_is_seen_by_a_second_run_in_one_process(data, tmp_path):
+    """A version bump of a processor file is refused even when the CLI runs twice in one process."""
+    source = tmp_path / "procs" / "versioned.py"
+    source.parent.mkdir()
+    template = ('from crawlproc import processor\n\n\n@processor(version="{v}")\n'
+                'def proc(task):\n    return {{"path": task.relpath, "v": "{v}"}}\n')
+    source.write_text(template.format(v="1"))
+    out = tmp_path / "out"
+    first = invoke("run", str(data), "-o", str(out), "-p", f"{source}:proc", "-w", "1", "--no-progress")
+    assert first.exit_code == 0, first.stderr
+    source.write_text(template.format(v="2"))
+    second = invoke("run", str(data), "-o", str(out), "-p", f"{source}:proc", "-w", "1", "--no-progress")
+    assert_one_line_error(second, 2, "'1'", "'2'")
+    fresh = tmp_path / "fresh-out"
+    third = invoke("run", str(data), "-o", str(fresh), "-p", f"{source}:proc", "-w", "1", "--no-progress")
+    assert third.exit_code == 0, third.stderr
+    summary = json.loads((fresh / "summary.json").read_text())
+    assert summary["processor_version"] == "2"
+    assert {json.loads(line)["v"] for line in (fresh / "merged.jsonl").read_text().splitlines()} == {"2"}

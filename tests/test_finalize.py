@@ -254,3 +254,43 @@ def test_merge_command_reports_damaged_results(job):
     assert pending(out) == same_batch
     assert run_job(options(data, out)).exit_code == 0
     assert (out / "merged.jsonl").read_bytes() == merged
+
+
+# -- byte-range tasks (--chunk-size) ---------------------------------------------------------------
+
+def test_chunked_records_are_merged_by_relpath_then_offset(tmp_path):
+    big = "".join(f"line {i} " + "w " * (i % 7) + "\n" for i in range(200))
+    data = make_tree(tmp_path / "data", {"a.txt": "small\n", "big.log": big, "c.txt": "x y\n"})
+    out = tmp_path / "out"
+    outcome = run_job(options(data, out, processor="sha256", chunk_size=256, workers=2, batch_size=3))
+    assert outcome.exit_code == 0, outcome.message
+    records = [json.loads(line) for line in (out / "merged.jsonl").read_text().splitlines()]
+    keys = [(r["path"], r.get("offset", 0)) for r in records]
+    assert keys == sorted(keys)
+    chunks = [r for r in records if r["path"] == "big.log"]
+    assert [r["offset"] for r in chunks] == list(range(0, len(big), 256))
+    assert sum(r["size"] for r in chunks) == len(big)
+    assert [r["path"] for r in records if r["path"] != "big.log"] == ["a.txt", "c.txt"]
+
+
+def test_chunked_linecount_reduces_to_exact_totals(tmp_path):
+    big = "".join(f"{i} " * (i % 5) + "\n" for i in range(300)) + "tail without newline"
+    files = {"big.txt": big, "crlf.txt": "a b\r\n" * 100, "small.txt": "one\n"}
+    data = make_tree(tmp_path / "data", files)
+    whole = run_job(options(data, tmp_path / "whole"))
+    chunked = run_job(options(data, tmp_path / "chunked", chunk_size=100, workers=2))
+    assert whole.exit_code == chunked.exit_code == 0
+    assert chunked.summary["total"] > whole.summary["total"]  # really split
+    assert chunked.summary["reduced"] == whole.summary["reduced"]
+    assert whole.summary["reduced"]["files"] == len(files)
+
+
+def test_chunked_merged_output_is_identical_across_workers_and_batches(tmp_path):
+    big = "".join(f"row {i}\n" for i in range(400))
+    data = make_tree(tmp_path / "data", {"big.txt": big, "z.txt": "z\n"})
+    outputs = []
+    for i, (workers, batch) in enumerate([(1, None), (2, 1), (2, 5)]):
+        out = tmp_path / f"out{i}"
+        assert run_job(options(data, out, chunk_size=200, workers=workers, batch_size=batch)).exit_code == 0
+        outputs.append((out / "merged.jsonl").read_bytes())
+    assert outputs[0] == outputs[1] == outputs[2]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -171,6 +172,27 @@ def test_new_mtime_same_size_is_processed_again(data, tmp_path):
     assert outcome.summary["timings"]["tasks_done_this_run"] == 1
     assert tasks(out)["a.txt"]["mtime_ns"] == st.st_mtime_ns + 5_000_000_000
     assert merged(out) == first
+
+
+def test_changed_chunked_file_is_planned_anew(tmp_path):
+    data = make_tree(tmp_path / "data", {"big.txt": "".join(f"{i:09d}\n" for i in range(100)), "s.txt": "s\n"})
+    out = tmp_path / "out"
+
+    def big_records() -> list[dict]:
+        return [r for r in records(out) if r["path"] == "big.txt"]
+
+    run = lambda: run_job(RunOptions(data_dir=data, out=out, processor="sha256", workers=2, chunk_size=100))
+    assert run().exit_code == 0
+    assert [r["offset"] for r in big_records()] == list(range(0, 1000, 100))
+    (data / "big.txt").write_text("y" * 249 + "\n")  # shrinks to 3 chunks
+    outcome = run()
+    assert outcome.exit_code == 0
+    assert [(r["offset"], r["size"]) for r in big_records()] == [(0, 100), (100, 100), (200, 50)]
+    assert outcome.summary["timings"]["tasks_done_this_run"] == 3
+    (data / "big.txt").write_text("tiny\n")  # no longer chunked
+    assert run().exit_code == 0
+    assert big_records() == [{"path": "big.txt", "size": 5, "sha256": hashlib.sha256(b"tiny\n").hexdigest()}]
+    assert [r["path"] for r in records(out)] == ["big.txt", "s.txt"]
 
 
 def test_new_file_is_added_to_merged(data, tmp_path):

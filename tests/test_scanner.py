@@ -80,15 +80,67 @@ def test_nested_folders_in_sorted_order_with_sizes_and_mtimes(tmp_path):
     reports: list = []
     entries = list(walk(os.fsencode(root), ScanOptions(), lambda p, r: reports.append((p, r))))
     got = [e.relpath for e in entries]
-    expected = [p.encode() for p in files]
-    assert sorted(got) == sorted(expected)
-    assert len(got) == len(set(got))
-    # Sorted by bytes: either strictly by path, or folder by folder (files first, then subfolders).
-    assert got in (sorted(expected), tree_order(expected)), got
+    # Plain byte order of the relpaths: the ledger's order.
+    assert got == sorted(p.encode() for p in files)
     by_path = {e.relpath: e for e in entries}
     assert by_path[b"b.txt"].size == 2 and by_path[b"a/a.txt"].size == 0
     assert by_path[b"a/z.txt"].mtime_ns == 1_234_567_890_123
     assert reports == []
+
+
+# Names whose bytes sort around '/' (0x2f): a folder's files must come out at the
+# place of "name/..." among its siblings, not at the place of "name".
+TRICKY_PATHS = [b"a b/x", b"a!", b"a-b", b"a-c/d", b"a.txt", b"a/b", b"a/b-c", b"a/b.txt", b"a/b0", b"a/c/d",
+                b"a/c.txt", b"a/c-d/e", b"a0", b"a0b/z", b"aa", b"a\xc3\xa9", b"b/.hidden", b"b/-dash",
+                b"b/~tilde", b"b\xff", b"\xc3\xa9/x"]
+
+
+def _tricky_tree(root: Path) -> list[bytes]:
+    for raw in TRICKY_PATHS:
+        full = os.fsencode(root) + b"/" + raw
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        with open(full, "wb") as f:
+            f.write(raw)
+    return list(TRICKY_PATHS)
+
+
+def test_walk_yields_byte_order_for_names_around_the_slash(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    paths = _tricky_tree(root)
+    assert relpaths(root) == sorted(paths)
+    assert relpaths(root, ScanOptions(follow_symlinks=True)) == sorted(paths)
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 1000])
+def test_rescan_in_slices_of_an_unchanged_tree_changes_nothing(tmp_path, step):
+    root = tmp_path / "data"
+    root.mkdir()
+    paths = _tricky_tree(root)
+    ledger = Ledger(tmp_path / "ledger.db")
+    try:
+        run_scan(ledger, root, step=step)
+        assert states(ledger) == {p: "pending" for p in paths}
+        ledger.conn.execute("UPDATE tasks SET state = 'done', attempts = 1")
+        ledger.conn.execute("CREATE TEMP TABLE updates (id INTEGER)")
+        ledger.conn.execute("CREATE TEMP TRIGGER log_updates AFTER UPDATE ON main.tasks "
+                            "BEGIN INSERT INTO updates VALUES (new.id); END")
+        scan = run_scan(ledger, root, step=step)
+        assert scan.gone == 0 and scan.files == len(paths)
+        assert states(ledger) == {p: "done" for p in paths}
+        assert ledger.conn.execute("SELECT count(*) FROM updates").fetchone()[0] == 0
+        # One file deleted, one changed, one added: exactly those are touched, whatever the slices.
+        os.unlink(os.fsencode(root) + b"/a-b")
+        with open(os.fsencode(root) + b"/a/b.txt", "ab") as f:
+            f.write(b" more")
+        (root / "a,new").write_text("new")
+        scan = run_scan(ledger, root, step=step)
+        assert scan.gone == 1
+        expected = {p: "done" for p in paths}
+        expected.update({b"a-b": "gone", b"a/b.txt": "pending", b"a,new": "pending"})
+        assert states(ledger) == expected
+    finally:
+        ledger.close()
 
 
 def test_walk_is_deterministic_and_yields_posix_relpaths(tmp_path):
@@ -144,6 +196,7 @@ def test_symlinks_are_not_followed_by_default(linked_tree):
 
 def test_follow_symlinks_inside_yes_outside_no_loops_detected(linked_tree):
     got, reports, _ = collect(linked_tree, ScanOptions(follow_symlinks=True))
+    assert got == sorted(got)
     assert set(got) == {b"top.txt", b"real/file.txt", b"link_to_file", b"link_to_dir/file.txt"}
     assert len(got) == len(set(got))
     reported = {path: reason for path, reason in reports}

@@ -77,11 +77,12 @@ def _clean(values: Sequence[str], bad: str) -> bool:
 
 # -- converting one column ------------------------------------------------------
 
-def _convert(values: Sequence[str], clean: bool = False) -> tuple[list, list, tuple | None]:
+def _convert(values: Sequence[str], clean: bool = False, whole: bool = False) -> tuple[list, list, tuple | None]:
     """The numeric values of `values`: (integer literals as int, other literals as float, bounds).
 
     `clean` says the values are known to be ASCII without underscores. `bounds`
-    is (min, max) of the floats when already computed, else None.
+    is (min, max) of the floats when already computed, else None. With `whole`,
+    only the fast paths are tried (every value numeric): else ([], [], None).
     """
     if not values:
         return [], [], None
@@ -92,7 +93,7 @@ def _convert(values: Sequence[str], clean: bool = False) -> tuple[list, list, tu
     else:
         if clean or _clean(values, "_"):
             return ints, [], None
-        return _convert_slow(values)
+        return ([], [], None) if whole else _convert_slow(values)
     try:
         floats = list(map(float, values))
     except ValueError:
@@ -105,7 +106,9 @@ def _convert(values: Sequence[str], clean: bool = False) -> tuple[list, list, tu
             lo, hi = min(floats), max(floats)
             if -_EXACT < lo and hi < _EXACT or not any(map(_is_int, values)):
                 return [], floats, (lo, hi)
-        return _convert_slow(values)
+        return ([], [], None) if whole else _convert_slow(values)
+    if whole:
+        return [], [], None
     if "" in values or "\n" in values:
         values = [v for v in values if v and v != "\n"]
         return _convert(values, clean) if values else ([], [], None)
@@ -498,19 +501,45 @@ class _Stats:
         if len(distinct) == 1:
             self._add_group(self._group(keys[0]), cols, numeric, n)
         elif len(distinct) <= max(64, n // 16):
-            # Few groups: the row numbers of each group, then a C-level gather per column.
-            index: dict[str, list[int]] = {k: [] for k in distinct}
-            appends = {k: v.append for k, v in index.items()}
-            for i, key in enumerate(keys):
-                appends[key](i)
-            for key, rows in index.items():
-                take = operator.itemgetter(*rows)
-                sub: list[Sequence[str]] = [()] * self.ncols
-                for j in numeric:
-                    sub[j] = take(cols[j]) if len(rows) > 1 else (take(cols[j]),)
-                self._add_group(self._group(key), sub, numeric, len(rows))
+            self._add_few_groups(cols, keys, distinct, numeric)
         else:
             self._add_many_groups(cols, keys, numeric)
+
+    def _add_few_groups(self, cols: list[Sequence[str]], keys: Sequence[str], distinct: set,
+                        numeric: list[int]) -> None:
+        """Few group values: convert each column whole, then gather each group's numbers.
+
+        Converting the block's column in one go is much faster than converting
+        each group's share: the strings are read in the order they were made.
+        """
+        converted = []
+        for j in numeric:
+            ints, floats, bounds = _convert(cols[j], self.clean, whole=True)
+            # every value numeric: gather numbers; else gather strings and convert per group
+            converted.append((j, ints or floats or None, bool(floats)))
+        index: dict[str, list[int]] = {k: [] for k in distinct}
+        appends = {k: v.append for k, v in index.items()}
+        for i, key in enumerate(keys):
+            appends[key](i)
+        for key, rows in index.items():
+            grp = self._group(key)
+            grp.rows += len(rows)
+            take = operator.itemgetter(*rows)
+            single = len(rows) == 1
+            for j, values, is_float in converted:
+                if values is None:
+                    strings = (take(cols[j]),) if single else take(cols[j])
+                    ints, floats, bounds = _convert(strings, self.clean)
+                elif not is_float:
+                    ints, floats, bounds = ((take(values),) if single else take(values)), (), None
+                else:
+                    floats, ints, bounds = ((take(values),) if single else take(values)), (), None
+                    col = cols[j]
+                    if _is_int(col[rows[0]]) and all(map(_is_int, map(col.__getitem__, rows))):
+                        # this group has integer literals only: exact ints, as a lone group would
+                        ints, floats = [int(col[i]) for i in rows], ()
+                if ints or floats:
+                    grp.column(j).add(ints, floats, bounds)
 
     def _add_group(self, grp: _Group, cols: list[Sequence[str]], numeric: Iterable[int], n: int) -> None:
         grp.rows += n
