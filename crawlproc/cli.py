@@ -8,6 +8,7 @@ commands, so `crawlproc --help` starts fast.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -48,9 +49,13 @@ class CrawlprocGroup(click.Group):
         except KeyboardInterrupt:
             _fail("crawlproc: interrupted; run the same command again to resume", 130)
         except sqlite3.DatabaseError as exc:
+            if "full" in str(exc):
+                _fail(f"crawlproc: OUT's disk is full ({exc}); free some space and run again to resume", 1)
             _fail(f"crawlproc: the ledger cannot be used ({exc}); is OUT/ledger.db damaged?", 2)
         except OSError as exc:
-            _fail(f"crawlproc: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", 1)
+            where = f": {exc.filename}" if exc.filename else ""
+            hint = "; free some space and run again to resume" if exc.errno == errno.ENOSPC else ""
+            _fail(f"crawlproc: {exc.strerror or exc}{where}{hint}", 1)
         except Exception as exc:
             if os.environ.get("CRAWLPROC_DEBUG"):
                 raise

@@ -433,16 +433,16 @@ def test_non_utf8_file_name_is_processed_and_merged_is_valid_utf8(tmp_path):
     ok(status_result)
 
 
-def test_include_and_exclude(data, tmp_path):
-    out = tmp_path / "out-include"
-    ok(crawl(data, out, "-w", "1", "--include", "*.txt"))
-    assert [r["path"] for r in records(out)] == ["a.txt", "b/c.txt", "empty.txt"]
-    out = tmp_path / "out-exclude"
-    ok(crawl(data, out, "-w", "1", "--exclude", "b", "--exclude", "*.csv"))
-    assert [r["path"] for r in records(out)] == ["a.txt", "empty.txt"]
-    out = tmp_path / "out-both"
-    ok(crawl(data, out, "-w", "1", "--include", "*.txt", "--include", "*.log", "--exclude", "b/d/*"))
-    assert [r["path"] for r in records(out)] == ["a.txt", "b/c.txt", "empty.txt"]
+@pytest.mark.parametrize("args,expected", [
+    (["--include", "*.txt"], ["a.txt", "b/c.txt", "empty.txt"]),
+    (["--exclude", "b", "--exclude", "*.csv"], ["a.txt", "empty.txt"]),
+    (["--include", "*.txt", "--include", "*.log", "--exclude", "b/d/*"], ["a.txt", "b/c.txt", "empty.txt"]),
+])
+def test_include_and_exclude(data, tmp_path, args, expected):
+    out = tmp_path / "out"
+    ok(crawl(data, out, "-w", "1", *args))
+    assert [r["path"] for r in records(out)] == expected
+    assert summary(out)["total"] == len(expected)
 
 
 def test_empty_data_dir_is_a_clean_run(tmp_path):

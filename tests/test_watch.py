@@ -521,12 +521,16 @@ def test_merge_interval_and_status_while_watching(dirs, proc_spec):
         assert isinstance(info["watching_since"], float) and info["watching_since"] <= time.time()
         assert isinstance(info["queue_depth"], int) and info["queue_depth"] >= 0
         assert info["watching_since"] <= info["last_event"] <= time.time()
-        # The last event of a quiet watcher is the last file written: status must say so.
+        # Two files in quick succession, then quiet: status must show the second one's
+        # event (the first one's turn may just have written the run's info).
+        write_file(data / "later1.txt", "later\n")
+        wait_until(lambda: state_of(out, "later1.txt") == "done", "later1.txt processed", watch=w, interval=0.01)
         t_write = time.time()
-        write_file(data / "later.txt", "later\n")
-        wait_until(lambda: state_of(out, "later.txt") == "done", "later.txt processed", watch=w)
+        write_file(data / "later2.txt", "later\n")
+        wait_until(lambda: state_of(out, "later2.txt") == "done", "later2.txt processed", watch=w, interval=0.01)
         wait_until(lambda: (status_json(out)["last_run"]["watch"] or {}).get("last_event", 0) >= t_write,
-                   "status to show the newest event", timeout=5, watch=w)
+                   "status to show the newest event once the watcher is quiet", timeout=5, watch=w)
+        assert status_json(out)["last_run"]["done"] >= 6  # _started, m0-m2, later1, later2
         human = run_cli("status", "-o", str(out), timeout=30)
         assert human.returncode == 0 and "watching since" in human.stdout, human.stdout + human.stderr
         assert w.stop() == 0

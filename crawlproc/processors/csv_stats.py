@@ -54,12 +54,12 @@ from crawlproc.errors import TaskFailed
 from crawlproc.processors.base import processor
 from crawlproc.task import Task
 
-BLOCK_SIZE = 1 << 17          # bytes per block: small enough to stay in the CPU caches
+BLOCK_SIZE = 1 << 16          # bytes per block: small enough to stay in the CPU caches
 MAX_SAMPLES = 5               # malformed rows described per task
 REDUCED_SAMPLES = 10          # ... and in the reduced summary
 _EXACT = float(1 << 53)       # integers below this are exact as floats
 _PENDING_FLUSH = 1 << 20      # values buffered by the many-groups path before folding
-_FOLD = 1 << 15               # floats buffered per column before their exact sum is updated
+_FOLD = 1 << 12               # floats buffered per column before their exact sum is updated
 
 _NUM = r"[ \t\n\x0b\x0c\r]*[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?[ \t\n\x0b\x0c\r]*"
 _INT = r"[ \t\n\x0b\x0c\r]*[-+]?[0-9]+[ \t\n\x0b\x0c\r]*"
