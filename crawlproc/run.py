@@ -119,8 +119,8 @@ class _Job:
 def _open_job(options: RunOptions, command: str) -> Iterator[_Job]:
     """Check paths, lock OUT, open the ledger, check identity, recover a dead run's leftovers."""
     check_data_dir(options.data_dir)
+    processor = load(options.processor)  # before OUT exists: a typo in -p leaves nothing behind
     prepare_out(options.out)
-    processor = load(options.processor)
     with OutLock(options.out):
         logs.add_file_sink(options.out)
         ledger = Ledger(options.out / LEDGER_NAME, durable=options.durable)
@@ -131,6 +131,8 @@ def _open_job(options: RunOptions, command: str) -> Iterator[_Job]:
             _recover(options.out, ledger)
             if options.retry_failed:
                 logger.info("--retry-failed: {} failed tasks back to pending", ledger.retry(include_done=False))
+            logger.debug("{} {} -> {}: processor {} v{}, {} workers", command, options.data_dir, options.out,
+                         identity["processor"], processor.version, options.workers)
             yield _Job(options, ledger, processor, identity, ledger.start_run(command, os.getpid()))
         finally:
             ledger.close()
@@ -206,6 +208,8 @@ def _finish(job: _Job, pool_result: PoolResult, merged: MergeOutcome | None, exi
     summary = write_summary(job.options.out, job.ledger, job.processor, job.identity, merged,
                             _timings(job, pool_result))
     job.ledger.finish_run(job.run_id, exit_code, pool_result.done, pool_result.failed)
+    logger.debug("finished with exit code {}: {} done, {} failed this run; counts {}", exit_code,
+                 pool_result.done, pool_result.failed, summary["counts"])
     return RunOutcome(exit_code, summary, pool_result, pool_result.message)
 
 

@@ -118,12 +118,16 @@ def _import_file(path: str) -> Any:
     # A stable module name per file, so a worker and the coordinator agree and
     # records that reference module-level classes still pickle.
     name = "crawlproc_user_" + hashlib.sha1(path.encode()).hexdigest()[:12]
-    if name in sys.modules:
-        return sys.modules[name]
+    st = os.stat(path)
+    stamp = (st.st_mtime_ns, st.st_size)
+    cached = sys.modules.get(name)
+    if cached is not None and getattr(cached, "__crawlproc_stamp__", None) == stamp:
+        return cached  # else the file was edited since: load it again, as a worker would
     module_spec = importlib.util.spec_from_file_location(name, path)
     if module_spec is None or module_spec.loader is None:
         raise ProcessorLoadError(f"cannot load processor file {path}")
     module = importlib.util.module_from_spec(module_spec)
+    module.__crawlproc_stamp__ = stamp
     sys.modules[name] = module
     try:
         module_spec.loader.exec_module(module)
