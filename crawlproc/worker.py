@@ -32,6 +32,7 @@ from crawlproc.task import Task, relpath_for_processors
 DONE, FAILED, CHANGED, GONE, RETURNED = "done", "failed", "changed", "gone", "returned"
 
 _ENCODER = json.JSONEncoder(allow_nan=False)
+MEMORY_CHECK_SECONDS = 0.01
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ class Worker:
         self.slot = slot if slot is not None else [0, 0]
         self.out = Path(config.out)
         self.pid = os.getpid()
+        self._process: Any = None  # psutil.Process, made on first use
+        self._memory_checked = float("-inf")
 
     def run_batch(self, batch: WorkBatch) -> BatchReport:
         chunks: list[bytes] = []
@@ -134,11 +137,22 @@ class Worker:
         return (task_id, FAILED, (describe_exception(exc), traceback.format_exc()), elapsed)
 
     def _over_memory(self) -> bool:
+        """RSS past --max-memory-per-child? Read at most every MEMORY_CHECK_SECONDS.
+
+        A reading costs about as much as a tiny task, so back-to-back tiny tasks
+        share one; a task that ran that long is always followed by a reading.
+        """
         if not self.config.max_memory:
             return False
-        import psutil
+        now = time.perf_counter()
+        if now - self._memory_checked < MEMORY_CHECK_SECONDS:
+            return False
+        self._memory_checked = now
+        if self._process is None:
+            import psutil
 
-        return psutil.Process().memory_info().rss > self.config.max_memory
+            self._process = psutil.Process()
+        return self._process.memory_info().rss > self.config.max_memory
 
     def _write(self, batch_id: int, chunks: list[bytes]) -> str | None:
         try:
