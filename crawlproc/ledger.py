@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -221,6 +221,7 @@ class Ledger:
         hi: bytes | None = None,
         held: Iterable[bytes] = (),
         keep_prefixes: Iterable[bytes] = (),
+        keep: Callable[[bytes], bool] | None = None,
         mark_gone: bool = True,
         chunked: bool = False,
     ) -> tuple[int, int]:
@@ -230,8 +231,9 @@ class Ledger:
         mtime_ns) of every file seen in that range. New or changed files are
         upserted; unchanged ones are not written at all (a no-op rerun stays
         cheap). With `mark_gone`, files of the range that were not seen, not
-        `held` back, and not under an unreadable folder (`keep_prefixes`)
-        become gone. None bounds are open. Returns (tasks written, files gone).
+        `held` back, not under an unreadable folder (`keep_prefixes`) and not
+        ignored on purpose (`keep(path)`) become gone. None bounds are open.
+        Returns (tasks written, files gone).
         """
         existing = self._live_tasks_between(lo, hi)
         planned: dict[bytes, list[tuple]] = {}
@@ -243,8 +245,8 @@ class Ledger:
                 changed.extend(plan)
         for path in held:
             existing.pop(path, None)
-        keep = tuple(keep_prefixes)
-        gone = [p for p in existing if not p.startswith(keep)] if mark_gone else []
+        prefixes = tuple(keep_prefixes)
+        gone = [p for p in existing if not p.startswith(prefixes) and not (keep and keep(p))] if mark_gone else []
         if changed or gone:
             with self.transaction() as conn:
                 self.upsert_scanned(conn, changed, chunked=chunked)

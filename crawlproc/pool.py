@@ -141,9 +141,17 @@ class WorkerPool:
         self._startup_deaths = 0
         self._started = False
         self._last_run_update = 0.0
+        self._last_run_state: tuple | None = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self.source: WorkSource | None = None
+
+    def batches_in_flight(self) -> tuple[set[int], int]:
+        """Ids of batches whose result files may be written or not yet recorded, and the next id."""
+        ids = {b.batch_id for w in self.workers for b in w.inflight}
+        ids |= {report.batch_id for _, report in self._reports}
+        ids |= {b.batch_id for w, _ in self._deaths for b in w.inflight}
+        return ids, self._next_batch
 
     def poke(self) -> None:
         """Something outside the pool put tasks back to pending: look again."""
@@ -160,9 +168,10 @@ class WorkerPool:
                 self._send(self._commit_turn())
                 if self._finished():
                     break
+                self.on_turn()  # here every report received so far is in the ledger
                 self._wait()
                 self.on_progress(self.stats())
-                self.on_turn()
+                self._heartbeat()
         finally:
             self._shutdown()
             self._restore_signal_handlers(previous)
@@ -199,40 +208,41 @@ class WorkerPool:
 
     # -- one transaction per turn ----------------------------------------------
     def _commit_turn(self) -> list[tuple[_Worker, WorkBatch]]:
-        idle = [w for w in self.workers if self._wants_work(w)]
+        """Apply what arrived and claim for every worker with room, in one transaction."""
         starting = not self._started and self._claimable and not self._stopping
-        if not (self._reports or self._deaths or (idle and self._claimable) or starting):
+        room = self._claimable and any(self._wants_work(w) for w in self.workers)
+        if not (self._reports or self._deaths or room or starting):
             return []
         batches = []
         with self.ledger.transaction() as conn:
             if starting:
-                idle = self._start_workers_if_work(conn)
+                self._start_workers_if_work(conn)
             for worker, report in self._reports:
                 self._apply_report(conn, worker, report)
             for worker, exitcode in self._deaths:
                 self._apply_death(conn, worker, exitcode)
             self._reports.clear()
             self._deaths.clear()
-            for worker in idle:
-                if self._stopping or not self._claimable:
-                    break
-                batch = self._claim(conn, worker)
-                if batch is not None:
-                    batches.append((worker, batch))
-            self._maybe_update_run(conn)
+            for worker in list(self.workers):  # after the reports: who has room now
+                while self._claimable and not self._stopping and self._wants_work(worker):
+                    batch = self._claim(conn, worker)
+                    if batch is not None:
+                        batches.append((worker, batch))
         return batches
 
-    def _start_workers_if_work(self, conn: Any) -> list[_Worker]:
+    def _start_workers_if_work(self, conn: Any) -> None:
         """Workers start only once there is something to do: a no-op rerun costs no processes."""
         if not self.ledger.has_claimable(conn, self.now()):
             self._claimable = False
-            return []
+            return
         self._started = True
         _start_forkserver_shielded()
-        return [self._spawn() for _ in range(self.options.workers)]
+        for _ in range(self.options.workers):
+            self._spawn()
 
     def _wants_work(self, worker: _Worker) -> bool:
-        return not worker.retiring and len(worker.inflight) < PIPELINE and worker.process.is_alive()
+        return (not worker.retiring and len(worker.inflight) < PIPELINE
+                and worker.tasks_sent < self.options.max_tasks_per_child and worker.process.is_alive())
 
     def _claim(self, conn: Any, worker: _Worker) -> WorkBatch | None:
         budget = self.options.max_tasks_per_child - worker.tasks_sent
@@ -539,12 +549,17 @@ class WorkerPool:
             "running": len(self._claimed),
         }
 
-    def _maybe_update_run(self, conn: Any) -> None:
+    def _heartbeat(self) -> None:
+        """Refresh this run's row (for `crawlproc status`) at most once a second, when it changed."""
         now = time.monotonic()
-        if self.run_id is not None and now - self._last_run_update >= RUN_UPDATE_SECONDS:
-            self._last_run_update = now
-            info = self.run_info() if self.run_info else None
-            self.ledger.update_run(conn, self.run_id, self.result.done, self.result.failed, info)
+        if self.run_id is None or now - self._last_run_update < RUN_UPDATE_SECONDS:
+            return
+        state = (self.result.done, self.result.failed, self.run_info() if self.run_info else None)
+        if state != self._last_run_state:
+            with self.ledger.transaction() as conn:
+                self.ledger.update_run(conn, self.run_id, *state)
+            self._last_run_state = state
+        self._last_run_update = now
 
 
 def _start_forkserver_shielded() -> None:

@@ -76,12 +76,19 @@ def remove_temp_files(out: Path) -> int:
     return removed
 
 
-def remove_unreferenced(out: Path, live_batch_ids: set[int]) -> int:
-    """Delete result files that no done task refers to any more (superseded or orphaned)."""
+def remove_unreferenced(out: Path, live_batch_ids: set[int], *, keep_from: int | None = None) -> int:
+    """Delete result files that no done task refers to any more (superseded or orphaned).
+
+    While workers run, pass the in-flight batch ids in `live_batch_ids` and the
+    next batch id to be handed out as `keep_from`: those files may be written now.
+    """
     removed = 0
     for path in _files_under(out / RESULTS_DIR, recursive=True):
         match = _RESULT_NAME.match(path.name)
-        if match and int(match.group(1)) not in live_batch_ids:
+        if not match:
+            continue
+        batch_id = int(match.group(1))
+        if batch_id not in live_batch_ids and (keep_from is None or batch_id < keep_from):
             _unlink_quietly(path)
             removed += 1
     return removed

@@ -199,6 +199,10 @@ class _PeriodicMerge:
         merged = _merge(self.job)
         if merged.damaged and self.pool is not None:
             self.pool.poke()
+        if not merged.unchanged:  # superseded results of files processed again
+            in_flight, next_batch = self.pool.batches_in_flight() if self.pool else (set(), None)
+            remove_unreferenced(self.job.options.out, self.job.ledger.live_batch_ids() | in_flight,
+                                keep_from=next_batch)
         write_summary(self.job.options.out, self.job.ledger, self.job.processor, self.job.identity, merged,
                       _timings(self.job, self.pool.result if self.pool else PoolResult()))
         return merged

@@ -40,6 +40,9 @@ class ScanOptions:
     follow_symlinks: bool = False
     skip_dirs: frozenset[tuple[int, int]] = field(default_factory=frozenset)  # (st_dev, st_ino), e.g. OUT
     chunk_size: int | None = None  # files larger than this become byte-range tasks
+    # Skipped like --exclude, but tasks an earlier run made of such files are kept,
+    # not marked gone (watch mode's temp names: `run` may have processed them).
+    ignore: Sequence[str] = ()
 
 
 class PathFilter:
@@ -96,8 +99,8 @@ def walk(
     to `unreadable`, so their files are not mistaken for deleted ones.
     """
     report = on_skip or (lambda relpath, reason: None)
-    paths = PathFilter(options.include, options.exclude)
-    filtering = bool(options.include or options.exclude)
+    paths = PathFilter(options.include, (*options.exclude, *options.ignore))
+    filtering = bool(options.include or options.exclude or options.ignore)
     follow = options.follow_symlinks
     real_root = os.path.realpath(root)
     skip_inodes = {ino for _, ino in options.skip_dirs}
@@ -275,6 +278,7 @@ class Scan:
         self._chunk_size = options.chunk_size
         self._hold_back = hold_back
         self._lo: bytes | None = start or None  # every path under `start` sorts after it
+        self._ignored = PathFilter((), options.ignore) if options.ignore else None
         self.files = 0
         self.held = 0
         self.finished = False
@@ -309,7 +313,8 @@ class Scan:
                 rows.extend(task_rows(entry, self._chunk_size))
         _, gone = self._ledger.reconcile(
             rows, lo=self._lo, hi=hi, held=held, keep_prefixes=self._unreadable,
-            mark_gone=self.full, chunked=bool(self._chunk_size),
+            keep=self._is_ignored if self._ignored else None, mark_gone=self.full,
+            chunked=bool(self._chunk_size),
         )
         self._lo = hi
         self.gone += gone
@@ -317,3 +322,9 @@ class Scan:
         self.held += len(held)
         self.finished = last_slice
         return len(entries)
+
+    def _is_ignored(self, relpath: bytes) -> bool:
+        """Is this path, or one of its folders, left out by `ignore` patterns?"""
+        parts = os.fsdecode(relpath).split("/")
+        return any(self._ignored.prunes_dir("/".join(parts[:depth]), parts[depth - 1])
+                   for depth in range(1, len(parts) + 1))

@@ -112,9 +112,8 @@ class Watcher:
         self.out_prefix = out_relpath + b"/" if out_relpath else None
         self.on_skip = on_skip
         self.monotonic, self.wall = monotonic, wall
-        self.scan_options = dataclasses.replace(
-            scan_options, exclude=tuple(scan_options.exclude) + TEMP_NAME_PATTERNS)
-        self.paths = PathFilter(self.scan_options.include, self.scan_options.exclude)
+        self.scan_options = dataclasses.replace(scan_options, ignore=TEMP_NAME_PATTERNS)
+        self.paths = PathFilter(scan_options.include, (*scan_options.exclude, *TEMP_NAME_PATTERNS))
         self.files = 0
         self.stats: dict[str, Any] = {"watching_since": wall(), "last_event": None, "events": 0, "rescans": 0}
         self._events: queue.SimpleQueue = queue.SimpleQueue()
@@ -224,7 +223,8 @@ class Watcher:
             self.stats["events"] += 1
             self.stats["last_event"] = self.wall()
             if kind == "dir_new":
-                self._start_scan(relpath + b"/")  # it may already hold files we got no event for
+                if self._folder_wanted(relpath):
+                    self._start_scan(relpath + b"/")  # it may already hold files we got no event for
             elif kind == "dir_gone":
                 gone_dirs.append(relpath + b"/")
             elif kind == "gone":
@@ -237,23 +237,41 @@ class Watcher:
                 self.ledger.mark_paths_gone(conn, gone_files, gone_dirs)
         return 0
 
+    def _folder_wanted(self, relpath: bytes) -> bool:
+        """False when the folder or one of its parents is excluded (a scan would prune it)."""
+        parts = os.fsdecode(relpath).split("/")
+        return not any(self.paths.prunes_dir("/".join(parts[:depth]), parts[depth - 1])
+                       for depth in range(1, len(parts) + 1))
+
     def _wanted(self, relpath: bytes) -> bool:
         """The same choice a scan makes: no file in a pruned folder, no excluded or temp name."""
-        parts = os.fsdecode(relpath).split("/")
-        for depth in range(1, len(parts)):
-            if self.paths.prunes_dir("/".join(parts[:depth]), parts[depth - 1]):
-                return False
-        return self.paths.wants_file("/".join(parts), parts[-1])
+        parent, _, name = relpath.rpartition(b"/")
+        if parent and not self._folder_wanted(parent):
+            return False
+        return self.paths.wants_file(os.fsdecode(relpath), os.fsdecode(name))
 
-    def _note_change(self, relpath: bytes, *, ready: bool) -> None:
+    def _note_change(self, relpath: bytes, *, ready: bool, entry: FileEntry | None = None) -> None:
+        """A file may have changed: look at it again when it could have settled.
+
+        `entry` (from a scan) gives its stat already, so it counts as unchanged
+        since its mtime rather than since now.
+        """
         now = self.monotonic()
         candidate = self._candidates.get(relpath)
         if candidate is None:
             candidate = self._candidates[relpath] = _Candidate(-1, -1, now, ready)
         candidate.ready = candidate.ready or ready
-        if not ready:
+        if entry is not None:
+            candidate.size, candidate.mtime_ns = entry.size, entry.mtime_ns
+            candidate.stable_since = self._mono_of_mtime(entry.mtime_ns, now)
+        elif not ready:
             candidate.stable_since = now
-        heapq.heappush(self._due, (now if candidate.ready else now + self.settle, relpath))
+        due = now if candidate.ready else candidate.stable_since + self.settle
+        heapq.heappush(self._due, (due, relpath))
+
+    def _mono_of_mtime(self, mtime_ns: int, now: float) -> float:
+        """A file's mtime on our monotonic clock (never later than now)."""
+        return now - max(0.0, self.wall() - mtime_ns / 1e9)
 
     def _next_due(self) -> float:
         return self._due[0][0] if self._due else float("inf")
@@ -290,7 +308,9 @@ class Watcher:
         if candidate.ready:
             return entry
         if (st.st_size, st.st_mtime_ns) != (candidate.size, candidate.mtime_ns):
-            candidate.size, candidate.mtime_ns, candidate.stable_since = st.st_size, st.st_mtime_ns, now
+            # First look, or it changed since the last one: unchanged since its mtime.
+            candidate.size, candidate.mtime_ns = st.st_size, st.st_mtime_ns
+            candidate.stable_since = self._mono_of_mtime(st.st_mtime_ns, now)
         if now - candidate.stable_since >= self.settle:
             return entry
         heapq.heappush(self._due, (candidate.stable_since + self.settle, relpath))
@@ -310,7 +330,7 @@ class Watcher:
         """A scan in watch mode must not hand out a file that may still be written."""
         if self.wall() - entry.mtime_ns / 1e9 >= self.settle:
             return False
-        self._note_change(entry.relpath, ready=False)
+        self._note_change(entry.relpath, ready=False, entry=entry)
         return True
 
     def _step_scans(self, max_files: int) -> int:

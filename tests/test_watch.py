@@ -494,7 +494,8 @@ def test_burst_of_20000_files_all_processed_exactly_once(dirs, proc_spec):
     assert {p for p in merged(out) if p.startswith("burst/") and not p.endswith("/_first.txt")} == set(names)
     counted = calls(w.log)
     wrong = [p for p in names if counted[p] != 1]
-    assert not wrong, f"{len(wrong)} burst files not processed exactly once, e.g. {[(p, counted[p]) for p in wrong[:5]]}"
+    assert not wrong, (f"{len(wrong)} burst files not processed exactly once, "
+                       f"e.g. {[(p, counted[p]) for p in wrong[:5]]}")
     assert "Traceback" not in stderr, stderr[-3000:]
 
 

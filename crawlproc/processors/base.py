@@ -70,15 +70,22 @@ def processor(func: Callable[..., Any] | None = None, /, *, version: str = "1") 
 
 
 def normalise_spec(spec: str) -> str:
-    """Make a spec independent of the current directory (files become absolute)."""
-    from crawlproc.processors import BUILTINS
+    """Make a spec independent of the current directory (files become absolute).
+
+    Built-in and plugin names stay names (a plugin is looked up only when the
+    name is not a built-in).
+    """
+    from crawlproc.processors import BUILTINS, find_plugin
 
     if spec in BUILTINS:
         return spec
     target, sep, func = spec.rpartition(":")
+    if not sep:
+        if spec and find_plugin(spec) is not None:
+            return spec
     if not sep or not target or not func:
         raise ProcessorLoadError(
-            f"processor {spec!r} is not a built-in name, 'package.module:function' "
+            f"processor {spec!r} is not a built-in or plugin name, 'package.module:function' "
             "or 'path/to/file.py:function' (see `crawlproc processors`)"
         )
     if target.endswith(".py") or os.sep in target:
@@ -88,9 +95,14 @@ def normalise_spec(spec: str) -> str:
 
 def load(spec: str) -> Processor:
     """Import the processor named by `spec` (already normalised or not)."""
-    from crawlproc.processors import BUILTINS
+    from crawlproc.processors import BUILTINS, find_plugin
 
-    spec = BUILTINS.get(spec, spec)
+    if spec in BUILTINS:
+        spec = BUILTINS[spec]
+    elif ":" not in spec and spec:
+        entry_point = find_plugin(spec)
+        if entry_point is not None:
+            return _load_plugin(spec, entry_point)
     spec = normalise_spec(spec)
     target, _, func_name = spec.rpartition(":")
     module = _import_file(target) if target.endswith(".py") else _import_module(target)
@@ -102,6 +114,21 @@ def load(spec: str) -> Processor:
         return obj
     if not callable(obj):
         raise ProcessorLoadError(f"processor {spec!r} is not callable")
+    return Processor(obj)
+
+
+def _load_plugin(name: str, entry_point: Any) -> Processor:
+    """The processor of an entry point in the group `crawlproc.processors`."""
+    try:
+        obj = entry_point.load()
+    except Exception as exc:
+        raise ProcessorLoadError(
+            f"cannot load plugin processor {name!r} ({entry_point.value}): {exc!r}"
+        ) from None
+    if isinstance(obj, Processor):
+        return obj
+    if not callable(obj):
+        raise ProcessorLoadError(f"plugin processor {name!r} ({entry_point.value}) is not callable")
     return Processor(obj)
 
 

@@ -282,7 +282,8 @@ class _Column:
                 total = exact[0] if exact else 0.0
             except OverflowError:
                 total = None
-        out = {"count": self.count, "sum": total, "min": float(self.min), "max": float(self.max)}
+        # `+ 0.0` turns -0.0 into 0.0: which zero comes first must not matter
+        out = {"count": self.count, "sum": total, "min": float(self.min) + 0.0, "max": float(self.max) + 0.0}
         if total is None:
             out["overflow"] = True
         elif parts and len(exact) > 1:
@@ -316,11 +317,12 @@ def _span_start(f: Any, offset: int | None) -> int:
     return offset + len(f.readline())
 
 
-def _blocks(path: str, offset: int | None, length: int | None, size: int = BLOCK_SIZE) -> Iterator[bytes]:
+def _blocks(path: str, offset: int | None, length: int | None, size: int | None = None) -> Iterator[bytes]:
     """The bytes of the lines that start in the task's range, in blocks of whole lines.
 
     Exactly `b"".join(task.lines(binary=True))`, without a Python step per line.
     """
+    size = size or BLOCK_SIZE
     with open(path, "rb") as f:
         start = _span_start(f, offset)
         f.seek(start)

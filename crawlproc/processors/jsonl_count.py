@@ -6,7 +6,8 @@ Record of one task (a file, or a byte range of it with --chunk-size):
      "invalid_samples": [{"offset": 1234, "error": "Expecting value: line 1 column 1 (char 0)"}]}
 
 - `records`: lines that parse as one JSON value (an object, array, string,
-  number, true/false/null), surrounding whitespace and a CRLF allowed.
+  number, true/false/null; Python's json also takes NaN and Infinity),
+  surrounding whitespace and a CRLF allowed.
 - `invalid`: non-blank lines that do not (including lines that are not UTF-8).
 - `blank`: lines holding only whitespace; they count neither as records nor as
   invalid (JSON-lines readers skip them).
@@ -35,12 +36,14 @@ def jsonl_count(task: Task) -> dict:
     records = invalid = blank = 0
     samples: list[dict] = []
     loads = json.loads
-    position = None  # the offset of the current line, counted only once a sample needs it
     start = _first_line_start(task)
-    consumed = 0
+    consumed = 0  # bytes of the task's lines before the current one
     for line in task.lines(binary=True):
         try:
-            loads(line)
+            text = line.decode("utf-8")
+            if not consumed and not start:
+                text = text.removeprefix("\ufeff")  # a UTF-8 byte order mark opens the file
+            loads(text)
             records += 1
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
             if line.isspace():
@@ -48,8 +51,7 @@ def jsonl_count(task: Task) -> dict:
             else:
                 invalid += 1
                 if len(samples) < MAX_SAMPLES:
-                    position = start + consumed
-                    samples.append({"offset": position, "error": _message(exc)})
+                    samples.append({"offset": start + consumed, "error": _message(exc)})
         consumed += len(line)
     record = {"path": task.relpath, "offset": task.offset or 0,
               "records": records, "invalid": invalid, "blank": blank}

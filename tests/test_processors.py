@@ -1,0 +1,715 @@
+"""The built-in processors csv-stats, jsonl-count and cmd, and processor plugins (entry points).
+
+The central property: whatever the byte ranges a file is cut into (mid-line,
+lines longer than a range, CRLF, no final newline), the reducer over the
+records of all ranges equals the reducer over the whole file's record, exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+import textwrap
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+import crawlproc.processors.command as command_mod
+import crawlproc.processors.csv_stats as csv_mod
+from conftest import REPO, make_tree, run_cli
+from crawlproc.errors import ProcessorLoadError, TaskFailed, UsageError
+from crawlproc.processors import BUILTINS, describe_builtins
+from crawlproc.processors.base import load, normalise_spec
+from crawlproc.processors.command import CommandFailed, build_argv, check_template, run_command
+from crawlproc.processors.csv_stats import csv_stats, csv_totals
+from crawlproc.processors.jsonl_count import jsonl_count, jsonl_totals
+from crawlproc.task import Task
+
+
+# -- helpers --------------------------------------------------------------------
+
+def whole(path: Path, **params: str) -> Task:
+    return Task(1, str(path), path.name, params=params)
+
+
+def ranged(path: Path, cuts: list[int], **params: str) -> list[Task]:
+    """Tasks for [0, c1), [c1, c2), ..., [ck, size): cut points anywhere, mid-line included."""
+    size = path.stat().st_size
+    edges = [0, *sorted(set(c for c in cuts if 0 < c < size)), size]
+    return [Task(i, str(path), path.name, start, end - start, params)
+            for i, (start, end) in enumerate(zip(edges, edges[1:]))]
+
+
+def cut_sets(size: int, seed: int = 7) -> list[list[int]]:
+    """Many ways to cut a file: fixed chunk sizes (tiny ones too) and random cut points."""
+    rng = random.Random(seed)
+    sets = [list(range(step, size, step)) for step in (1, 2, 3, 5, 7, 16, 41, 100, 1000) if step < size]
+    sets += [sorted(rng.sample(range(1, size), min(size - 1, k))) for k in (1, 2, 5, 20) if size > 1]
+    return sets or [[]]
+
+
+def json_roundtrip(record: dict) -> dict:
+    """What the reducer sees: the record as written to and read back from merged.jsonl."""
+    return json.loads(json.dumps(record, allow_nan=False))
+
+
+def reduce_csv(tasks: list[Task]) -> dict:
+    return csv_totals(json_roundtrip(csv_stats(t)) for t in tasks)
+
+
+def assert_same(a, b):
+    """Equal, with the same int/float types (1 == 1.0 would hide a type change)."""
+    assert a == b
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of a few bytes, so that every file spans many blocks; exact sums folded often."""
+    monkeypatch.setattr(csv_mod, "BLOCK_SIZE", 37)
+    monkeypatch.setattr(csv_mod, "_FOLD", 3)
+
+
+# -- a reference csv-stats: the csv module row by row, exact sums with Fraction ----------
+
+_NUM = re.compile(r"[ \t\n\x0b\x0c\r]*[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?[ \t\n\x0b\x0c\r]*")
+_INT = re.compile(r"[ \t\n\x0b\x0c\r]*[-+]?[0-9]+[ \t\n\x0b\x0c\r]*")
+
+
+def reference(path: Path, group_by: str | None = None, delimiter: str = ",") -> dict:
+    import csv
+
+    raw_lines = _split_nl(path.read_bytes())
+    if not raw_lines:
+        return {"header": None}
+    lines = [line.decode("utf-8", "replace") for line in raw_lines]
+    header = next(csv.reader([lines[0].removeprefix("\ufeff")], delimiter=delimiter), [])
+    n = len(header)
+    g = header.index(group_by) if group_by else None
+    groups: dict = {}
+    rows = malformed = 0
+    for line in lines[1:]:
+        try:
+            parsed = list(csv.reader([line], delimiter=delimiter))
+        except csv.Error:
+            malformed += 1
+            continue
+        row = parsed[0] if parsed else []
+        if not row:
+            continue
+        if len(row) != n or n == 0:
+            malformed += 1
+            continue
+        rows += 1
+        key = row[g] if g is not None else None
+        grp = groups.setdefault(key, {"rows": 0, "columns": {}})
+        grp["rows"] += 1
+        for j, value in enumerate(row):
+            if j == g or not _NUM.fullmatch(value):
+                continue
+            if _INT.fullmatch(value):
+                try:
+                    number = int(value)
+                except ValueError:  # beyond int()'s digit limit: not a number
+                    continue
+            else:
+                number = float(value)
+                if not math.isfinite(number):
+                    continue
+            col = grp["columns"].setdefault(header[j], {"count": 0, "sum": Fraction(0), "min": None,
+                                                       "max": None, "float": False})
+            col["count"] += 1
+            col["sum"] += Fraction(number)
+            col["float"] |= isinstance(number, float)
+            col["min"] = number if col["min"] is None or number < col["min"] else col["min"]
+            col["max"] = number if col["max"] is None or number > col["max"] else col["max"]
+
+    def finish(cols):
+        out = {}
+        for name, c in cols.items():
+            if c["float"]:
+                out[name] = {"count": c["count"], "sum": float(c["sum"]), "min": float(c["min"]) + 0.0,
+                             "max": float(c["max"]) + 0.0}
+            else:
+                out[name] = {"count": c["count"], "sum": int(c["sum"]), "min": c["min"], "max": c["max"]}
+        return out
+
+    result = {"rows": rows, "malformed": malformed}
+    if group_by:
+        result["groups"] = {k: {"rows": v["rows"], "columns": finish(v["columns"])}
+                            for k, v in sorted(groups.items())}
+    else:
+        result["columns"] = finish(groups[None]["columns"]) if None in groups else {}
+    return result
+
+
+def _split_nl(line: bytes) -> list[bytes]:
+    """Lines ending at \n only (bytes.splitlines would also split at \r, \x0b, ...)."""
+    out, start = [], 0
+    while (i := line.find(b"\n", start)) != -1:
+        out.append(line[start:i + 1])
+        start = i + 1
+    if start < len(line):
+        out.append(line[start:])
+    return out
+
+
+def comparable(reduced: dict) -> dict:
+    keep = {k: reduced[k] for k in ("rows", "malformed")}
+    for k in ("columns", "groups"):
+        if k in reduced:
+            keep[k] = reduced[k]
+    return keep
+
+
+# -- csv-stats --------------------------------------------------------------------
+
+SALES = (
+    "id,user,amount,category,ts\n"
+    "1,ann,12.50,books,1700000000\n"
+    "2,bob,3,toys,1700000001\n"
+    "3,cy,,books,1700000002\n"
+    "4,dee,7.25,garden,1700000003\n"
+    "5,ed,n/a,toys,1700000004\n"
+    "6,flo,100,books,1700000005\n"
+)
+
+
+def test_csv_stats_whole_file(tmp_path):
+    path = tmp_path / "sales.csv"
+    path.write_text(SALES)
+    record = csv_stats(whole(path))
+    assert record["path"] == "sales.csv" and record["offset"] == 0
+    assert record["rows"] == 6 and record["malformed"] == 0
+    cols = record["columns"]
+    assert set(cols) == {"id", "amount", "ts"}  # user and category have no numeric value
+    assert cols["id"] == {"count": 6, "sum": 21, "min": 1, "max": 6}
+    assert isinstance(cols["id"]["sum"], int)
+    amount = cols["amount"]
+    assert (amount["count"], amount["sum"], amount["min"], amount["max"]) == (4, 122.75, 3.0, 100.0)
+    assert isinstance(amount["min"], float)  # a float column reports floats
+    assert cols["ts"]["sum"] == 6 * 1700000000 + 15
+
+
+def test_csv_stats_group_by(tmp_path):
+    path = tmp_path / "sales.csv"
+    path.write_text(SALES)
+    record = csv_stats(whole(path, group_by="category"))
+    assert record["group_by"] == "category"
+    groups = record["groups"]
+    assert list(groups) == ["books", "garden", "toys"]
+    assert groups["books"]["rows"] == 3
+    assert groups["books"]["columns"]["amount"] == {"count": 2, "sum": 112.5, "min": 12.5, "max": 100.0}
+    # toys: "3" and "n/a": one integer literal only, so an exact int
+    assert groups["toys"]["columns"]["amount"] == {"count": 1, "sum": 3, "min": 3, "max": 3}
+    assert "category" not in groups["books"]["columns"]
+    reduced = csv_totals([json_roundtrip(record)])
+    assert reduced["rows"] == 6 and reduced["files"] == 1
+    assert reduced["groups"]["garden"]["columns"]["amount"]["sum"] == 7.25
+
+
+def test_csv_stats_group_by_missing_column_fails_the_task(tmp_path):
+    path = tmp_path / "sales.csv"
+    path.write_text(SALES)
+    with pytest.raises(TaskFailed, match="group_by column 'nope'"):
+        csv_stats(whole(path, group_by="nope"))
+
+
+def test_csv_stats_malformed_rows_are_counted_with_samples(tmp_path):
+    path = tmp_path / "bad.csv"
+    content = "a,b,c\n1,2,3\n4,5\n\n6,7,8,9\n10,11,12\n13,\"x\ry\",14\n"
+    path.write_bytes(content.encode())
+    record = csv_stats(whole(path))
+    assert record["rows"] == 3  # 1,2,3 / 10,11,12 / 13,"x\ry",14 (a quoted CR is data)
+    assert record["malformed"] == 2
+    samples = record["malformed_samples"]
+    assert [s["line"] for s in samples] == [3, 5]
+    assert [s["offset"] for s in samples] == [content.index("4,5"), content.index("6,7,8,9")]
+    assert "2 fields, expected 3" in samples[0]["error"]
+    assert record["columns"]["a"] == {"count": 3, "sum": 24, "min": 1, "max": 13}
+
+
+def test_csv_stats_csv_errors_count_as_malformed(tmp_path):
+    path = tmp_path / "cr.csv"
+    content = b"a,b\n1,2\n3\r4,5\n6,7\n"  # a lone CR inside an unquoted field
+    path.write_bytes(content)
+    record = csv_stats(whole(path))
+    assert record["malformed"] == 1
+    assert record["rows"] == 2
+    assert record["malformed_samples"][0]["offset"] == content.index(b"3\r4")
+    assert record["malformed_samples"][0]["error"].startswith("csv:")
+
+
+def test_csv_stats_range_mid_file_reads_the_header(tmp_path):
+    path = tmp_path / "sales.csv"
+    path.write_text(SALES)
+    offset = SALES.index("4,dee")
+    task = Task(1, str(path), "sales.csv", offset, len(SALES) - offset)
+    record = csv_stats(task)
+    assert record["offset"] == offset
+    assert record["rows"] == 3
+    assert record["columns"]["id"] == {"count": 3, "sum": 15, "min": 4, "max": 6}
+    first = Task(2, str(path), "sales.csv", 0, offset)
+    assert csv_stats(first)["rows"] == 3  # the header is not a row
+
+
+def test_csv_stats_empty_and_header_only_files(tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_bytes(b"")
+    assert csv_stats(whole(empty)) == {"path": "empty.csv", "offset": 0, "rows": 0, "malformed": 0,
+                                       "columns": {}}
+    only = tmp_path / "only.csv"
+    only.write_bytes(b"a,b")
+    record = csv_stats(whole(only, group_by="a"))
+    assert record["rows"] == 0 and record["groups"] == {}
+
+
+def test_csv_stats_values_that_are_not_numbers(tmp_path):
+    path = tmp_path / "odd.csv"
+    path.write_text("v\n1_000\nnan\ninf\n-Infinity\n0x10\n1e999\n\n  \n 7 \n+2.5e1\n.5\n5.\n١٢\n"
+                    + "1" * 5000 + "\n")
+    record = csv_stats(whole(path))
+    assert record["columns"]["v"] == {"count": 4, "sum": 37.5, "min": 0.5, "max": 25.0}
+    assert record["rows"] == 13  # the blank line is skipped; "  " is a row without a number
+    # the same values one group each (the many-groups path), and all in one group
+    keyed = tmp_path / "keyed.csv"
+    values = path.read_text().split("\n")[1:-1]
+    keyed.write_text("k,v\n" + "".join(f"{r}-{i},{v}\n" for r in range(10) for i, v in enumerate(values) if v)
+                     + "z,3\nz,4.5\n")
+    reduced = csv_totals([json_roundtrip(csv_stats(whole(keyed, group_by="k")))])
+    flat = csv_totals([json_roundtrip(csv_stats(whole(keyed)))])
+    assert reduced["rows"] == flat["rows"] == 132
+    counts = [g["columns"]["v"]["count"] for g in reduced["groups"].values() if "v" in g["columns"]]
+    assert sum(counts) == flat["columns"]["v"]["count"] == 42
+    assert reduced["groups"]["3-8"]["columns"]["v"] == {"count": 1, "sum": 7, "min": 7, "max": 7}
+    assert reduced["groups"]["z"]["columns"]["v"] == {"count": 2, "sum": 7.5, "min": 3.0, "max": 4.5}
+    assert "v" not in reduced["groups"]["3-1"]["columns"]
+    assert_same(comparable(reduced), reference(keyed, "k"))
+
+
+def test_csv_stats_big_integers_stay_exact(tmp_path):
+    path = tmp_path / "big.csv"
+    big = 2**70 + 1
+    path.write_text(f"x,y\n{big},{big}\n1,0.5\n")
+    cols = csv_stats(whole(path))["columns"]
+    assert cols["x"]["sum"] == big + 1 and isinstance(cols["x"]["sum"], int)
+    assert cols["y"]["sum"] == float(Fraction(big) + Fraction(1, 2))
+    assert cols["y"]["max"] == float(big)
+
+
+def test_csv_stats_float_sums_are_exactly_rounded(tmp_path):
+    path = tmp_path / "f.csv"
+    values = ["0.1"] * 10 + ["1e16", "1", "-1e16"]
+    path.write_text("v\n" + "\n".join(values) + "\n")
+    exact = sum(Fraction(float(v)) for v in values)
+    record = csv_stats(whole(path))
+    assert record["columns"]["v"]["sum"] == float(exact)
+    assert math.fsum(record["columns"]["v"]["sum_parts"]) == float(exact)
+
+
+def test_csv_stats_group_by_the_last_column(tmp_path):
+    path = tmp_path / "last.csv"
+    path.write_text("v,k\n1,a\n2,b\n3,a\n")
+    record = csv_stats(whole(path, group_by="k"))
+    assert record["groups"] == {"a": {"rows": 2, "columns": {"v": {"count": 2, "sum": 4, "min": 1, "max": 3}}},
+                                "b": {"rows": 1, "columns": {"v": {"count": 1, "sum": 2, "min": 2, "max": 2}}}}
+    path.write_text("v,k\r\n1,a\r\n2,b\r\n3,a")
+    assert list(csv_stats(whole(path, group_by="k"))["groups"]) == ["a", "b"]
+
+
+def test_csv_stats_rows_whose_widths_balance_out_are_still_malformed(tmp_path):
+    path = tmp_path / "w.csv"
+    path.write_text("a,b,c\n1,2\n3,4,5,6\n7,8,9\n")  # 2 + 4 fields = two rows' worth
+    record = csv_stats(whole(path))
+    assert (record["rows"], record["malformed"]) == (1, 2)
+    assert record["columns"]["a"] == {"count": 1, "sum": 7, "min": 7, "max": 7}
+
+
+def test_csv_stats_sum_overflow_is_reported_not_raised(tmp_path):
+    path = tmp_path / "o.csv"
+    path.write_text("x,k\n1e308,a\n1.5e308,a\n1,b\n")
+    record = csv_stats(whole(path))
+    assert record["columns"]["x"]["sum"] is None and record["columns"]["x"]["overflow"] is True
+    assert record["columns"]["x"]["max"] == 1.5e308
+    reduced = csv_totals([json_roundtrip(record), json_roundtrip(record)])
+    assert reduced["columns"]["x"]["sum"] is None and reduced["columns"]["x"]["count"] == 6
+    grouped = csv_stats(whole(path, group_by="k"))
+    assert grouped["groups"]["b"]["columns"]["x"]["sum"] == 1
+
+
+def test_csv_stats_header_names(tmp_path):
+    path = tmp_path / "h.csv"
+    path.write_text("a,a,,b\n1,2,3,4\n")
+    assert list(csv_stats(whole(path))["columns"]) == ["a", "a#2", "column3", "b"]
+    path.write_bytes(b"a\rb,c\n1,2\n")
+    with pytest.raises(TaskFailed, match="cannot parse the CSV header"):
+        csv_stats(whole(path))
+
+
+def test_csv_stats_unterminated_quote_does_not_crash(tmp_path, small_blocks):
+    path = tmp_path / "q.csv"
+    path.write_text('a,b\n1,"x\n2,3\n4,5\n')
+    record = csv_stats(whole(path))
+    assert record["rows"] == 1  # the open quote runs to the end of the file, as in the csv module
+    for task in ranged(path, [5, 9, 12]):
+        csv_stats(task)
+
+
+def test_csv_stats_delimiter_param(tmp_path):
+    path = tmp_path / "semi.csv"
+    path.write_text("a;b\n1;2\n3;4\n")
+    assert csv_stats(whole(path, delimiter=";"))["columns"]["b"]["sum"] == 6
+    tsv = tmp_path / "t.tsv"
+    tsv.write_text("a\tb\n1\t2\n")
+    assert csv_stats(whole(tsv, delimiter="tab"))["columns"]["a"]["sum"] == 1
+    with pytest.raises(TaskFailed, match="delimiter"):
+        csv_stats(whole(path, delimiter=";;"))
+
+
+def _csv_corpus() -> dict[str, bytes]:
+    rng = random.Random(3)
+    cats = ["books", "toys", "garden", "caf\u00e9", ""]
+    rows = []
+    for i in range(120):
+        amount = rng.choice([f"{rng.randrange(1, 10**6) / 100:.2f}", str(rng.randrange(-50, 50)), "",
+                             "n/a", f"{rng.random():.17g}", "1e3", " 8 "])
+        rows.append(f"{i},u{rng.randrange(30)},{amount},{rng.choice(cats)},{1700000000 + i}")
+    plain = "id,user,amount,category,ts\n" + "\n".join(rows) + "\n"
+    long_line = "id,user,amount,category,ts\n1,u,2.5,books,3\n" + f"2,{'x' * 300},4.25,toys,5\n" * 3
+    quoted = 'id,user,amount,category,ts\n1,"a, b",2.5,books,3\n2,"say ""hi""",4,toys,5\n3,c,"6.5",books,7\n'
+    messy = ("id,user,amount,category,ts\n1,a,2,books,3\n\n4,b,5\n6,c,7,toys,8,9\n"
+             "10,d,11.5,toys,12\n13,e\r14,garden,15\n16,f,17,garden,18")
+    return {
+        "plain.csv": plain.encode(),
+        "crlf.csv": plain.replace("\n", "\r\n").encode(),
+        "no-final-newline.csv": plain.rstrip("\n").encode(),
+        "long-lines.csv": long_line.encode(),
+        "quoted.csv": quoted.encode(),
+        "messy.csv": messy.encode(),
+        "latin1-bytes.csv": "id,user,amount,category,ts\n1,\xe9,2,books,3\n".encode("latin-1"),
+        "bom.csv": ("\ufeff" + plain[:200].rsplit("\n", 1)[0] + "\n").encode(),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_csv_corpus()))
+@pytest.mark.parametrize("group_by", [None, "category"])
+def test_csv_stats_ranges_reduce_to_the_whole_file(tmp_path, name, group_by, small_blocks):
+    path = tmp_path / name
+    path.write_bytes(_csv_corpus()[name])
+    params = {"group_by": group_by} if group_by else {}
+    whole_record = json_roundtrip(csv_stats(whole(path, **params)))
+    expected = csv_totals([whole_record])
+    assert_same(comparable(expected), reference(path, group_by))
+    bad_offsets = [s["offset"] for s in whole_record.get("malformed_samples", ())]
+    for cuts in cut_sets(path.stat().st_size):
+        records = [json_roundtrip(csv_stats(t)) for t in ranged(path, cuts, **params)]
+        got = csv_totals(records)
+        assert_same(comparable(got), comparable(expected))
+        assert got["files"] == 1 and got["tasks"] == len(records)
+        # each malformed row is reported at the same place, whatever the cut
+        offsets = sorted(s["offset"] for r in records for s in r.get("malformed_samples", ()))
+        assert offsets[:len(bad_offsets)] == bad_offsets[:len(offsets)]
+
+
+def test_csv_stats_block_size_does_not_change_the_record(tmp_path, monkeypatch):
+    path = tmp_path / "plain.csv"
+    path.write_bytes(_csv_corpus()["plain.csv"] + _csv_corpus()["quoted.csv"].split(b"\n", 1)[1])
+    records = []
+    for size in (1, 10, 64, 4096, 1 << 16):
+        monkeypatch.setattr(csv_mod, "BLOCK_SIZE", size)
+        records.append(csv_stats(whole(path, group_by="category")))
+    for record in records[1:]:
+        assert_same(record, records[0])
+
+
+def test_csv_stats_many_groups_path(tmp_path):
+    # more distinct keys than rows/16 in a block: the per-row path (ranges of ~60 rows: the other)
+    lines = ["k,v,w"] + [f"g{i % 500},{i},{i / 4}" for i in range(2000)]
+    path = tmp_path / "many.csv"
+    path.write_text("\n".join(lines) + "\n")
+    record = csv_stats(whole(path, group_by="k"))
+    assert len(record["groups"]) == 500
+    assert_same(comparable(csv_totals([json_roundtrip(record)])), reference(path, "k"))
+    cuts = list(range(500, path.stat().st_size, 777))
+    assert_same(comparable(reduce_csv(ranged(path, cuts, group_by="k"))), reference(path, "k"))
+
+
+def test_csv_stats_reducer_merges_files(tmp_path):
+    a = tmp_path / "a.csv"
+    a.write_text("x,y\n1,2.5\n3,4\n")
+    b = tmp_path / "b.csv"
+    b.write_text("x,z\n-7,1\n\n1,2\n")
+    reduced = reduce_csv([whole(a), whole(b)])
+    assert reduced["files"] == 2 and reduced["rows"] == 4
+    assert reduced["columns"]["x"] == {"count": 4, "sum": -2, "min": -7, "max": 3}
+    assert reduced["columns"]["y"] == {"count": 2, "sum": 6.5, "min": 2.5, "max": 4.0}
+    assert reduced["columns"]["z"] == {"count": 2, "sum": 3, "min": 1, "max": 2}
+
+
+def test_csv_stats_chunked_run_end_to_end(tmp_path):
+    data = make_tree(tmp_path / "data", {"sales.csv": _csv_corpus()["plain.csv"] * 1,
+                                         "more/crlf.csv": _csv_corpus()["crlf.csv"]})
+    summaries = []
+    for extra in ([], ["--chunk-size", "300"]):
+        out = tmp_path / f"out{len(extra)}"
+        result = run_cli("run", str(data), "-o", str(out), "-p", "csv-stats", "--param", "group_by=category",
+                         "-w", "2", "--no-progress", *extra)
+        assert result.returncode == 0, result.stderr
+        summaries.append(json.loads((out / "summary.json").read_text())["reduced"])
+    assert summaries[1]["tasks"] > summaries[0]["tasks"] == 2
+    assert_same({k: v for k, v in summaries[1].items() if k != "tasks"},
+                {k: v for k, v in summaries[0].items() if k != "tasks"})
+
+
+# -- jsonl-count ------------------------------------------------------------------
+
+JSONL = (b'{"a": 1}\n[1, 2]\n\n  \n"str"\n{bad json}\n\xff\xfe\n{"b": {"c": null}}\r\n'
+         b'{"long": "' + b"y" * 500 + b'"}\n42\nnot json\n{"last": true}')
+
+
+def test_jsonl_count_whole_file(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(JSONL)
+    record = jsonl_count(whole(path))
+    assert (record["records"], record["invalid"], record["blank"]) == (7, 3, 2)
+    offsets = [s["offset"] for s in record["invalid_samples"]]
+    assert offsets == [JSONL.index(b"{bad"), JSONL.index(b"\xff"), JSONL.index(b"not json")]
+    assert "not UTF-8" in record["invalid_samples"][1]["error"]
+
+
+@pytest.mark.parametrize("content", [JSONL, JSONL + b"\n", JSONL.replace(b"\n", b"\r\n"), b"", b"\n", b"{}"])
+def test_jsonl_count_ranges_reduce_to_the_whole_file(tmp_path, content):
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(content)
+    expected = jsonl_totals([jsonl_count(whole(path))])
+    size = path.stat().st_size
+    for cuts in cut_sets(size) if size else [[]]:
+        tasks = ranged(path, cuts) if size else [whole(path)]
+        records = [jsonl_count(t) for t in tasks]
+        got = jsonl_totals(records)
+        assert {k: got[k] for k in ("records", "invalid", "blank")} == \
+               {k: expected[k] for k in ("records", "invalid", "blank")}
+        # every invalid line is reported at the same offset, whatever the cut
+        if expected["invalid"]:
+            assert sorted(s["offset"] for r in records for s in r.get("invalid_samples", ()))[:3] == \
+                   [s["offset"] for s in expected["invalid_samples"]][:3]
+
+
+# -- cmd (--cmd) --------------------------------------------------------------------
+
+def cmd_task(path: Path, template: str, relpath: str | None = None) -> Task:
+    return Task(1, str(path), relpath or path.name, params={"cmd": template})
+
+
+def test_cmd_captures_stdout_and_exit_code(tmp_path):
+    path = tmp_path / "hello.txt"
+    path.write_text("hello\nworld\n")
+    record = run_command(cmd_task(path, "cat {}"))
+    assert record == {"path": "hello.txt", "exit_code": 0, "stdout": "hello\nworld\n", "stderr": ""}
+
+
+def test_cmd_placeholder_inside_a_word_and_appended_when_absent(tmp_path):
+    path = tmp_path / "f.txt"
+    path.write_text("")
+    assert run_command(cmd_task(path, "echo --in={} '{}'"))["stdout"] == f"--in={path} {path}\n"
+    assert run_command(cmd_task(path, "echo 'a b'"))["stdout"] == f"a b {path}\n"
+    assert build_argv("prog -x {}.out", "/d/f") == ["prog", "-x", "/d/f.out"]
+
+
+def test_cmd_hostile_file_names_are_just_names(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "sentinel").write_text("still here")
+    monkeypatch.setenv("HOME", str(home))
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("x; rm -rf ~", "-rf", "$(touch pwned)", "a b\nc"):
+        path = data / name
+        path.write_text(f"content of {name}")
+        record = run_command(cmd_task(path, "cat {}", relpath=name))
+        assert record["stdout"] == f"content of {name}"
+        assert record["path"] == name
+    assert (home / "sentinel").read_text() == "still here"
+    assert sorted(os.listdir(data)) == sorted(["x; rm -rf ~", "-rf", "$(touch pwned)", "a b\nc"])
+
+
+def test_cmd_non_zero_exit_fails_the_attempt(tmp_path):
+    path = tmp_path / "f.txt"
+    path.write_text("x")
+    with pytest.raises(CommandFailed, match=r"^command exited with code 3: boom") as info:
+        run_command(cmd_task(path, "sh -c 'echo boom >&2; echo more >&2; exit 3' sh {}"))
+    assert isinstance(info.value, TaskFailed)
+    assert "more" in str(info.value)
+    with pytest.raises(CommandFailed, match="command exited with code 1$"):
+        run_command(cmd_task(path, "false {}"))
+    with pytest.raises(CommandFailed, match="killed by SIGKILL"):
+        run_command(cmd_task(path, "sh -c 'kill -9 $$' sh {}"))
+
+
+def test_cmd_missing_program(tmp_path):
+    path = tmp_path / "f.txt"
+    path.write_text("x")
+    with pytest.raises(CommandFailed, match="command not found: 'no-such-program-xyz'"):
+        run_command(cmd_task(path, "no-such-program-xyz {}"))
+    with pytest.raises(CommandFailed, match="not executable"):
+        run_command(cmd_task(path, f"{path} {{}}"))
+    with pytest.raises(CommandFailed, match="--cmd needs a command"):
+        run_command(Task(1, str(path), "f.txt", params={}))
+
+
+def test_cmd_template_errors_are_usage_errors():
+    with pytest.raises(UsageError, match="No closing quotation"):
+        check_template("echo 'unterminated {}")
+    with pytest.raises(UsageError):
+        check_template("   ")
+    assert check_template("wc -l {}") == ["wc", "-l", "{}"]
+
+
+def test_cmd_stdin_is_closed(tmp_path):
+    """`cat` without a file reads stdin: it must see EOF at once, even if our stdin stays open."""
+    path = tmp_path / "f.txt"
+    path.write_text("x")
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(REPO)!r})
+        from crawlproc.task import Task
+        from crawlproc.processors.command import run_command
+        task = Task(1, {str(path)!r}, "f.txt", params={{"cmd": "sh -c 'cat; echo done' sh {{}}"}})
+        print(run_command(task)["stdout"], end="")
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        proc.wait(timeout=30)  # our end of its stdin stays open all along
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the command read the worker's stdin")
+    finally:
+        proc.stdin.close()
+    assert proc.stdout.read() == b"done\n"
+    proc.stdout.close()
+
+
+def test_cmd_runs_in_the_callers_process_group(tmp_path):
+    path = tmp_path / "f.txt"
+    path.write_text("x")
+    record = run_command(cmd_task(path, f"{sys.executable} -c 'import os; print(os.getpgrp(), os.getsid(0))' {{}}"))
+    assert record["stdout"].split() == [str(os.getpgrp()), str(os.getsid(0))]
+
+
+def test_cmd_output_is_capped(tmp_path, monkeypatch):
+    monkeypatch.setattr(command_mod, "MAX_OUTPUT", 10)
+    path = tmp_path / "f.txt"
+    path.write_text("x")
+    record = run_command(cmd_task(
+        path, f"{sys.executable} -c 'import sys; print(\"a\" * 100); print(\"e\" * 5, file=sys.stderr)' {{}}"))
+    assert record["stdout"] == "a" * 10 and record["stdout_truncated"] == 91
+    assert record["stderr"] == "eeeee\n" and "stderr_truncated" not in record
+
+
+def test_cmd_on_a_range_passes_the_file_and_records_the_range(tmp_path):
+    path = tmp_path / "f.txt"
+    path.write_text("0123456789")
+    record = run_command(Task(1, str(path), "f.txt", 4, 3, params={"cmd": "cat {}"}))
+    assert record["stdout"] == "0123456789"
+    assert (record["offset"], record["length"]) == (4, 3)
+
+
+def test_cmd_through_the_cli_as_processor_cmd(tmp_path):
+    data = make_tree(tmp_path / "data", {"a.txt": "one\n", "-rf": "two\n", "x; rm -rf ~": "three\n"})
+    out = tmp_path / "out"
+    result = run_cli("run", str(data), "-o", str(out), "-p", "cmd", "--param", "cmd=cat {}",
+                     "-w", "2", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (out / "merged.jsonl").read_text().splitlines()]
+    assert {r["path"]: r["stdout"] for r in records} == {"a.txt": "one\n", "-rf": "two\n",
+                                                         "x; rm -rf ~": "three\n"}
+
+
+# -- registry and plugins ------------------------------------------------------------
+
+def test_builtins_are_registered_and_described():
+    assert {"csv-stats", "jsonl-count", "cmd", "linecount", "sha256"} <= set(BUILTINS)
+    names = [row[0] for row in describe_builtins()]
+    assert {"csv-stats", "jsonl-count", "cmd"} <= set(names)
+    assert load("csv-stats").reduce is not None
+    assert load("jsonl-count").reduce is not None
+
+
+def test_builtin_names_do_not_read_entry_points(monkeypatch):
+    import importlib.metadata
+
+    def boom(**kwargs):
+        raise AssertionError("entry points scanned for a built-in name")
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", boom)
+    assert normalise_spec("csv-stats") == "csv-stats"
+    assert load("linecount").version == "1"
+    assert load("crawlproc.processors.sha256:sha256").version == "1"
+
+
+def make_plugin(root: Path, name: str = "wordy", module: str = "crawlproc_test_plugin",
+                extra_entries: str = "") -> Path:
+    """A tiny installed distribution: a module and its *.dist-info with entry_points.txt."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / f"{module}.py").write_text(textwrap.dedent('''
+        from crawlproc import processor
+
+        @processor(version="3")
+        def words(task):
+            """Words per file (a test plugin)."""
+            return {"path": task.relpath, "words": len(task.read_bytes().split())}
+
+        @words.reducer
+        def total(records):
+            return {"words": sum(r["words"] for r in records)}
+
+        def shadow(task):
+            """A plugin that tries to replace a built-in."""
+            return {"shadow": True}
+    '''))
+    info = root / "crawlproc_test_plugin-0.1.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: crawlproc-test-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        f"[crawlproc.processors]\n{name} = {module}:words\nlinecount = {module}:shadow\n{extra_entries}")
+    return root
+
+
+def test_plugin_loads_by_name_in_process(tmp_path, monkeypatch):
+    root = make_plugin(tmp_path / "site", extra_entries="broken = crawlproc_no_such_module:f\n")
+    monkeypatch.syspath_prepend(str(root))
+    proc = load("wordy")
+    assert proc.version == "3" and proc.reduce is not None
+    assert normalise_spec("wordy") == "wordy"
+    rows = {row[0]: row for row in describe_builtins()}
+    assert "plugin" in rows["wordy"][2] and rows["wordy"][1] == "3"
+    assert rows["broken"][1] == "?" and "cannot be loaded" in rows["broken"][2]
+    # a built-in wins over a plugin of the same name
+    assert load("linecount") is load("crawlproc.processors.linecount:linecount")
+    with pytest.raises(ProcessorLoadError, match="cannot load plugin processor 'broken'"):
+        load("broken")
+    with pytest.raises(ProcessorLoadError, match="not a built-in or plugin name"):
+        normalise_spec("no-such-processor")
+
+
+def test_plugin_through_the_cli(tmp_path):
+    root = make_plugin(tmp_path / "site")
+    env = {"PYTHONPATH": os.pathsep.join([str(root), str(REPO)])}
+    listing = run_cli("processors", env=env)
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert any(line.startswith("wordy") and "Words per file" in line for line in lines)
+    assert sum(line.startswith("linecount ") for line in lines) == 1
+    data = make_tree(tmp_path / "data", {"a.txt": "one two three\n", "b.txt": "four\n"})
+    out = tmp_path / "out"
+    result = run_cli("run", str(data), "-o", str(out), "-p", "wordy", "-w", "1", "--no-progress", env=env)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["reduced"] == {"words": 4}
+    assert summary["processor"] == "wordy" and summary["processor_version"] == "3"
