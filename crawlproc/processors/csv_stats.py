@@ -32,10 +32,15 @@ Rules:
 - Records are read line by line: with --chunk-size a quoted field holding a
   newline, split by a chunk boundary, is not supported (whole files are fine).
 
-Speed: a block of lines without quote characters is split with bytes methods
-(the same fields the csv module would give), other blocks go through the csv
-module; each column is converted with `map(int, ...)` / `map(float, ...)` over
-the whole block, so there is no per-cell Python code on the common path.
+Speed: the task's lines are read in blocks of ~64 KiB. A block without quote
+characters whose lines all have the header's width is split with str methods
+(the very fields the csv module would give); other blocks go through the csv
+module. Each column of a block is converted with `map(int, ...)` or
+`map(float, ...)` at once, grouped rows are gathered with `itemgetter`, and
+exact float sums come from `math.fsum`: no per-cell Python code on the common
+path. About 1 µs per row of 5 columns with group_by (a csv.reader loop that
+only sums one column per group takes ~0.7 µs; one that computes these stats
+per cell takes ~5 µs).
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ BLOCK_SIZE = 1 << 16          # bytes per block: small enough to stay in the CPU
 MAX_SAMPLES = 5               # malformed rows described per task
 REDUCED_SAMPLES = 10          # ... and in the reduced summary
 _EXACT = float(1 << 53)       # integers below this are exact as floats
+_SPAN = float(1 << 54)        # see _expansion
 _PENDING_FLUSH = 1 << 20      # values buffered by the many-groups path before folding
 _FOLD = 1 << 12               # floats buffered per column before their exact sum is updated
 
@@ -181,8 +187,15 @@ def _aligned(values: Sequence[str], clean: bool) -> list:
 
 # -- exact sums -----------------------------------------------------------------
 
-def _expansion(values: list) -> list[float]:
-    """The exact sum of `values` as non-overlapping floats, largest first (consumes `values`)."""
+def _expansion(values: list, smallest: float | None = None) -> list[float]:
+    """The exact sum of `values` as non-overlapping floats, largest first (consumes `values`).
+
+    `smallest`, when given, is the least non-zero magnitude among `values`: every
+    value is then a multiple of q = ulp(smallest), and so is the exact residual
+    after the first part; when that residual has at most 53 bits above q it is
+    a float, the second fsum returns it exactly and the check for a third part
+    (another pass over all values) can be skipped.
+    """
     parts: list[float] = []
     while True:
         total = math.fsum(values)
@@ -190,6 +203,8 @@ def _expansion(values: list) -> list[float]:
             return parts
         parts.append(total)
         values.append(-total)
+        if len(parts) == 2 and smallest and math.ulp(parts[0]) <= _SPAN * math.ulp(smallest):
+            return parts
 
 
 def _int_parts(n: int) -> list[float]:
@@ -205,13 +220,14 @@ def _int_parts(n: int) -> list[float]:
 class _Column:
     """count/sum/min/max of one column (of one group), exact whatever the order of adds."""
 
-    __slots__ = ("count", "isum", "fparts", "pending", "has_float", "min", "max", "overflow")
+    __slots__ = ("count", "isum", "fparts", "pending", "smallest", "has_float", "min", "max", "overflow")
 
     def __init__(self) -> None:
         self.count = 0
         self.isum = 0
         self.fparts: list[float] = []
         self.pending: list[float] = []
+        self.smallest: float | None = None   # least magnitude in `pending`, if known
         self.has_float = False
         self.min: Any = None
         self.max: Any = None
@@ -225,8 +241,15 @@ class _Column:
             self.isum += sum(ints)
         if floats:
             self.count += len(floats)
-            self._bound(*(bounds or (min(floats), max(floats))))
+            lo, hi = bounds or (min(floats), max(floats))
+            self._bound(lo, hi)
             self.has_float = True
+            # the least magnitude of the floats, known for free when they share a sign
+            small = lo if lo > 0 else -hi if hi < 0 else None
+            if small is None or self.smallest is None:
+                self.smallest = small if not self.pending else None
+            elif small < self.smallest:
+                self.smallest = small
             self._add_parts(floats)
 
     def _bound(self, lo: Any, hi: Any) -> None:
@@ -244,11 +267,14 @@ class _Column:
 
     def _fold(self) -> None:
         values, self.pending = self.pending, []
+        smallest, self.smallest = self.smallest, None
         if self.overflow or not values:
             return
+        if smallest is not None and self.fparts:
+            smallest = min(smallest, *(abs(p) for p in self.fparts))
         values.extend(self.fparts)
         try:
-            self.fparts = _expansion(values)
+            self.fparts = _expansion(values, smallest)
         except OverflowError:
             self.overflow = True
 
@@ -264,6 +290,7 @@ class _Column:
             self.has_float = self.overflow = True
         elif isinstance(total, float) or "sum_parts" in stats:
             self.has_float = True
+            self.smallest = None  # unknown from here on
             self._add_parts(stats.get("sum_parts") or [total])
         else:
             self.isum += total
@@ -546,8 +573,6 @@ class _Stats:
     def _add_group(self, grp: _Group, cols: list[Sequence[str]], numeric: Iterable[int], n: int) -> None:
         grp.rows += n
         for j in numeric:
-            if j == self.g:
-                continue
             ints, floats, bounds = _convert(cols[j], self.clean)
             if ints or floats:
                 grp.column(j).add(ints, floats, bounds)
