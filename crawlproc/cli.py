@@ -135,6 +135,9 @@ def processing_options(func: Any) -> Any:
                      help="Built-in name, package.module:function, or path/to/file.py:function."),
         click.option("--param", "params", multiple=True, callback=_params_option, metavar="KEY=VALUE",
                      envvar=_env("param"), help="Given to the processor as task.params; repeatable."),
+        click.option("--cmd", metavar="'PROG ARGS {}'", envvar=_env("cmd"),
+                     help="Run an external command per file instead of -p ({} = the file's absolute path; "
+                          "split with shlex, never a shell)."),
         out_option,
         click.option("-w", "--workers", type=click.IntRange(1), default=os.cpu_count() or 1,
                      envvar=_env("workers"), show_default="CPU count", help="Worker processes."),
@@ -248,11 +251,27 @@ def _with_progress(kw: dict[str, Any], job: Callable[[Any, Any], Any], data_dir:
     return outcome
 
 
+def _processor_and_params(kw: dict[str, Any]) -> tuple[str, dict[str, str]]:
+    """-p and --param, or --cmd: the command line becomes the `cmd` processor's param."""
+    if kw["cmd"] is None:
+        return kw["processor"], kw["params"]
+    from crawlproc.processors.command import check_template
+
+    source = click.get_current_context().get_parameter_source("processor")
+    if source not in (None, click.core.ParameterSource.DEFAULT):
+        raise click.UsageError("--cmd and -p/--processor exclude each other")
+    if "cmd" in kw["params"]:
+        raise click.UsageError("give the command with --cmd, not --param cmd=...")
+    check_template(kw["cmd"])
+    return "cmd", {**kw["params"], "cmd": kw["cmd"]}
+
+
 def _run_options(data_dir: Path, kw: dict[str, Any]) -> Any:
     from crawlproc.run import RunOptions
 
+    processor, params = _processor_and_params(kw)
     return RunOptions(
-        data_dir=data_dir, out=kw["out"], processor=kw["processor"], params=kw["params"],
+        data_dir=data_dir, out=kw["out"], processor=processor, params=params,
         workers=kw["workers"], include=kw["include"], exclude=kw["exclude"],
         max_tasks_per_child=kw["max_tasks_per_child"], max_memory=kw["max_memory"], timeout=kw["timeout"],
         retries=kw["retries"], retry_delay=kw["retry_delay"], max_failures=kw["max_failures"],

@@ -43,6 +43,7 @@ from crawlproc.worker import CHANGED, DONE, FAILED, GONE, RETURNED, BatchReport,
 PIPELINE = 2  # batches in flight per worker: it never waits for the coordinator
 MAX_BATCH_BYTES = 64 << 20
 TARGET_BATCH_SECONDS = 0.1  # adaptive batches take about this long: responsive, fair tails
+FIRST_BATCH_SIZE = 4  # small, so slow tasks are spread before their speed is known
 SCAN_SLICE = 2000
 GRACE_SECONDS = 5.0
 TICK_SECONDS = 0.5
@@ -262,7 +263,10 @@ class WorkerPool:
 
     def _batch_size(self) -> int:
         cap = self.options.batch_size or 512
-        size = 32 if self._avg_task_seconds is None else int(TARGET_BATCH_SECONDS / max(self._avg_task_seconds, 1e-6))
+        if self._avg_task_seconds is None:
+            size = FIRST_BATCH_SIZE  # until a report tells how long a task takes
+        else:
+            size = int(TARGET_BATCH_SECONDS / max(self._avg_task_seconds, 1e-6))
         if self._pending_left is not None:  # the tail: split what is left over all workers
             size = min(size, -(-self._pending_left // (2 * self.options.workers)))
         return max(1, min(size, cap))
@@ -360,7 +364,7 @@ class WorkerPool:
 
     def _learn_speed(self, elapsed: float) -> None:
         avg = self._avg_task_seconds
-        self._avg_task_seconds = elapsed if avg is None else avg * 0.98 + elapsed * 0.02
+        self._avg_task_seconds = elapsed if avg is None else avg * 0.9 + elapsed * 0.1
 
     # -- waiting ----------------------------------------------------------------
     def _wait(self) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from crawlproc.errors import TaskFailed
 from crawlproc.results import checksum, result_path, write_atomic
 from crawlproc.task import Task, relpath_for_processors
 
@@ -183,7 +184,8 @@ def _encode_one(record: Any) -> bytes:
 
 
 def describe_exception(exc: BaseException) -> str:
-    text = repr(exc)
+    """repr() names the exception type; a TaskFailed's own message is already written for people."""
+    text = str(exc) if isinstance(exc, TaskFailed) else repr(exc)
     return text if len(text) <= 2000 else text[:2000] + "..."
 
 

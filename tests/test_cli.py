@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import make_tree
+from conftest import make_tree, run_cli
 from crawlproc import __version__
 from crawlproc.cli import cli
 
@@ -359,3 +359,34 @@ def test_edited_processor_file_is_seen_by_a_second_run_in_one_process(data, tmp_
     summary = json.loads((fresh / "summary.json").read_text())
     assert summary["processor_version"] == "2"
     assert {json.loads(line)["v"] for line in (fresh / "merged.jsonl").read_text().splitlines()} == {"2"}
+
+
+# -- --cmd ------------------------------------------------------------------------------------
+
+def test_cmd_runs_a_program_per_file_without_a_shell(tmp_path):
+    data = make_tree(tmp_path / "data", {"a.txt": "hello\n", "-rf": "x y\n", "x; rm -rf ~": "z\n"})
+    out = tmp_path / "out"
+    result = run_cli("run", str(data), "-o", str(out), "-w", "1", "-q", "--cmd", "wc -c {}")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (out / "merged.jsonl").read_text().splitlines()]
+    assert [(r["path"], r["exit_code"]) for r in records] == [("-rf", 0), ("a.txt", 0), ("x; rm -rf ~", 0)]
+    assert records[2]["stdout"] == f"2 {data / 'x; rm -rf ~'}\n"
+    assert (data / "x; rm -rf ~").exists()
+
+
+def test_cmd_failure_is_a_failed_task_with_a_readable_error(tmp_path):
+    data = make_tree(tmp_path / "data", {"a.txt": "a\n"})
+    out = tmp_path / "out"
+    result = run_cli("run", str(data), "-o", str(out), "-w", "1", "-q", "--retries", "0", "--cmd", "false {}")
+    assert result.returncode == 1
+    failures = json.loads(run_cli("failures", "-o", str(out), "--json").stdout)
+    assert failures[0]["error"] == "command exited with code 1"
+
+
+@pytest.mark.parametrize("args", [["--cmd", "wc {}", "-p", "sha256"], ["--cmd", "   "],
+                                  ["--cmd", "wc 'unclosed {}"], ["--cmd", "wc {}", "--param", "cmd=x"]])
+def test_cmd_misuse_is_one_line_exit_2(tmp_path, args):
+    data = make_tree(tmp_path / "data", {"a.txt": "a\n"})
+    result = run_cli("run", str(data), "-o", str(tmp_path / "out"), *args)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
