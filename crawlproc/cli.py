@@ -14,8 +14,8 @@ import os
 import re
 import sqlite3
 import sys
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click

@@ -16,8 +16,8 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
-from itertools import islice
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 

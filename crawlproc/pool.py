@@ -22,13 +22,11 @@ nothing is pending, or when it is told to stop.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for
 from types import SimpleNamespace
 from typing import Any, Protocol
@@ -37,8 +35,25 @@ from loguru import logger
 
 from crawlproc.errors import CrawlprocError
 from crawlproc.ledger import ClaimedTask, Ledger
+from crawlproc.processes import (
+    WorkerHandle,
+    describe_death,
+    forkserver_context,
+    kill_group,
+    start_forkserver_shielded,
+    start_worker,
+)
 from crawlproc.task import relpath_for_people
-from crawlproc.worker import CHANGED, DONE, FAILED, GONE, RETURNED, BatchReport, WorkBatch, WorkerConfig, worker_main
+from crawlproc.worker import (
+    CHANGED,
+    DONE,
+    FAILED,
+    GONE,
+    RETURNED,
+    BatchReport,
+    WorkBatch,
+    WorkerConfig,
+)
 
 PIPELINE = 2  # batches in flight per worker: it never waits for the coordinator
 MAX_BATCH_BYTES = 64 << 20
@@ -85,23 +100,6 @@ class PoolResult:
     message: str | None = None
 
 
-@dataclass
-class _Worker:
-    process: Any
-    conn: Any
-    slot: Any
-    inflight: deque = field(default_factory=deque)  # WorkBatch, oldest first
-    tasks_sent: int = 0
-    retiring: bool = False
-    kill_reason: str | None = None
-    reported: bool = False
-    replaced: bool = False  # a successor has been started for it
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-
 class WorkerPool:
     def __init__(
         self,
@@ -123,15 +121,12 @@ class WorkerPool:
         self.on_turn = on_turn or (lambda: None)
         self.run_info = run_info
         self.now = now
-        self.ctx = multiprocessing.get_context("forkserver")
-        # Workers fork from a server that has already imported the worker and the
-        # processor's module: a recycled worker is ready in a few milliseconds.
-        self.ctx.set_forkserver_preload(["crawlproc.worker", *_importable_module(config.processor)])
-        self.workers: list[_Worker] = []
+        self.ctx = forkserver_context(config.processor)
+        self.workers: list[WorkerHandle] = []
         self.result = PoolResult()
         self._claimed: dict[int, tuple] = {}  # task id -> its ClaimedTask-shaped row, while in flight
-        self._reports: list[tuple[_Worker, BatchReport]] = []
-        self._deaths: list[tuple[_Worker, int | None]] = []
+        self._reports: list[tuple[WorkerHandle, BatchReport]] = []
+        self._deaths: list[tuple[WorkerHandle, int | None]] = []
         self._next_batch = ledger.next_batch_id()
         self._claimable = True
         self._retry_due: float | None = None
@@ -208,7 +203,7 @@ class WorkerPool:
             self._claimable = True
 
     # -- one transaction per turn ----------------------------------------------
-    def _commit_turn(self) -> list[tuple[_Worker, WorkBatch]]:
+    def _commit_turn(self) -> list[tuple[WorkerHandle, WorkBatch]]:
         """Apply what arrived and claim for every worker with room, in one transaction."""
         starting = not self._started and self._claimable and not self._stopping
         room = self._claimable and any(self._wants_work(w) for w in self.workers)
@@ -237,15 +232,15 @@ class WorkerPool:
             self._claimable = False
             return
         self._started = True
-        _start_forkserver_shielded()
+        start_forkserver_shielded()
         for _ in range(self.options.workers):
             self._spawn()
 
-    def _wants_work(self, worker: _Worker) -> bool:
+    def _wants_work(self, worker: WorkerHandle) -> bool:
         return (not worker.retiring and len(worker.inflight) < PIPELINE
                 and worker.tasks_sent < self.options.max_tasks_per_child and worker.process.is_alive())
 
-    def _claim(self, conn: Any, worker: _Worker) -> WorkBatch | None:
+    def _claim(self, conn: Any, worker: WorkerHandle) -> WorkBatch | None:
         budget = self.options.max_tasks_per_child - worker.tasks_sent
         tasks = self.ledger.claim(conn, min(self._batch_size(), budget), MAX_BATCH_BYTES, self.now())
         if not tasks:
@@ -271,7 +266,7 @@ class WorkerPool:
             size = min(size, -(-self._pending_left // (2 * self.options.workers)))
         return max(1, min(size, cap))
 
-    def _send(self, batches: list[tuple[_Worker, WorkBatch]]) -> None:
+    def _send(self, batches: list[tuple[WorkerHandle, WorkBatch]]) -> None:
         for worker, batch in batches:
             try:
                 worker.conn.send(batch)
@@ -281,7 +276,7 @@ class WorkerPool:
                 self._retire(worker)
 
     # -- outcomes ----------------------------------------------------------------
-    def _apply_report(self, conn: Any, worker: _Worker, report: BatchReport) -> None:
+    def _apply_report(self, conn: Any, worker: WorkerHandle, report: BatchReport) -> None:
         batch = worker.inflight.popleft()
         assert batch.batch_id == report.batch_id, (batch.batch_id, report.batch_id)
         worker.reported = True
@@ -309,7 +304,7 @@ class WorkerPool:
         if report.write_error:
             self._stop("write error", report.write_error)
 
-    def _apply_death(self, conn: Any, worker: _Worker, exitcode: int | None) -> None:
+    def _apply_death(self, conn: Any, worker: WorkerHandle, exitcode: int | None) -> None:
         blamed = worker.slot[0]
         lost = [t[0] for batch in worker.inflight for t in batch.tasks]
         worker.inflight.clear()
@@ -408,7 +403,7 @@ class WorkerPool:
                 soonest = min(soonest, max(0.0, left))
         return soonest
 
-    def _collect(self, worker: _Worker) -> None:
+    def _collect(self, worker: WorkerHandle) -> None:
         """Read every report the worker sent; if it has exited, record its death."""
         try:
             while worker.conn.poll():
@@ -422,7 +417,7 @@ class WorkerPool:
         worker.conn.close()
         self._on_exit(worker)
 
-    def _on_exit(self, worker: _Worker) -> None:
+    def _on_exit(self, worker: WorkerHandle) -> None:
         exitcode = worker.process.exitcode
         abnormal = exitcode != 0 or worker.kill_reason
         if abnormal or worker.inflight:
@@ -448,21 +443,15 @@ class WorkerPool:
             task_id, started = worker.slot[0], worker.slot[1]
             if task_id and (now_ns - started) / 1e9 > self.options.timeout and not worker.kill_reason:
                 worker.kill_reason = f"timed out after {self.options.timeout:g}s (worker killed)"
-                _kill_group(worker.pid)
+                kill_group(worker.pid)
 
     # -- workers ------------------------------------------------------------------
-    def _spawn(self) -> _Worker:
-        parent_conn, child_conn = self.ctx.Pipe(duplex=True)
-        slot = self.ctx.RawArray("q", 2)
-        process = self.ctx.Process(
-            target=worker_main, args=(self.config, child_conn, slot), daemon=True, name="crawlproc-worker")
-        process.start()
-        child_conn.close()  # only the worker holds its end: its EOF means we are gone
-        worker = _Worker(process, parent_conn, slot)
+    def _spawn(self) -> WorkerHandle:
+        worker = start_worker(self.ctx, self.config)
         self.workers.append(worker)
         return worker
 
-    def _retire(self, worker: _Worker) -> None:
+    def _retire(self, worker: WorkerHandle) -> None:
         """Stop feeding a worker at its task limit; start its successor now so no time is lost."""
         worker.retiring = True
         try:
@@ -472,7 +461,7 @@ class WorkerPool:
         if len(self.workers) < 2 * self.options.workers:  # else its exit starts the successor
             self._replace(worker)
 
-    def _replace(self, worker: _Worker) -> None:
+    def _replace(self, worker: WorkerHandle) -> None:
         """Start one successor per worker that retires or dies, never two."""
         if not worker.replaced and not self._stopping:
             worker.replaced = True
@@ -482,7 +471,7 @@ class WorkerPool:
         for worker in self.workers:
             if worker.process.is_alive():
                 worker.kill_reason = worker.kill_reason or reason
-                _kill_group(worker.pid)
+                kill_group(worker.pid)
         self._grace_deadline = None
 
     def _shutdown(self) -> None:
@@ -495,7 +484,7 @@ class WorkerPool:
         for worker in self.workers:
             worker.process.join(max(0.0, deadline - time.monotonic()))
             if worker.process.is_alive():
-                _kill_group(worker.pid)
+                kill_group(worker.pid)
                 worker.process.join(5)
         leftover = [t[0] for w in self.workers for b in w.inflight for t in b.tasks]
         if leftover or self._reports:
@@ -564,49 +553,3 @@ class WorkerPool:
                 self.ledger.update_run(conn, self.run_id, *state)
             self._last_run_state = state
         self._last_run_update = now
-
-
-def _start_forkserver_shielded() -> None:
-    """Start the forkserver with SIGINT/SIGTERM ignored (inherited across exec).
-
-    It shares our process group, so a Ctrl-C or a `kill -TERM -PGID` would
-    otherwise kill it, and with it every worker's exit-status channel: live
-    workers would look dead. Stopping is the coordinator's job alone.
-    """
-    from multiprocessing import forkserver
-
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        forkserver.ensure_running()
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def _importable_module(spec: str) -> list[str]:
-    """The module of a `module:function` processor spec, if it is importable by name."""
-    from crawlproc.processors import BUILTINS
-
-    target = BUILTINS.get(spec, spec).rpartition(":")[0]
-    return [] if not target or target.endswith(".py") or "/" in target else [target]
-
-
-def describe_death(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "worker vanished"
-    if exitcode < 0:
-        try:
-            return f"worker killed by {signal.Signals(-exitcode).name}"
-        except ValueError:
-            return f"worker killed by signal {-exitcode}"
-    return f"worker exited with code {exitcode} during the task"
-
-
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass

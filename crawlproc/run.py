@@ -23,7 +23,12 @@ from loguru import logger
 
 from crawlproc import logs
 from crawlproc.errors import UsageError
-from crawlproc.finalize import MergeOutcome, default_output, merge_results, write_summary
+from crawlproc.finalize import (
+    MergeOutcome,
+    default_output,
+    merge_results,
+    write_summary,
+)
 from crawlproc.ledger import Ledger
 from crawlproc.lock import OutLock
 from crawlproc.pool import PoolOptions, PoolResult, WorkerPool

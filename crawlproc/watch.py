@@ -187,8 +187,16 @@ class Watcher:
             pass  # the pipe is full (the pool will wake anyway) or closed (stopping)
 
     def _start_observer(self) -> Any:
-        from watchdog.events import (DirCreatedEvent, DirDeletedEvent, DirMovedEvent, FileClosedEvent,
-                                     FileCreatedEvent, FileDeletedEvent, FileModifiedEvent, FileMovedEvent)
+        from watchdog.events import (
+            DirCreatedEvent,
+            DirDeletedEvent,
+            DirMovedEvent,
+            FileClosedEvent,
+            FileCreatedEvent,
+            FileDeletedEvent,
+            FileModifiedEvent,
+            FileMovedEvent,
+        )
         from watchdog.observers import Observer
 
         self._spy = _OverflowSpy(self._overflow)
