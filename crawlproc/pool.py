@@ -272,6 +272,8 @@ class WorkerPool:
                 worker.conn.send(batch)
             except OSError:
                 pass  # it died: its sentinel tells us next, and the batch goes back then
+        # Only once all its batches are on their way: the stop message must come last.
+        for worker in {id(w): w for w, _ in batches}.values():
             if worker.tasks_sent >= self.options.max_tasks_per_child and not worker.retiring:
                 self._retire(worker)
 

@@ -43,8 +43,10 @@ class WorkerHandle:
 
 
 def forkserver_context(processor_spec: str) -> BaseContext:
+    """A forkserver that has imported, once, all a new worker needs (see forkserver_prelude)."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["crawlproc.worker", *_importable_module(processor_spec)])
+    ctx.set_forkserver_preload(["crawlproc.worker", *_importable_module(processor_spec),
+                                "crawlproc.forkserver_prelude"])
     return ctx
 
 
@@ -65,14 +67,18 @@ def start_forkserver_shielded() -> None:
     otherwise kill it, and with it every worker's exit-status channel: live
     workers would look dead. Stopping is the coordinator's job alone.
     """
-    from multiprocessing import forkserver
+    from multiprocessing import forkserver, spawn
 
+    main_path = spawn.get_preparation_data("crawlproc").get("init_main_from_path")
+    if main_path:  # read by forkserver_prelude, in the forkserver only
+        os.environ["CRAWLPROC_FORKSERVER_MAIN"] = main_path
     previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         forkserver.ensure_running()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        os.environ.pop("CRAWLPROC_FORKSERVER_MAIN", None)
 
 
 def _importable_module(spec: str) -> list[str]:

@@ -537,3 +537,13 @@ def test_python_m_crawlproc_bad_data_dir_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and str(tmp_path / "nope") in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_each_recycled_worker_does_its_whole_task_budget(tmp_path):
+    """A retiring worker gets its stop message after all its batches, not between them."""
+    data = make_tree(tmp_path / "data", {f"f{i:03d}.txt": f"{i}\n" for i in range(100)})
+    out = tmp_path / "out"
+    ok(crawl(data, out, "-w", "1", "--max-tasks-per-child", "10", "--batch-size", "5"))
+    db = sqlite3.connect(out / "ledger.db")
+    per_worker = [n for (n,) in db.execute("SELECT count(*) FROM tasks GROUP BY worker_pid")]
+    assert per_worker == [10] * 10
