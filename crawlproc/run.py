@@ -188,16 +188,13 @@ class _PeriodicMerge:
         self.job, self.interval = job, interval
         self.pool: WorkerPool | None = None
         self._next = time.monotonic() + interval
-        self._merged_state: tuple | None = None
 
     def maybe_merge(self) -> None:
+        """Merge when the interval is up; an unchanged ledger keeps the published output as is."""
         if not self.job.options.merge or time.monotonic() < self._next:
             return
         self._next = time.monotonic() + self.interval
-        state = tuple(self.job.ledger.counts().values()) + (self.pool.result.done,)
-        if state != self._merged_state:
-            self.merge()
-            self._merged_state = state
+        self.merge()
 
     def merge(self) -> MergeOutcome:
         """Publish what is done now; damaged results go back to pending for the pool."""
