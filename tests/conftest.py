@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,20 @@ def run_cli(*args: str, timeout: float = SUBPROCESS_TIMEOUT, env: dict | None = 
         [sys.executable, "-m", "crawlproc", *args],
         capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd,
     )
+
+
+def query_ledger(out: Path, sql: str, params: tuple = ()) -> list[tuple]:
+    """Read OUT's ledger like the sqlite3 shell would, even while a run writes it."""
+    path = out / "ledger.db"
+    if not path.exists():
+        return []
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        return conn.execute(sql, params).fetchall()
+    except sqlite3.OperationalError:  # the schema is not there yet
+        return []
+    finally:
+        conn.close()
 
 
 def make_tree(root: Path, files: dict[str, bytes | str]) -> Path:

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, make_tree, run_cli
+from conftest import REPO, make_tree, run_cli, query_ledger
 
 PROCESSORS = REPO / "tests" / "crash_processors.py"
 CRASHY = f"{PROCESSORS}:crashy"
@@ -77,18 +76,7 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
         time.sleep(interval)
 
 
-def query(out: Path, sql: str, params: tuple = ()) -> list[tuple]:
-    """Read the ledger like the sqlite3 shell would, even while a run writes it."""
-    path = out / "ledger.db"
-    if not path.exists():
-        return []
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    try:
-        return conn.execute(sql, params).fetchall()
-    except sqlite3.OperationalError:  # the schema is not there yet
-        return []
-    finally:
-        conn.close()
+query = query_ledger
 
 
 def states(out: Path) -> dict[str, str]:

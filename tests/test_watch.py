@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import make_tree, run_cli
+from conftest import make_tree, run_cli, query_ledger
 
 SETTLE = "0.5"
 MERGE_INTERVAL = "0.3"
@@ -165,18 +164,7 @@ def wait_until(predicate, what: str, timeout: float = DEADLINE, watch: Watch | N
         time.sleep(interval)
 
 
-def query(out: Path, sql: str, params: tuple = ()) -> list[tuple]:
-    """Read the ledger like the sqlite3 shell would, while the watch writes it."""
-    path = out / "ledger.db"
-    if not path.exists():
-        return []
-    conn = sqlite3.connect(path, timeout=10)
-    try:
-        return conn.execute(sql, params).fetchall()
-    except sqlite3.OperationalError:  # the schema is not there yet
-        return []
-    finally:
-        conn.close()
+query = query_ledger
 
 
 def task(out: Path, relpath: str) -> dict | None:
