@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
@@ -141,7 +142,7 @@ WORKLOADS = {
                       full=False, parallel_subset=None, ratio_target=None, rss_target_mb=150),
 }
 DEFAULT_WORKLOADS = ["tiny", "typical"]
-SPECIAL_WORKLOADS = ["watch"]  # not a generated tree: see bench_watch()
+SPECIAL_WORKLOADS = ["watch", "csv", "bigfile", "faults"]  # see bench_watch(), bench_csv(), bench_faults()
 
 
 # --- input generation ---------------------------------------------------------
@@ -218,8 +219,11 @@ def ensure_data(bench_dir: Path, wl: Workload) -> tuple[Path, float | None]:
 
 
 def _read_size(item: tuple[str, str]) -> int:
+    size = 0
     with open(item[0], "rb") as f:
-        return len(f.read())
+        while block := f.read(16 * 1024 * 1024):  # big files (bigfile) in pieces
+            size += len(block)
+    return size
 
 
 def warm_up(data: Path, workers: int) -> tuple[int, float]:
@@ -242,7 +246,7 @@ class Row:
     failed: bool = False
 
 
-def run_timed(cmd: list[str], log: Path, timeout: float) -> tuple[int | None, float]:
+def run_timed(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> tuple[int | None, float]:
     """Run ``cmd`` in its own process group; return (exit code or None on timeout, wall s).
 
     (subprocess.run semantics with the timeout applied to the whole process group,
@@ -252,7 +256,7 @@ def run_timed(cmd: list[str], log: Path, timeout: float) -> tuple[int | None, fl
     with open(log, "wb") as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, env=env)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -928,7 +932,7 @@ def full_markdown(reports: list[Report], args, startup: tuple[float | None, str]
         md.append(f"- `crawlproc --help` start-up: not measured ({err})")
     md.append("")
     for rep in reports:
-        md += rep.markdown(args.workers) if isinstance(rep, WatchReport) else workload_markdown(rep, args.workers)
+        md += rep.markdown(args.workers) if hasattr(rep, "markdown") else workload_markdown(rep, args.workers)
     return "\n".join(md)
 
 
@@ -984,6 +988,13 @@ def main(argv: list[str]) -> int:
     for name in args.workloads:
         if name == "watch":
             reports.append(bench_watch(run_root, args))
+            continue
+        if name in CSV_WORKLOADS:
+            cwl = CSV_WORKLOADS[name].shrink(10) if args.quick else CSV_WORKLOADS[name]
+            reports.append(bench_csv(cwl, root, run_root, args))
+            continue
+        if name == "faults":
+            reports.append(bench_faults(root, run_root, args))
             continue
         wl = WORKLOADS[name].shrink(10) if args.quick else WORKLOADS[name]
         reports.append(bench_workload(wl, root, run_root, args))

@@ -15,10 +15,21 @@ It walks DATA_DIR with ``os.walk``, runs the workload's function through
 ``multiprocessing.Pool(WORKERS).imap_unordered(fn, paths, chunksize=256)``,
 sorts the records by path and writes them once as JSONL. No ledger, no
 durability: the lower bound crawlproc is measured against.
+
+For the ``csv`` and ``bigfile`` workloads it is the single-process baseline:
+
+    python scripts/bench_work.py csv-loop {amount|all} DATA OUT_JSON
+
+a plain ``csv.reader`` loop over every CSV file under DATA (or the file DATA)
+that groups rows by ``category`` and keeps count/sum/min/max of ``amount``
+(``amount``) or of both numeric columns ``id`` and ``amount`` (``all``, the
+work csv-stats does), written as JSON in the shape of csv-stats' reduced
+``groups``. Sums are running float sums, as a person would write them.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import multiprocessing
@@ -63,6 +74,26 @@ def linecount(task) -> dict:
     return linecount_record(task.relpath, task.read_bytes())
 
 
+KILL_ENV = "BENCH_KILL_FILES"  # newline-separated relpaths that typical_killer dies on
+_kill: frozenset | None = None
+
+
+def typical_killer(task) -> dict:
+    """``typical``, but a file listed in $BENCH_KILL_FILES kills its worker with os._exit(1).
+
+    The work is done first, so a run with deaths does the same work as one
+    without: the difference in wall time is what the deaths cost. The list is
+    read from the environment so that the processor's identity never changes.
+    """
+    global _kill
+    if _kill is None:
+        _kill = frozenset(filter(None, os.environ.get(KILL_ENV, "").split("\n")))
+    record = typical_record(task.relpath, task.read_bytes())
+    if task.relpath in _kill:
+        os._exit(1)
+    return record
+
+
 # --- bare-baseline workers ----------------------------------------------------
 
 
@@ -82,6 +113,73 @@ def typical_path(item: tuple[str, str]) -> dict:
 
 
 BARE_FUNCTIONS = {"tiny": linecount_path, "typical": typical_path, "scale": linecount_path}
+
+
+# --- single-process csv loops (csv and bigfile workloads) -----------------------
+
+
+def csv_paths(data: str) -> list[str]:
+    if os.path.isfile(data):
+        return [data]
+    return sorted(path for path, _ in walk_files(data) if path.endswith(".csv"))
+
+
+def csv_loop_amount(paths: list[str]) -> dict:
+    """Per category: rows, and count/sum/min/max of amount."""
+    stats: dict[str, list] = {}
+    for path in paths:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader)
+            i_amount, i_cat = header.index("amount"), header.index("category")
+            for row in reader:
+                amount = float(row[i_amount])
+                s = stats.get(row[i_cat])
+                if s is None:
+                    stats[row[i_cat]] = [1, amount, amount, amount]
+                    continue
+                s[0] += 1
+                s[1] += amount
+                if amount < s[2]:
+                    s[2] = amount
+                if amount > s[3]:
+                    s[3] = amount
+    return {cat: {"rows": n, "columns": {"amount": {"count": n, "sum": t, "min": lo, "max": hi}}}
+            for cat, (n, t, lo, hi) in sorted(stats.items())}
+
+
+def csv_loop_all(paths: list[str]) -> dict:
+    """Per category: rows, and count/sum/min/max of both numeric columns, id and amount."""
+    stats: dict[str, list] = {}
+    for path in paths:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader)
+            i_id, i_amount, i_cat = header.index("id"), header.index("amount"), header.index("category")
+            for row in reader:
+                ident = int(row[i_id])
+                amount = float(row[i_amount])
+                s = stats.get(row[i_cat])
+                if s is None:
+                    stats[row[i_cat]] = [1, ident, ident, ident, amount, amount, amount]
+                    continue
+                s[0] += 1
+                s[1] += ident
+                if ident < s[2]:
+                    s[2] = ident
+                if ident > s[3]:
+                    s[3] = ident
+                s[4] += amount
+                if amount < s[5]:
+                    s[5] = amount
+                if amount > s[6]:
+                    s[6] = amount
+    return {cat: {"rows": n, "columns": {"id": {"count": n, "sum": isum, "min": ilo, "max": ihi},
+                                         "amount": {"count": n, "sum": t, "min": lo, "max": hi}}}
+            for cat, (n, isum, ilo, ihi, t, lo, hi) in sorted(stats.items())}
+
+
+CSV_LOOPS = {"amount": csv_loop_amount, "all": csv_loop_all}
 
 
 def walk_files(root: str):
@@ -107,6 +205,13 @@ def run_bare(workload: str, data_dir: str, out_jsonl: str, workers: int) -> int:
 
 
 def main(argv: list[str]) -> int:
+    if len(argv) == 4 and argv[0] == "csv-loop" and argv[1] in CSV_LOOPS:
+        _, mode, data, out_json = argv
+        groups = CSV_LOOPS[mode](csv_paths(data))
+        with open(out_json, "w", encoding="utf-8") as out:
+            json.dump(groups, out)
+        print(f"csv loop ({mode}): {sum(g['rows'] for g in groups.values())} rows", file=sys.stderr)
+        return 0
     if len(argv) != 4 or argv[0] not in BARE_FUNCTIONS:
         print(__doc__, file=sys.stderr)
         return 2

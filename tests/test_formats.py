@@ -1,0 +1,81 @@
+"""--format jsonl|csv|parquet and --output: the merged records, atomically, in each format."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import make_tree, run_cli
+
+FILES = {
+    "a.txt": "one two\n",
+    "b/c.txt": "x\ny\n",
+    "d.csv": "id,amount,category\n1,2.5,books\n2,4,music\n",
+}
+
+
+def records_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "merged.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    tree = make_tree(tmp_path / "data", FILES)
+    (tree / b"caf\xe9.txt".decode("utf-8", "surrogateescape")).write_bytes(b"latin-1 name\n")
+    return tree
+
+
+def test_csv_format_has_the_union_of_keys_in_first_seen_order(data, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("run", str(data), "-o", str(out), "-w", "1", "-q", "--format", "csv")
+    assert result.returncode == 0, result.stderr
+    assert not (out / "merged.jsonl").exists()
+    text = (out / "merged.csv").read_bytes().decode("utf-8")  # valid UTF-8 even for a Latin-1 name
+    rows = list(csv.DictReader(text.splitlines()))
+    assert list(rows[0]) == ["path", "lines", "words", "bytes"]
+    assert [r["path"] for r in rows] == ["a.txt", "b/c.txt", "caf\\udce9.txt", "d.csv"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["reduced"]["files"] == 4  # the reducer still ran
+
+
+def test_csv_format_with_records_of_different_shapes(tmp_path):
+    data = make_tree(tmp_path / "data", {"a.csv": "id,amount\n1,2\n", "b.csv": "id,name\n1,x\n"})
+    out = tmp_path / "out"
+    result = run_cli("run", str(data), "-o", str(out), "-w", "1", "-q", "-p", "csv-stats", "--format", "csv")
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader((out / "merged.csv").read_text().splitlines()))
+    assert [r["path"] for r in rows] == ["a.csv", "b.csv"]
+    assert json.loads(rows[0]["columns"])["amount"]["sum"] == 2  # nested values as JSON text
+
+
+def test_parquet_format_matches_the_jsonl_records(data, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    jsonl_out, parquet_out = tmp_path / "j", tmp_path / "p"
+    assert run_cli("run", str(data), "-o", str(jsonl_out), "-w", "1", "-q").returncode == 0
+    result = run_cli("run", str(data), "-o", str(parquet_out), "-w", "1", "-q", "--format", "parquet")
+    assert result.returncode == 0, result.stderr
+    table = pq.read_table(parquet_out / "merged.parquet").to_pylist()
+    expected = records_of(jsonl_out)
+    expected[2]["path"] = "caf\\udce9.txt"
+    assert table == expected
+
+
+def test_output_file_elsewhere_and_no_temp_left(data, tmp_path):
+    target = tmp_path / "exports" / "all.jsonl"
+    out = tmp_path / "out"
+    result = run_cli("run", str(data), "-o", str(out), "-w", "2", "-q", "--output", str(target))
+    assert result.returncode == 0, result.stderr
+    assert len(target.read_text().splitlines()) == 4
+    assert not (out / "merged.jsonl").exists()
+    assert not [p for p in target.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_merge_command_writes_another_format(data, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli("run", str(data), "-o", str(out), "-w", "1", "-q").returncode == 0
+    result = run_cli("merge", "-o", str(out), "--format", "csv")
+    assert result.returncode == 0, result.stderr
+    assert (out / "merged.csv").read_text().splitlines()[0] == "path,lines,words,bytes"
