@@ -327,13 +327,10 @@ class Ledger:
             "UPDATE tasks SET state = 'pending' WHERE id = ? AND state = 'running'", ((i,) for i in ids)
         )
 
-    def mark_changed(self, conn: sqlite3.Connection, task_id: int, size: int, mtime_ns: int) -> None:
-        """The file changed while it was processed: take the new stat, process it again."""
-        conn.execute(
-            "UPDATE tasks SET state = 'pending', size = ?, mtime_ns = ?, "
-            "error = 'file changed while it was processed' WHERE id = ? AND state = 'running'",
-            (size, mtime_ns, task_id),
-        )
+    def record_new_stat(self, conn: sqlite3.Connection, task_id: int, size: int, mtime_ns: int) -> None:
+        """The file changed while it was processed: its next attempt expects the new stat."""
+        conn.execute("UPDATE tasks SET size = ?, mtime_ns = ? WHERE id = ? AND state = 'running'",
+                     (size, mtime_ns, task_id))
 
     def mark_gone(self, conn: sqlite3.Connection, task_id: int) -> None:
         conn.execute("UPDATE tasks SET state = 'gone' WHERE id = ? AND state = 'running'", (task_id,))

@@ -294,9 +294,10 @@ class WorkerPool:
                 self._hand_back(conn, [task_id])
             elif kind == FAILED:
                 self._fail_attempt(conn, task, detail[0], detail[1], report.pid)
-            elif kind == CHANGED:
-                self.ledger.mark_changed(conn, task_id, *detail)
-                self._claimable = True
+            elif kind == CHANGED:  # counts as an attempt: a file rewritten on every try ends failed
+                self.ledger.record_new_stat(conn, task_id, *detail)
+                self._fail_attempt(conn, task, "the file changed while it was processed "
+                                   "(its size or mtime differ afterwards)", None, report.pid)
             elif kind == GONE:
                 self.ledger.mark_gone(conn, task_id)
         self.ledger.mark_done(conn, done_rows)

@@ -832,6 +832,608 @@ def run_watch_phases(rep: WatchReport, proc: subprocess.Popen, data: Path, out: 
     return written
 
 
+# --- csv workloads: csv-stats against a single-process csv loop ---------------------
+
+CSV_HEADER = "id,user,amount,category,timestamp\n"
+CSV_FIRST = ["olivia", "liam", "emma", "noah", "amelia", "oliver", "ava", "elijah", "sophia", "mateo",
+             "isabella", "lucas", "mia", "levi", "evelyn", "asher", "harper", "james", "luna", "leo",
+             "camila", "grayson", "gianna", "ezra", "elizabeth", "luca", "eleanor", "ethan", "ella",
+             "aiden", "abigail", "wyatt", "sofia", "sebastian", "avery", "jack", "scarlett", "benjamin",
+             "emily", "henry"]
+CSV_LAST = ["smith", "johnson", "williams", "brown", "jones", "garcia", "miller", "davis", "rodriguez",
+            "martinez", "hernandez", "lopez", "gonzalez", "wilson", "anderson", "thomas", "taylor",
+            "moore", "jackson", "martin", "lee", "perez", "thompson", "white", "harris"]
+CSV_CATEGORIES = ["electronics", "books", "groceries", "toys", "clothing", "garden", "sports", "beauty",
+                  "automotive", "music", "health", "office"]
+CSV_MAX_CENTS = 10_000_000  # amounts 0.01 .. 99999.99
+CSV_GEN_VERSION = 1
+CSV_SUM_RTOL = 1e-9  # a loop's running float sum against the exact sum
+
+
+@dataclasses.dataclass(frozen=True)
+class CsvWorkload:
+    name: str
+    files: int
+    rows_per_file: int
+    block_rows: int  # rows per generation job; a file's blocks are written in order
+    chunk_size: str | None  # crawlproc --chunk-size
+    target: float  # crawlproc rows/s over the single-process loop's, at least
+    wc_side: bool  # side rows: crawlproc -p linecount vs wc -l
+
+    @property
+    def rows(self) -> int:
+        return self.files * self.rows_per_file
+
+    @property
+    def blocks_per_file(self) -> int:
+        return -(-self.rows_per_file // self.block_rows)
+
+    def shrink(self, factor: int) -> "CsvWorkload":
+        per_file = max(1, self.rows_per_file // factor)
+        return dataclasses.replace(self, rows_per_file=per_file, block_rows=min(self.block_rows, per_file))
+
+    def file_name(self, index: int) -> str:
+        return "big.csv" if self.files == 1 else f"part-{index:04d}.csv"
+
+    def gen_params(self) -> dict:
+        return {"name": self.name, "files": self.files, "rows_per_file": self.rows_per_file,
+                "block_rows": self.block_rows, "seed": SEED, "gen_version": CSV_GEN_VERSION}
+
+
+CSV_WORKLOADS = {
+    "csv": CsvWorkload("csv", 200, 50_000, 50_000, None, target=1.8, wc_side=False),
+    "bigfile": CsvWorkload("bigfile", 1, 13_000_000, 250_000, "32MB", target=1.7, wc_side=True),
+}
+
+_CSV_TABLES: tuple | None = None
+
+
+def csv_tables() -> tuple[list[str], list[str], list[str], list[str]]:
+    """(users, dates, times of day, 3-digit fractions): rows are drawn from these."""
+    global _CSV_TABLES
+    if _CSV_TABLES is None:
+        day = datetime.date(2024, 1, 1)
+        _CSV_TABLES = ([f"{f}.{l}" for f in CSV_FIRST for l in CSV_LAST],
+                       [(day + datetime.timedelta(days=i)).isoformat() for i in range(366)],
+                       [f"{h:02d}:{m:02d}:{s:02d}" for h in range(24) for m in range(60) for s in range(60)],
+                       [f"{i:03d}" for i in range(1000)])
+    return _CSV_TABLES
+
+
+def exact_parts(values: list[float]) -> list[float]:
+    """The exact sum of ``values`` as floats (math.fsum of them is the correctly rounded sum)."""
+    parts: list[float] = []
+    while total := math.fsum(values):
+        parts.append(total)
+        values.append(-total)
+    return parts
+
+
+def csv_block(job: tuple[str, dict, int, int]) -> tuple[int, int, bytes, dict]:
+    """Rows of block ``block`` of file ``file`` (no header), and their per-category truth.
+
+    Truth per category: rows, id sum/min/max, the exact sum of the amounts
+    (as parts) and their min/max in cents.
+    """
+    _, params, file, block = job
+    rng = random.Random(f"{params['seed']}-{params['name']}-{file}-{block}")
+    start = block * params["block_rows"]
+    n = min(params["block_rows"], params["rows_per_file"] - start)
+    first_id = file * params["rows_per_file"] + start + 1
+    ids = range(first_id, first_id + n)
+    users, dates, times, fractions = csv_tables()
+    cats = rng.choices(range(len(CSV_CATEGORIES)), k=n)
+    cents = rng.choices(range(1, CSV_MAX_CENTS), k=n)
+    amounts = [f"{c // 100}.{c % 100:02d}" for c in cents]
+    text = "".join(map("{},{},{},{},{}T{}.{}{}+00:00\n".format, ids, rng.choices(users, k=n), amounts,
+                       map(CSV_CATEGORIES.__getitem__, cats), rng.choices(dates, k=n),
+                       rng.choices(times, k=n), rng.choices(fractions, k=n), rng.choices(fractions, k=n)))
+    by_cat_ids: list[list[int]] = [[] for _ in CSV_CATEGORIES]
+    by_cat_cents: list[list[int]] = [[] for _ in CSV_CATEGORIES]
+    add_id = [lst.append for lst in by_cat_ids]
+    add_cents = [lst.append for lst in by_cat_cents]
+    for cat, ident, c in zip(cats, ids, cents):
+        add_id[cat](ident)
+        add_cents[cat](c)
+    truth = {}
+    for k, cat in enumerate(CSV_CATEGORIES):
+        if by_cat_ids[k]:
+            cs = by_cat_cents[k]
+            truth[cat] = {"rows": len(cs), "id_sum": sum(by_cat_ids[k]), "id_min": by_cat_ids[k][0],
+                          "id_max": by_cat_ids[k][-1], "amount_parts": exact_parts([c / 100 for c in cs]),
+                          "cents_min": min(cs), "cents_max": max(cs)}
+    return file, block, text.encode(), truth
+
+
+def generate_csv_file(job: tuple[str, dict, int, int]) -> dict:
+    """A whole file of one block, written here; returns its truth."""
+    root, params, file, _ = job
+    _, _, data, truth = csv_block(job)
+    Path(root, params["file_names"][file]).write_bytes(CSV_HEADER.encode() + data)
+    return truth
+
+
+def merge_truth(into: dict, part: dict) -> None:
+    for cat, t in part.items():
+        acc = into.get(cat)
+        if acc is None:
+            into[cat] = {**t, "amount_parts": list(t["amount_parts"])}
+            continue
+        acc["rows"] += t["rows"]
+        acc["id_sum"] += t["id_sum"]
+        acc["id_min"] = min(acc["id_min"], t["id_min"])
+        acc["id_max"] = max(acc["id_max"], t["id_max"])
+        acc["amount_parts"] += t["amount_parts"]
+        acc["cents_min"] = min(acc["cents_min"], t["cents_min"])
+        acc["cents_max"] = max(acc["cents_max"], t["cents_max"])
+
+
+def finish_truth(acc: dict) -> dict:
+    """Per category, in the shape of csv-stats' reduced ``groups``; exact values."""
+    return {cat: {"rows": t["rows"], "columns": {
+        "id": {"count": t["rows"], "sum": t["id_sum"], "min": t["id_min"], "max": t["id_max"]},
+        "amount": {"count": t["rows"], "sum": math.fsum(t["amount_parts"]),
+                   "min": t["cents_min"] / 100, "max": t["cents_max"] / 100}}}
+        for cat, t in sorted(acc.items())}
+
+
+def ensure_csv_data(bench_dir: Path, cwl: CsvWorkload) -> tuple[Path, dict, float | None]:
+    """Generate the CSV files unless complete ones exist; return (dir, exact truth, gen seconds)."""
+    params = cwl.gen_params()
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
+    root = bench_dir / f"data-{cwl.name}-{cwl.rows}-{digest[:10]}"
+    marker = root.with_name(root.name + ".complete.json")
+    truth_file = root.with_name(root.name + ".truth.json")
+    if marker.exists() and json.loads(marker.read_text()) == params and truth_file.exists():
+        return root, json.loads(truth_file.read_text()), None
+    t0 = time.perf_counter()
+    root.mkdir(parents=True, exist_ok=True)
+    job_params = {**params, "file_names": [cwl.file_name(i) for i in range(cwl.files)]}
+    csv_tables()  # built once here, inherited by the forked workers
+    acc: dict = {}
+    with multiprocessing.Pool(os.cpu_count() or 2) as pool:
+        if cwl.blocks_per_file == 1:
+            jobs = [(str(root), job_params, i, 0) for i in range(cwl.files)]
+            for truth in pool.imap_unordered(generate_csv_file, jobs):
+                merge_truth(acc, truth)
+        else:
+            for i in range(cwl.files):
+                jobs = [(str(root), job_params, i, b) for b in range(cwl.blocks_per_file)]
+                with open(root / cwl.file_name(i), "wb") as f:
+                    f.write(CSV_HEADER.encode())
+                    for _, _, data, truth in pool.imap(csv_block, jobs):
+                        f.write(data)
+                        merge_truth(acc, truth)
+    os.sync()
+    truth = finish_truth(acc)
+    rows = sum(t["rows"] for t in truth.values())
+    assert rows == cwl.rows, (rows, cwl.rows)
+    truth_file.write_text(json.dumps(truth, sort_keys=True))
+    marker.write_text(json.dumps(params, sort_keys=True))
+    return root, truth, time.perf_counter() - t0
+
+
+@dataclasses.dataclass
+class RateRow:
+    run: str
+    wall: float | None = None  # None: did not run or failed
+    count: int = 0  # rows, lines or files handled
+    note: str = ""
+    failed: bool = False
+    walls: list[float] = dataclasses.field(default_factory=list)
+
+    def rate(self) -> str:
+        return f"{self.count / self.wall:,.0f}" if self.wall else "-"
+
+    def fmt_wall(self) -> str:
+        return f"{self.wall:.2f}" if self.wall is not None else "-"
+
+
+def timed_once(label: str, cmd: list[str], log: Path, count: int, unit: str, timeout: float,
+               env: dict | None = None, ok: tuple[int, ...] = (0,)) -> tuple[int | None, float | None]:
+    """One timed subprocess; returns (exit code, wall s or None when it failed)."""
+    print(f"  {label} ...", end="", flush=True)
+    rc, wall = run_timed(cmd, log, timeout, env)
+    if rc in ok:
+        print(f" {wall:.2f} s ({count / wall:,.0f} {unit}/s)" + (f", exit {rc}" if rc else ""), flush=True)
+        return rc, wall
+    why = "timeout" if rc is None else f"exit {rc}"
+    print(f" FAILED ({why}) after {wall:.1f} s\n    $ {shlex.join(cmd)}", flush=True)
+    tail = log_tail(log)
+    if tail:
+        print("    " + tail.replace("\n", "\n    "), flush=True)
+    return rc, None
+
+
+def finish_row(row: RateRow) -> RateRow:
+    if row.walls and not row.failed:
+        row.wall = statistics.median(row.walls)
+        if len(row.walls) > 1:
+            row.note = "; ".join(filter(None, ["median of " + ", ".join(f"{w:.2f}" for w in row.walls),
+                                                row.note]))
+    return row
+
+
+def repeat_rate(label: str, make_cmd, tag: str, run_dir: Path, count: int, unit: str, args,
+                problems: list[str]) -> tuple[RateRow, str]:
+    """``make_cmd(suffix)`` --repeat times into new outputs; the row has the median wall time."""
+    row, suffix = RateRow(label, count=count), ""
+    for i in range(args.repeat):
+        suffix = f"-{i + 1}" if args.repeat > 1 else ""
+        cmd = make_cmd(suffix)
+        _, wall = timed_once(label + suffix.replace("-", " #"), cmd, run_dir / f"{tag}{suffix}.log",
+                             count, unit, args.timeout)
+        if wall is None:
+            row.failed = True
+            row.note = f"FAILED, log {run_dir / f'{tag}{suffix}.log'}"
+            problems.append(f"FAILED: {label}: $ {shlex.join(cmd)}")
+            break
+        row.walls.append(wall)
+    return finish_row(row), suffix
+
+
+def compare_groups(got: dict, want: dict, columns: tuple[str, ...], exact_sums: bool) -> tuple[list[str], float]:
+    """Differences of per-category stats ``got`` from ``want``; and the largest relative
+    difference of an amount sum (exact comparison when ``exact_sums``, else within CSV_SUM_RTOL)."""
+    problems: list[str] = []
+    worst = 0.0
+    if sorted(got) != sorted(want):
+        problems.append(f"categories {sorted(got)} != {sorted(want)}")
+    for cat in sorted(set(got) & set(want)):
+        g, w = got[cat], want[cat]
+        if g.get("rows") != w["rows"]:
+            problems.append(f"{cat}: rows {g.get('rows')} != {w['rows']}")
+        for col in columns:
+            gc, wc = g.get("columns", {}).get(col), w["columns"][col]
+            if gc is None:
+                problems.append(f"{cat}: no column {col}")
+                continue
+            for key in ("count", "min", "max"):
+                if gc.get(key) != wc[key]:
+                    problems.append(f"{cat}.{col}.{key}: {gc.get(key)!r} != {wc[key]!r}")
+            have, need = gc.get("sum"), wc["sum"]
+            if not isinstance(have, (int, float)):
+                problems.append(f"{cat}.{col}.sum: {have!r}")
+                continue
+            if col == "amount":
+                rel = abs(have - need) / abs(need) if need else abs(have)
+                worst = max(worst, rel)
+                if (have != need) if exact_sums else rel > CSV_SUM_RTOL:
+                    problems.append(f"{cat}.{col}.sum: {have!r} != {need!r} (relative difference {rel:.1e})")
+            elif have != need:
+                problems.append(f"{cat}.{col}.sum: {have!r} != {need!r}")
+    return problems, worst
+
+
+@dataclasses.dataclass
+class CsvReport:
+    cwl: CsvWorkload
+    size: int = 0
+    command: str = ""
+    rows: list[RateRow] = dataclasses.field(default_factory=list)  # loops, then crawlproc
+    crawlproc: RateRow | None = None
+    side: list[RateRow] = dataclasses.field(default_factory=list)
+    checks: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+    def speedup(self, loop: RateRow) -> float | None:
+        cp = self.crawlproc
+        if cp is None or cp.wall is None or loop.wall is None or loop is cp:
+            return None
+        return loop.wall / cp.wall  # same rows: ratio of rows/s
+
+    def markdown(self, workers: int) -> list[str]:
+        cwl = self.cwl
+        files = f"{cwl.files:,} CSV files" if cwl.files > 1 else "one CSV file"
+        md = [f"## {cwl.name}: {files}, {cwl.rows:,} rows, {self.size / 1e6:,.0f} MB "
+              f"(id,user,amount,category,timestamp; {len(CSV_CATEGORIES)} categories), workers {workers}", "",
+              f"`{self.command}`", "",
+              "| run | wall s | rows/s | crawlproc rows/s over this | note |", "|---|---:|---:|---:|---|"]
+        for r in self.rows:
+            ratio = self.speedup(r)
+            md.append(f"| {r.run} | {r.fmt_wall()} | {r.rate()} | {f'{ratio:.2f}x' if ratio else ''} | {r.note} |")
+        md.append("")
+        if self.side:
+            wc = self.side[0]
+            md += ["| side run: counting lines | wall s | lines/s | wall vs wc -l | note |",
+                   "|---|---:|---:|---:|---|"]
+            for r in self.side:
+                ratio = f"{r.wall / wc.wall:.2f}x" if r.wall and wc.wall else ""
+                md.append(f"| {r.run} | {r.fmt_wall()} | {r.rate()} | {ratio} | {r.note} |")
+            md.append("")
+        for r in self.rows:
+            ratio = self.speedup(r)
+            if ratio is not None:
+                md.append(f"- crawlproc vs {r.run}: {ratio:.2f}x the rows/s (target >= {cwl.target}x): "
+                          f"{verdict(ratio >= cwl.target)}")
+        md += [f"- {c}" for c in self.checks]
+        md += [f"- {n}" for n in self.notes]
+        md += [f"- **{p}**" for p in self.problems]
+        md.append("")
+        return md
+
+
+CSV_LOOPS = [("amount", "single-process csv loop: amount only", ("amount",)),
+             ("all", "single-process csv loop: all numeric columns (id, amount)", ("id", "amount"))]
+
+
+def bench_csv(cwl: CsvWorkload, bench_dir: Path, run_root: Path, args) -> CsvReport:
+    rep = CsvReport(cwl)
+    print(f"\n[{cwl.name}] {cwl.files:,} CSV file(s), {cwl.rows:,} rows", flush=True)
+    data, truth, gen_s = ensure_csv_data(bench_dir, cwl)
+    rep.size = sum(p.stat().st_size for p in data.iterdir())
+    rep.notes.append(f"inputs {data}: " + ("reused" if gen_s is None else f"generated in {gen_s:.1f} s"))
+    print(f"  {rep.notes[-1]}", flush=True)
+    n, warm_s = warm_up(data, args.workers)
+    rep.notes.append(f"page-cache warm-up: read {n:,} files ({rep.size / 1e6:,.0f} MB) in {warm_s:.1f} s")
+    print(f"  {rep.notes[-1]}", flush=True)
+    if n != cwl.files:
+        rep.problems.append(f"MISMATCH {cwl.name}: {n} files in {data}, expected {cwl.files}")
+    exe = crawlproc_exe()
+    if exe is None:
+        rep.problems.append("FAILED: crawlproc executable not found")
+        return rep
+    run_dir = run_root / cwl.name
+    run_dir.mkdir(parents=True)
+
+    loops = {}
+    for mode, label, columns in CSV_LOOPS:
+        def loop_cmd(suffix: str, mode=mode) -> list[str]:
+            return [sys.executable, str(SCRIPTS / "bench_work.py"), "csv-loop", mode, str(data),
+                    str(run_dir / f"loop-{mode}{suffix}.json")]
+
+        row, suffix = repeat_rate(label, loop_cmd, f"loop-{mode}", run_dir, cwl.rows, "rows", args, rep.problems)
+        rep.rows.append(row)
+        if not row.failed:
+            loops[mode] = (label, columns, json.loads((run_dir / f"loop-{mode}{suffix}.json").read_text()))
+
+    chunk = ["--chunk-size", cwl.chunk_size] if cwl.chunk_size else []
+
+    def cp_cmd(suffix: str) -> list[str]:
+        return [exe, "run", str(data), "-o", str(run_dir / f"crawlproc-out{suffix}"), "-w", str(args.workers),
+                "-p", "csv-stats", "--param", "group_by=category", *chunk, "--no-progress", "-q"]
+
+    rep.command = shlex.join(["crawlproc", *cp_cmd("")[1:]]).replace(str(data), "DATA").replace(
+        str(run_dir / "crawlproc-out"), "NEW")
+    row, suffix = repeat_rate(f"crawlproc csv-stats, {args.workers} workers", cp_cmd, "crawlproc", run_dir,
+                              cwl.rows, "rows", args, rep.problems)
+    rep.rows.append(row)
+    if not row.failed:
+        rep.crawlproc = row
+        summary = read_summary(run_dir / f"crawlproc-out{suffix}")
+        reduced = summary.get("reduced") or {}
+        elapsed = summary.get("timings", {}).get("elapsed_s")
+        row.note = "; ".join(filter(None, [row.note, f"summary elapsed_s {elapsed}", fmt_counts(summary),
+                                           f"{reduced.get('tasks')} tasks"]))
+        expect = {"files": cwl.files, "rows": cwl.rows, "malformed": 0, "group_by": "category"}
+        wrong = {k: reduced.get(k) for k, v in expect.items() if reduced.get(k) != v}
+        if wrong:
+            rep.problems.append(f"MISMATCH {cwl.name}: crawlproc reduced {wrong}, expected "
+                                f"{ {k: expect[k] for k in wrong} }")
+        groups = reduced.get("groups") or {}
+        bad, _ = compare_groups(groups, truth, ("id", "amount"), exact_sums=True)
+        if bad:
+            rep.problems.append(f"MISMATCH {cwl.name}: crawlproc reduced totals differ from the generator's "
+                                f"exact totals: {'; '.join(bad[:5])}")
+        else:
+            rep.checks.append(f"crawlproc `reduced` == the generator's exact totals for all {len(truth)} categories "
+                              "(rows; id and amount count/sum/min/max; amount sum compared exactly: csv-stats "
+                              "gives the correctly rounded exact sum): OK")
+        for mode, (label, columns, got) in loops.items():
+            bad, worst = compare_groups(got, groups, columns, exact_sums=False)
+            if bad:
+                rep.problems.append(f"MISMATCH {cwl.name}: {label} vs crawlproc: {'; '.join(bad[:5])}")
+            else:
+                rep.checks.append(f"{label} == crawlproc per category: rows, count/min/max of "
+                                  f"{', '.join(columns)}" + (", id sum" if "id" in columns else "")
+                                  + " identical; amount sum (running float sum in the loop) within "
+                                  f"{worst:.1e} relative (tolerance {CSV_SUM_RTOL:g}): OK")
+    if cwl.wc_side:
+        bench_csv_side(cwl, data, run_dir, exe, args, rep)
+    for p in rep.problems:
+        print(f"  !!! {p}", flush=True)
+    return rep
+
+
+def bench_csv_side(cwl: CsvWorkload, data: Path, run_dir: Path, exe: str, args, rep: CsvReport) -> None:
+    """wc -l against crawlproc -p linecount --chunk-size on the same file."""
+    path = data / cwl.file_name(0)
+    lines = cwl.rows + 1  # with the header
+
+    def wc_cmd(suffix: str) -> list[str]:
+        return ["wc", "-l", str(path)]
+
+    row, suffix = repeat_rate("wc -l", wc_cmd, "wc", run_dir, lines, "lines", args, rep.problems)
+    rep.side.append(row)
+    if not row.failed:
+        got = int(log_tail(run_dir / f"wc{suffix}.log", 1).split()[0])
+        row.note = f"{got:,} lines"
+        if got != lines:
+            rep.problems.append(f"MISMATCH {cwl.name}: wc -l says {got} lines, expected {lines}")
+
+    def lc_cmd(suffix: str) -> list[str]:
+        return [exe, "run", str(data), "-o", str(run_dir / f"linecount-out{suffix}"), "-w", str(args.workers),
+                "-p", "linecount", "--chunk-size", cwl.chunk_size or "32MB", "--no-progress", "-q"]
+
+    row, suffix = repeat_rate(f"crawlproc -p linecount --chunk-size {cwl.chunk_size}, {args.workers} workers",
+                              lc_cmd, "linecount", run_dir, lines, "lines", args, rep.problems)
+    rep.side.append(row)
+    if not row.failed:
+        summary = read_summary(run_dir / f"linecount-out{suffix}")
+        reduced = summary.get("reduced") or {}
+        row.note = "; ".join(filter(None, [row.note, f"{reduced.get('lines', 0):,} lines, "
+                                           f"{reduced.get('words', 0):,} words (it splits words too)",
+                                           fmt_counts(summary)]))
+        if reduced.get("lines") != lines or reduced.get("bytes") != rep.size:
+            rep.problems.append(f"MISMATCH {cwl.name}: crawlproc linecount reduced {reduced}, expected "
+                                f"{lines} lines, {rep.size} bytes")
+
+
+# --- faults: the cost of the fault-tolerance options and of a worker death ---------
+
+FAULT_LIMITS = ["--timeout", "60", "--max-memory-per-child", "1GB"]  # limits that never trigger
+FAULT_TARGET = 1.05  # wall with the limits / default wall, at most
+DEATH_TARGET_MS = 200.0
+KILLER_PROCESSOR = f"{SCRIPTS / 'bench_work.py'}:typical_killer"
+KILL_EVERY = 100  # every 100th file (sorted relpaths) kills its worker: 50 of typical's 5,000
+
+
+@dataclasses.dataclass
+class FaultsReport:
+    times: int = 1
+    limit_rows: list[tuple[str, RateRow, RateRow]] = dataclasses.field(default_factory=list)
+    death_rows: list[RateRow] = dataclasses.field(default_factory=list)
+    deaths: int = 0
+    files: int = 0
+    death_note: str = ""
+    notes: list[str] = dataclasses.field(default_factory=list)
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+    def markdown(self, workers: int) -> list[str]:
+        md = [f"## faults: fault-tolerance options and worker deaths, workers {workers}", "",
+              f"Runs interleaved (default, limits, default, ...), {self.times} of each; median wall. "
+              f"Limits: `{' '.join(FAULT_LIMITS)}` (never trigger).", "",
+              "| data | run | wall s | files/s | vs default | note |", "|---|---|---:|---:|---:|---|"]
+        verdicts = []
+        for data, default, limits in self.limit_rows:
+            md.append(f"| {data} | {default.run} | {default.fmt_wall()} | {default.rate()} | "
+                      f"{'1.00x' if default.wall else ''} | {default.note} |")
+            ratio = limits.wall / default.wall if limits.wall and default.wall else None
+            md.append(f"| {data} | {limits.run} | {limits.fmt_wall()} | {limits.rate()} | "
+                      f"{f'{ratio:.3f}x' if ratio else ''} | {limits.note} |")
+            if ratio:
+                verdicts.append(f"- {data.split(' ')[0]}: with limits {ratio:.3f}x the default wall "
+                                f"(target <= {FAULT_TARGET}x): {verdict(ratio <= FAULT_TARGET)}")
+        md.append("")
+        md += verdicts
+        if self.death_rows:
+            md += ["", f"Worker deaths: typical data, `-p bench_work.py:typical_killer --retries 0`; "
+                   f"{self.deaths} of {self.files:,} files (every {KILL_EVERY}th by sorted path, listed in "
+                   "$BENCH_KILL_FILES) call os._exit(1) after doing their work.", "",
+                   "| run | wall s | files/s | deaths | note |", "|---|---:|---:|---:|---|"]
+            for r, d in zip(self.death_rows, (0, self.deaths)):
+                md.append(f"| {r.run} | {r.fmt_wall()} | {r.rate()} | {d} | {r.note} |")
+            md.append("")
+            clean, killer = self.death_rows
+            if clean.wall and killer.wall and self.deaths:
+                lost = (killer.wall - clean.wall) / self.deaths * 1000
+                md.append(f"- lost time per worker death = (killer wall {killer.wall:.2f} s - clean wall "
+                          f"{clean.wall:.2f} s - work of the killed tasks beyond the clean run 0 s) / "
+                          f"{self.deaths} deaths = {lost:.1f} ms (target < {DEATH_TARGET_MS:.0f} ms): "
+                          f"{verdict(lost < DEATH_TARGET_MS)}")
+                md.append("  (each killed task does its full work before os._exit(1), and the clean run does the "
+                          "same work on the same files; with --retries 0 nothing is redone)")
+            if self.death_note:
+                md.append(f"- {self.death_note}")
+        md += [f"- {n}" for n in self.notes]
+        md += [f"- **{p}**" for p in self.problems]
+        md.append("")
+        return md
+
+
+def failures_json(exe: str, out: Path) -> list[dict]:
+    proc = subprocess.run([exe, "failures", "-o", str(out), "--json"], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    try:
+        return json.loads(proc.stdout)
+    except ValueError:
+        return []
+
+
+def interleaved(variants: list[tuple[str, list[str], dict | None, tuple[int, ...]]], data: Path, tag: str,
+                run_dir: Path, exe: str, processor: str, n: int, times: int, args,
+                problems: list[str]) -> list[tuple[RateRow, Path | None]]:
+    """Run each variant ``times`` times, interleaved, each into a new OUT; rows with median walls.
+
+    A variant is (label, extra options, env, accepted exit codes). Returns each
+    row with the OUT of its last successful run.
+    """
+    rows = [(RateRow(label, count=n), None) for label, *_ in variants]
+    for i in range(times):
+        for k, (label, extra, env, ok) in enumerate(variants):
+            row, _ = rows[k]
+            if row.failed:
+                continue
+            out = run_dir / f"{tag}-{k}-{i + 1}"
+            cmd = [exe, "run", str(data), "-o", str(out), "-w", str(args.workers), "-p", processor, *extra,
+                   "--no-progress", "-q"]
+            _, wall = timed_once(f"{tag}: {label} #{i + 1}", cmd, run_dir / f"{tag}-{k}-{i + 1}.log", n, "files",
+                                 args.timeout, env=env, ok=ok)
+            if wall is None:
+                row.failed = True
+                row.note = f"FAILED, log {run_dir / f'{tag}-{k}-{i + 1}.log'}"
+                problems.append(f"FAILED: {tag} {label}: $ {shlex.join(cmd)}")
+                continue
+            row.walls.append(wall)
+            rows[k] = (row, out)
+    return [(finish_row(row), out) for row, out in rows]
+
+
+def bench_faults(bench_dir: Path, run_root: Path, args) -> FaultsReport:
+    times = args.repeat if args.repeat > 1 else (1 if args.quick else 3)
+    rep = FaultsReport(times=times)
+    print("\n[faults] fault-tolerance options and worker deaths", flush=True)
+    exe = crawlproc_exe()
+    if exe is None:
+        rep.problems.append("FAILED: crawlproc executable not found")
+        return rep
+    run_dir = run_root / "faults"
+    run_dir.mkdir(parents=True)
+    typical = None
+    for name in ("tiny", "typical"):
+        wl = WORKLOADS[name].shrink(10) if args.quick else WORKLOADS[name]
+        data, gen_s = ensure_data(bench_dir, wl)
+        n, warm_s = warm_up(data, args.workers)
+        rep.notes.append(f"{name} inputs {data}: " + ("reused" if gen_s is None else f"generated in {gen_s:.1f} s")
+                         + f"; page-cache warm-up: {n:,} files in {warm_s:.1f} s")
+        print(f"  {rep.notes[-1]}", flush=True)
+        variants = [("default", [], None, (0,)), (" ".join(FAULT_LIMITS), FAULT_LIMITS, None, (0,))]
+        results = interleaved(variants, data, name, run_dir, exe, wl.processor, n, times, args, rep.problems)
+        for row, out in results:
+            if out is not None:
+                summary = read_summary(out)
+                row.note = "; ".join(filter(None, [row.note, fmt_counts(summary)]))
+                if summary.get("counts", {}).get("done") != n:
+                    rep.problems.append(f"MISMATCH faults {name} {row.run}: {fmt_counts(summary)} for {n} files")
+        label = f"{name} ({n:,} files, {Path(wl.processor).name})"
+        rep.limit_rows.append((label, results[0][0], results[1][0]))
+        if name == "typical":
+            typical = (data, n)
+
+    data, n = typical
+    relpaths = sorted(rel for _, rel in bench_work.walk_files(str(data)))
+    kill = relpaths[KILL_EVERY // 2::KILL_EVERY]
+    rep.deaths, rep.files = len(kill), n
+    clean_env = {**os.environ, bench_work.KILL_ENV: ""}
+    kill_env = {**os.environ, bench_work.KILL_ENV: "\n".join(kill)}
+    variants = [("clean (kill list empty)", ["--retries", "0"], clean_env, (0,)),
+                (f"{len(kill)} files kill their worker", ["--retries", "0"], kill_env, (1,))]
+    results = interleaved(variants, data, "deaths", run_dir, exe, KILLER_PROCESSOR, n, times, args, rep.problems)
+    rep.death_rows = [row for row, _ in results]
+    for (row, out), deaths in zip(results, (0, len(kill))):
+        if out is None:
+            continue
+        summary = read_summary(out)
+        counts = summary.get("counts", {})
+        row.note = "; ".join(filter(None, [row.note, fmt_counts(summary)]))
+        if counts.get("done") != n - deaths or counts.get("failed", 0) != deaths:
+            rep.problems.append(f"MISMATCH faults deaths {row.run}: {fmt_counts(summary)}, expected done "
+                                f"{n - deaths}, failed {deaths}")
+        if deaths:
+            failed = failures_json(exe, out)
+            if sorted(f.get("relpath") for f in failed) != kill:
+                rep.problems.append(f"MISMATCH faults deaths: `crawlproc failures --json` lists "
+                                    f"{len(failed)} tasks, not the {len(kill)} killer files")
+            if failed:
+                rep.death_note = (f"failure recorded for {failed[0].get('relpath')}: "
+                                  f"{str(failed[0].get('error')).strip()[:200]!r} "
+                                  f"(attempts {failed[0].get('attempts')})")
+    for p in rep.problems:
+        print(f"  !!! {p}", flush=True)
+    return rep
+
+
 # --- start-up time -------------------------------------------------------------
 
 
