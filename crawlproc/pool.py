@@ -121,7 +121,7 @@ class WorkerPool:
         self.on_turn = on_turn or (lambda: None)
         self.run_info = run_info
         self.now = now
-        self.ctx = forkserver_context(config.processor)
+        self.ctx = forkserver_context(config)
         self.workers: list[WorkerHandle] = []
         self.result = PoolResult()
         self._claimed: dict[int, tuple] = {}  # task id -> its ClaimedTask-shaped row, while in flight

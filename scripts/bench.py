@@ -32,6 +32,35 @@ says they are complete with the same parameters):
            Then SIGINT: exit code 0 and a merged.jsonl with every file once.
            Run only when named.
 
+  csv      200 generated CSV files of 50,000 rows (10 million rows, ~0.7 GB),
+           columns id,user,amount,category,timestamp (id an int, user one of
+           1,000 names, amount a decimal like 123.45, category one of 12,
+           an ISO timestamp). (a) a single-process ``csv.reader`` loop
+           (scripts/bench_work.py csv-loop) grouping by category with a count
+           and sum/min/max of ``amount`` only, and of every numeric column
+           (id and amount: what csv-stats computes); (b) ``crawlproc run DATA
+           -o NEW -w W -p csv-stats --param group_by=category --no-progress
+           -q``. Reports rows/s and crawlproc's rows/s over each loop's
+           (target >= 1.8x). Checks: crawlproc's summary.json ``reduced``
+           equals the exact per-category totals kept by the generator (amount
+           sums compared exactly: csv-stats gives the correctly rounded exact
+           sum), and each loop's totals equal crawlproc's (the loops' running
+           float sums within a relative 1e-9). Run only when named.
+  bigfile  one generated CSV file of 13 million rows (~0.93 GB), same columns;
+           the same two loops against crawlproc csv-stats with
+           ``--chunk-size 32MB`` (target >= 1.7x); side rows: ``wc -l``
+           against ``crawlproc -p linecount --chunk-size 32MB``. Run only
+           when named.
+  faults   on tiny's and typical's data: crawlproc's first run with default
+           options against ``--timeout 60 --max-memory-per-child 1GB``
+           (limits that never trigger; target within 5%), and the cost of a
+           worker death: typical with ``bench_work.py:typical_killer
+           --retries 0``, where every 100th file (sorted paths, listed in
+           $BENCH_KILL_FILES) ends its worker with os._exit(1) after its work,
+           against the same run with an empty list: (wall - clean wall) /
+           deaths (target < 200 ms). Each variant runs 3 times, interleaved
+           (1 with --quick, N with --repeat N); medians. Run only when named.
+
 --quick shrinks every workload 10x (a smoke check, not a measurement).
 --repeat N runs the bare baseline and crawlproc's first run N times each (new
 outputs every time) and reports the median: use it on a busy machine.
