@@ -235,26 +235,29 @@ class Ledger:
         ignored on purpose (`keep(path)`) become gone. None bounds are open.
         Returns (tasks written, files gone).
         """
-        existing = self._live_tasks_between(lo, hi)
-        planned: dict[bytes, list[tuple]] = {}
-        for row in rows:
-            planned.setdefault(row[1], []).append(row)
-        changed = []
-        for path, plan in planned.items():
-            if existing.pop(path, None) != sorted(r[2:] for r in plan):
-                changed.extend(plan)
-        for path in held:
-            existing.pop(path, None)
+        existing = self._live_tasks_between(lo, hi)  # {(path, offset): (length, size, mtime_ns)}
+        changed_paths: set[bytes] = set()
+        for row in rows:  # this loop runs once per file of a scan: keep it lean
+            if existing.pop((row[1], row[2]), None) != row[3:]:
+                changed_paths.add(row[1])
+        seen = {row[1] for row in rows} | set(held)
+        gone: set[bytes] = set()
+        for path, _ in existing:  # tasks the scan did not plan: a re-planned file, or a vanished one
+            if path in seen:
+                changed_paths.add(path)
+            else:
+                gone.add(path)
+        changed = [row for row in rows if row[1] in changed_paths] if changed_paths else []
         prefixes = tuple(keep_prefixes)
-        gone = [p for p in existing if not p.startswith(prefixes) and not (keep and keep(p))] if mark_gone else []
-        if changed or gone:
+        gone_list = [p for p in gone if not p.startswith(prefixes) and not (keep and keep(p))] if mark_gone else []
+        if changed or gone_list:
             with self.transaction() as conn:
                 self.upsert_scanned(conn, changed, chunked=chunked)
-                self.mark_paths_gone(conn, gone, [], running_too=False)
-        return len(changed), len(gone)
+                self.mark_paths_gone(conn, gone_list, [], running_too=False)
+        return len(changed), len(gone_list)
 
-    def _live_tasks_between(self, lo: bytes | None, hi: bytes | None) -> dict[bytes, list[tuple]]:
-        """{path_bytes: sorted [(offset, length, size, mtime_ns)]} of tasks not gone, lo < path <= hi."""
+    def _live_tasks_between(self, lo: bytes | None, hi: bytes | None) -> dict[tuple, tuple]:
+        """{(path_bytes, offset): (length, size, mtime_ns)} of tasks not gone, lo < path <= hi."""
         sql = 'SELECT path_bytes, "offset", length, size, mtime_ns FROM tasks WHERE state != \'gone\''
         args: list[bytes] = []
         if lo is not None:
@@ -263,10 +266,7 @@ class Ledger:
         if hi is not None:
             sql += " AND path_bytes <= ?"
             args.append(hi)
-        found: dict[bytes, list[tuple]] = {}
-        for path, *rest in self.conn.execute(sql + ' ORDER BY path_bytes, "offset"', args):
-            found.setdefault(path, []).append(tuple(rest))
-        return found
+        return {(r[0], r[1]): r[2:] for r in self.conn.execute(sql, args)}
 
     def upsert_scanned(self, conn: sqlite3.Connection, rows: list[tuple], *, chunked: bool = False) -> None:
         """rows: (relpath, path_bytes, offset, length, size, mtime_ns); inside a transaction.
@@ -390,6 +390,10 @@ class Ledger:
         for state, n in self.conn.execute("SELECT state, count(*) FROM tasks GROUP BY state"):
             counts[state] = n
         return counts
+
+    def count_pending(self) -> int:
+        """Pending tasks (the partial index makes this cheap, unlike counts())."""
+        return self.conn.execute("SELECT count(*) FROM tasks WHERE state = 'pending'").fetchone()[0]
 
     def pending_outlook(self, now: float) -> tuple[bool, float | None]:
         """(is any pending task claimable now, the soonest retry time of those that are not)."""

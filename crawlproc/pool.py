@@ -199,7 +199,7 @@ class WorkerPool:
         if self.source.step(SCAN_SLICE):
             self._claimable = True
         if self.source.exhausted:
-            self._pending_left = self.ledger.counts()["pending"]
+            self._pending_left = self.ledger.count_pending()
             self._claimable = True
 
     # -- one transaction per turn ----------------------------------------------

@@ -152,7 +152,7 @@ def run_job(options: RunOptions, *, on_progress: Callable[[dict], None] | None =
         merged = None
         if options.merge:
             merged, pool_result = _merge_until_clean(job, pool_result, on_progress)
-        return _finish(job, pool_result, merged, _exit_code(pool_result, job.ledger.counts()))
+        return _finish(job, pool_result, merged, lambda counts: _exit_code(pool_result, counts))
 
 
 def watch_job(
@@ -178,7 +178,7 @@ def watch_job(
             watcher.stop()
         merged = merger.merge() if options.merge else None
         exit_code = 0 if pool_result.stop_reason in (None, "interrupted") else 1
-        return _finish(job, pool_result, merged, exit_code)
+        return _finish(job, pool_result, merged, lambda counts: exit_code)
 
 
 class _PeriodicMerge:
@@ -210,9 +210,12 @@ class _PeriodicMerge:
         return merged
 
 
-def _finish(job: _Job, pool_result: PoolResult, merged: MergeOutcome | None, exit_code: int) -> RunOutcome:
+def _finish(job: _Job, pool_result: PoolResult, merged: MergeOutcome | None,
+            exit_code_for: Callable[[dict[str, int]], int]) -> RunOutcome:
+    """summary.json, the run's row, and the exit code (from the same final counts)."""
     summary = write_summary(job.options.out, job.ledger, job.processor, job.identity, merged,
                             _timings(job, pool_result))
+    exit_code = exit_code_for(summary["counts"])
     job.ledger.finish_run(job.run_id, exit_code, pool_result.done, pool_result.failed)
     logger.debug("finished with exit code {}: {} done, {} failed this run; counts {}", exit_code,
                  pool_result.done, pool_result.failed, summary["counts"])
