@@ -166,6 +166,7 @@ class WorkerPool:
                     self._feed()
                 self._send(self._commit_turn())
                 if self._finished():
+                    self.on_progress({**self.stats(), "final": True})
                     break
                 self.on_turn()  # here every report received so far is in the ledger
                 self._wait()

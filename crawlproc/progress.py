@@ -29,7 +29,7 @@ class ProgressReporter:
     def __call__(self, stats: dict) -> None:
         now = time.monotonic()
         every = DRAW_EVERY_SECONDS if self._bar else LOG_EVERY_SECONDS
-        if now - self._last < every:
+        if now - self._last < every and not (stats.get("final") and self._bar):
             return
         self._last = now
         view = self._view(stats, now)
