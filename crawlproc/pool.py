@@ -156,9 +156,6 @@ class WorkerPool:
     # -- the loop ------------------------------------------------------------
     def run(self, source: WorkSource | None) -> PoolResult:
         self.source = source
-        # The forkserver imports what workers need while we scan: the first batch
-        # then finds it ready. (A no-op rerun pays for it on the idle core only.)
-        start_forkserver_shielded()
         previous = self._install_signal_handlers()
         try:
             while True:
@@ -236,6 +233,7 @@ class WorkerPool:
             self._claimable = False
             return
         self._started = True
+        start_forkserver_shielded()
         for _ in range(self.options.workers):
             self._spawn()
 
