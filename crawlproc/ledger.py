@@ -391,6 +391,10 @@ class Ledger:
             counts[state] = n
         return counts
 
+    def count_live(self, conn: sqlite3.Connection) -> int:
+        """Tasks that are not gone: what a --max-failures percentage is taken of."""
+        return conn.execute("SELECT count(*) FROM tasks WHERE state != 'gone'").fetchone()[0]
+
     def count_pending(self) -> int:
         """Pending tasks (the partial index makes this cheap, unlike counts())."""
         return self.conn.execute("SELECT count(*) FROM tasks WHERE state = 'pending'").fetchone()[0]

@@ -356,8 +356,7 @@ class WorkerPool:
             return
         limit, percent = self.options.max_failures
         if percent:
-            total = conn.execute("SELECT count(*) FROM tasks WHERE state != 'gone'").fetchone()[0]
-            limit = limit * total / 100
+            limit = limit * self.ledger.count_live(conn) / 100
         if self.result.failed > limit:
             self._stop("failure budget", f"{self.result.failed} tasks failed, more than --max-failures allows")
 
