@@ -79,6 +79,12 @@ RETURNING id, path_bytes, "offset", length, size, mtime_ns, attempts
 """
 
 
+_INSERT_CLAIMED = """
+INSERT INTO tasks (relpath, path_bytes, "offset", length, size, mtime_ns, state)
+VALUES (?, ?, ?, ?, ?, ?, 'running')
+"""
+
+
 def _merge_key(row: tuple) -> tuple:
     return (row[1], row[2])
 
@@ -224,6 +230,7 @@ class Ledger:
         keep: Callable[[bytes], bool] | None = None,
         mark_gone: bool = True,
         chunked: bool = False,
+        claim_new_into: list | None = None,
     ) -> tuple[int, int]:
         """Bring the tasks of paths in (lo, hi] in line with what a scan saw there.
 
@@ -233,7 +240,10 @@ class Ledger:
         cheap). With `mark_gone`, files of the range that were not seen, not
         `held` back, not under an unreadable folder (`keep_prefixes`) and not
         ignored on purpose (`keep(path)`) become gone. None bounds are open.
-        Returns (tasks written, files gone).
+        With `claim_new_into`, tasks of files the ledger has never seen are
+        inserted already claimed (`running`) and their ClaimedTask rows appended
+        to that list: a first run then writes each such row once instead of
+        inserting it pending and claiming it. Returns (tasks written, files gone).
         """
         existing = self._live_tasks_between(lo, hi)  # {(path, offset): (length, size, mtime_ns)}
         changed_paths: set[bytes] = set()
@@ -248,17 +258,39 @@ class Ledger:
             else:
                 gone.add(path)
         changed = [row for row in rows if row[1] in changed_paths] if changed_paths else []
+        new: list[tuple] = []
+        if claim_new_into is not None and changed:
+            known = self._paths_between(lo, hi)  # gone ones too: those go through the upsert
+            new = [row for row in changed if row[1] not in known]
+            if new:
+                changed = [row for row in changed if row[1] in known]
         prefixes = tuple(keep_prefixes)
         gone_list = [p for p in gone if not p.startswith(prefixes) and not (keep and keep(p))] if mark_gone else []
-        if changed or gone_list:
+        if changed or gone_list or new:
             with self.transaction() as conn:
                 self.upsert_scanned(conn, changed, chunked=chunked)
                 self.mark_paths_gone(conn, gone_list, [], running_too=False)
-        return len(changed), len(gone_list)
+                if new:
+                    claim_new_into.extend(self._insert_claimed(conn, new))
+        return len(changed) + len(new), len(gone_list)
 
-    def _live_tasks_between(self, lo: bytes | None, hi: bytes | None) -> dict[tuple, tuple]:
-        """{(path_bytes, offset): (length, size, mtime_ns)} of tasks not gone, lo < path <= hi."""
-        sql = 'SELECT path_bytes, "offset", length, size, mtime_ns FROM tasks WHERE state != \'gone\''
+    def _paths_between(self, lo: bytes | None, hi: bytes | None) -> set[bytes]:
+        sql, args = self._range_sql("SELECT DISTINCT path_bytes FROM tasks WHERE 1", lo, hi)
+        return {r[0] for r in self.conn.execute(sql, args)}
+
+    def _insert_claimed(self, conn: sqlite3.Connection, rows: list[tuple]) -> list[tuple]:
+        """Insert new tasks as `running`; their ClaimedTask rows, in `rows` order.
+
+        SQLite gives each new row the largest rowid so far plus one, so the ids
+        of one executemany of plain inserts are consecutive.
+        """
+        conn.executemany(_INSERT_CLAIMED, rows)
+        last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+        first = last - len(rows) + 1
+        return [(first + i, r[1], r[2], r[3], r[4], r[5], 0) for i, r in enumerate(rows)]
+
+    @staticmethod
+    def _range_sql(sql: str, lo: bytes | None, hi: bytes | None) -> tuple[str, list[bytes]]:
         args: list[bytes] = []
         if lo is not None:
             sql += " AND path_bytes > ?"
@@ -266,6 +298,12 @@ class Ledger:
         if hi is not None:
             sql += " AND path_bytes <= ?"
             args.append(hi)
+        return sql, args
+
+    def _live_tasks_between(self, lo: bytes | None, hi: bytes | None) -> dict[tuple, tuple]:
+        """{(path_bytes, offset): (length, size, mtime_ns)} of tasks not gone, lo < path <= hi."""
+        sql, args = self._range_sql(
+            'SELECT path_bytes, "offset", length, size, mtime_ns FROM tasks WHERE state != \'gone\'', lo, hi)
         return {(r[0], r[1]): r[2:] for r in self.conn.execute(sql, args)}
 
     def upsert_scanned(self, conn: sqlite3.Connection, rows: list[tuple], *, chunked: bool = False) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for
@@ -60,6 +61,7 @@ MAX_BATCH_BYTES = 64 << 20
 TARGET_BATCH_SECONDS = 0.1  # adaptive batches take about this long: responsive, fair tails
 FIRST_BATCH_SIZE = 4  # small, so slow tasks are spread before their speed is known
 SCAN_SLICE = 2000
+READY_LIMIT = 2 * SCAN_SLICE  # claimed-by-the-scan tasks held at most: memory stays flat
 GRACE_SECONDS = 5.0
 TICK_SECONDS = 0.5
 RUN_UPDATE_SECONDS = 1.0
@@ -71,6 +73,7 @@ class WorkSource(Protocol):
 
     files: int  # files recorded so far, for progress
     wakeup_fd: int | None  # readable when the source has something new (or None)
+    claimed: list  # tasks the source recorded already claimed for us (ClaimedTask rows); we empty it
 
     @property
     def exhausted(self) -> bool: ...  # no more work will ever come
@@ -125,6 +128,7 @@ class WorkerPool:
         self.workers: list[WorkerHandle] = []
         self.result = PoolResult()
         self._claimed: dict[int, tuple] = {}  # task id -> its ClaimedTask-shaped row, while in flight
+        self._ready: deque[tuple] = deque()  # claimed by the scan as it recorded them, not yet sent
         self._reports: list[tuple[WorkerHandle, BatchReport]] = []
         self._deaths: list[tuple[WorkerHandle, int | None]] = []
         self._next_batch = ledger.next_batch_id()
@@ -159,7 +163,7 @@ class WorkerPool:
         previous = self._install_signal_handlers()
         try:
             while True:
-                if self._feeding:
+                if self._can_feed:
                     self._feed()
                 self._send(self._commit_turn())
                 if self._finished():
@@ -179,6 +183,15 @@ class WorkerPool:
         return self.source is not None and not self.source.exhausted and not self._stopping
 
     @property
+    def _can_feed(self) -> bool:
+        """Feeding, and not holding so many scan-claimed tasks that memory would grow."""
+        return self._feeding and len(self._ready) < READY_LIMIT
+
+    @property
+    def _has_work(self) -> bool:
+        return bool(self._ready) or self._claimable
+
+    @property
     def _stopping(self) -> bool:
         return self.result.stop_reason is not None
 
@@ -187,7 +200,7 @@ class WorkerPool:
             return False
         if self._stopping:
             return True
-        if self._feeding or self._claimable:
+        if self._feeding or self._has_work:
             return False
         ready, soonest = self.ledger.pending_outlook(self.now())
         if ready:  # a retry came due, or tasks were handed back, since the last claim
@@ -199,15 +212,18 @@ class WorkerPool:
     def _feed(self) -> None:
         if self.source.step(SCAN_SLICE):
             self._claimable = True
+        if self.source.claimed:
+            self._ready.extend(self.source.claimed)
+            self.source.claimed.clear()
         if self.source.exhausted:
-            self._pending_left = self.ledger.count_pending()
+            self._pending_left = self.ledger.count_pending() + len(self._ready)
             self._claimable = True
 
     # -- one transaction per turn ----------------------------------------------
     def _commit_turn(self) -> list[tuple[WorkerHandle, WorkBatch]]:
         """Apply what arrived and claim for every worker with room, in one transaction."""
-        starting = not self._started and self._claimable and not self._stopping
-        room = self._claimable and any(self._wants_work(w) for w in self.workers)
+        starting = not self._started and self._has_work and not self._stopping
+        room = self._has_work and any(self._wants_work(w) for w in self.workers)
         if not (self._reports or self._deaths or room or starting):
             return []
         batches = []
@@ -221,7 +237,7 @@ class WorkerPool:
             self._reports.clear()
             self._deaths.clear()
             for worker in list(self.workers):  # after the reports: who has room now
-                while self._claimable and not self._stopping and self._wants_work(worker):
+                while self._has_work and not self._stopping and self._wants_work(worker):
                     batch = self._claim(conn, worker)
                     if batch is not None:
                         batches.append((worker, batch))
@@ -229,7 +245,7 @@ class WorkerPool:
 
     def _start_workers_if_work(self, conn: Any) -> None:
         """Workers start only once there is something to do: a no-op rerun costs no processes."""
-        if not self.ledger.has_claimable(conn, self.now()):
+        if not self._ready and not self.ledger.has_claimable(conn, self.now()):
             self._claimable = False
             return
         self._started = True
@@ -243,7 +259,11 @@ class WorkerPool:
 
     def _claim(self, conn: Any, worker: WorkerHandle) -> WorkBatch | None:
         budget = self.options.max_tasks_per_child - worker.tasks_sent
-        tasks = self.ledger.claim(conn, min(self._batch_size(), budget), MAX_BATCH_BYTES, self.now())
+        limit = min(self._batch_size(), budget)
+        if self._ready:
+            tasks = self._take_ready(limit, MAX_BATCH_BYTES)
+        else:
+            tasks = self.ledger.claim(conn, limit, MAX_BATCH_BYTES, self.now())
         if not tasks:
             self._claimable = False
             return None
@@ -256,6 +276,18 @@ class WorkerPool:
         worker.tasks_sent += len(tasks)
         worker.inflight.append(batch)
         return batch
+
+    def _take_ready(self, limit: int, max_bytes: int) -> list[tuple]:
+        """Up to `limit` scan-claimed tasks, stopping near `max_bytes` of input (one at least)."""
+        tasks: list[tuple] = []
+        total = 0
+        while self._ready and len(tasks) < limit:
+            task = self._ready[0]
+            total += task[3] if task[3] is not None else task[4]
+            if tasks and total > max_bytes:
+                break
+            tasks.append(self._ready.popleft())
+        return tasks
 
     def _batch_size(self) -> int:
         cap = self.options.batch_size or 512
@@ -383,7 +415,7 @@ class WorkerPool:
         return items
 
     def _wait_timeout(self) -> float:
-        if self._feeding and self.source.busy:
+        if self._can_feed and self.source.busy:
             return 0
         now = self.now()
         timeout = TICK_SECONDS
@@ -490,6 +522,8 @@ class WorkerPool:
                 kill_group(worker.pid)
                 worker.process.join(5)
         leftover = [t[0] for w in self.workers for b in w.inflight for t in b.tasks]
+        leftover += [t[0] for t in self._ready]  # claimed by the scan, never sent
+        self._ready.clear()
         if leftover or self._reports:
             with self.ledger.transaction() as conn:
                 for worker, report in self._reports:

@@ -145,7 +145,8 @@ def _open_job(options: RunOptions, command: str) -> Iterator[_Job]:
 
 def run_job(options: RunOptions, *, on_progress: Callable[[dict], None] | None = None) -> RunOutcome:
     with _open_job(options, "run") as job:
-        source = Scan(job.ledger, os.fsencode(options.data_dir), scan_options(options), _log_skip)
+        source = Scan(job.ledger, os.fsencode(options.data_dir), scan_options(options), _log_skip,
+                      claim_new=True)
         pool_result = make_pool(job, on_progress).run(source)
         if source.finished and source.gone:
             logger.info("{} files disappeared since the last scan; their records leave the output", source.gone)

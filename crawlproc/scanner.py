@@ -270,8 +270,13 @@ class Scan:
         *,
         start: bytes = b"",
         hold_back: Callable[[FileEntry], bool] | None = None,
+        claim_new: bool = False,
     ) -> None:
         self._ledger = ledger
+        # With claim_new, files the ledger never saw are recorded already claimed
+        # and handed to the pool through `claimed` (see Ledger.reconcile).
+        self._claim_new = claim_new
+        self.claimed: list[tuple] = []
         self._unreadable: list[bytes] = []
         self._entries = walk(root, options, on_skip, self._unreadable, start)
         self.full = not start
@@ -314,7 +319,7 @@ class Scan:
         _, gone = self._ledger.reconcile(
             rows, lo=self._lo, hi=hi, held=held, keep_prefixes=self._unreadable,
             keep=self._is_ignored if self._ignored else None, mark_gone=self.full,
-            chunked=bool(self._chunk_size),
+            chunked=bool(self._chunk_size), claim_new_into=self.claimed if self._claim_new else None,
         )
         self._lo = hi
         self.gone += gone

@@ -115,6 +115,7 @@ class Watcher:
         self.scan_options = dataclasses.replace(scan_options, ignore=TEMP_NAME_PATTERNS)
         self.paths = PathFilter(scan_options.include, (*scan_options.exclude, *TEMP_NAME_PATTERNS))
         self.files = 0
+        self.claimed: list[tuple] = []  # watch records tasks pending; the pool claims them
         self.stats: dict[str, Any] = {"watching_since": wall(), "last_event": None, "events": 0, "rescans": 0}
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._candidates: dict[bytes, _Candidate] = {}

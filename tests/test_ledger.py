@@ -478,3 +478,20 @@ def test_readonly_ledger_cannot_write(ledger, db_path):
     finally:
         reader.close()
     assert states(ledger) == {"a": "pending"}
+
+
+def test_claim_new_inserts_unseen_files_claimed_with_their_real_ids(ledger):
+    scan(ledger, [row("old"), row("gone-then-back")])
+    scan(ledger, [row("old")])  # 'gone-then-back' is gone now
+    claimed: list[tuple] = []
+    written, gone = ledger.reconcile(
+        [row("a"), row("b", size=7), row("gone-then-back"), row("old"), row("z")], claim_new_into=claimed)
+    assert (written, gone) == (4, 0)
+    # Files never seen come back claimed, ids and all; a gone file reappearing goes through the
+    # ordinary upsert (pending), and an unchanged one is not touched.
+    assert [(c[1], c[4], c[6]) for c in claimed] == [(b"a", 10, 0), (b"b", 7, 0), (b"z", 10, 0)]
+    for claimed_row in claimed:
+        assert task(ledger, claimed_row[1].decode())["id"] == claimed_row[0]
+    assert states(ledger) == {"old": "pending", "gone-then-back": "pending", "a": "running",
+                              "b": "running", "z": "running"}
+    assert claimed_names(claim(ledger)) == [b"gone-then-back", b"old"]
