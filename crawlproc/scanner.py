@@ -64,6 +64,12 @@ class PathFilter:
     def prunes_dir(self, relpath: str, name: str) -> bool:
         return bool(self._exclude) and _matches(self._exclude, relpath, name)
 
+    def excludes_any_part(self, relpath: bytes) -> bool:
+        """Does an exclude pattern match this path or one of its folders (as a walk would prune)?"""
+        parts = os.fsdecode(relpath).split("/")
+        return any(self.prunes_dir("/".join(parts[:depth]), parts[depth - 1])
+                   for depth in range(1, len(parts) + 1))
+
 
 def _compile(patterns: Sequence[str]) -> tuple[re.Pattern | None, re.Pattern | None] | None:
     if not patterns:
@@ -285,7 +291,6 @@ class Scan:
         self._lo: bytes | None = start or None  # every path under `start` sorts after it
         self._ignored = PathFilter((), options.ignore) if options.ignore else None
         self.files = 0
-        self.held = 0
         self.finished = False
         self.gone = 0
 
@@ -318,18 +323,11 @@ class Scan:
                 rows.extend(task_rows(entry, self._chunk_size))
         _, gone = self._ledger.reconcile(
             rows, lo=self._lo, hi=hi, held=held, keep_prefixes=self._unreadable,
-            keep=self._is_ignored if self._ignored else None, mark_gone=self.full,
+            keep=self._ignored.excludes_any_part if self._ignored else None, mark_gone=self.full,
             chunked=bool(self._chunk_size), claim_new_into=self.claimed if self._claim_new else None,
         )
         self._lo = hi
         self.gone += gone
         self.files += len(entries) - len(held)
-        self.held += len(held)
         self.finished = last_slice
         return len(entries)
-
-    def _is_ignored(self, relpath: bytes) -> bool:
-        """Is this path, or one of its folders, left out by `ignore` patterns?"""
-        parts = os.fsdecode(relpath).split("/")
-        return any(self._ignored.prunes_dir("/".join(parts[:depth]), parts[depth - 1])
-                   for depth in range(1, len(parts) + 1))

@@ -248,9 +248,7 @@ class Watcher:
 
     def _folder_wanted(self, relpath: bytes) -> bool:
         """False when the folder or one of its parents is excluded (a scan would prune it)."""
-        parts = os.fsdecode(relpath).split("/")
-        return not any(self.paths.prunes_dir("/".join(parts[:depth]), parts[depth - 1])
-                       for depth in range(1, len(parts) + 1))
+        return not self.paths.excludes_any_part(relpath)
 
     def _wanted(self, relpath: bytes) -> bool:
         """The same choice a scan makes: no file in a pruned folder, no excluded or temp name."""
