@@ -127,7 +127,7 @@ def _copy_done_ranges(ledger: Ledger, out: Path, sink_path: Path) -> tuple[int, 
     tasks = written = 0
     try:
         with open(sink_path, "wb", buffering=1 << 20) as sink:
-            for task_id, _, _, batch_id, offset, length, crc in ledger.done_in_merge_order():
+            for task_id, batch_id, offset, length, crc in ledger.done_in_merge_order():
                 data = reader.read(batch_id, offset, length) if length else b""
                 if data is None or checksum(data) != crc:
                     damaged.append(task_id)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from crawlproc.errors import IdentityMismatch, LedgerError
+from crawlproc.task import relpath_for_people
 
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x43504C31  # "CPL1": tells our ledger from any other SQLite file
@@ -234,36 +235,40 @@ class Ledger:
     ) -> tuple[int, int]:
         """Bring the tasks of paths in (lo, hi] in line with what a scan saw there.
 
-        `rows` are the planned tasks (relpath, path_bytes, offset, length, size,
-        mtime_ns) of every file seen in that range. New or changed files are
-        upserted; unchanged ones are not written at all (a no-op rerun stays
-        cheap). With `mark_gone`, files of the range that were not seen, not
-        `held` back, not under an unreadable folder (`keep_prefixes`) and not
-        ignored on purpose (`keep(path)`) become gone. None bounds are open.
-        With `claim_new_into`, tasks of files the ledger has never seen are
-        inserted already claimed (`running`) and their ClaimedTask rows appended
-        to that list: a first run then writes each such row once instead of
-        inserting it pending and claiming it. Returns (tasks written, files gone).
+        `rows` are the planned tasks (path_bytes, offset, length, size, mtime_ns)
+        of every file seen in that range, in (path_bytes, offset) order. New or
+        changed files are upserted; unchanged ones are not written at all (a
+        no-op rerun stays cheap). With `mark_gone`, files of the range that
+        were not seen, not `held` back, not under an unreadable folder
+        (`keep_prefixes`) and not ignored on purpose (`keep(path)`) become gone.
+        None bounds are open. With `claim_new_into`, tasks of files the ledger
+        has never seen are inserted already claimed (`running`) and their
+        ClaimedTask rows appended to that list: a first run then writes each
+        such row once instead of inserting it pending and claiming it.
+        Returns (tasks written, files gone).
         """
-        existing = self._live_tasks_between(lo, hi)  # {(path, offset): (length, size, mtime_ns)}
+        live = self._live_tasks_between(lo, hi)  # [(path, offset, length, size, mtime_ns)], in order
+        if live == rows and not held:
+            return 0, 0  # nothing changed here: one comparison, no Python per file
+        existing = {(r[0], r[1]): r[2:] for r in live}
         changed_paths: set[bytes] = set()
         for row in rows:  # this loop runs once per file of a scan: keep it lean
-            if existing.pop((row[1], row[2]), None) != row[3:]:
-                changed_paths.add(row[1])
-        seen = {row[1] for row in rows} | set(held)
+            if existing.pop((row[0], row[1]), None) != row[2:]:
+                changed_paths.add(row[0])
+        seen = {row[0] for row in rows} | set(held)
         gone: set[bytes] = set()
         for path, _ in existing:  # tasks the scan did not plan: a re-planned file, or a vanished one
             if path in seen:
                 changed_paths.add(path)
             else:
                 gone.add(path)
-        changed = [row for row in rows if row[1] in changed_paths] if changed_paths else []
+        changed = [row for row in rows if row[0] in changed_paths] if changed_paths else []
         new: list[tuple] = []
         if claim_new_into is not None and changed:
             known = self._paths_between(lo, hi)  # gone ones too: those go through the upsert
-            new = [row for row in changed if row[1] not in known]
+            new = [row for row in changed if row[0] not in known]
             if new:
-                changed = [row for row in changed if row[1] in known]
+                changed = [row for row in changed if row[0] in known]
         prefixes = tuple(keep_prefixes)
         gone_list = [p for p in gone if not p.startswith(prefixes) and not (keep and keep(p))] if mark_gone else []
         if changed or gone_list or new:
@@ -284,10 +289,10 @@ class Ledger:
         SQLite gives each new row the largest rowid so far plus one, so the ids
         of one executemany of plain inserts are consecutive.
         """
-        conn.executemany(_INSERT_CLAIMED, rows)
+        conn.executemany(_INSERT_CLAIMED, _with_relpath(rows))
         last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
         first = last - len(rows) + 1
-        return [(first + i, r[1], r[2], r[3], r[4], r[5], 0) for i, r in enumerate(rows)]
+        return [(first + i, *r, 0) for i, r in enumerate(rows)]
 
     @staticmethod
     def _range_sql(sql: str, lo: bytes | None, hi: bytes | None) -> tuple[str, list[bytes]]:
@@ -300,22 +305,22 @@ class Ledger:
             args.append(hi)
         return sql, args
 
-    def _live_tasks_between(self, lo: bytes | None, hi: bytes | None) -> dict[tuple, tuple]:
-        """{(path_bytes, offset): (length, size, mtime_ns)} of tasks not gone, lo < path <= hi."""
+    def _live_tasks_between(self, lo: bytes | None, hi: bytes | None) -> list[tuple]:
+        """(path_bytes, offset, length, size, mtime_ns) of tasks not gone, lo < path <= hi, in order."""
         sql, args = self._range_sql(
             'SELECT path_bytes, "offset", length, size, mtime_ns FROM tasks WHERE state != \'gone\'', lo, hi)
-        return {(r[0], r[1]): r[2:] for r in self.conn.execute(sql, args)}
+        return self.conn.execute(sql + ' ORDER BY path_bytes, "offset"', args).fetchall()
 
     def upsert_scanned(self, conn: sqlite3.Connection, rows: list[tuple], *, chunked: bool = False) -> None:
-        """rows: (relpath, path_bytes, offset, length, size, mtime_ns); inside a transaction.
+        """rows: (path_bytes, offset, length, size, mtime_ns); inside a transaction.
 
         With `chunked`, byte-range tasks past a file's new plan (it shrank, or no
         longer needs chunks) become gone, so a changed file's chunks are planned anew.
         """
-        conn.executemany(_UPSERT, rows)
+        conn.executemany(_UPSERT, _with_relpath(rows))
         if chunked:
             # A whole-file task owns offset 0 only; a chunked file owns offsets below its size.
-            plan_ends = {(r[1], 1 if r[3] is None else r[4]) for r in rows}
+            plan_ends = {(r[0], 1 if r[2] is None else r[3]) for r in rows}
             conn.executemany(
                 'UPDATE tasks SET state = \'gone\' WHERE path_bytes = ? AND "offset" >= ? '
                 "AND \"offset\" > 0 AND state != 'gone'",
@@ -391,12 +396,12 @@ class Ledger:
 
     # -- finalizer ------------------------------------------------------------
     def done_in_merge_order(self) -> Iterator[tuple]:
-        """(id, path_bytes, offset, batch_id, result_offset, result_length, result_crc) per done task."""
+        """(id, batch_id, result_offset, result_length, result_crc) per done task, in merge order."""
         cursor = self.conn.execute(
-            'SELECT id, path_bytes, "offset", batch_id, result_offset, result_length, result_crc '
+            "SELECT id, batch_id, result_offset, result_length, result_crc "
             "FROM tasks WHERE state = 'done' ORDER BY path_bytes, \"offset\""
         )
-        return cursor  # plain tuples: this runs once per task
+        return cursor  # plain tuples, only the columns the merge reads: this runs once per task
 
     def done_signature(self) -> list:
         """Changes whenever the set of done tasks or any of their results changes."""
@@ -494,6 +499,11 @@ class Ledger:
         if row is None:
             return None
         return dict(zip((d[0] for d in cursor.description), row))
+
+
+def _with_relpath(rows: list[tuple]) -> Iterator[tuple]:
+    """Scan rows with the escaped relpath people read put in front, as the inserts want them."""
+    return ((relpath_for_people(r[0]), *r) for r in rows)
 
 
 def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:

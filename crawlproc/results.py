@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import zlib
-from collections import OrderedDict
 from pathlib import Path
 from typing import BinaryIO
 
@@ -115,43 +114,49 @@ def _unlink_quietly(path: Path) -> None:
 
 
 class ResultReader:
-    """Reads task byte ranges from result files, keeping a few files open.
+    """Reads task byte ranges from result files, one file at a time.
 
     The finalizer asks for ranges in merge order, which mostly walks each file
-    front to back, so a small LRU of open files is enough.
+    front to back (a first run's batches follow merge order too), so the
+    current file is read whole once and each range is a slice of it. A file
+    too big for that is read range by range.
     """
 
-    def __init__(self, out: Path, max_open: int = 64) -> None:
+    WHOLE_FILE_BYTES = 64 << 20
+
+    def __init__(self, out: Path) -> None:
         self._out = out
-        self._open: OrderedDict[int, BinaryIO | None] = OrderedDict()
-        self._max_open = max_open
+        self._batch_id: int | None = None
+        self._data = b""
+        self._big: BinaryIO | None = None
 
     def read(self, batch_id: int, offset: int, length: int) -> bytes | None:
         """The bytes of one range, or None when the file is missing or too short."""
-        f = self._file(batch_id)
-        if f is None:
+        if batch_id != self._batch_id:
+            self._switch_to(batch_id)
+        if self._big is not None:
+            data = os.pread(self._big.fileno(), length, offset)
+            return data if len(data) == length else None
+        if offset + length > len(self._data):
             return None
-        f.seek(offset)
-        data = f.read(length)
-        return data if len(data) == length else None
+        return self._data[offset:offset + length]
 
-    def _file(self, batch_id: int) -> BinaryIO | None:
-        if batch_id in self._open:
-            self._open.move_to_end(batch_id)
-            return self._open[batch_id]
+    def _switch_to(self, batch_id: int) -> None:
+        self.close()
+        self._batch_id = batch_id
         try:
-            f: BinaryIO | None = open(result_path(self._out, batch_id), "rb")
+            f = open(result_path(self._out, batch_id), "rb")
         except FileNotFoundError:
-            f = None
-        self._open[batch_id] = f
-        if len(self._open) > self._max_open:
-            _, oldest = self._open.popitem(last=False)
-            if oldest is not None:
-                oldest.close()
-        return f
+            return
+        if os.fstat(f.fileno()).st_size > self.WHOLE_FILE_BYTES:
+            self._big = f
+            return
+        with f:
+            self._data = f.read()
 
     def close(self) -> None:
-        for f in self._open.values():
-            if f is not None:
-                f.close()
-        self._open.clear()
+        if self._big is not None:
+            self._big.close()
+            self._big = None
+        self._data = b""
+        self._batch_id = None

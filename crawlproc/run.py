@@ -146,8 +146,11 @@ def _open_job(options: RunOptions, command: str) -> Iterator[_Job]:
 def run_job(options: RunOptions, *, on_progress: Callable[[dict], None] | None = None) -> RunOutcome:
     with _open_job(options, "run") as job:
         source = Scan(job.ledger, os.fsencode(options.data_dir), scan_options(options), _log_skip,
-                      claim_new=True)
-        pool_result = make_pool(job, on_progress).run(source)
+                      claim_new=True, list_helpers=list_helpers(options))
+        try:
+            pool_result = make_pool(job, on_progress).run(source)
+        finally:
+            source.close()
         if source.finished and source.gone:
             logger.info("{} files disappeared since the last scan; their records leave the output", source.gone)
         merged = None
@@ -250,6 +253,11 @@ def _recover(out: Path, ledger: Ledger) -> None:
     if stale:
         logger.warning("{} tasks left running by a stopped run went back to pending", stale)
     remove_temp_files(out)
+
+
+def list_helpers(options: RunOptions) -> int:
+    """Folder-listing helpers for a full scan: one per worker, up to the cores (and 4)."""
+    return max(1, min(options.workers, os.cpu_count() or 1, 4))
 
 
 def scan_options(options: RunOptions) -> ScanOptions:

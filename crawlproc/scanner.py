@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import TYPE_CHECKING, NamedTuple
 
-from crawlproc.task import relpath_for_people
+from crawlproc.listing import DIR, FILE, OTHER, UNREADABLE, VANISHED, HelperLister, LocalLister
 
 if TYPE_CHECKING:
     from crawlproc.ledger import Ledger
@@ -97,123 +97,136 @@ def walk(
     on_skip: SkipReporter | None = None,
     unreadable: list[bytes] | None = None,
     start: bytes = b"",
+    lister: LocalLister | HelperLister | None = None,
 ) -> Iterator[FileEntry]:
     """Yield every regular file under `root` that the options select, in sorted order.
 
     `start` (a relpath ending in '/') walks only that folder of `root`.
     Folders that cannot be read are reported and their relpath prefixes appended
-    to `unreadable`, so their files are not mistaken for deleted ones.
+    to `unreadable`, so their files are not mistaken for deleted ones. `lister`
+    lists the folders (see listing.py); by default each in turn, here.
     """
-    report = on_skip or (lambda relpath, reason: None)
-    paths = PathFilter(options.include, (*options.exclude, *options.ignore))
-    filtering = bool(options.include or options.exclude or options.ignore)
-    follow = options.follow_symlinks
-    real_root = os.path.realpath(root)
-    skip_inodes = {ino for _, ino in options.skip_dirs}
-    first = os.path.join(root, start) if start else root
-    try:
-        ancestors = frozenset({_dir_id(first)})
-    except FileNotFoundError:
-        return
-    # Depth first, each folder's entries in _walk_order, entering a folder at its
-    # place among them: relpaths come out in byte order. One iterator per level.
-    stack: list[tuple[Iterator[os.DirEntry], bytes, frozenset]] = []
-    _enter(stack, first, start, ancestors, report, unreadable)
-    while stack:
-        entries, prefix, ancestors = stack[-1]
-        entry = next(entries, None)
-        if entry is None:
-            stack.pop()
-            continue
-        # Fast path: the kind comes from the directory listing, so a plain file
-        # costs one stat and a plain folder none (this loop runs once per file).
-        if entry.is_file(follow_symlinks=False):
-            kind = "file"
-        elif entry.is_dir(follow_symlinks=False):
-            kind = "dir"
-        else:
-            kind = None
-        relpath = prefix + entry.name
-        st = None
-        if kind is None or (kind == "dir" and (follow or entry.inode() in skip_inodes)):
-            kind, st = _classify(entry, follow, real_root, relpath, report)
-        if kind == "file":
-            if filtering and not paths.wants_file(os.fsdecode(relpath), os.fsdecode(entry.name)):
+    own = lister is None  # a lister of its own is closed when the walk ends
+    return _Walk(root, options, on_skip, unreadable, lister or LocalLister(), close_lister=own).files(start)
+
+
+class _Walk:
+    """Depth first, each folder's entries in walk order (see listing.list_folder), entering a
+    folder at its place among them: relpaths come out in byte order, the ledger's."""
+
+    def __init__(self, root: bytes, options: ScanOptions, on_skip: SkipReporter | None,
+                 unreadable: list[bytes] | None, lister: LocalLister | HelperLister,
+                 close_lister: bool = False) -> None:
+        self.root = root
+        self.close_lister = close_lister
+        self.report = on_skip or (lambda relpath, reason: None)
+        self.unreadable = unreadable if unreadable is not None else []
+        self.lister = lister
+        self.paths = PathFilter(options.include, (*options.exclude, *options.ignore))
+        self.filtering = bool(options.include or options.exclude or options.ignore)
+        self.follow = options.follow_symlinks
+        self.real_root = os.path.realpath(root)
+        self.skip_dirs = options.skip_dirs
+        self.skip_inodes = {ino for _, ino in options.skip_dirs}
+
+    def files(self, start: bytes) -> Iterator[FileEntry]:
+        try:
+            yield from self._files(start)
+        finally:
+            if self.close_lister:
+                self.lister.close()
+
+    def _files(self, start: bytes) -> Iterator[FileEntry]:
+        first = os.path.join(self.root, start) if start else self.root
+        try:
+            ancestors = frozenset({_dir_id(first)})
+        except FileNotFoundError:
+            return
+        # One iterator per level; a folder item is a (path, prefix, ancestors) tuple.
+        stack = [iter(self._items(first, start, ancestors))]
+        while stack:
+            for item in stack[-1]:
+                if type(item) is FileEntry:
+                    yield item
+                else:
+                    stack.append(iter(self._items(*item)))
+                    break
+            else:
+                stack.pop()
+
+    def _items(self, path: bytes, prefix: bytes, ancestors: frozenset) -> list:
+        """The files to yield and folders to enter of one folder, in walk order.
+
+        Each folder to enter is announced to the lister now, so that a helper
+        can list it while the walk yields what comes before it.
+        """
+        status, listing = self.lister.take(path, prefix)
+        if status == VANISHED:
+            return []  # its files will be marked gone
+        if status == UNREADABLE:
+            self.report(prefix.rstrip(b"/") or b".", f"cannot read folder: {listing}")
+            self.unreadable.append(prefix)
+            return []
+        items: list = []
+        for _, name, kind, size, mtime_ns, inode in listing:  # once per file: keep it lean
+            relpath = prefix + name
+            if kind == FILE and not self.filtering:
+                items.append(FileEntry(relpath, size, mtime_ns))
                 continue
-            try:
-                st = st or entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            yield FileEntry(relpath, st.st_size, st.st_mtime_ns)
-        elif kind == "dir":
-            if filtering and paths.prunes_dir(os.fsdecode(relpath), os.fsdecode(entry.name)):
-                continue
-            below = ancestors
-            if st is not None:
-                dir_id = (st.st_dev, st.st_ino)
-                if dir_id in options.skip_dirs:
+            st = None
+            if kind == OTHER or (kind == DIR and (self.follow or inode in self.skip_inodes)):
+                kind, st = _classify(path + b"/" + name, self.follow, self.real_root, relpath, self.report)
+            if kind == FILE:
+                if self.filtering and not self.paths.wants_file(os.fsdecode(relpath), os.fsdecode(name)):
                     continue
-                if dir_id in ancestors:
-                    report(relpath, "symlink loop: this folder is one of its own parents")
-                    continue
-                below = ancestors | {dir_id}
-            _enter(stack, entry.path, relpath + b"/", below, report, unreadable)
+                items.append(FileEntry(relpath, st.st_size, st.st_mtime_ns) if st else FileEntry(relpath, size, mtime_ns))
+            elif kind == DIR:
+                folder = self._folder(path + b"/" + name, relpath, name, st, ancestors)
+                if folder is not None:
+                    self.lister.expect(folder[0], folder[1])
+                    items.append(folder)
+        return items
 
-
-def _enter(stack: list, directory: bytes, prefix: bytes, ancestors: frozenset,
-           report: SkipReporter, unreadable: list[bytes] | None) -> None:
-    entries = _sorted_entries(directory, prefix, report)
-    if entries is None:
-        if unreadable is not None:
-            unreadable.append(prefix)
-        return
-    stack.append((iter(entries), prefix, ancestors))
-
-
-def _sorted_entries(directory: bytes, prefix: bytes, report: SkipReporter) -> list[os.DirEntry] | None:
-    try:
-        with os.scandir(directory) as it:
-            return sorted(it, key=_walk_order)
-    except FileNotFoundError:
-        return []  # vanished while we walked: its files will be marked gone
-    except OSError as exc:
-        report(prefix.rstrip(b"/") or b".", f"cannot read folder: {exc.strerror}")
-        return None
-
-
-def _walk_order(entry: os.DirEntry) -> bytes:
-    """Folders sort as 'name/': the walk then yields relpaths in plain byte order,
-    the ledger's order, which lets a scan compare slices of both side by side."""
-    try:
-        return entry.name + b"/" if entry.is_dir() else entry.name
-    except OSError:
-        return entry.name
+    def _folder(self, path: bytes, relpath: bytes, name: bytes, st: os.stat_result | None,
+                ancestors: frozenset) -> tuple | None:
+        """(path, prefix, ancestors) of a folder to enter, or None to prune it."""
+        if self.filtering and self.paths.prunes_dir(os.fsdecode(relpath), os.fsdecode(name)):
+            return None
+        below = ancestors
+        if st is not None:
+            dir_id = (st.st_dev, st.st_ino)
+            if dir_id in self.skip_dirs:
+                return None
+            if dir_id in ancestors:
+                self.report(relpath, "symlink loop: this folder is one of its own parents")
+                return None
+            below = ancestors | {dir_id}
+        return (path, relpath + b"/", below)
 
 
 def _classify(
-    entry: os.DirEntry, follow: bool, real_root: bytes, relpath: bytes, report: SkipReporter
-) -> tuple[str | None, os.stat_result | None]:
-    """('file' | 'dir' | None, stat) for one directory entry; None means skip it."""
+    path: bytes, follow: bool, real_root: bytes, relpath: bytes, report: SkipReporter
+) -> tuple[int | None, os.stat_result | None]:
+    """(FILE | DIR | None, stat) for a folder entry the listing left to us; None means skip it."""
     try:
-        if entry.is_symlink():
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
             if not follow:
                 return None, None
-            target = os.path.realpath(entry.path)
+            target = os.path.realpath(path)
             if target != real_root and not target.startswith(real_root + b"/"):
                 report(relpath, "symlink points outside DATA_DIR; skipped")
                 return None, None
-            st = os.stat(entry.path)
-        else:
-            st = entry.stat(follow_symlinks=False)
+            st = os.stat(path)
     except FileNotFoundError:
         return None, None  # a dangling link, or a file deleted under us
     except OSError as exc:
         report(relpath, f"cannot stat: {exc.strerror}")
         return None, None
     if stat.S_ISDIR(st.st_mode):
-        return "dir", st
+        return DIR, st
     if stat.S_ISREG(st.st_mode):
-        return "file", st
+        return FILE, st
     report(relpath, f"not a regular file ({_kind_name(st.st_mode)}); skipped")
     return None, None
 
@@ -240,17 +253,16 @@ def dir_id(path: str | bytes) -> tuple[int, int] | None:
 
 
 def task_rows(entry: FileEntry, chunk_size: int | None = None) -> list[tuple]:
-    """The ledger rows (relpath, path_bytes, offset, length, size, mtime_ns) of one file.
+    """The ledger rows (path_bytes, offset, length, size, mtime_ns) of one file.
 
     A file larger than `chunk_size` becomes one task per byte range; each range
     owns the lines that start inside it (see Task.lines), so ranges need not
     fall on line boundaries.
     """
-    people = relpath_for_people(entry.relpath)
     if not chunk_size or entry.size <= chunk_size:
-        return [(people, entry.relpath, 0, None, entry.size, entry.mtime_ns)]
+        return [(entry.relpath, 0, None, entry.size, entry.mtime_ns)]
     return [
-        (people, entry.relpath, offset, min(chunk_size, entry.size - offset), entry.size, entry.mtime_ns)
+        (entry.relpath, offset, min(chunk_size, entry.size - offset), entry.size, entry.mtime_ns)
         for offset in range(0, entry.size, chunk_size)
     ]
 
@@ -277,6 +289,7 @@ class Scan:
         start: bytes = b"",
         hold_back: Callable[[FileEntry], bool] | None = None,
         claim_new: bool = False,
+        list_helpers: int = 0,
     ) -> None:
         self._ledger = ledger
         # With claim_new, files the ledger never saw are recorded already claimed
@@ -284,7 +297,10 @@ class Scan:
         self._claim_new = claim_new
         self.claimed: list[tuple] = []
         self._unreadable: list[bytes] = []
-        self._entries = walk(root, options, on_skip, self._unreadable, start)
+        # Helpers list folders ahead of the walk (see listing.py): worth it on a big tree only,
+        # which is what HelperLister waits to see before starting any.
+        self._lister = HelperLister(list_helpers) if list_helpers else LocalLister()
+        self._entries = walk(root, options, on_skip, self._unreadable, start, self._lister)
         self.full = not start
         self._chunk_size = options.chunk_size
         self._hold_back = hold_back
@@ -309,18 +325,25 @@ class Scan:
     def wait_hint(self) -> float | None:
         return None
 
+    def close(self) -> None:
+        """Stop the listing helpers (a scan given up before its end)."""
+        self._lister.close()
+
     def step(self, max_files: int = 2000) -> int:
         """Reconcile up to `max_files` more files; the last slice also covers the range's end."""
         entries = list(islice(self._entries, max_files))
         last_slice = len(entries) < max_files
         hi = None if last_slice and self.full else (entries[-1].relpath if entries else self._lo)
-        rows: list[tuple] = []
         held: list[bytes] = []
-        for entry in entries:
-            if self._hold_back is not None and self._hold_back(entry):
-                held.append(entry.relpath)
-            else:
-                rows.extend(task_rows(entry, self._chunk_size))
+        if self._hold_back is None and not self._chunk_size:  # one task per file: the common case
+            rows = [(e.relpath, 0, None, e.size, e.mtime_ns) for e in entries]
+        else:
+            rows = []
+            for entry in entries:
+                if self._hold_back is not None and self._hold_back(entry):
+                    held.append(entry.relpath)
+                else:
+                    rows.extend(task_rows(entry, self._chunk_size))
         _, gone = self._ledger.reconcile(
             rows, lo=self._lo, hi=hi, held=held, keep_prefixes=self._unreadable,
             keep=self._ignored.excludes_any_part if self._ignored else None, mark_gone=self.full,
@@ -330,4 +353,6 @@ class Scan:
         self.gone += gone
         self.files += len(entries) - len(held)
         self.finished = last_slice
+        if last_slice:
+            self.close()
         return len(entries)

@@ -28,7 +28,7 @@ def ledger(db_path: Path):
 
 
 def row(name: str, size: int = 10, mtime_ns: int = 1_000, offset: int = 0, length: int | None = None) -> tuple:
-    return (name, name.encode(), offset, length, size, mtime_ns)
+    return (name.encode(), offset, length, size, mtime_ns)
 
 
 def scan(led: Ledger, rows: list[tuple]) -> int:

@@ -12,11 +12,24 @@ from pathlib import Path
 
 import pytest
 
+import crawlproc.listing
+import crawlproc.scanner
 from conftest import make_tree
 from crawlproc.ledger import Ledger
+from crawlproc.listing import HelperLister, list_folder
 from crawlproc.scanner import PathFilter, Scan, ScanOptions, dir_id, walk
 
 WALK_TIMEOUT = 10
+
+
+@pytest.fixture(autouse=True, params=["here", "helpers"])
+def lister(request, monkeypatch):
+    """Every walk of this module runs twice: folders listed in this process, and in helper
+    processes from the first folder on (what a big tree gets)."""
+    if request.param == "helpers":
+        monkeypatch.setattr(HelperLister, "LOCAL_FOLDERS", 0)
+        monkeypatch.setattr(crawlproc.scanner, "LocalLister", lambda: HelperLister(2))
+    return request.param
 
 
 def collect(root: Path, options: ScanOptions | None = None) -> tuple[list[bytes], list[tuple[bytes, str]], list[bytes]]:
@@ -442,3 +455,81 @@ def test_unreadable_folder_is_reported_and_its_tasks_are_not_marked_gone(tmp_pat
     assert outcome["gone"] == 2
     assert outcome["states"] == {"a.txt": "pending", "locked/x.txt": "pending", "locked/y/z.txt": "pending",
                                  "gone.txt": "gone", "locked_sibling.txt": "pending", "locked_old.txt": "gone"}
+
+
+# -- folders listed by helper processes ----------------------------------------------------
+
+def helper_walk(root: Path, lister: HelperLister, options: ScanOptions | None = None) -> list:
+    try:
+        return [tuple(e) for e in walk(os.fsencode(root), options or ScanOptions(), lister=lister)]
+    finally:
+        lister.close()
+
+
+def wide_tree(root: Path, folders: int = 60, files: int = 5) -> Path:
+    return make_tree(root, {f"d{i:03d}/sub/f{j}.txt": "x" * (i + j) for i in range(folders) for j in range(files)})
+
+
+def test_helpers_list_the_same_entries_as_the_walk_here(tmp_path):
+    root = wide_tree(tmp_path / "data")
+    with open(os.fsencode(root / "d007") + b"/b\xff\xfe.bin", "wb") as f:  # not UTF-8
+        f.write(b"odd")
+    here = [tuple(e) for e in walk(os.fsencode(root), ScanOptions(), lister=crawlproc.listing.LocalLister())]
+    listed = HelperLister(3)
+    listed.LOCAL_FOLDERS = 2
+    assert helper_walk(root, listed) == here
+    assert len(here) == 60 * 5 + 1
+
+
+def test_a_helper_that_dies_mid_walk_leaves_its_folders_to_the_walk(tmp_path):
+    root = wide_tree(tmp_path / "data")
+    expected = [tuple(e) for e in walk(os.fsencode(root), ScanOptions(), lister=crawlproc.listing.LocalLister())]
+    lister = HelperLister(2)
+    lister.LOCAL_FOLDERS = 0
+    files = walk(os.fsencode(root), ScanOptions(), lister=lister)
+    seen = [tuple(next(files)) for _ in range(10)]
+    for helper in lister._helpers:  # noqa: SLF001 - the test needs the real processes
+        helper.process.kill()
+        helper.process.wait(WALK_TIMEOUT)
+    seen += [tuple(e) for e in files]
+    lister.close()
+    assert seen == expected
+
+
+def test_long_folder_names_never_deadlock_the_helpers(tmp_path):
+    # Requests of several KB each: more than a pipe buffer's worth is never left unanswered.
+    name = "n" * 200
+    files = {f"{i:02d}{name}/{name}/{name}/{name}/{name}/f.txt": "x" for i in range(40)}
+    root = make_tree(tmp_path / "data", files)
+    lister = HelperLister(2)
+    lister.LOCAL_FOLDERS = 0
+    outcome: list = []
+    thread = threading.Thread(target=lambda: outcome.append(helper_walk(root, lister)), daemon=True)
+    thread.start()
+    thread.join(WALK_TIMEOUT)
+    assert not thread.is_alive(), "walk with helpers did not finish: it hangs"
+    assert len(outcome[0]) == 40
+
+
+def test_a_scan_stops_its_helpers_when_it_finishes(tmp_path):
+    root = wide_tree(tmp_path / "data")
+    ledger = Ledger(tmp_path / "ledger.db")
+    try:
+        scan = Scan(ledger, os.fsencode(root), ScanOptions(), lambda p, r: None, list_helpers=2)
+        scan._lister.LOCAL_FOLDERS = 0  # noqa: SLF001
+        scan.step(10)
+        helpers = [h.process for h in scan._lister._helpers]  # noqa: SLF001
+        assert len(helpers) == 2 and all(p.poll() is None for p in helpers)
+        while not scan.finished:
+            scan.step(100)
+        assert scan.files == 300
+        assert all(p.poll() is not None for p in helpers)
+    finally:
+        ledger.close()
+
+
+def test_list_folder_reports_missing_and_unreadable_folders(tmp_path):
+    assert list_folder(os.fsencode(tmp_path / "missing"))[0] == crawlproc.listing.VANISHED
+    (tmp_path / "file").write_text("x")
+    status, error = list_folder(os.fsencode(tmp_path / "file"))
+    assert status == crawlproc.listing.UNREADABLE and "directory" in error.lower()

@@ -1,0 +1,283 @@
+"""What a folder holds, listed in the walk's order, in this process or ahead of the walk in helpers.
+
+    walk ──take(folder)──> FolderLister ──(after a few folders)──> helper processes
+          <── entries ───        │ nearest folders first                 │ scandir + stat
+                                  └── expect(child folders) ─────────────┘
+
+A scan's cost is one stat per file, and a stat is a system call the walk
+cannot avoid (a changed file shows only in its own size and mtime). On a
+no-op rerun nothing else is left, so the lister spreads the stats of the
+folders the walk will enter next over helper processes, while the walk
+reconciles what it already has. Listing is idempotent: if a helper fails,
+its folders are listed here.
+
+This file is also the helper itself (`python -I -S listing.py`): it imports
+only the standard library, so a helper starts in milliseconds.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import signal
+import sys
+
+# An entry: (sort key, name, kind, size, mtime_ns, inode). Kinds:
+FILE = 0  # a regular file (not a symlink), with its size and mtime
+DIR = 1  # a folder (not a symlink), with its inode
+OTHER = 2  # a symlink, a special file, or one that could not be stat'ed: the walk decides
+# A listing: (status, payload). Statuses:
+LISTED = 0  # payload: the entries, sorted by key
+VANISHED = 1  # the folder was deleted under us: nothing in it
+UNREADABLE = 2  # payload: the error text
+
+_HEADER = 4  # bytes of a frame's length
+
+
+def list_folder(path: bytes) -> tuple[int, object]:
+    """The folder's entries in walk order: by name, a folder's name with '/' appended.
+
+    That order is the byte order of the relpaths the walk yields, the ledger's
+    order (a folder's files come after 'x.txt' but before 'x0').
+    """
+    entries = []
+    try:
+        with os.scandir(path) as it:
+            for entry in it:
+                entries.append(_entry(entry))
+    except FileNotFoundError:
+        return VANISHED, None
+    except OSError as exc:
+        return UNREADABLE, exc.strerror or str(exc)
+    entries = [e for e in entries if e is not None]
+    entries.sort()
+    return LISTED, entries
+
+
+def _entry(entry: os.DirEntry) -> tuple | None:
+    name = entry.name
+    try:
+        if entry.is_file(follow_symlinks=False):
+            st = entry.stat(follow_symlinks=False)
+            return (name, name, FILE, st.st_size, st.st_mtime_ns, 0)
+        if entry.is_dir(follow_symlinks=False):
+            return (name + b"/", name, DIR, 0, 0, entry.inode())
+        # A symlink to a folder sorts as a folder: followed, it is entered there.
+        key = name + b"/" if entry.is_dir() else name
+        return (key, name, OTHER, 0, 0, 0)
+    except FileNotFoundError:
+        return None  # deleted while we listed
+    except OSError:
+        return (name, name, OTHER, 0, 0, 0)
+
+
+class LocalLister:
+    """Lists each folder in this process when the walk reaches it."""
+
+    def expect(self, path: bytes, key: bytes) -> None:
+        pass
+
+    def take(self, path: bytes, key: bytes) -> tuple[int, object]:
+        return list_folder(path)
+
+    def close(self) -> None:
+        pass
+
+
+class HelperLister:
+    """Lists the folders the walk will enter next in helper processes.
+
+    The walk announces each folder it will enter (`expect`, keyed by its relpath
+    plus '/', which is the walk's order) and later asks for it (`take`). Helpers
+    always get the nearest folders not yet asked for, a few at a time each,
+    and listings wait here until the walk takes them, up to about
+    MAX_HELD_ENTRIES entries. The first LOCAL_FOLDERS folders are listed here:
+    a small tree is done before a helper would have started.
+    """
+
+    LOCAL_FOLDERS = 32
+    IN_FLIGHT = 64  # folders sent to one helper and not yet answered, at most
+    MAX_HELD_ENTRIES = 50_000
+
+    def __init__(self, helpers: int) -> None:
+        self._wanted_helpers = helpers
+        self._helpers: list[_Helper] | None = None  # started after LOCAL_FOLDERS
+        self._taken = 0
+        self._expected: list[tuple[bytes, bytes]] = []  # heap of (key, path) not sent yet
+        self._sent: dict[bytes, _Helper] = {}
+        self._paths: dict[bytes, bytes] = {}  # key -> path, while sent
+        self._listed: dict[bytes, tuple[int, object]] = {}
+        self._held = 0
+        self._last_taken = b""  # the walk takes folders in key order: smaller keys are done
+
+    def expect(self, path: bytes, key: bytes) -> None:
+        import heapq
+
+        heapq.heappush(self._expected, (key, path))
+
+    def take(self, path: bytes, key: bytes) -> tuple[int, object]:
+        self._taken += 1
+        self._last_taken = key
+        if self._helpers is None and self._taken > self.LOCAL_FOLDERS:
+            self._helpers = _start_helpers(self._wanted_helpers)
+        if not self._helpers:
+            return list_folder(path)
+        if key in self._sent or key in self._listed:
+            while key not in self._listed:
+                self._receive(self._sent[key])
+            listing = self._listed.pop(key)
+            self._held -= _size(listing)
+        else:  # the helpers are full up with the folders after it: this one is quicker here
+            listing = list_folder(path)
+        self._send_more()
+        return listing
+
+    def close(self) -> None:
+        for helper in self._helpers or ():
+            helper.stop()
+        self._helpers = []
+
+    # -- internals --------------------------------------------------------------
+    def _send_more(self) -> None:
+        import heapq
+
+        while self._expected and self._held < self.MAX_HELD_ENTRIES:
+            key, path = self._expected[0]
+            if key <= self._last_taken or key in self._sent or key in self._listed:
+                heapq.heappop(self._expected)  # taken already, or sent when the walk asked first
+                continue
+            idle = [h for h in self._helpers if h.can_take(path, self.IN_FLIGHT)]
+            if not idle:
+                return
+            heapq.heappop(self._expected)
+            self._send(key, path, min(idle, key=lambda h: len(h.pending)))
+
+    def _send(self, key: bytes, path: bytes, helper: _Helper) -> None:
+        if helper.send(key, path):
+            self._sent[key] = helper
+            self._paths[key] = path
+
+    def _receive(self, helper: _Helper) -> None:
+        """The oldest answer of `helper`; if it died, list its folders here instead."""
+        key = helper.pending[0]
+        listing = helper.receive()
+        for done_key, result in ([(key, listing)] if listing is not None else
+                                 [(k, list_folder(self._paths[k])) for k in helper.take_pending()]):
+            del self._sent[done_key]
+            del self._paths[done_key]
+            self._listed[done_key] = result
+            self._held += _size(result)
+
+
+def _size(listing: tuple[int, object]) -> int:
+    return len(listing[1]) if listing[0] == LISTED else 0
+
+
+class _Helper:
+    """One helper process and the keys it has been sent, oldest first."""
+
+    # Unanswered requests stay under one pipe buffer's floor, so writing one never blocks
+    # while the helper waits for us to read its answers (that would deadlock).
+    MAX_REQUEST_BYTES = 4096
+
+    def __init__(self, process) -> None:
+        self.process = process
+        self.pending: list[bytes] = []
+        self._request_sizes: list[int] = []
+        self.alive = True
+
+    def can_take(self, path: bytes, in_flight: int) -> bool:
+        if not self.alive or len(self.pending) >= in_flight:
+            return False
+        return not self.pending or sum(self._request_sizes) + _HEADER + len(path) <= self.MAX_REQUEST_BYTES
+
+    def send(self, key: bytes, path: bytes) -> bool:
+        """Queue one folder; with nothing pending it is sent whatever its size (the helper is reading)."""
+        frame = len(path).to_bytes(_HEADER, "little") + path
+        try:
+            self.process.stdin.write(frame)
+            self.process.stdin.flush()
+        except OSError:
+            self._died()
+            return False
+        self.pending.append(key)
+        self._request_sizes.append(len(frame))
+        return True
+
+    def receive(self) -> tuple[int, object] | None:
+        """The answer to the oldest request, or None if the helper is gone."""
+        try:
+            data = _read_frame(self.process.stdout)
+            listing = marshal.loads(data) if data is not None else None
+        except (OSError, ValueError, EOFError, TypeError):
+            listing = None
+        if listing is None:
+            self._died()
+            return None
+        self.pending.pop(0)
+        self._request_sizes.pop(0)
+        return listing
+
+    def take_pending(self) -> list[bytes]:
+        pending, self.pending, self._request_sizes = self.pending, [], []
+        return pending
+
+    def _died(self) -> None:
+        if self.alive:
+            self.alive = False
+            from loguru import logger
+
+            logger.debug("folder-listing helper {} stopped; listing its folders here", self.process.pid)
+
+    def stop(self) -> None:
+        for stream in (self.process.stdin, self.process.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        try:
+            self.process.wait(timeout=5)
+        except Exception:
+            self.process.kill()
+            self.process.wait(timeout=5)
+
+
+def _start_helpers(count: int) -> list[_Helper]:
+    """Helper processes, or none when they cannot start (the walk then lists here)."""
+    import subprocess
+
+    helpers = []
+    for _ in range(count):
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-I", "-S", os.path.abspath(__file__)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            )
+        except OSError:
+            break
+        helpers.append(_Helper(process))
+    return helpers
+
+
+def _read_frame(stream) -> bytes | None:
+    header = stream.read(_HEADER)
+    if len(header) < _HEADER:
+        return None
+    size = int.from_bytes(header, "little")
+    data = stream.read(size)
+    return data if len(data) == size else None
+
+
+def serve(requests, answers) -> None:
+    """The helper's loop: a folder path in, its listing out, until the coordinator hangs up."""
+    while (path := _read_frame(requests)) is not None:
+        data = marshal.dumps(list_folder(path))
+        answers.write(len(data).to_bytes(_HEADER, "little") + data)
+        answers.flush()
+
+
+if __name__ == "__main__":
+    # Stopping is the coordinator's job: it closes our stdin (or dies, which closes it too).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    serve(sys.stdin.buffer, sys.stdout.buffer)
