@@ -16,7 +16,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,9 @@ class MergeOutcome:
     output: Path | None = None
     reduced: Any = None
     unchanged: bool = False  # nothing changed since the last merge: the output was kept
+    # Result files the done tasks read from: batch id -> bytes they need. Every other
+    # result file is unreferenced (see results.remove_unreferenced).
+    batches: dict[int, int] = field(default_factory=dict)
 
 
 def default_output(out: Path, fmt: str) -> Path:
@@ -71,19 +74,19 @@ def merge_results(
     output.parent.mkdir(parents=True, exist_ok=True)
     temp = output.with_name(f".{output.name}.{os.getpid()}.jsonl.tmp")
     try:
-        written, tasks, damaged = _copy_done_ranges(ledger, out, temp)
+        written, tasks, damaged, batches = _copy_done_ranges(ledger, out, temp)
         if damaged:
             ledger.requeue_damaged(damaged, "result file missing or damaged; processed again")
             if not publish_if_damaged:
-                return MergeOutcome(False, written, tasks, len(damaged))
+                return MergeOutcome(False, written, tasks, len(damaged), batches=batches)
         reduced = reducer(iter_records(temp)) if reducer is not None else None
         _publish(temp, output, fmt)
     finally:
         if temp.exists():
             os.unlink(temp)
     if not damaged:
-        _remember_merge(ledger, output, signature, reduced)
-    return MergeOutcome(True, written, tasks, len(damaged), output, reduced)
+        _remember_merge(ledger, output, signature, reduced, batches)
+    return MergeOutcome(True, written, tasks, len(damaged), output, reduced, batches=batches)
 
 
 def _previous_merge(ledger: Ledger, output: Path, signature: list, out: Path) -> MergeOutcome | None:
@@ -98,20 +101,24 @@ def _previous_merge(ledger: Ledger, output: Path, signature: list, out: Path) ->
         return None
     if last["signature"] != signature or last["output_stat"] != [st.st_size, st.st_mtime_ns]:
         return None
-    if not _result_files_present(ledger, out):
+    # The same done tasks as then (the signature says so), so the same result files.
+    batches = {int(batch_id): needed for batch_id, needed in last.get("batches", {}).items()}
+    if "batches" not in last or not _result_files_present(out, batches):
         return None  # a full merge finds which tasks lost their results, and requeues them
-    return MergeOutcome(True, st.st_size, signature[2], 0, output, last["reduced"], unchanged=True)
+    return MergeOutcome(True, st.st_size, signature[2], 0, output, last["reduced"], unchanged=True,
+                        batches=batches)
 
 
-def _remember_merge(ledger: Ledger, output: Path, signature: list, reduced: Any) -> None:
+def _remember_merge(ledger: Ledger, output: Path, signature: list, reduced: Any, batches: dict[int, int]) -> None:
     st = output.stat()
     ledger.set_meta({LAST_MERGE_KEY: json.dumps(
-        {"signature": signature, "output_stat": [st.st_size, st.st_mtime_ns], "reduced": reduced}, default=str)})
+        {"signature": signature, "output_stat": [st.st_size, st.st_mtime_ns], "reduced": reduced,
+         "batches": batches}, default=str)})
 
 
-def _result_files_present(ledger: Ledger, out: Path) -> bool:
+def _result_files_present(out: Path, batches: dict[int, int]) -> bool:
     """Cheap check: every referenced result file exists and is long enough."""
-    for batch_id, needed in ledger.batch_extents():
+    for batch_id, needed in batches.items():
         try:
             if result_path(out, batch_id).stat().st_size < needed:
                 return False
@@ -120,10 +127,14 @@ def _result_files_present(ledger: Ledger, out: Path) -> bool:
     return True
 
 
-def _copy_done_ranges(ledger: Ledger, out: Path, sink_path: Path) -> tuple[int, int, list[int]]:
-    """Append each done task's crc-checked records to `sink_path`; (bytes, tasks, damaged ids)."""
+def _copy_done_ranges(ledger: Ledger, out: Path, sink_path: Path) -> tuple[int, int, list[int], dict[int, int]]:
+    """Append each done task's crc-checked records to `sink_path`.
+
+    Returns (bytes, tasks, damaged task ids, {batch id: bytes of its file the tasks use}).
+    """
     reader = ResultReader(out)
     damaged: list[int] = []
+    batches: dict[int, int] = {}
     tasks = written = 0
     try:
         with open(sink_path, "wb", buffering=1 << 20) as sink:
@@ -135,9 +146,11 @@ def _copy_done_ranges(ledger: Ledger, out: Path, sink_path: Path) -> tuple[int, 
                 sink.write(data)
                 written += len(data)
                 tasks += 1
+                if length and batches.get(batch_id, 0) < offset + length:
+                    batches[batch_id] = offset + length
     finally:
         reader.close()
-    return written, tasks, damaged
+    return written, tasks, damaged, batches
 
 
 def _publish(merged_jsonl: Path, output: Path, fmt: str) -> None:

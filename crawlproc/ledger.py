@@ -97,6 +97,7 @@ class Ledger:
         self.path = Path(path)
         self.conn = _connect(self.path, readonly=readonly)
         self.conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+        self.created = False  # this Ledger made the file: a new OUT
         self._check_or_create(readonly)
 
     # -- set-up ------------------------------------------------------------
@@ -114,6 +115,7 @@ class Ledger:
         if has_tables or readonly:
             raise LedgerError(f"{self.path} is an SQLite file but not a crawlproc ledger; use another --out")
         self._create_schema()
+        self.created = True
 
     def _create_schema(self) -> None:
         import sqlite_utils  # only needed once per OUT; keeps start-up light
@@ -409,16 +411,6 @@ class Ledger:
             "SELECT count(*), max(id), total(batch_id), total(finished_at), total(result_crc) "
             "FROM tasks WHERE state = 'done'"
         ).fetchone())
-
-    def batch_extents(self) -> list[tuple[int, int]]:
-        """(batch id, bytes its done tasks need) for every result file still referenced."""
-        return self.conn.execute(
-            "SELECT batch_id, max(result_offset + result_length) FROM tasks "
-            "WHERE state = 'done' AND result_length > 0 GROUP BY batch_id"
-        ).fetchall()
-
-    def live_batch_ids(self) -> set[int]:
-        return {r[0] for r in self.conn.execute("SELECT DISTINCT batch_id FROM tasks WHERE state = 'done'")}
 
     def requeue_damaged(self, ids: list[int], reason: str) -> None:
         with self.transaction() as conn:

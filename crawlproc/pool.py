@@ -66,6 +66,10 @@ GRACE_SECONDS = 5.0
 TICK_SECONDS = 0.5
 RUN_UPDATE_SECONDS = 1.0
 MAX_STARTUP_DEATHS = 10
+# The forkserver takes ~0.1 s to import what a worker needs; starting workers blocks
+# until it is ready. Meanwhile the scan goes on, up to this long or until it has
+# nothing more to do.
+FORKSERVER_WARMUP_SECONDS = 0.1
 
 
 class WorkSource(Protocol):
@@ -131,7 +135,7 @@ class WorkerPool:
         self._ready: deque[tuple] = deque()  # claimed by the scan as it recorded them, not yet sent
         self._reports: list[tuple[WorkerHandle, BatchReport]] = []
         self._deaths: list[tuple[WorkerHandle, int | None]] = []
-        self._next_batch = ledger.next_batch_id()
+        self._next_batch: int | None = None  # read when workers start: a no-op rerun never needs it
         self._claimable = True
         self._retry_due: float | None = None
         self._avg_task_seconds: float | None = None
@@ -139,7 +143,8 @@ class WorkerPool:
         self._signals = 0
         self._grace_deadline: float | None = None
         self._startup_deaths = 0
-        self._started = False
+        self._started = False  # workers started
+        self._forkserver_since: float | None = None  # monotonic time it was started
         self._last_run_update = 0.0
         self._last_run_state: tuple | None = None
         self._wake_r, self._wake_w = os.pipe()
@@ -151,7 +156,7 @@ class WorkerPool:
         ids = {b.batch_id for w in self.workers for b in w.inflight}
         ids |= {report.batch_id for _, report in self._reports}
         ids |= {b.batch_id for w, _ in self._deaths for b in w.inflight}
-        return ids, self._next_batch
+        return ids, self._next_batch if self._next_batch is not None else self.ledger.next_batch_id()
 
     def poke(self) -> None:
         """Something outside the pool put tasks back to pending: look again."""
@@ -243,15 +248,30 @@ class WorkerPool:
                         batches.append((worker, batch))
         return batches
 
+    def start_forkserver(self) -> None:
+        """Start the workers' forkserver now, when work is certain (a new OUT), so that it is
+        ready by the time the scan has found the first tasks. It does not block."""
+        if self._forkserver_since is None:
+            start_forkserver_shielded()
+            self._forkserver_since = time.monotonic()
+
     def _start_workers_if_work(self, conn: Any) -> None:
         """Workers start only once there is something to do: a no-op rerun costs no processes."""
         if not self._ready and not self.ledger.has_claimable(conn, self.now()):
             self._claimable = False
             return
+        self.start_forkserver()
+        if self._can_feed and self._warmup_left() > 0:
+            return  # scan on while the forkserver imports; start the workers next turn
         self._started = True
-        start_forkserver_shielded()
+        self._next_batch = self.ledger.next_batch_id()
         for _ in range(self.options.workers):
             self._spawn()
+
+    def _warmup_left(self) -> float:
+        if self._started or self._forkserver_since is None:
+            return 0.0
+        return max(0.0, self._forkserver_since + FORKSERVER_WARMUP_SECONDS - time.monotonic())
 
     def _wants_work(self, worker: WorkerHandle) -> bool:
         return (not worker.retiring and len(worker.inflight) < PIPELINE
@@ -425,6 +445,8 @@ class WorkerPool:
             timeout = min(timeout, max(0.0, self._retry_due - now))
         if self._grace_deadline is not None:
             timeout = min(timeout, max(0.0, self._grace_deadline - now))
+        if self._forkserver_since is not None and not self._started and not self._stopping:
+            timeout = min(timeout, self._warmup_left())
         if self.options.timeout:
             timeout = min(timeout, self._next_task_deadline())
         return timeout

@@ -146,7 +146,7 @@ def merge_only(out: Path, output: Path | None, fmt: str = "jsonl") -> tuple[dict
             remove_temp_files(out)
             merged = merge_results(ledger, out, output or default_output(out, fmt), fmt=fmt,
                                    reducer=processor.reduce)
-            remove_unreferenced(out, ledger.live_batch_ids())
+            remove_unreferenced(out, set(merged.batches))
             identity = {k: meta.get(k) for k in ("processor", "processor_version")}
             identity["params"] = json.loads(meta.get("params", "{}"))
             summary = write_summary(out, ledger, processor, identity, merged, {"merged_at": time.time()})

@@ -146,9 +146,12 @@ def _open_job(options: RunOptions, command: str) -> Iterator[_Job]:
 def run_job(options: RunOptions, *, on_progress: Callable[[dict], None] | None = None) -> RunOutcome:
     with _open_job(options, "run") as job:
         source = Scan(job.ledger, os.fsencode(options.data_dir), scan_options(options), _log_skip,
-                      claim_new=True, list_helpers=list_helpers(options))
+                      claim_new=True, list_helpers=list_helpers(job))
+        pool = make_pool(job, on_progress)
+        if job.ledger.created:  # a new OUT: there will be work (unless DATA_DIR is empty)
+            pool.start_forkserver()
         try:
-            pool_result = make_pool(job, on_progress).run(source)
+            pool_result = pool.run(source)
         finally:
             source.close()
         if source.finished and source.gone:
@@ -207,8 +210,7 @@ class _PeriodicMerge:
             self.pool.poke()
         if not merged.unchanged:  # superseded results of files processed again
             in_flight, next_batch = self.pool.batches_in_flight() if self.pool else (set(), None)
-            remove_unreferenced(self.job.options.out, self.job.ledger.live_batch_ids() | in_flight,
-                                keep_from=next_batch)
+            remove_unreferenced(self.job.options.out, set(merged.batches) | in_flight, keep_from=next_batch)
         write_summary(self.job.options.out, self.job.ledger, self.job.processor, self.job.identity, merged,
                       _timings(self.job, self.pool.result if self.pool else PoolResult()))
         return merged
@@ -255,9 +257,15 @@ def _recover(out: Path, ledger: Ledger) -> None:
     remove_temp_files(out)
 
 
-def list_helpers(options: RunOptions) -> int:
-    """Folder-listing helpers for a full scan: one per worker, up to the cores (and 4)."""
-    return max(1, min(options.workers, os.cpu_count() or 1, 4))
+def list_helpers(job: _Job) -> int:
+    """Folder-listing helpers for a full scan: one per worker, up to the cores (and 4).
+
+    None for a new OUT: every file is work there, the workers keep the cores busy
+    and listing in helpers would only add the cost of sending the listings over.
+    """
+    if job.ledger.created:
+        return 0
+    return max(1, min(job.options.workers, os.cpu_count() or 1, 4))
 
 
 def scan_options(options: RunOptions) -> ScanOptions:
@@ -305,7 +313,7 @@ def _relpath_inside(path: Path, root: Path) -> bytes | None:
 
 def _merge_until_clean(job: _Job, pool_result: PoolResult, on_progress) -> tuple[MergeOutcome, PoolResult]:
     """Merge; while results turn out missing or damaged, process those tasks again first."""
-    ledger, options = job.ledger, job.options
+    options = job.options
     merged: MergeOutcome | None = None
     for _ in range(MAX_MERGE_ROUNDS):
         if pool_result.stop_reason is not None:
@@ -320,7 +328,7 @@ def _merge_until_clean(job: _Job, pool_result: PoolResult, on_progress) -> tuple
         pool_result.stop_reason, pool_result.message = again.stop_reason, again.message
     if merged is None or not merged.published:
         merged = _merge(job)
-    remove_unreferenced(options.out, ledger.live_batch_ids())
+    remove_unreferenced(options.out, set(merged.batches))
     return merged, pool_result
 
 

@@ -222,6 +222,25 @@ def test_result_files_no_done_task_refers_to_are_removed(job):
     assert all(result_path(out, b).exists() for b in live)
 
 
+def test_a_merge_with_nothing_changed_keeps_the_output_and_knows_its_result_files(job):
+    data, out, merged = job
+    needed: dict[int, int] = {}
+    for r in done_rows(out):
+        if r["result_length"]:
+            needed[r["batch_id"]] = max(needed.get(r["batch_id"], 0), r["result_offset"] + r["result_length"])
+    led = Ledger(out / "ledger.db")
+    try:
+        kept = merge_results(led, out, out / "merged.jsonl", reuse_unchanged=True)
+        assert kept.unchanged and kept.batches == needed
+        assert (out / "merged.jsonl").read_bytes() == merged
+        # A result file it needs is gone: no reuse, and the full merge finds the damage.
+        result_path(out, min(needed)).unlink()
+        again = merge_results(led, out, out / "merged.jsonl", reuse_unchanged=True, publish_if_damaged=False)
+        assert not again.unchanged and not again.published and again.damaged > 0
+    finally:
+        led.close()
+
+
 # -- `crawlproc merge` alone ----------------------------------------------------------------------
 
 def test_merge_command_regenerates_merged_identically(job):

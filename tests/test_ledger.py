@@ -279,7 +279,6 @@ def test_mark_done_records_result_location(ledger):
     assert (a["state"], a["attempts"], a["batch_id"], a["result_offset"], a["result_length"], a["result_crc"]) == \
         ("done", 1, 7, 0, 15, 999)
     assert (b["state"], b["result_offset"], b["result_length"], b["result_crc"]) == ("done", 15, 20, 888)
-    assert ledger.live_batch_ids() == {7}
     assert ledger.next_batch_id() == 8
     assert [r[0] for r in ledger.done_in_merge_order()] == [a["id"], b["id"]]
 
@@ -330,6 +329,16 @@ def test_requeue_stale_puts_running_tasks_back_only(ledger):
     assert states(ledger) == {"a": "done", "b": "pending", "c": "pending"}
     assert task(ledger, "b")["attempts"] == 0
     assert ledger.requeue_stale() == 0
+
+
+def test_counts_and_done_signature_follow_every_write(ledger):
+    scan(ledger, [row("a"), row("b")])
+    assert ledger.counts()["pending"] == 2
+    before = ledger.done_signature()
+    assert before[0] == 0
+    make_done(ledger, ["a"])
+    assert ledger.counts()["done"] == 1 and ledger.counts()["pending"] == 1
+    assert ledger.done_signature() != before and ledger.done_signature()[0] == 1
 
 
 def test_requeue_damaged_puts_done_tasks_back(ledger):
