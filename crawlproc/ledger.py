@@ -80,6 +80,14 @@ RETURNING id, path_bytes, "offset", length, size, mtime_ns, attempts
 """
 
 
+# Tasks per state, then the done tasks' signature (max id, and totals of batch ids, finish
+# times and checksums): one pass over the table, no sort.
+_STATE_TOTALS = "SELECT " + ", ".join(
+    [f"count(*) FILTER (WHERE state = '{s.value}')" for s in State]
+    + [f"{agg} FILTER (WHERE state = 'done')" for agg in
+       ("max(id)", "total(batch_id)", "total(finished_at)", "total(result_crc)")]
+) + " FROM tasks"
+
 _INSERT_CLAIMED = """
 INSERT INTO tasks (relpath, path_bytes, "offset", length, size, mtime_ns, state)
 VALUES (?, ?, ?, ?, ?, ?, 'running')
@@ -98,6 +106,8 @@ class Ledger:
         self.conn = _connect(self.path, readonly=readonly)
         self.conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         self.created = False  # this Ledger made the file: a new OUT
+        self._writes = 0  # transactions so far: with PRAGMA data_version, tells when totals are stale
+        self._totals: tuple | None = None
         self._check_or_create(readonly)
 
     # -- set-up ------------------------------------------------------------
@@ -152,11 +162,14 @@ class Ledger:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction (BEGIN IMMEDIATE), retried only while the file is locked."""
         _begin_immediate(self.conn)
+        self._writes += 1
         try:
             yield self.conn
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
+        finally:
+            self._writes += 1  # totals read during the transaction are stale after it
         self.conn.execute("COMMIT")
 
     def close(self) -> None:
@@ -407,10 +420,7 @@ class Ledger:
 
     def done_signature(self) -> list:
         """Changes whenever the set of done tasks or any of their results changes."""
-        return list(self.conn.execute(
-            "SELECT count(*), max(id), total(batch_id), total(finished_at), total(result_crc) "
-            "FROM tasks WHERE state = 'done'"
-        ).fetchone())
+        return list(self._state_totals()[1])
 
     def requeue_damaged(self, ids: list[int], reason: str) -> None:
         with self.transaction() as conn:
@@ -421,10 +431,21 @@ class Ledger:
 
     # -- reading for people ------------------------------------------------------
     def counts(self) -> dict[str, int]:
-        counts = {s.value: 0 for s in State}
-        for state, n in self.conn.execute("SELECT state, count(*) FROM tasks GROUP BY state"):
-            counts[state] = n
-        return counts
+        return dict(self._state_totals()[0])
+
+    def _state_totals(self) -> tuple[dict[str, int], tuple]:
+        """(tasks per state, done signature), from one pass over the table.
+
+        The end of a run asks for both; the pass is kept until the ledger is
+        written (here, or by another connection: PRAGMA data_version).
+        """
+        version = (self._writes, self.conn.execute("PRAGMA data_version").fetchone()[0])
+        if self._totals is None or self._totals[0] != version:
+            row = self.conn.execute(_STATE_TOTALS).fetchone()
+            counts = dict(zip((s.value for s in State), row[:len(State)]))
+            done = (counts[State.DONE.value], *row[len(State):])
+            self._totals = (version, counts, done)
+        return self._totals[1], self._totals[2]
 
     def count_live(self, conn: sqlite3.Connection) -> int:
         """Tasks that are not gone: what a --max-failures percentage is taken of."""

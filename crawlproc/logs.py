@@ -41,9 +41,16 @@ def add_file_sink(out: Path) -> None:
             pass  # already removed by setup_stderr(), which starts from no handlers
     (out / LOG_DIR).mkdir(parents=True, exist_ok=True)
     _file_sink = logger.add(
-        out / LOG_DIR / LOG_NAME, level="DEBUG", format=_FILE_FORMAT,
+        out / LOG_DIR / LOG_NAME, level="DEBUG", format=_file_format,
         rotation="10 MB", retention=5, encoding="utf-8",
     )
+
+
+def _file_format(record: Any) -> str:
+    """The file line; `task` is '-' when no task is bound, even if setup_stderr() never ran
+    (a script calling run_job itself)."""
+    record["extra"].setdefault("task", "-")
+    return _FILE_FORMAT + "\n{exception}"
 
 
 def use_console(console: Any) -> None:

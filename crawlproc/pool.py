@@ -37,12 +37,10 @@ from loguru import logger
 from crawlproc.errors import CrawlprocError
 from crawlproc.ledger import ClaimedTask, Ledger
 from crawlproc.processes import (
+    ForkServer,
     WorkerHandle,
     describe_death,
-    forkserver_context,
     kill_group,
-    start_forkserver_shielded,
-    start_worker,
 )
 from crawlproc.task import relpath_for_people
 from crawlproc.worker import (
@@ -128,7 +126,7 @@ class WorkerPool:
         self.on_turn = on_turn or (lambda: None)
         self.run_info = run_info
         self.now = now
-        self.ctx = forkserver_context(config)
+        self.forkserver = ForkServer(config)
         self.workers: list[WorkerHandle] = []
         self.result = PoolResult()
         self._claimed: dict[int, tuple] = {}  # task id -> its ClaimedTask-shaped row, while in flight
@@ -252,7 +250,7 @@ class WorkerPool:
         """Start the workers' forkserver now, when work is certain (a new OUT), so that it is
         ready by the time the scan has found the first tasks. It does not block."""
         if self._forkserver_since is None:
-            start_forkserver_shielded()
+            self.forkserver.start()
             self._forkserver_since = time.monotonic()
 
     def _start_workers_if_work(self, conn: Any) -> None:
@@ -338,11 +336,12 @@ class WorkerPool:
         self._startup_deaths = 0
         now = self.now()
         done_rows = []
-        for task_id, kind, detail, elapsed in report.outcomes:
+        elapsed_done = []
+        for task_id, kind, detail, elapsed in report.outcomes:  # once per task: keep it lean
             task = self._claimed.pop(task_id)
             if kind == DONE and report.write_error is None:
                 done_rows.append((report.batch_id, *detail, report.pid, elapsed, now, task_id))
-                self._learn_speed(elapsed)
+                elapsed_done.append(elapsed)
             elif kind == DONE or kind == RETURNED:
                 self._hand_back(conn, [task_id])
             elif kind == FAILED:
@@ -355,6 +354,7 @@ class WorkerPool:
                 self.ledger.mark_gone(conn, task_id)
         self.ledger.mark_done(conn, done_rows)
         self.result.done += len(done_rows)
+        self._learn_speed(elapsed_done)
         if report.retiring and not worker.retiring:
             self._retire(worker)  # it passed --max-memory-per-child or a task raised SystemExit
         if report.write_error:
@@ -412,9 +412,14 @@ class WorkerPool:
         if self.result.failed > limit:
             self._stop("failure budget", f"{self.result.failed} tasks failed, more than --max-failures allows")
 
-    def _learn_speed(self, elapsed: float) -> None:
+    def _learn_speed(self, elapsed: list[float]) -> None:
+        """A moving average of task times: each task weighs 10%, as if they came one by one."""
+        if not elapsed:
+            return
+        mean = sum(elapsed) / len(elapsed)
         avg = self._avg_task_seconds
-        self._avg_task_seconds = elapsed if avg is None else avg * 0.9 + elapsed * 0.1
+        keep = 0.9 ** len(elapsed)
+        self._avg_task_seconds = mean if avg is None else avg * keep + mean * (1 - keep)
 
     # -- waiting ----------------------------------------------------------------
     def _wait(self) -> None:
@@ -472,6 +477,7 @@ class WorkerPool:
         worker.process.join()
         self.workers.remove(worker)
         worker.conn.close()
+        worker.process.close()
         self._on_exit(worker)
 
     def _on_exit(self, worker: WorkerHandle) -> None:
@@ -504,7 +510,7 @@ class WorkerPool:
 
     # -- workers ------------------------------------------------------------------
     def _spawn(self) -> WorkerHandle:
-        worker = start_worker(self.ctx, self.config)
+        worker = self.forkserver.start_worker()
         self.workers.append(worker)
         return worker
 
@@ -553,7 +559,9 @@ class WorkerPool:
                 self.ledger.hand_back(conn, leftover)
         for worker in self.workers:
             worker.conn.close()
+            worker.process.close()
         self.workers.clear()
+        self.forkserver.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
 

@@ -1,33 +1,45 @@
 """Worker processes as the coordinator sees them: start, kill, and say how they died.
 
-Workers fork from a forkserver that has already imported the worker and the
-processor's module, so replacing one costs milliseconds. The forkserver itself
-is started with SIGINT/SIGTERM ignored: it shares the coordinator's process
-group, and if a Ctrl-C killed it, every worker's exit-status channel would
-read as dead. Each worker leads its own process group (see worker.py), so
-`kill_group` takes whatever it started along with it.
+Workers fork from our own forkserver (crawlproc/forkserver.py), which has
+imported the worker and the processor's module once, so replacing one costs
+about a millisecond of CPU. The forkserver is started with SIGINT/SIGTERM
+ignored: it shares the coordinator's process group, and if a Ctrl-C killed it,
+every worker's exit-status channel would read as dead. Each worker leads its
+own process group (see worker.py), so `kill_group` takes whatever it started
+along with it.
 """
 
 from __future__ import annotations
 
-import multiprocessing
+import mmap
 import os
+import pickle
 import signal
+import socket
+import subprocess
+import sys
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from multiprocessing.context import BaseContext
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as wait_for
 from typing import Any
 
-from crawlproc.worker import WorkerConfig, worker_main
+from crawlproc.errors import CrawlprocError
+from crawlproc.forkserver import SLOT_FIELDS
+from crawlproc.worker import WorkerConfig
 
-SLOT_FIELDS = 2  # [task id (0 = between tasks), start time in monotonic ns]
+# Each worker ever started gets the next slot (wrapping round): 16 MB of address space,
+# of which one page is touched per 256 workers.
+SLOTS = 1 << 20
 
 
 @dataclass
 class WorkerHandle:
     """One worker process, its pipe, its shared slot, and what the coordinator sent it."""
 
-    process: Any
+    process: WorkerProcess
     conn: Any
     slot: Any
     inflight: deque = field(default_factory=deque)  # WorkBatch, oldest first
@@ -42,45 +54,135 @@ class WorkerHandle:
         return self.process.pid
 
 
-def forkserver_context(config: WorkerConfig) -> BaseContext:
-    """A forkserver that has imported, once, all a new worker needs (see forkserver_prelude)."""
-    ctx = multiprocessing.get_context("forkserver")
-    # psutil reads worker memory; importing it in each new worker cost ~15 ms a time.
-    memory = ["psutil"] if config.max_memory else []
-    ctx.set_forkserver_preload(["crawlproc.worker", *_importable_module(config.processor), *memory,
-                                "crawlproc.forkserver_prelude"])
-    return ctx
+class WorkerProcess:
+    """A worker as its forkserver reports it: the pid, then (on `sentinel`) its exit code."""
+
+    def __init__(self, pid: int, sentinel: int) -> None:
+        self.pid = pid
+        self.sentinel = sentinel  # readable once the worker has ended
+        self.exitcode: int | None = None
+        self._ended = False
+
+    def is_alive(self) -> bool:
+        self.join(0)
+        return not self._ended
+
+    def join(self, timeout: float | None = None) -> None:
+        if not self._ended and wait_for([self.sentinel], timeout):
+            self._read_exit()
+
+    def close(self) -> None:
+        os.close(self.sentinel)
+
+    def _read_exit(self) -> None:
+        self._ended = True
+        data = os.read(self.sentinel, 8)
+        if len(data) == 8:
+            self.exitcode = int.from_bytes(data, "little", signed=True)
+        else:  # the forkserver died before it could tell: make sure the worker is gone too
+            kill_group(self.pid)
 
 
-def start_worker(ctx: BaseContext, config: WorkerConfig) -> WorkerHandle:
-    parent_conn, child_conn = ctx.Pipe(duplex=True)
-    slot = ctx.RawArray("q", SLOT_FIELDS)
-    process = ctx.Process(target=worker_main, args=(config, child_conn, slot), daemon=True,
-                          name="crawlproc-worker")
-    process.start()
-    child_conn.close()  # only the worker holds its end: its EOF means we are gone
-    return WorkerHandle(process, parent_conn, slot)
+class ForkServer:
+    """The coordinator's side of crawlproc.forkserver: start it once, then ask it for workers."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self._process: subprocess.Popen | None = None
+        self._control: socket.socket | None = None
+        self._slots: memoryview | None = None
+        self._next_slot = 0
+
+    def start(self) -> None:
+        """Start the server if it is not running; it does not wait for its imports."""
+        if self._process is not None:
+            return
+        slots_fd = _shared_memory_fd()
+        try:
+            os.ftruncate(slots_fd, SLOTS * SLOT_FIELDS * 8)
+            self._slots = memoryview(mmap.mmap(slots_fd, 0)).cast("q")
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            with _stop_signals_ignored():  # inherited across exec: the server never sees a Ctrl-C
+                self._process = subprocess.Popen(
+                    [sys.executable, "-m", "crawlproc.forkserver", str(theirs.fileno())],
+                    pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)  # no worker reads our terminal
+            theirs.close()
+            socket.send_fds(ours, [pickle.dumps((self.config, _preload_modules(self.config)))], [slots_fd])
+        finally:
+            os.close(slots_fd)
+        self._control = ours
+
+    def start_worker(self) -> WorkerHandle:
+        """A new worker; blocks until it is forked (at first, until the server is ready)."""
+        try:
+            return self._request_worker()
+        except OSError:
+            self.close()  # the server died: start another one, once
+        try:
+            return self._request_worker()
+        except OSError as exc:
+            raise CrawlprocError(f"cannot start worker processes: {exc.strerror or exc}") from None
+
+    def _request_worker(self) -> WorkerHandle:
+        self.start()
+        ours, theirs = socket.socketpair()
+        status_r, status_w = os.pipe()
+        slot = self._next_slot
+        self._next_slot = (slot + 1) % SLOTS
+        view = self._slots[slot * SLOT_FIELDS:(slot + 1) * SLOT_FIELDS]
+        view[0] = view[1] = 0
+        try:
+            socket.send_fds(self._control, [slot.to_bytes(8, "little")], [theirs.fileno(), status_w])
+        finally:
+            theirs.close()
+            os.close(status_w)
+        pid = os.read(status_r, 8)
+        if len(pid) < 8:
+            os.close(status_r)
+            ours.close()
+            raise OSError("the workers' forkserver stopped")
+        process = WorkerProcess(int.from_bytes(pid, "little", signed=True), status_r)
+        return WorkerHandle(process, Connection(ours.detach()), view)
+
+    def close(self) -> None:
+        """Stop the server (closing its control socket ends it); running workers go on."""
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        if self._process is not None:
+            try:
+                self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait(timeout=5)
+            self._process = None
 
 
-def start_forkserver_shielded() -> None:
-    """Start the forkserver with SIGINT/SIGTERM ignored (inherited across exec).
+def _shared_memory_fd() -> int:
+    """A file only in memory (memfd on Linux; an unlinked temp file elsewhere)."""
+    if hasattr(os, "memfd_create"):
+        return os.memfd_create("crawlproc-slots")
+    import tempfile
 
-    It shares our process group, so a Ctrl-C or a `kill -TERM -PGID` would
-    otherwise kill it, and with it every worker's exit-status channel: live
-    workers would look dead. Stopping is the coordinator's job alone.
-    """
-    from multiprocessing import forkserver, spawn
+    with tempfile.TemporaryFile() as f:
+        return os.dup(f.fileno())
 
-    main_path = spawn.get_preparation_data("crawlproc").get("init_main_from_path")
-    if main_path:  # read by forkserver_prelude, in the forkserver only
-        os.environ["CRAWLPROC_FORKSERVER_MAIN"] = main_path
+
+@contextmanager
+def _stop_signals_ignored() -> Iterator[None]:
     previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        forkserver.ensure_running()
+        yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        os.environ.pop("CRAWLPROC_FORKSERVER_MAIN", None)
+
+
+def _preload_modules(config: WorkerConfig) -> list[str]:
+    """What every worker needs, imported once by the server: the worker and the processor's
+    module, and psutil when it reads worker memory (~15 ms a time if each worker did)."""
+    memory = ["psutil"] if config.max_memory else []
+    return ["crawlproc.worker", *_importable_module(config.processor), *memory]
 
 
 def _importable_module(spec: str) -> list[str]:

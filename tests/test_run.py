@@ -547,3 +547,24 @@ def test_each_recycled_worker_does_its_whole_task_budget(tmp_path):
     db = sqlite3.connect(out / "ledger.db")
     per_worker = [n for (n,) in db.execute("SELECT count(*) FROM tasks GROUP BY worker_pid")]
     assert per_worker == [10] * 10
+
+
+# -- library use -----------------------------------------------------------------------------------
+
+def test_a_script_can_call_run_job_without_a_main_guard_or_logging_setup(data, tmp_path):
+    # Workers start from crawlproc's own forkserver, which never imports the calling script.
+    script = tmp_path / "job.py"
+    out = tmp_path / "out"
+    script.write_text(
+        "from pathlib import Path\n"
+        "from crawlproc.run import RunOptions, run_job\n"
+        f"outcome = run_job(RunOptions(data_dir=Path({str(data)!r}), out=Path({str(out)!r}), workers=2))\n"
+        "print('EXIT', outcome.exit_code)\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("EXIT 0") == 1, result.stdout
+    assert "Logging error" not in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert summary(out)["counts"]["done"] == len(TREE)
+    assert "task=- |" in (out / "logs" / "crawlproc.log").read_text()

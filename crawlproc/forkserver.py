@@ -1,0 +1,139 @@
+"""The workers' forkserver: a process that has imported what a worker needs and forks one on request.
+
+    coordinator ──control socket: slot number + [worker's end of its pipe, status pipe]──> forkserver
+                                                                                  └─fork──> worker
+    coordinator <──status pipe: the worker's pid, later its exit code── forkserver (it reaps workers)
+
+Workers are recycled every --max-tasks-per-child tasks, so starting one must be
+cheap. multiprocessing's forkserver makes each new process unpickle a Process
+object and its parent's preparation data before the target runs: about 3 ms of
+CPU and 500 page faults a worker on the project's machine. Here a child goes
+straight to `worker_main`; everything it needs was imported once, here, and
+frozen out of the cyclic GC's way (a collection would touch, and so copy, every
+inherited page).
+
+Run as `python -m crawlproc.forkserver FD` by processes.ForkServer, which sends
+the WorkerConfig and the modules to import first. SIGINT and SIGTERM are
+ignored: it shares the coordinator's process group, and stopping is the
+coordinator's job. It exits when the coordinator's end of the control socket
+closes; workers notice that on their own pipes.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import mmap
+import os
+import pickle
+import select
+import signal
+import socket
+import sys
+import traceback
+from multiprocessing.connection import Connection  # what a worker talks through: imported once, here
+
+SLOT_FIELDS = 2  # [task id (0 = between tasks), start time in monotonic ns], int64 each
+REQUEST_BYTES = 8
+
+
+def main() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    with socket.socket(fileno=int(sys.argv[1])) as control:
+        message, fds, _, _ = socket.recv_fds(control, 1 << 20, 1)
+        if not message:
+            return
+        config, preload = pickle.loads(message)
+        for name in preload:
+            importlib.import_module(name)
+        slots = memoryview(mmap.mmap(fds[0], 0)).cast("q")
+        os.close(fds[0])
+        gc.freeze()
+        _Server(control, config, slots).serve()
+
+
+class _Server:
+    def __init__(self, control: socket.socket, config, slots: memoryview) -> None:
+        self.control = control
+        self.config = config
+        self.slots = slots
+        self.status: dict[int, int] = {}  # worker pid -> write end of its status pipe
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+
+    def serve(self) -> None:
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes select through the wakeup fd
+        while True:
+            ready, _, _ = select.select([self.control, self.wake_r], [], [])
+            if self.wake_r in ready:
+                os.read(self.wake_r, 4096)
+            self._reap()
+            if self.control in ready and not self._fork_requested_worker():
+                return  # the coordinator is gone
+
+    def _fork_requested_worker(self) -> bool:
+        try:
+            message, fds, _, _ = socket.recv_fds(self.control, REQUEST_BYTES, 2)
+        except OSError:
+            return False
+        if len(message) < REQUEST_BYTES or len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            return False
+        slot = int.from_bytes(message, "little")
+        conn_fd, status_w = fds
+        pid = os.fork()
+        if pid == 0:
+            self._become_worker(conn_fd, status_w, slot)
+        os.close(conn_fd)
+        os.write(status_w, pid.to_bytes(8, "little", signed=True))
+        self.status[pid] = status_w
+        return True
+
+    def _become_worker(self, conn_fd: int, status_w: int, slot: int) -> None:
+        code = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            self.control.close()
+            for fd in (self.wake_r, self.wake_w, status_w, *self.status.values()):
+                os.close(fd)  # another worker's status pipe must close when the server does
+            from crawlproc.worker import worker_main  # preloaded: already in sys.modules
+
+            first = slot * SLOT_FIELDS
+            worker_main(self.config, Connection(conn_fd), self.slots[first:first + SLOT_FIELDS])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:
+                    pass
+            os._exit(code)
+
+    def _reap(self) -> None:
+        """Tell the coordinator the exit code of every worker that ended."""
+        while self.status:
+            try:
+                pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            status_w = self.status.pop(pid, None)
+            if status_w is not None:
+                code = os.waitstatus_to_exitcode(wait_status)
+                try:
+                    os.write(status_w, code.to_bytes(8, "little", signed=True))
+                finally:
+                    os.close(status_w)
+
+
+if __name__ == "__main__":
+    main()

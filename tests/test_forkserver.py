@@ -1,0 +1,109 @@
+"""crawlproc's own forkserver, with real processes: workers start, end, die, and are told apart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from crawlproc.processes import ForkServer, describe_death
+from crawlproc.worker import WorkBatch, WorkerConfig
+
+DEADLINE = 20
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("one\ntwo\n")
+    config = WorkerConfig(data_dir=os.fsencode(data), out=str(tmp_path / "out"), processor="linecount", params={})
+    forkserver = ForkServer(config)
+    yield forkserver
+    forkserver.close()
+
+
+def wait_until(predicate, what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def server_process(forkserver: ForkServer) -> psutil.Process:
+    return psutil.Process(forkserver._process.pid)  # noqa: SLF001 - the test needs the real process
+
+
+def test_a_worker_runs_a_batch_and_its_clean_exit_is_reported(server):
+    worker = server.start_worker()
+    assert worker.pid in [p.pid for p in server_process(server).children()]
+    worker.conn.send(WorkBatch(1, ((7, b"a.txt", 0, None, 8, os.stat(
+        os.fsdecode(server.config.data_dir) + "/a.txt").st_mtime_ns, 0),)))
+    assert worker.conn.poll(DEADLINE)
+    report = worker.conn.recv()
+    assert [o[:2] for o in report.outcomes] == [(7, "done")]
+    worker.conn.send(None)
+    worker.process.join(DEADLINE)
+    assert not worker.process.is_alive() and worker.process.exitcode == 0
+    worker.process.close()
+
+
+def test_a_killed_worker_is_reported_with_its_signal(server):
+    worker = server.start_worker()
+    assert worker.process.is_alive()
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.process.join(DEADLINE)
+    assert worker.process.exitcode == -signal.SIGKILL
+    assert describe_death(worker.process.exitcode) == "worker killed by SIGKILL"
+
+
+def test_workers_write_their_slot_and_each_gets_its_own(server):
+    first, second = server.start_worker(), server.start_worker()
+    first.slot[0] = 11
+    assert second.slot[0] == 0
+    second.slot[0] = 22
+    assert (first.slot[0], second.slot[0]) == (11, 22)
+    for worker in (first, second):
+        worker.conn.send(None)
+        worker.process.join(DEADLINE)
+
+
+def test_the_server_ignores_ctrl_c_and_sigterm(server):
+    server.start()
+    process = server_process(server)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        os.kill(process.pid, signum)
+    worker = server.start_worker()  # still serving
+    worker.conn.send(None)
+    worker.process.join(DEADLINE)
+    assert worker.process.exitcode == 0 and process.is_running()
+
+
+def test_a_dead_server_takes_its_workers_along_and_another_one_starts(server):
+    worker = server.start_worker()
+    old = server_process(server)
+    old.kill()
+    old.wait(DEADLINE)
+    worker.process.join(DEADLINE)  # its status pipe closed without an exit code
+    assert not worker.process.is_alive() and worker.process.exitcode is None
+    wait_until(lambda: not psutil.pid_exists(worker.pid) or
+               psutil.Process(worker.pid).status() == psutil.STATUS_ZOMBIE, "the orphaned worker killed")
+    replacement = server.start_worker()
+    assert server_process(server).pid != old.pid
+    replacement.conn.send(None)
+    replacement.process.join(DEADLINE)
+    assert replacement.process.exitcode == 0
+
+
+def test_closing_stops_the_server_and_running_workers_notice_the_coordinator_is_gone(server):
+    worker = server.start_worker()
+    process = server_process(server)
+    server.close()
+    assert not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    worker.conn.close()  # the coordinator's end: the worker stops by itself
+    wait_until(lambda: not psutil.pid_exists(worker.pid) or
+               psutil.Process(worker.pid).status() == psutil.STATUS_ZOMBIE, "the worker to stop")
