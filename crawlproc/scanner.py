@@ -33,6 +33,9 @@ class FileEntry(NamedTuple):  # a tuple: the walk makes one per file
     mtime_ns: int
 
 
+_new_tuple = tuple.__new__  # _new_tuple(FileEntry, (...)) skips NamedTuple's Python-level __new__
+
+
 @dataclass(frozen=True)
 class ScanOptions:
     include: Sequence[str] = ()
@@ -168,10 +171,11 @@ class _Walk:
             self.unreadable.append(prefix)
             return []
         items: list = []
+        plain = not self.filtering
         for _, name, kind, size, mtime_ns, inode in listing:  # once per file: keep it lean
             relpath = prefix + name
-            if kind == FILE and not self.filtering:
-                items.append(FileEntry(relpath, size, mtime_ns))
+            if kind == FILE and plain:
+                items.append(_new_tuple(FileEntry, (relpath, size, mtime_ns)))  # FileEntry(), in C
                 continue
             st = None
             if kind == OTHER or (kind == DIR and (self.follow or inode in self.skip_inodes)):
