@@ -41,16 +41,29 @@ def main() -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     with socket.socket(fileno=int(sys.argv[1])) as control:
+        control.set_inheritable(False)
         message, fds, _, _ = socket.recv_fds(control, 1 << 20, 1)
         if not message:
             return
         config, preload = pickle.loads(message)
         for name in preload:
             importlib.import_module(name)
+        _load_processor(config.processor)
         slots = memoryview(mmap.mmap(fds[0], 0)).cast("q")
         os.close(fds[0])
         gc.freeze()
         _Server(control, config, slots).serve()
+
+
+def _load_processor(spec: str) -> None:
+    """Import the processor once, here (a module, a file or a plugin: each is cached where the
+    worker's own load() finds it). If it cannot load, each worker reports that itself."""
+    from crawlproc.processors.base import load
+
+    try:
+        load(spec)
+    except Exception:
+        pass
 
 
 class _Server:
@@ -84,22 +97,31 @@ class _Server:
             return False
         slot = int.from_bytes(message, "little")
         conn_fd, status_w = fds
-        pid = os.fork()
+        for fd in fds:  # received fds are inheritable: no program a worker runs may hold them
+            os.set_inheritable(fd, False)
+        try:
+            pid = os.fork()
+        except OSError as exc:  # out of processes or memory: say so instead of a pid
+            pid = -(exc.errno or 1)
         if pid == 0:
-            self._become_worker(conn_fd, status_w, slot)
+            self._become_worker(conn_fd, slot)
         os.close(conn_fd)
-        os.write(status_w, pid.to_bytes(8, "little", signed=True))
-        self.status[pid] = status_w
+        if _tell(status_w, pid) and pid > 0:
+            self.status[pid] = status_w
+        else:
+            os.close(status_w)
         return True
 
-    def _become_worker(self, conn_fd: int, status_w: int, slot: int) -> None:
+    def _become_worker(self, conn_fd: int, slot: int) -> None:
+        """The child: run worker_main. It keeps its own status pipe's write end open, so that
+        if this server dies, the coordinator still sees the worker end when it ends."""
         code = 1
         try:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             self.control.close()
-            for fd in (self.wake_r, self.wake_w, status_w, *self.status.values()):
-                os.close(fd)  # another worker's status pipe must close when the server does
+            for fd in (self.wake_r, self.wake_w, *self.status.values()):
+                os.close(fd)  # another worker's status pipe must not wait for this one
             from crawlproc.worker import worker_main  # preloaded: already in sys.modules
 
             first = slot * SLOT_FIELDS
@@ -128,11 +150,17 @@ class _Server:
                 return
             status_w = self.status.pop(pid, None)
             if status_w is not None:
-                code = os.waitstatus_to_exitcode(wait_status)
-                try:
-                    os.write(status_w, code.to_bytes(8, "little", signed=True))
-                finally:
-                    os.close(status_w)
+                _tell(status_w, os.waitstatus_to_exitcode(wait_status))
+                os.close(status_w)
+
+
+def _tell(status_w: int, value: int) -> bool:
+    """Write a pid or an exit code to the coordinator; False if it stopped listening."""
+    try:
+        os.write(status_w, value.to_bytes(8, "little", signed=True))
+    except OSError:  # it gave up on this worker (a stop while we forked), or it is gone
+        return False
+    return True
 
 
 if __name__ == "__main__":

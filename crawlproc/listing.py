@@ -104,14 +104,16 @@ class HelperLister:
 
     The walk announces each folder it will enter (`expect`, keyed by its relpath
     plus '/', which is the walk's order) and later asks for it (`take`). Helpers
-    always get the nearest folders not yet asked for, a few at a time each,
-    and listings wait here until the walk takes them, up to about
-    MAX_HELD_ENTRIES entries. The first LOCAL_FOLDERS folders are listed here:
-    a small tree is done before a helper would have started.
+    always get the nearest folders not yet asked for. Memory stays bounded: at
+    most MAX_AHEAD folders are sent or listed ahead of the walk, and no more are
+    sent while the listings waiting here hold MAX_HELD_ENTRIES entries. Announced
+    folders are only keys and paths, dropped as the walk passes them. The first
+    LOCAL_FOLDERS folders are listed here: a small tree is done before a helper
+    would have started.
     """
 
     LOCAL_FOLDERS = 32
-    IN_FLIGHT = 64  # folders sent to one helper and not yet answered, at most
+    MAX_AHEAD = 64  # folders sent to helpers or listed, not yet taken by the walk
     MAX_HELD_ENTRIES = 50_000
 
     def __init__(self, helpers: int) -> None:
@@ -128,11 +130,13 @@ class HelperLister:
     def expect(self, path: bytes, key: bytes) -> None:
         import heapq
 
-        heapq.heappush(self._expected, (key, path))
+        if self._helpers != []:  # none could start: the walk lists everything itself
+            heapq.heappush(self._expected, (key, path))
 
     def take(self, path: bytes, key: bytes) -> tuple[int, object]:
         self._taken += 1
         self._last_taken = key
+        self._drop_passed()
         if self._helpers is None and self._taken > self.LOCAL_FOLDERS:
             self._helpers = _start_helpers(self._wanted_helpers)
         if not self._helpers:
@@ -153,15 +157,21 @@ class HelperLister:
         self._helpers = []
 
     # -- internals --------------------------------------------------------------
+    def _drop_passed(self) -> None:
+        """Forget announced folders the walk has reached (it takes them in key order)."""
+        import heapq
+
+        while self._expected and self._expected[0][0] <= self._last_taken:
+            heapq.heappop(self._expected)
+
     def _send_more(self) -> None:
         import heapq
 
         while self._expected and self._held < self.MAX_HELD_ENTRIES:
+            if len(self._sent) + len(self._listed) >= self.MAX_AHEAD:
+                return
             key, path = self._expected[0]
-            if key <= self._last_taken or key in self._sent or key in self._listed:
-                heapq.heappop(self._expected)  # taken already, or sent when the walk asked first
-                continue
-            idle = [h for h in self._helpers if h.can_take(path, self.IN_FLIGHT)]
+            idle = [h for h in self._helpers if h.can_take(path)]
             if not idle:
                 return
             heapq.heappop(self._expected)
@@ -201,8 +211,8 @@ class _Helper:
         self._request_sizes: list[int] = []
         self.alive = True
 
-    def can_take(self, path: bytes, in_flight: int) -> bool:
-        if not self.alive or len(self.pending) >= in_flight:
+    def can_take(self, path: bytes) -> bool:
+        if not self.alive:
             return False
         return not self.pending or sum(self._request_sizes) + _HEADER + len(path) <= self.MAX_REQUEST_BYTES
 

@@ -39,6 +39,7 @@ from crawlproc.ledger import ClaimedTask, Ledger
 from crawlproc.processes import (
     ForkServer,
     WorkerHandle,
+    WorkerStartCancelled,
     describe_death,
     kill_group,
 )
@@ -264,7 +265,8 @@ class WorkerPool:
         self._started = True
         self._next_batch = self.ledger.next_batch_id()
         for _ in range(self.options.workers):
-            self._spawn()
+            if self._spawn() is None:
+                break  # stopping
 
     def _warmup_left(self) -> float:
         if self._started or self._forkserver_since is None:
@@ -361,7 +363,7 @@ class WorkerPool:
             self._stop("write error", report.write_error)
 
     def _apply_death(self, conn: Any, worker: WorkerHandle, exitcode: int | None) -> None:
-        blamed = worker.slot[0]
+        blamed = worker.slot[0] if not worker.process.status_lost else 0  # unknown: blame nobody
         lost = [t[0] for batch in worker.inflight for t in batch.tasks]
         worker.inflight.clear()
         if blamed and blamed in self._claimed and (exitcode != 0 or worker.kill_reason):
@@ -482,6 +484,11 @@ class WorkerPool:
 
     def _on_exit(self, worker: WorkerHandle) -> None:
         exitcode = worker.process.exitcode
+        if worker.process.status_lost:  # its forkserver died first: how it ended is unknown
+            logger.warning("worker {} ended after its forkserver stopped; its tasks go back", worker.pid)
+            self._deaths.append((worker, None))
+            self._replace(worker)
+            return
         abnormal = exitcode != 0 or worker.kill_reason
         if abnormal or worker.inflight:
             self._deaths.append((worker, exitcode))
@@ -509,8 +516,13 @@ class WorkerPool:
                 kill_group(worker.pid)
 
     # -- workers ------------------------------------------------------------------
-    def _spawn(self) -> WorkerHandle:
-        worker = self.forkserver.start_worker()
+    def _spawn(self) -> WorkerHandle | None:
+        """A new worker, or None when a stop began while it was starting (a Ctrl-C must work
+        even while the forkserver is still importing a slow processor module)."""
+        try:
+            worker = self.forkserver.start_worker(cancelled=lambda: self._stopping)
+        except WorkerStartCancelled:
+            return None
         self.workers.append(worker)
         return worker
 

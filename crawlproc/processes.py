@@ -11,6 +11,7 @@ along with it.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import pickle
@@ -19,10 +20,9 @@ import socket
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for
 from typing import Any
 
@@ -54,13 +54,23 @@ class WorkerHandle:
         return self.process.pid
 
 
+class WorkerStartCancelled(Exception):
+    """The pool began to stop while a worker was being started."""
+
+
 class WorkerProcess:
-    """A worker as its forkserver reports it: the pid, then (on `sentinel`) its exit code."""
+    """A worker as its forkserver reports it: the pid, then (on `sentinel`) its exit code.
+
+    The worker holds the write end of its status pipe too, so the sentinel also
+    fires when it ends after the server died; its exit code is then unknown
+    (None, and `status_lost`).
+    """
 
     def __init__(self, pid: int, sentinel: int) -> None:
         self.pid = pid
         self.sentinel = sentinel  # readable once the worker has ended
         self.exitcode: int | None = None
+        self.status_lost = False
         self._ended = False
 
     def is_alive(self) -> bool:
@@ -79,8 +89,8 @@ class WorkerProcess:
         data = os.read(self.sentinel, 8)
         if len(data) == 8:
             self.exitcode = int.from_bytes(data, "little", signed=True)
-        else:  # the forkserver died before it could tell: make sure the worker is gone too
-            kill_group(self.pid)
+        else:
+            self.status_lost = True  # the server died before the worker ended
 
 
 class ForkServer:
@@ -112,37 +122,56 @@ class ForkServer:
             os.close(slots_fd)
         self._control = ours
 
-    def start_worker(self) -> WorkerHandle:
-        """A new worker; blocks until it is forked (at first, until the server is ready)."""
+    def start_worker(self, cancelled: Callable[[], bool] = lambda: False) -> WorkerHandle:
+        """A new worker. Waits until it is forked (at first, until the server has imported
+        what workers need), or until `cancelled()` says to give up (WorkerStartCancelled)."""
         try:
-            return self._request_worker()
-        except OSError:
-            self.close()  # the server died: start another one, once
+            return self._request_worker(cancelled)
+        except OSError as exc:
+            if self._process is not None and self._process.poll() is None:  # the server is fine:
+                raise CrawlprocError(f"cannot start a worker process: {exc.strerror or exc}") from None
+        self.close()  # the server died: start another one, once
         try:
-            return self._request_worker()
+            return self._request_worker(cancelled)
         except OSError as exc:
             raise CrawlprocError(f"cannot start worker processes: {exc.strerror or exc}") from None
 
-    def _request_worker(self) -> WorkerHandle:
+    def _request_worker(self, cancelled: Callable[[], bool]) -> WorkerHandle:
         self.start()
         ours, theirs = socket.socketpair()
         status_r, status_w = os.pipe()
-        slot = self._next_slot
-        self._next_slot = (slot + 1) % SLOTS
-        view = self._slots[slot * SLOT_FIELDS:(slot + 1) * SLOT_FIELDS]
-        view[0] = view[1] = 0
         try:
-            socket.send_fds(self._control, [slot.to_bytes(8, "little")], [theirs.fileno(), status_w])
-        finally:
-            theirs.close()
-            os.close(status_w)
-        pid = os.read(status_r, 8)
-        if len(pid) < 8:
-            os.close(status_r)
+            slot = self._next_slot
+            self._next_slot = (slot + 1) % SLOTS
+            view = self._slots[slot * SLOT_FIELDS:(slot + 1) * SLOT_FIELDS]
+            view[0] = view[1] = 0
+            try:
+                socket.send_fds(self._control, [slot.to_bytes(8, "little")], [theirs.fileno(), status_w])
+            finally:
+                theirs.close()
+                os.close(status_w)
+            pid = self._read_pid(status_r, cancelled)
+        except BaseException:
             ours.close()
-            raise OSError("the workers' forkserver stopped")
-        process = WorkerProcess(int.from_bytes(pid, "little", signed=True), status_r)
-        return WorkerHandle(process, Connection(ours.detach()), view)
+            os.close(status_r)
+            raise
+        from multiprocessing.connection import Connection
+
+        return WorkerHandle(WorkerProcess(pid, status_r), Connection(ours.detach()), view)
+
+    def _read_pid(self, status_r: int, cancelled: Callable[[], bool]) -> int:
+        while not wait_for([status_r], 0.1):
+            if cancelled():
+                raise WorkerStartCancelled()
+            if self._process.poll() is not None:
+                break
+        data = os.read(status_r, 8) if wait_for([status_r], 0) else b""
+        if len(data) < 8:
+            raise OSError(errno.EPIPE, "the workers' forkserver stopped")
+        pid = int.from_bytes(data, "little", signed=True)
+        if pid < 0:
+            raise CrawlprocError(f"cannot start a worker process: {os.strerror(-pid)}")
+        return pid
 
     def close(self) -> None:
         """Stop the server (closing its control socket ends it); running workers go on."""
@@ -179,18 +208,9 @@ def _stop_signals_ignored() -> Iterator[None]:
 
 
 def _preload_modules(config: WorkerConfig) -> list[str]:
-    """What every worker needs, imported once by the server: the worker and the processor's
-    module, and psutil when it reads worker memory (~15 ms a time if each worker did)."""
-    memory = ["psutil"] if config.max_memory else []
-    return ["crawlproc.worker", *_importable_module(config.processor), *memory]
-
-
-def _importable_module(spec: str) -> list[str]:
-    """The module of a `module:function` processor spec, if it is importable by name."""
-    from crawlproc.processors import BUILTINS
-
-    target = BUILTINS.get(spec, spec).rpartition(":")[0]
-    return [] if not target or target.endswith(".py") or "/" in target else [target]
+    """Modules every worker needs besides its processor (which the server loads too): the
+    worker, and psutil when it reads worker memory (~15 ms a time if each worker did)."""
+    return ["crawlproc.worker", *(["psutil"] if config.max_memory else [])]
 
 
 def describe_death(exitcode: int | None) -> str:

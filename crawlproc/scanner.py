@@ -106,7 +106,8 @@ def walk(
 
     `start` (a relpath ending in '/') walks only that folder of `root`.
     Folders that cannot be read are reported and their relpath prefixes appended
-    to `unreadable`, so their files are not mistaken for deleted ones. `lister`
+    to `unreadable`, so their files are not mistaken for deleted ones; so are the
+    relpaths of entries that cannot be stat'ed (as prefixes too). `lister`
     lists the folders (see listing.py); by default each in turn, here.
     """
     own = lister is None  # a lister of its own is closed when the walk ends
@@ -180,7 +181,9 @@ class _Walk:
             st = None
             if kind == OTHER or (kind == DIR and (self.follow or inode in self.skip_inodes)):
                 kind, st = _classify(path + b"/" + name, self.follow, self.real_root, relpath, self.report)
-            if kind == FILE:
+            if kind == _UNSTATABLE:  # its tasks (or those under it) must not be taken for deleted
+                self.unreadable.append(relpath)
+            elif kind == FILE:
                 if self.filtering and not self.paths.wants_file(os.fsdecode(relpath), os.fsdecode(name)):
                     continue
                 items.append(FileEntry(relpath, st.st_size, st.st_mtime_ns) if st else FileEntry(relpath, size, mtime_ns))
@@ -208,10 +211,14 @@ class _Walk:
         return (path, relpath + b"/", below)
 
 
+_UNSTATABLE = -1  # a kind of entry: lstat failed (not ENOENT), so what it is stays unknown
+
+
 def _classify(
     path: bytes, follow: bool, real_root: bytes, relpath: bytes, report: SkipReporter
 ) -> tuple[int | None, os.stat_result | None]:
-    """(FILE | DIR | None, stat) for a folder entry the listing left to us; None means skip it."""
+    """(FILE | DIR | _UNSTATABLE | None, stat) for a folder entry the listing left to us;
+    None means skip it."""
     try:
         st = os.lstat(path)
         if stat.S_ISLNK(st.st_mode):
@@ -226,7 +233,7 @@ def _classify(
         return None, None  # a dangling link, or a file deleted under us
     except OSError as exc:
         report(relpath, f"cannot stat: {exc.strerror}")
-        return None, None
+        return _UNSTATABLE, None
     if stat.S_ISDIR(st.st_mode):
         return DIR, st
     if stat.S_ISREG(st.st_mode):

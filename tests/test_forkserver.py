@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from crawlproc.processes import ForkServer, describe_death
+from crawlproc.processes import ForkServer, WorkerStartCancelled, describe_death
 from crawlproc.worker import WorkBatch, WorkerConfig
 
 DEADLINE = 20
@@ -83,20 +83,51 @@ def test_the_server_ignores_ctrl_c_and_sigterm(server):
     assert worker.process.exitcode == 0 and process.is_running()
 
 
-def test_a_dead_server_takes_its_workers_along_and_another_one_starts(server):
+def test_a_dead_server_leaves_its_workers_running_and_another_one_starts(server):
     worker = server.start_worker()
     old = server_process(server)
     old.kill()
     old.wait(DEADLINE)
-    worker.process.join(DEADLINE)  # its status pipe closed without an exit code
-    assert not worker.process.is_alive() and worker.process.exitcode is None
-    wait_until(lambda: not psutil.pid_exists(worker.pid) or
-               psutil.Process(worker.pid).status() == psutil.STATUS_ZOMBIE, "the orphaned worker killed")
+    time.sleep(0.2)
+    assert worker.process.is_alive()  # it holds its own end of the status pipe
     replacement = server.start_worker()
     assert server_process(server).pid != old.pid
+    worker.conn.send(None)  # now it ends: seen at once, with no exit code to tell
+    worker.process.join(DEADLINE)
+    assert not worker.process.is_alive() and worker.process.status_lost and worker.process.exitcode is None
     replacement.conn.send(None)
     replacement.process.join(DEADLINE)
-    assert replacement.process.exitcode == 0
+    assert replacement.process.exitcode == 0 and not replacement.process.status_lost
+
+
+def test_a_worker_start_can_be_cancelled_while_the_server_imports(tmp_path):
+    slow = tmp_path / "slow_module.py"
+    slow.write_text("import time\ntime.sleep(30)\ndef f(task):\n    return None\n")
+    config = WorkerConfig(data_dir=os.fsencode(tmp_path), out=str(tmp_path / "out"), processor=f"{slow}:f",
+                          params={})
+    forkserver = ForkServer(config)
+    started = time.monotonic()
+    try:
+        with pytest.raises(WorkerStartCancelled):
+            forkserver.start_worker(cancelled=lambda: time.monotonic() - started > 0.5)
+        assert time.monotonic() - started < 5
+    finally:
+        forkserver._process.kill()  # noqa: SLF001 - it would import for 30 s
+        forkserver.close()
+
+
+def test_received_pipes_are_not_passed_to_programs_a_worker_runs(server):
+    worker = server.start_worker()
+    worker.conn.send(WorkBatch(1, ()))  # a round trip: it is past its start-up now
+    assert worker.conn.poll(DEADLINE) and worker.conn.recv().outcomes == []
+    inheritable = []
+    for fd in os.listdir(f"/proc/{worker.pid}/fd"):
+        flags = int(open(f"/proc/{worker.pid}/fdinfo/{fd}").read().split("flags:")[1].split()[0], 8)
+        if not flags & os.O_CLOEXEC and int(fd) > 2:
+            inheritable.append((fd, os.readlink(f"/proc/{worker.pid}/fd/{fd}")))
+    assert inheritable == []
+    worker.conn.send(None)
+    worker.process.join(DEADLINE)
 
 
 def test_closing_stops_the_server_and_running_workers_notice_the_coordinator_is_gone(server):

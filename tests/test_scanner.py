@@ -386,8 +386,9 @@ def test_scan_of_empty_tree_finishes(tmp_path):
 
 # -- unreadable folders -------------------------------------------------------------------------
 
-def unreadable_scenario(base: str) -> dict:
-    """Scan a tree, lock one folder (chmod 000), scan again; report what happened."""
+def unreadable_scenario(base: str, mode: int = 0) -> dict:
+    """Scan a tree, lock one folder (chmod `mode`: 000, or 444 to list it but stat nothing in
+    it), scan again; report what happened."""
     base_path = Path(base)
     root = make_tree(base_path / "data", {"a.txt": "a", "locked/x.txt": "x", "locked/y/z.txt": "z",
                                           "gone.txt": "g", "locked_sibling.txt": "s", "locked_old.txt": "o"})
@@ -396,7 +397,7 @@ def unreadable_scenario(base: str) -> dict:
         run_scan(ledger, root)
         (root / "gone.txt").unlink()
         (root / "locked_old.txt").unlink()  # shares the prefix "locked", not the folder
-        os.chmod(root / "locked", 0)
+        os.chmod(root / "locked", mode)
         try:
             readable = os.access(root / "locked", os.R_OK)
             walked, walk_reports, unreadable = collect(root)
@@ -424,27 +425,43 @@ def _drop_dac_capabilities() -> None:
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
-def test_unreadable_folder_is_reported_and_its_tasks_are_not_marked_gone(tmp_path):
+def unreadable_outcome(tmp_path: Path, mode: int) -> dict:
+    """unreadable_scenario's outcome, in a child without DAC override when we are root."""
     probe = tmp_path / "probe"
     probe.mkdir()
     os.chmod(probe, 0)
     as_root = os.access(probe, os.R_OK)
     os.chmod(probe, 0o755)
     if not as_root:
-        outcome = unreadable_scenario(str(tmp_path))
-    else:
-        # Root reads anything: run the scenario in a child without DAC override.
-        script = ("import json, sys, test_scanner; "
-                  "print(json.dumps(test_scanner.unreadable_scenario(sys.argv[1])))")
-        try:
-            proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
-                                  timeout=60, preexec_fn=_drop_dac_capabilities,
-                                  cwd=Path(__file__).parent,
-                                  env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
-        except subprocess.SubprocessError as exc:
-            pytest.skip(f"cannot drop root's DAC capabilities here: {exc}")
-        assert proc.returncode == 0, proc.stderr
-        outcome = json.loads(proc.stdout)
+        return unreadable_scenario(str(tmp_path), mode)
+    # Root reads anything: run the scenario in a child without DAC override.
+    script = ("import json, sys, test_scanner; "
+              "print(json.dumps(test_scanner.unreadable_scenario(sys.argv[1], int(sys.argv[2]))))")
+    try:
+        proc = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(mode)], capture_output=True,
+                              text=True, timeout=60, preexec_fn=_drop_dac_capabilities,
+                              cwd=Path(__file__).parent,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+    except subprocess.SubprocessError as exc:
+        pytest.skip(f"cannot drop root's DAC capabilities here: {exc}")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_folder_whose_entries_cannot_be_stated_keeps_their_tasks(tmp_path):
+    outcome = unreadable_outcome(tmp_path, 0o444)  # listable, but nothing in it can be stat'ed
+    if outcome["readable_after_chmod"] and not outcome["walk_reports"]:
+        pytest.skip("running with privileges that stat anything")
+    assert sorted(outcome["walked"]) == ["a.txt", "locked_sibling.txt"]
+    assert sorted(p for p, _ in outcome["walk_reports"]) == ["locked/x.txt", "locked/y"]
+    assert all("cannot stat" in r for _, r in outcome["walk_reports"])
+    assert outcome["gone"] == 2  # gone.txt and locked_old.txt only
+    assert outcome["states"] == {"a.txt": "pending", "locked/x.txt": "pending", "locked/y/z.txt": "pending",
+                                 "gone.txt": "gone", "locked_sibling.txt": "pending", "locked_old.txt": "gone"}
+
+
+def test_unreadable_folder_is_reported_and_its_tasks_are_not_marked_gone(tmp_path):
+    outcome = unreadable_outcome(tmp_path, 0)
     if outcome["readable_after_chmod"]:
         pytest.skip("running with privileges that read a chmod 000 folder")
     assert sorted(outcome["walked"]) == ["a.txt", "locked_sibling.txt"]
@@ -533,3 +550,17 @@ def test_list_folder_reports_missing_and_unreadable_folders(tmp_path):
     (tmp_path / "file").write_text("x")
     status, error = list_folder(os.fsencode(tmp_path / "file"))
     assert status == crawlproc.listing.UNREADABLE and "directory" in error.lower()
+
+
+def test_folders_the_walk_has_passed_are_forgotten_even_with_listings_held(tmp_path):
+    root = make_tree(tmp_path / "data", {f"a{i:02d}/b{j:02d}/f.txt": "x" for i in range(20) for j in range(20)})
+    lister = HelperLister(2)
+    lister.LOCAL_FOLDERS = 0
+    lister.MAX_HELD_ENTRIES = 1  # as if a huge folder were waiting to be taken: nothing more is sent
+    largest = 0
+    try:
+        for _ in walk(os.fsencode(root), ScanOptions(), lister=lister):
+            largest = max(largest, len(lister._expected))  # noqa: SLF001 - the bound under test
+    finally:
+        lister.close()
+    assert largest <= 2 * 20 + 1  # one folder's subfolders plus its parent's, never the whole tree
