@@ -104,16 +104,16 @@ class HelperLister:
 
     The walk announces each folder it will enter (`expect`, keyed by its relpath
     plus '/', which is the walk's order) and later asks for it (`take`). Helpers
-    always get the nearest folders not yet asked for. Memory stays bounded: at
-    most MAX_AHEAD folders are sent or listed ahead of the walk, and no more are
-    sent while the listings waiting here hold MAX_HELD_ENTRIES entries. Announced
-    folders are only keys and paths, dropped as the walk passes them. The first
-    LOCAL_FOLDERS folders are listed here: a small tree is done before a helper
-    would have started.
+    always get the nearest folders not yet asked for. Memory stays bounded: the
+    folders sent or listed ahead of the walk hold about MAX_HELD_ENTRIES
+    entries at most (going by the folders listed so far), and no more are sent
+    while the listings waiting here hold that many. Announced folders are only
+    keys and paths, dropped as the walk passes them. The first LOCAL_FOLDERS
+    folders are listed here (a small tree is done before a helper would have
+    started); the helpers start with the first of them, so they are ready after.
     """
 
     LOCAL_FOLDERS = 32
-    MAX_AHEAD = 64  # folders sent to helpers or listed, not yet taken by the walk
     MAX_HELD_ENTRIES = 50_000
 
     def __init__(self, helpers: int) -> None:
@@ -125,6 +125,7 @@ class HelperLister:
         self._paths: dict[bytes, bytes] = {}  # key -> path, while sent
         self._listed: dict[bytes, tuple[int, object]] = {}
         self._held = 0
+        self._listings = self._entries = 0  # seen so far: the average folder size
         self._last_taken = b""  # the walk takes folders in key order: smaller keys are done
 
     def expect(self, path: bytes, key: bytes) -> None:
@@ -167,15 +168,20 @@ class HelperLister:
     def _send_more(self) -> None:
         import heapq
 
+        average = self._entries / self._listings if self._listings else 100
+        max_ahead = max(8, int(self.MAX_HELD_ENTRIES / max(average, 1)))
         while self._expected and self._held < self.MAX_HELD_ENTRIES:
-            if len(self._sent) + len(self._listed) >= self.MAX_AHEAD:
-                return
+            if len(self._sent) + len(self._listed) >= max_ahead:
+                break
             key, path = self._expected[0]
             idle = [h for h in self._helpers if h.can_take(path)]
             if not idle:
-                return
+                break
             heapq.heappop(self._expected)
             self._send(key, path, min(idle, key=lambda h: len(h.pending)))
+        for helper in self._helpers:  # before the walk waits for any answer
+            if helper.alive:
+                helper.flush()
 
     def _send(self, key: bytes, path: bytes, helper: _Helper) -> None:
         if helper.send(key, path):
@@ -192,6 +198,8 @@ class HelperLister:
             del self._paths[done_key]
             self._listed[done_key] = result
             self._held += _size(result)
+            self._listings += 1
+            self._entries += _size(result)
 
 
 def _size(listing: tuple[int, object]) -> int:
@@ -220,8 +228,7 @@ class _Helper:
         """Queue one folder; with nothing pending it is sent whatever its size (the helper is reading)."""
         frame = len(path).to_bytes(_HEADER, "little") + path
         try:
-            self.process.stdin.write(frame)
-            self.process.stdin.flush()
+            self.process.stdin.write(frame)  # flushed by flush(), once per round of sends
         except OSError:
             self._died()
             return False
@@ -254,17 +261,22 @@ class _Helper:
 
             logger.debug("folder-listing helper {} stopped; listing its folders here", self.process.pid)
 
+    def flush(self) -> None:
+        try:
+            self.process.stdin.flush()
+        except OSError:
+            self._died()
+
     def stop(self) -> None:
+        """End the helper now: it keeps no state, and waiting for it to see EOF costs time."""
         for stream in (self.process.stdin, self.process.stdout):
             try:
                 stream.close()
             except OSError:
                 pass
-        try:
-            self.process.wait(timeout=5)
-        except Exception:
+        if self.process.poll() is None:
             self.process.kill()
-            self.process.wait(timeout=5)
+        self.process.wait(timeout=5)
 
 
 def _start_helpers(count: int) -> list[_Helper]:
