@@ -17,6 +17,7 @@ only the standard library, so a helper starts in milliseconds.
 
 from __future__ import annotations
 
+import heapq
 import marshal
 import os
 import signal
@@ -109,8 +110,8 @@ class HelperLister:
     entries at most (going by the folders listed so far), and no more are sent
     while the listings waiting here hold that many. Announced folders are only
     keys and paths, dropped as the walk passes them. The first LOCAL_FOLDERS
-    folders are listed here (a small tree is done before a helper would have
-    started); the helpers start with the first of them, so they are ready after.
+    folders are listed here: a small tree is done before a helper would have
+    started.
     """
 
     LOCAL_FOLDERS = 32
@@ -129,8 +130,6 @@ class HelperLister:
         self._last_taken = b""  # the walk takes folders in key order: smaller keys are done
 
     def expect(self, path: bytes, key: bytes) -> None:
-        import heapq
-
         if self._helpers != []:  # none could start: the walk lists everything itself
             heapq.heappush(self._expected, (key, path))
 
@@ -160,14 +159,10 @@ class HelperLister:
     # -- internals --------------------------------------------------------------
     def _drop_passed(self) -> None:
         """Forget announced folders the walk has reached (it takes them in key order)."""
-        import heapq
-
         while self._expected and self._expected[0][0] <= self._last_taken:
             heapq.heappop(self._expected)
 
     def _send_more(self) -> None:
-        import heapq
-
         average = self._entries / self._listings if self._listings else 100
         max_ahead = max(8, int(self.MAX_HELD_ENTRIES / max(average, 1)))
         while self._expected and self._held < self.MAX_HELD_ENTRIES:

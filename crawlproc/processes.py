@@ -1,12 +1,12 @@
 """Worker processes as the coordinator sees them: start, kill, and say how they died.
 
 Workers fork from our own forkserver (crawlproc/forkserver.py), which has
-imported the worker and the processor's module once, so replacing one costs
-about a millisecond of CPU. The forkserver is started with SIGINT/SIGTERM
-ignored: it shares the coordinator's process group, and if a Ctrl-C killed it,
-every worker's exit-status channel would read as dead. Each worker leads its
-own process group (see worker.py), so `kill_group` takes whatever it started
-along with it.
+imported the worker and the processor once, so replacing one costs a few
+milliseconds of CPU. The forkserver is started with SIGINT/SIGTERM ignored: it
+shares the coordinator's process group, and stopping is the coordinator's job
+(if it dies anyway, its workers run on: see WorkerProcess). Each worker leads
+its own process group (see worker.py), so `kill_group` takes whatever it
+started along with it.
 """
 
 from __future__ import annotations
