@@ -101,9 +101,11 @@ def _previous_merge(ledger: Ledger, output: Path, signature: list, out: Path) ->
         return None
     if last["signature"] != signature or last["output_stat"] != [st.st_size, st.st_mtime_ns]:
         return None
+    if "batches" not in last:
+        return None  # remembered by an older crawlproc: merge in full once
     # The same done tasks as then (the signature says so), so the same result files.
-    batches = {int(batch_id): needed for batch_id, needed in last.get("batches", {}).items()}
-    if "batches" not in last or not _result_files_present(out, batches):
+    batches = {int(batch_id): needed for batch_id, needed in last["batches"].items()}
+    if not _result_files_present(out, batches):
         return None  # a full merge finds which tasks lost their results, and requeues them
     return MergeOutcome(True, st.st_size, signature[2], 0, output, last["reduced"], unchanged=True,
                         batches=batches)

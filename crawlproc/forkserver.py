@@ -140,8 +140,8 @@ class _Server:
             os._exit(code)
 
     def _reap(self) -> None:
-        """Tell the coordinator the exit code of every worker that ended."""
-        while self.status:
+        """Tell the coordinator the exit code of every worker that ended (any child is ours)."""
+        while True:
             try:
                 pid, wait_status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:

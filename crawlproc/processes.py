@@ -108,17 +108,24 @@ class ForkServer:
         if self._process is not None:
             return
         slots_fd = _shared_memory_fd()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             os.ftruncate(slots_fd, SLOTS * SLOT_FIELDS * 8)
             self._slots = memoryview(mmap.mmap(slots_fd, 0)).cast("q")
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             with _stop_signals_ignored():  # inherited across exec: the server never sees a Ctrl-C
                 self._process = subprocess.Popen(
                     [sys.executable, "-m", "crawlproc.forkserver", str(theirs.fileno())],
                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)  # no worker reads our terminal
-            theirs.close()
             socket.send_fds(ours, [pickle.dumps((self.config, _preload_modules(self.config)))], [slots_fd])
+        except BaseException:
+            ours.close()
+            if self._process is not None:  # started but never told what to do: no use
+                self._process.kill()
+                self._process.wait(timeout=5)
+                self._process = None
+            raise
         finally:
+            theirs.close()
             os.close(slots_fd)
         self._control = ours
 

@@ -89,7 +89,7 @@ def _alive(proc: psutil.Process) -> bool:
 
 
 def family(pid: int) -> list[psutil.Process]:
-    """Everything a coordinator started: forkserver, resource tracker, workers."""
+    """Everything a coordinator started: forkserver, listing helpers, workers."""
     try:
         return [p for p in psutil.Process(pid).children(recursive=True) if _alive(p)]
     except psutil.NoSuchProcess:

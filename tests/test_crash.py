@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, make_tree, run_cli, query_ledger
+from conftest import REPO, make_tree, query_ledger, run_cli, wait_until
 
 PROCESSORS = REPO / "tests" / "crash_processors.py"
 CRASHY = f"{PROCESSORS}:crashy"
@@ -63,17 +63,6 @@ def finish(proc: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> tuple[int, s
 def crawl(data: Path, out: Path, *args: str, env: dict | None = None,
           timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess:
     return run_cli("run", str(data), "-o", str(out), "--no-progress", *args, timeout=timeout, env=env)
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 query = query_ledger
@@ -441,7 +430,7 @@ def test_kill9_coordinator_then_resume(tmp_path, slow_tree, whole_group):
         wait_until(lambda: done_count(out) >= 6 or proc.poll() is not None, 30, "some tasks to be done")
         wait_until(lambda: len(workers(proc.pid)) == 2 or proc.poll() is not None, 10, "two workers")
         assert proc.poll() is None, "the run ended before it could be killed"
-        family = descendants(proc.pid)  # forkserver, resource tracker, workers
+        family = descendants(proc.pid)  # forkserver, workers
         assert len(family) >= 3
         if whole_group:
             os.killpg(proc.pid, signal.SIGKILL)

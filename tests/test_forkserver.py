@@ -10,6 +10,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import wait_until
+
 from crawlproc.processes import ForkServer, WorkerStartCancelled, describe_death
 from crawlproc.worker import WorkBatch, WorkerConfig
 
@@ -27,11 +29,8 @@ def server(tmp_path: Path):
     forkserver.close()
 
 
-def wait_until(predicate, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
+def ended(pid: int) -> bool:
+    return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
 def server_process(forkserver: ForkServer) -> psutil.Process:
@@ -88,7 +87,7 @@ def test_a_dead_server_leaves_its_workers_running_and_another_one_starts(server)
     old = server_process(server)
     old.kill()
     old.wait(DEADLINE)
-    time.sleep(0.2)
+    worker.process.join(0.2)
     assert worker.process.is_alive()  # it holds its own end of the status pipe
     replacement = server.start_worker()
     assert server_process(server).pid != old.pid
@@ -136,5 +135,4 @@ def test_closing_stops_the_server_and_running_workers_notice_the_coordinator_is_
     server.close()
     assert not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
     worker.conn.close()  # the coordinator's end: the worker stops by itself
-    wait_until(lambda: not psutil.pid_exists(worker.pid) or
-               psutil.Process(worker.pid).status() == psutil.STATUS_ZOMBIE, "the worker to stop")
+    wait_until(lambda: ended(worker.pid), DEADLINE, "the worker to stop")

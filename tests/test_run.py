@@ -9,12 +9,11 @@ import re
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import make_tree, run_cli
+from conftest import make_tree, run_cli, wait_until
 from crawlproc import __version__
 from crawlproc.run import RunOptions, run_job
 
@@ -122,16 +121,6 @@ def write_processor(tmp_path: Path, name: str, source: str) -> Path:
     path.parent.mkdir(exist_ok=True)
     path.write_text(source)
     return path
-
-
-def wait_for(condition, what: str, timeout: float = WAIT_SECONDS):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 # -- resume ----------------------------------------------------------------------------------
@@ -375,8 +364,9 @@ def test_second_coordinator_on_same_out_exits_3_naming_the_pid(data, tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lock = out / "lock"
-        wait_for(lambda: lock.exists() and lock.read_text().strip() == str(first.pid), "the lock to hold a pid")
-        wait_for(lambda: status(out)["counts"]["running"] >= 1, "a task to be running")
+        wait_until(lambda: lock.exists() and lock.read_text().strip() == str(first.pid), WAIT_SECONDS,
+                   "the lock to hold a pid")
+        wait_until(lambda: status(out)["counts"]["running"] >= 1, WAIT_SECONDS, "a task to be running")
 
         second = crawl(data, out, "-w", "1")
         assert second.returncode == 3, second.stderr
