@@ -121,6 +121,8 @@ class Ledger:
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
             if version != SCHEMA_VERSION:
                 raise LedgerError(f"{self.path} has ledger schema {version}, this crawlproc reads {SCHEMA_VERSION}")
+            if not readonly:  # a ledger from before folder fingerprints: it only lacks the cache
+                _create_folders_table(self.conn)
             return
         if has_tables or readonly:
             raise LedgerError(f"{self.path} is an SQLite file but not a crawlproc ledger; use another --out")
@@ -150,6 +152,7 @@ class Ledger:
             self.conn.execute(
                 'CREATE INDEX tasks_pending ON tasks (path_bytes, "offset") WHERE state = \'pending\''
             )
+            _create_folders_table(self.conn)
             db["runs"].create(
                 {"id": int, "command": str, "pid": int, "started": float, "updated": float,
                  "finished": float, "exit_code": int, "done": int, "failed": int, "info": str},
@@ -213,6 +216,7 @@ class Ledger:
             )
             # Byte ranges are planned again by the next scan, under the new --chunk-size.
             conn.execute('DELETE FROM tasks WHERE "offset" > 0')
+            conn.execute("DELETE FROM folders")
         self.set_meta(wanted)
         return True
 
@@ -247,8 +251,9 @@ class Ledger:
         mark_gone: bool = True,
         chunked: bool = False,
         claim_new_into: list | None = None,
+        folders: list[tuple] = (),
     ) -> tuple[int, int]:
-        """Bring the tasks of paths in (lo, hi] in line with what a scan saw there.
+        """Bring the tasks of paths in [lo, hi) in line with what a scan saw there.
 
         `rows` are the planned tasks (path_bytes, offset, length, size, mtime_ns)
         of every file seen in that range, in (path_bytes, offset) order. New or
@@ -260,11 +265,16 @@ class Ledger:
         has never seen are inserted already claimed (`running`) and their
         ClaimedTask rows appended to that list: a first run then writes each
         such row once instead of inserting it pending and claiming it.
+        `folders` (prefix, fingerprint, files) are folders wholly inside the
+        range, recorded in the same transaction (see known_folders).
         Returns (tasks written, files gone).
         """
         live = self._live_tasks_between(lo, hi)  # [(path, offset, length, size, mtime_ns)], in order
-        if live == rows and not held:
-            return 0, 0  # nothing changed here: one comparison, no Python per file
+        if live == rows and not held:  # nothing changed here: one comparison, no Python per file
+            if folders:
+                with self.transaction() as conn:
+                    self._record_folders(conn, folders)
+            return 0, 0
         existing = {(r[0], r[1]): r[2:] for r in live}
         changed_paths: set[bytes] = set()
         for row in rows:  # this loop runs once per file of a scan: keep it lean
@@ -286,16 +296,19 @@ class Ledger:
                 changed = [row for row in changed if row[0] in known]
         prefixes = tuple(keep_prefixes)
         gone_list = [p for p in gone if not p.startswith(prefixes) and not (keep and keep(p))] if mark_gone else []
-        if changed or gone_list or new:
+        if changed or gone_list or new or folders:
             with self.transaction() as conn:
-                self.upsert_scanned(conn, changed, chunked=chunked)
-                self.mark_paths_gone(conn, gone_list, [], running_too=False)
+                if changed or gone_list or new:
+                    self._forget_folders_between(conn, lo, hi)
+                self._upsert(conn, changed, chunked=chunked)
+                self._mark_paths_gone(conn, gone_list, [], running_too=False)
                 if new:
                     claim_new_into.extend(self._insert_claimed(conn, new))
+                self._record_folders(conn, folders)
         return len(changed) + len(new), len(gone_list)
 
     def _paths_between(self, lo: bytes | None, hi: bytes | None) -> set[bytes]:
-        sql, args = self._range_sql("SELECT DISTINCT path_bytes FROM tasks WHERE 1", lo, hi)
+        sql, args = self._range_sql("SELECT DISTINCT path_bytes FROM tasks WHERE 1", "path_bytes", lo, hi)
         return {r[0] for r in self.conn.execute(sql, args)}
 
     def _insert_claimed(self, conn: sqlite3.Connection, rows: list[tuple]) -> list[tuple]:
@@ -310,21 +323,64 @@ class Ledger:
         return [(first + i, *r, 0) for i, r in enumerate(rows)]
 
     @staticmethod
-    def _range_sql(sql: str, lo: bytes | None, hi: bytes | None) -> tuple[str, list[bytes]]:
+    def _range_sql(sql: str, column: str, lo: bytes | None, hi: bytes | None) -> tuple[str, list[bytes]]:
+        """`sql` narrowed to lo <= column < hi (None: open)."""
         args: list[bytes] = []
         if lo is not None:
-            sql += " AND path_bytes > ?"
+            sql += f" AND {column} >= ?"
             args.append(lo)
         if hi is not None:
-            sql += " AND path_bytes <= ?"
+            sql += f" AND {column} < ?"
             args.append(hi)
         return sql, args
 
     def _live_tasks_between(self, lo: bytes | None, hi: bytes | None) -> list[tuple]:
-        """(path_bytes, offset, length, size, mtime_ns) of tasks not gone, lo < path <= hi, in order."""
+        """(path_bytes, offset, length, size, mtime_ns) of tasks not gone, lo <= path < hi, in order."""
         sql, args = self._range_sql(
-            'SELECT path_bytes, "offset", length, size, mtime_ns FROM tasks WHERE state != \'gone\'', lo, hi)
+            'SELECT path_bytes, "offset", length, size, mtime_ns FROM tasks WHERE state != \'gone\'',
+            "path_bytes", lo, hi)
         return self.conn.execute(sql + ' ORDER BY path_bytes, "offset"', args).fetchall()
+
+    # -- folder fingerprints ------------------------------------------------------
+    # A row (prefix, fingerprint, files) of `folders` says: the live tasks of paths
+    # under `prefix` are exactly what a scan plans from a folder of files whose
+    # listing has that fingerprint (listing.fingerprint). A scan that lists the
+    # folder with that fingerprint again may skip it. Every write that changes
+    # which tasks live under a folder, or their size or mtime, deletes the
+    # fingerprints of that folder and of the folders holding it, in the same
+    # transaction; a fingerprint is only recorded with the reconcile that made
+    # the folder's tasks match it.
+    def known_folders(self, plan: str) -> dict[bytes, tuple[bytes, int]]:
+        """{prefix: (fingerprint, files)} recorded under the same scan options (`plan`)."""
+        if self.meta().get("folder_plan") != plan:  # other globs or chunk size: other tasks per folder
+            with self.transaction() as conn:
+                conn.execute("DELETE FROM folders")
+                conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('folder_plan', ?)", (plan,))
+            return {}
+        return {prefix: (fingerprint, files)
+                for prefix, fingerprint, files in self.conn.execute("SELECT prefix, fingerprint, files FROM folders")}
+
+    @staticmethod
+    def _record_folders(conn: sqlite3.Connection, folders: list[tuple]) -> None:
+        conn.executemany("INSERT OR REPLACE INTO folders (prefix, fingerprint, files) VALUES (?, ?, ?)", folders)
+
+    def _forget_folders_between(self, conn: sqlite3.Connection, lo: bytes | None, hi: bytes | None) -> None:
+        """Tasks in [lo, hi) changed: forget the folders that start in it and those holding lo."""
+        sql, args = self._range_sql("DELETE FROM folders WHERE 1", "prefix", lo, hi)
+        conn.execute(sql, args)
+        if lo is not None:
+            conn.executemany("DELETE FROM folders WHERE prefix = ?", ((p,) for p in _folders_holding(lo)))
+
+    @staticmethod
+    def _forget_folders_of(conn: sqlite3.Connection, paths: Iterable[bytes], subtrees: Iterable[bytes] = ()) -> None:
+        """Tasks of `paths` changed, or of every path under the `subtrees` ('x/' prefixes)."""
+        holding: set[bytes] = set()
+        for path in paths:
+            holding.update(_folders_holding(path))
+        for prefix in subtrees:
+            holding.update(_folders_holding(prefix))
+            conn.execute("DELETE FROM folders WHERE substr(prefix, 1, ?) = ?", (len(prefix), prefix))
+        conn.executemany("DELETE FROM folders WHERE prefix = ?", ((p,) for p in holding))
 
     def upsert_scanned(self, conn: sqlite3.Connection, rows: list[tuple], *, chunked: bool = False) -> None:
         """rows: (path_bytes, offset, length, size, mtime_ns); inside a transaction.
@@ -332,6 +388,12 @@ class Ledger:
         With `chunked`, byte-range tasks past a file's new plan (it shrank, or no
         longer needs chunks) become gone, so a changed file's chunks are planned anew.
         """
+        self._forget_folders_of(conn, (r[0] for r in rows))
+        self._upsert(conn, rows, chunked=chunked)
+
+    @staticmethod
+    def _upsert(conn: sqlite3.Connection, rows: list[tuple], *, chunked: bool) -> None:
+        """upsert_scanned, for a reconcile (which forgets the folders of its whole range)."""
         conn.executemany(_UPSERT, _with_relpath(rows))
         if chunked:
             # A whole-file task owns offset 0 only; a chunked file owns offsets below its size.
@@ -387,11 +449,17 @@ class Ledger:
 
     def record_new_stat(self, conn: sqlite3.Connection, task_id: int, size: int, mtime_ns: int) -> None:
         """The file changed while it was processed: its next attempt expects the new stat."""
+        self._forget_folders_of(conn, self._path_of(conn, task_id))
         conn.execute("UPDATE tasks SET size = ?, mtime_ns = ? WHERE id = ? AND state = 'running'",
                      (size, mtime_ns, task_id))
 
     def mark_gone(self, conn: sqlite3.Connection, task_id: int) -> None:
+        self._forget_folders_of(conn, self._path_of(conn, task_id))
         conn.execute("UPDATE tasks SET state = 'gone' WHERE id = ? AND state = 'running'", (task_id,))
+
+    @staticmethod
+    def _path_of(conn: sqlite3.Connection, task_id: int) -> list[bytes]:
+        return [row[0] for row in conn.execute("SELECT path_bytes FROM tasks WHERE id = ?", (task_id,))]
 
     def mark_paths_gone(
         self, conn: sqlite3.Connection, files: list[bytes], folders: list[bytes], *, running_too: bool = True
@@ -401,6 +469,12 @@ class Ledger:
         A running task is left to its worker (which finds the file missing) when
         `running_too` is off; else it is gone now and its worker's report is ignored.
         """
+        self._forget_folders_of(conn, files, folders)
+        self._mark_paths_gone(conn, files, folders, running_too=running_too)
+
+    @staticmethod
+    def _mark_paths_gone(conn: sqlite3.Connection, files: list[bytes], folders: list[bytes], *, running_too: bool) -> None:
+        """mark_paths_gone, for a reconcile (which forgets the folders of its whole range)."""
         skip = "('gone', 'running')" if not running_too else "('gone')"
         conn.executemany(f"UPDATE tasks SET state = 'gone' WHERE path_bytes = ? AND state NOT IN {skip}",
                          ((p,) for p in files))
@@ -517,6 +591,22 @@ class Ledger:
 def _with_relpath(rows: list[tuple]) -> Iterator[tuple]:
     """Scan rows with the escaped relpath people read put in front, as the inserts want them."""
     return ((relpath_for_people(r[0]), *r) for r in rows)
+
+
+def _folders_holding(path: bytes) -> list[bytes]:
+    """The prefixes of the folders a relpath is in, DATA_DIR's ('') first: b"a/b/c" -> '', 'a/', 'a/b/'."""
+    prefixes = [b""]
+    cut = path.find(b"/")
+    while cut >= 0:
+        prefixes.append(path[:cut + 1])
+        cut = path.find(b"/", cut + 1)
+    return prefixes
+
+
+def _create_folders_table(conn: sqlite3.Connection) -> None:
+    """Folder fingerprints (see Ledger.known_folders): a cache that makes a no-op rescan cheap."""
+    conn.execute("CREATE TABLE IF NOT EXISTS folders "
+                 "(prefix BLOB PRIMARY KEY, fingerprint BLOB NOT NULL, files INTEGER NOT NULL) WITHOUT ROWID")
 
 
 def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:

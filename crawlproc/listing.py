@@ -11,14 +11,21 @@ folders the walk will enter next over helper processes, while the walk
 reconciles what it already has. Listing is idempotent: if a helper fails,
 its folders are listed here.
 
+A folder that holds only regular files can also be fingerprinted (names,
+sizes and mtimes, see `fingerprint`): when the scanner says which fingerprint
+the ledger last recorded for it and nothing changed, the listing is just
+UNCHANGED, and the walk skips that folder's files as a whole.
+
 This file is also the helper itself (`python -I -S listing.py`): it imports
 only the standard library, so a helper starts in milliseconds.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import marshal
+from array import array
 import os
 import signal
 import sys
@@ -32,16 +39,20 @@ OTHER = 2  # a symlink, a special file, or one that could not be stat'ed: the wa
 LISTED = 0  # payload: the entries, sorted by key
 VANISHED = 1  # the folder was deleted under us: nothing in it
 UNREADABLE = 2  # payload: the error text
+LEAF = 3  # asked to fingerprint; only regular files in it. payload: (entries, fingerprint)
+UNCHANGED = 4  # a LEAF with the fingerprint the caller expected. payload: none (a lister: file count)
 
 _HEADER = 4  # bytes of a frame's length
 
 
-def list_folder(path: bytes) -> tuple[int, object]:
+def list_folder(path: bytes, fingerprints: bool = False, expected: bytes | None = None) -> tuple[int, object]:
     """The folder's entries in walk order: by name, a folder's name with '/' appended.
 
     That order is the byte order of the relpaths the walk yields, the ledger's
     order (a folder's files come after 'x.txt' but before 'x0'). Each entry
     costs one lstat relative to the open folder (no path to resolve again).
+    With `fingerprints`, a folder of regular files only is a LEAF, or
+    UNCHANGED when its fingerprint is `expected`.
     """
     try:
         folder = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -60,7 +71,24 @@ def list_folder(path: bytes) -> tuple[int, object]:
     finally:
         os.close(folder)
     entries.sort()
-    return LISTED, entries
+    if not fingerprints or any(entry[2] != FILE for entry in entries):
+        return LISTED, entries
+    folder_print = fingerprint(entries)
+    if folder_print == expected:
+        return UNCHANGED, None
+    return LEAF, (entries, folder_print)
+
+
+def fingerprint(entries: list[tuple]) -> bytes:
+    """What the walk plans from a folder of regular files: their names, sizes and mtimes.
+
+    Any change a scan acts on (a file added, removed, grown, touched) changes it.
+    Names cannot hold NUL, so joining them on NUL is unambiguous.
+    """
+    digest = hashlib.blake2b(b"\0".join([entry[1] for entry in entries]), digest_size=16)
+    digest.update(array("q", [entry[3] for entry in entries]).tobytes())
+    digest.update(array("q", [entry[4] for entry in entries]).tobytes())
+    return digest.digest()
 
 
 def _entry(folder: int, name: bytes) -> tuple | None:
@@ -88,19 +116,38 @@ def _is_folder(folder: int, name: bytes) -> bool:
 
 
 class LocalLister:
-    """Lists each folder in this process when the walk reaches it."""
+    """Lists each folder in this process when the walk reaches it.
+
+    `known` ({folder key: (fingerprint, files)}, as the ledger recorded them)
+    turns fingerprints on: a folder found as recorded is UNCHANGED, with its
+    recorded file count as payload.
+    """
+
+    def __init__(self, known: dict[bytes, tuple[bytes, int]] | None = None) -> None:
+        self.known = known
 
     def expect(self, path: bytes, key: bytes) -> None:
         pass
 
     def take(self, path: bytes, key: bytes) -> tuple[int, object]:
-        return list_folder(path)
+        return _with_count(list_folder(*self._request(path, key)), self.known, key)
+
+    def _request(self, path: bytes, key: bytes) -> tuple[bytes, bool, bytes | None]:
+        """list_folder's arguments for one folder."""
+        if self.known is None:
+            return path, False, None
+        recorded = self.known.get(key)
+        return path, True, recorded[0] if recorded else None
 
     def close(self) -> None:
         pass
 
 
-class HelperLister:
+def _with_count(listing: tuple[int, object], known: dict | None, key: bytes) -> tuple[int, object]:
+    return (UNCHANGED, known[key][1]) if listing[0] == UNCHANGED else listing
+
+
+class HelperLister(LocalLister):
     """Lists the folders the walk will enter next in helper processes.
 
     The walk announces each folder it will enter (`expect`, keyed by its relpath
@@ -117,13 +164,14 @@ class HelperLister:
     LOCAL_FOLDERS = 32
     MAX_HELD_ENTRIES = 50_000
 
-    def __init__(self, helpers: int) -> None:
+    def __init__(self, helpers: int, known: dict[bytes, tuple[bytes, int]] | None = None) -> None:
+        super().__init__(known)
         self._wanted_helpers = helpers
         self._helpers: list[_Helper] | None = None  # started after LOCAL_FOLDERS
         self._taken = 0
         self._expected: list[tuple[bytes, bytes]] = []  # heap of (key, path) not sent yet
         self._sent: dict[bytes, _Helper] = {}
-        self._paths: dict[bytes, bytes] = {}  # key -> path, while sent
+        self._requests: dict[bytes, tuple] = {}  # key -> list_folder's arguments, while sent
         self._listed: dict[bytes, tuple[int, object]] = {}
         self._held = 0
         self._listings = self._entries = 0  # seen so far: the average folder size
@@ -140,14 +188,14 @@ class HelperLister:
         if self._helpers is None and self._taken > self.LOCAL_FOLDERS:
             self._helpers = _start_helpers(self._wanted_helpers)
         if not self._helpers:
-            return list_folder(path)
+            return super().take(path, key)
         if key in self._sent or key in self._listed:
             while key not in self._listed:
                 self._receive(self._sent[key])
-            listing = self._listed.pop(key)
+            listing = _with_count(self._listed.pop(key), self.known, key)
             self._held -= _size(listing)
         else:  # the helpers are full up with the folders after it: this one is quicker here
-            listing = list_folder(path)
+            listing = super().take(path, key)
         self._send_more()
         return listing
 
@@ -169,28 +217,30 @@ class HelperLister:
             if len(self._sent) + len(self._listed) >= max_ahead:
                 break
             key, path = self._expected[0]
-            idle = [h for h in self._helpers if h.can_take(path)]
+            request = self._request(path, key)
+            frame = _frame(marshal.dumps(request))
+            idle = [h for h in self._helpers if h.can_take(len(frame))]
             if not idle:
                 break
             heapq.heappop(self._expected)
-            self._send(key, path, min(idle, key=lambda h: len(h.pending)))
+            self._send(key, request, frame, min(idle, key=lambda h: len(h.pending)))
         for helper in self._helpers:  # before the walk waits for any answer
             if helper.alive:
                 helper.flush()
 
-    def _send(self, key: bytes, path: bytes, helper: _Helper) -> None:
-        if helper.send(key, path):
+    def _send(self, key: bytes, request: tuple, frame: bytes, helper: _Helper) -> None:
+        if helper.send(key, frame):
             self._sent[key] = helper
-            self._paths[key] = path
+            self._requests[key] = request
 
     def _receive(self, helper: _Helper) -> None:
         """The oldest answer of `helper`; if it died, list its folders here instead."""
         key = helper.pending[0]
         listing = helper.receive()
         for done_key, result in ([(key, listing)] if listing is not None else
-                                 [(k, list_folder(self._paths[k])) for k in helper.take_pending()]):
+                                 [(k, list_folder(*self._requests[k])) for k in helper.take_pending()]):
             del self._sent[done_key]
-            del self._paths[done_key]
+            del self._requests[done_key]
             self._listed[done_key] = result
             self._held += _size(result)
             self._listings += 1
@@ -198,7 +248,13 @@ class HelperLister:
 
 
 def _size(listing: tuple[int, object]) -> int:
-    return len(listing[1]) if listing[0] == LISTED else 0
+    """Entries a listing holds."""
+    status, payload = listing
+    return len(payload) if status == LISTED else len(payload[0]) if status == LEAF else 0
+
+
+def _frame(data: bytes) -> bytes:
+    return len(data).to_bytes(_HEADER, "little") + data
 
 
 class _Helper:
@@ -214,14 +270,13 @@ class _Helper:
         self._request_sizes: list[int] = []
         self.alive = True
 
-    def can_take(self, path: bytes) -> bool:
+    def can_take(self, frame_size: int) -> bool:
         if not self.alive:
             return False
-        return not self.pending or sum(self._request_sizes) + _HEADER + len(path) <= self.MAX_REQUEST_BYTES
+        return not self.pending or sum(self._request_sizes) + frame_size <= self.MAX_REQUEST_BYTES
 
-    def send(self, key: bytes, path: bytes) -> bool:
-        """Queue one folder; with nothing pending it is sent whatever its size (the helper is reading)."""
-        frame = len(path).to_bytes(_HEADER, "little") + path
+    def send(self, key: bytes, frame: bytes) -> bool:
+        """Queue one request; with nothing pending it is sent whatever its size (the helper is reading)."""
         try:
             self.process.stdin.write(frame)  # flushed by flush(), once per round of sends
         except OSError:
@@ -301,10 +356,9 @@ def _read_frame(stream) -> bytes | None:
 
 
 def serve(requests, answers) -> None:
-    """The helper's loop: a folder path in, its listing out, until the coordinator hangs up."""
-    while (path := _read_frame(requests)) is not None:
-        data = marshal.dumps(list_folder(path))
-        answers.write(len(data).to_bytes(_HEADER, "little") + data)
+    """The helper's loop: list_folder's arguments in, its listing out, until the coordinator hangs up."""
+    while (request := _read_frame(requests)) is not None:
+        answers.write(_frame(marshal.dumps(list_folder(*marshal.loads(request)))))
         answers.flush()
 
 

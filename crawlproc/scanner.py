@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import TYPE_CHECKING, NamedTuple
 
-from crawlproc.listing import DIR, FILE, OTHER, UNREADABLE, VANISHED, HelperLister, LocalLister
+from crawlproc.listing import DIR, FILE, LEAF, OTHER, UNCHANGED, UNREADABLE, VANISHED, HelperLister, LocalLister
 
 if TYPE_CHECKING:
     from crawlproc.ledger import Ledger
@@ -34,6 +34,30 @@ class FileEntry(NamedTuple):  # a tuple: the walk makes one per file
 
 
 _new_tuple = tuple.__new__  # _new_tuple(FileEntry, (...)) skips NamedTuple's Python-level __new__
+
+
+# What a walk with fingerprints (a Scan's) yields besides files (see listing.fingerprint):
+class FolderDone(NamedTuple):
+    """After the files of a folder holding only files: what the ledger may record for it."""
+
+    prefix: bytes  # the folder's relpath plus '/' ('' for DATA_DIR itself)
+    fingerprint: bytes
+    files: int  # files yielded for it
+
+
+class FolderUnchanged(NamedTuple):
+    """Instead of the files of a folder found as the ledger recorded it."""
+
+    prefix: bytes
+    files: int  # as recorded
+
+
+def folder_end(prefix: bytes) -> bytes | None:
+    """The first relpath after every relpath in the folder `prefix` (None: after everything).
+
+    Relpaths in a folder are those starting with 'x/'; '0' follows '/'.
+    """
+    return prefix[:-1] + b"0" if prefix else None
 
 
 @dataclass(frozen=True)
@@ -101,14 +125,16 @@ def walk(
     unreadable: list[bytes] | None = None,
     start: bytes = b"",
     lister: LocalLister | HelperLister | None = None,
-) -> Iterator[FileEntry]:
+) -> Iterator[FileEntry | FolderDone | FolderUnchanged]:
     """Yield every regular file under `root` that the options select, in sorted order.
 
     `start` (a relpath ending in '/') walks only that folder of `root`.
     Folders that cannot be read are reported and their relpath prefixes appended
     to `unreadable`, so their files are not mistaken for deleted ones; so are the
     relpaths of entries that cannot be stat'ed (as prefixes too). `lister`
-    lists the folders (see listing.py); by default each in turn, here.
+    lists the folders (see listing.py); by default each in turn, here. A
+    lister that knows fingerprints also makes the walk yield FolderDone and
+    FolderUnchanged items.
     """
     own = lister is None  # a lister of its own is closed when the walk ends
     return _Walk(root, options, on_skip, unreadable, lister or LocalLister(), close_lister=own).files(start)
@@ -133,28 +159,27 @@ class _Walk:
         self.skip_dirs = options.skip_dirs
         self.skip_inodes = {ino for _, ino in options.skip_dirs}
 
-    def files(self, start: bytes) -> Iterator[FileEntry]:
+    def files(self, start: bytes) -> Iterator[FileEntry | FolderDone | FolderUnchanged]:
         try:
             yield from self._files(start)
         finally:
             if self.close_lister:
                 self.lister.close()
 
-    def _files(self, start: bytes) -> Iterator[FileEntry]:
+    def _files(self, start: bytes) -> Iterator[FileEntry | FolderDone | FolderUnchanged]:
         first = os.path.join(self.root, start) if start else self.root
         try:
             ancestors = frozenset({_dir_id(first)})
         except FileNotFoundError:
             return
-        # One iterator per level; a folder item is a (path, prefix, ancestors) tuple.
+        # One iterator per level; a folder to enter is a plain (path, prefix, ancestors) tuple.
         stack = [iter(self._items(first, start, ancestors))]
         while stack:
             for item in stack[-1]:
-                if type(item) is FileEntry:
-                    yield item
-                else:
+                if type(item) is tuple:
                     stack.append(iter(self._items(*item)))
                     break
+                yield item
             else:
                 stack.pop()
 
@@ -171,6 +196,16 @@ class _Walk:
             self.report(prefix.rstrip(b"/") or b".", f"cannot read folder: {listing}")
             self.unreadable.append(prefix)
             return []
+        if status == UNCHANGED:
+            return [FolderUnchanged(prefix, listing)]
+        if status == LEAF:
+            listing, folder_print = listing
+            items = self._entries(path, prefix, ancestors, listing)
+            items.append(FolderDone(prefix, folder_print, len(items)))  # no folders in it: all files
+            return items
+        return self._entries(path, prefix, ancestors, listing)
+
+    def _entries(self, path: bytes, prefix: bytes, ancestors: frozenset, listing: list) -> list:
         items: list = []
         plain = not self.filtering
         for _, name, kind, size, mtime_ns, inode in listing:  # once per file: keep it lean
@@ -282,12 +317,18 @@ class Scan:
     """One walk reconciled with the ledger a slice at a time, so the pool runs between slices.
 
     The walk yields paths in the ledger's order, so each slice covers a key
-    range (previous slice's last path, this slice's last path]: the ledger's
-    tasks in that range are compared with what the walk saw there, and only
-    differences are written. Memory stays flat whatever the tree's size. A
-    full scan marks files it did not see as gone; a partial one (a folder that
-    just appeared, in watch mode) does not. `hold_back` lets watch mode keep
-    files still being written out of the ledger for now (not taken for deleted).
+    range [lo, hi): the ledger's tasks in that range are compared with what
+    the walk saw there, and only differences are written. Memory stays flat
+    whatever the tree's size. A full scan marks files it did not see as gone;
+    a partial one (a folder that just appeared, in watch mode) does not.
+    `hold_back` lets watch mode keep files still being written out of the
+    ledger for now (not taken for deleted).
+
+    A full scan that holds nothing back also records a fingerprint for each
+    folder of files only, in the same transaction as the slice that covered
+    the whole folder. The next scan skips a folder whose listing has the
+    recorded fingerprint: the ledger already holds exactly what its files
+    would plan. So a no-op rerun reads no task rows for such folders.
     """
 
     def __init__(
@@ -308,14 +349,19 @@ class Scan:
         self._claim_new = claim_new
         self.claimed: list[tuple] = []
         self._unreadable: list[bytes] = []
+        self.full = not start
+        # A partial scan leaves unseen tasks alone, and held-back files are not in the
+        # ledger yet: either way the ledger need not match the folder, so no fingerprints.
+        self._fingerprints = self.full and hold_back is None
+        known = ledger.known_folders(_plan(options)) if self._fingerprints else None
         # Helpers list folders ahead of the walk (see listing.py): worth it on a big tree only,
         # which is what HelperLister waits to see before starting any.
-        self._lister = HelperLister(list_helpers) if list_helpers else LocalLister()
+        self._lister = HelperLister(list_helpers, known) if list_helpers else LocalLister(known)
         self._entries = walk(root, options, on_skip, self._unreadable, start, self._lister)
-        self.full = not start
         self._chunk_size = options.chunk_size
         self._hold_back = hold_back
         self._lo: bytes | None = start or None  # every path under `start` sorts after it
+        self._past_end = False  # reconciled to the ledger's end (lo None means its start before that)
         self._ignored = PathFilter((), options.ignore) if options.ignore else None
         self.files = 0
         self.finished = False
@@ -341,29 +387,106 @@ class Scan:
         self._lister.close()
 
     def step(self, max_files: int = 2000) -> int:
-        """Reconcile up to `max_files` more files; the last slice also covers the range's end."""
-        entries = list(islice(self._entries, max_files))
-        last_slice = len(entries) < max_files
-        hi = None if last_slice and self.full else (entries[-1].relpath if entries else self._lo)
-        held: list[bytes] = []
-        if self._hold_back is None and not self._chunk_size:  # one task per file: the common case
-            rows = [(e.relpath, 0, None, e.size, e.mtime_ns) for e in entries]
-        else:
-            rows = []
-            for entry in entries:
-                if self._hold_back is not None and self._hold_back(entry):
-                    held.append(entry.relpath)
+        """Reconcile about `max_files` more files; the last slice also covers the range's end.
+
+        With fingerprints a slice ends after a folder's last file where it can
+        (then the folder's fingerprint is recorded with it), up to 4x longer.
+        """
+        plain = self._hold_back is None and not self._chunk_size  # one task per file: the common case
+        slice_ = _Slice(plain)
+        seen = 0
+        cap = max_files * 4 if self._fingerprints else max_files
+        for item in self._entries:  # once per file: keep it lean
+            kind = type(item)
+            if kind is FileEntry:
+                if plain:
+                    slice_.rows.append((item[0], 0, None, item[1], item[2]))
                 else:
-                    rows.extend(task_rows(entry, self._chunk_size))
-        _, gone = self._ledger.reconcile(
-            rows, lo=self._lo, hi=hi, held=held, keep_prefixes=self._unreadable,
-            keep=self._ignored.excludes_any_part if self._ignored else None, mark_gone=self.full,
-            chunked=bool(self._chunk_size), claim_new_into=self.claimed if self._claim_new else None,
-        )
-        self._lo = hi
-        self.gone += gone
-        self.files += len(entries) - len(held)
-        self.finished = last_slice
-        if last_slice:
-            self.close()
-        return len(entries)
+                    slice_.add(item, self._hold_back, self._chunk_size)
+                seen += 1
+                if seen >= cap:
+                    self._reconcile(slice_, item.relpath + b"\0")  # just after it
+                    break
+            elif kind is FolderDone:
+                if self._lo is None or self._lo <= item.prefix:  # the whole folder is in this slice
+                    slice_.folders.append((item.prefix, item.fingerprint, item.files))
+                if seen >= max_files:
+                    self._reconcile(slice_, folder_end(item.prefix))
+                    break
+            else:  # FolderUnchanged: reconcile up to it, carry on after it
+                self._reconcile(slice_, item.prefix)
+                self._move_lo(folder_end(item.prefix))
+                slice_ = _Slice(plain)
+                seen += item.files
+                self.files += item.files
+        else:
+            self._finish(slice_)
+        return seen
+
+    def _reconcile(self, slice_: _Slice, hi: bytes | None) -> None:
+        """Bring the ledger's range [lo, hi) in line with the slice; lo moves to hi."""
+        if not self._past_end:
+            _, gone = self._ledger.reconcile(
+                slice_.rows, lo=self._lo, hi=hi, held=slice_.held, keep_prefixes=self._unreadable,
+                keep=self._ignored.excludes_any_part if self._ignored else None, mark_gone=self.full,
+                chunked=bool(self._chunk_size), claim_new_into=self.claimed if self._claim_new else None,
+                folders=slice_.folders if self._fingerprints else (),
+            )
+            self.gone += gone
+        self._move_lo(hi)
+        self.files += slice_.files()
+
+    def _move_lo(self, lo: bytes | None) -> None:
+        """The ledger is reconciled up to `lo` (None: to its end)."""
+        self._lo = lo
+        self._past_end = lo is None
+
+    def _finish(self, slice_: _Slice) -> None:
+        """The walk is over: a full scan's last slice runs to the end of the ledger."""
+        if self.full:
+            hi = None
+        else:  # a partial scan ends with its last file (or where it began)
+            last = slice_.last_path()
+            hi = last + b"\0" if last is not None else self._lo
+        self._reconcile(slice_, hi)
+        self.finished = True
+        self.close()
+
+
+class _Slice:
+    """What one slice of the walk plans: ledger rows, held-back paths, folders to record.
+
+    A plain slice (one task per file, nothing held back) gets its rows appended
+    by Scan.step directly.
+    """
+
+    __slots__ = ("plain", "rows", "held", "folders", "_files", "_last")
+
+    def __init__(self, plain: bool) -> None:
+        self.plain = plain
+        self.rows: list[tuple] = []  # (path_bytes, offset, length, size, mtime_ns)
+        self.held: list[bytes] = []
+        self.folders: list[tuple] = []  # (prefix, fingerprint, files)
+        self._files = 0
+        self._last: bytes | None = None  # the last relpath added, held back or not
+
+    def add(self, entry: FileEntry, hold_back: Callable[[FileEntry], bool] | None, chunk_size: int | None) -> None:
+        self._last = entry.relpath
+        if hold_back is not None and hold_back(entry):
+            self.held.append(entry.relpath)
+            return
+        self._files += 1
+        self.rows.extend(task_rows(entry, chunk_size))
+
+    def files(self) -> int:
+        """Files planned (held-back ones are not)."""
+        return len(self.rows) if self.plain else self._files
+
+    def last_path(self) -> bytes | None:
+        return self.rows[-1][0] if self.plain and self.rows else self._last
+
+
+def _plan(options: ScanOptions) -> str:
+    """The options that decide which tasks a folder's files make: fingerprints hold under these only."""
+    return repr((tuple(options.include), tuple(options.exclude), tuple(options.ignore),
+                 options.chunk_size, options.follow_symlinks))

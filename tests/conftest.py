@@ -40,6 +40,19 @@ def query_ledger(out: Path, sql: str, params: tuple = ()) -> list[tuple]:
         conn.close()
 
 
+@pytest.fixture(params=["here", "helpers"])
+def lister(request, monkeypatch):
+    """Run a test twice: folders listed in this process, and in helper processes from the
+    first folder on (what a big tree gets). Use it with pytest.mark.usefixtures."""
+    if request.param == "helpers":
+        import crawlproc.scanner
+        from crawlproc.listing import HelperLister
+
+        monkeypatch.setattr(HelperLister, "LOCAL_FOLDERS", 0)
+        monkeypatch.setattr(crawlproc.scanner, "LocalLister", lambda known=None: HelperLister(2, known))
+    return request.param
+
+
 def make_tree(root: Path, files: dict[str, bytes | str]) -> Path:
     for relpath, content in files.items():
         path = root / relpath

@@ -22,14 +22,7 @@ from crawlproc.scanner import PathFilter, Scan, ScanOptions, dir_id, walk
 WALK_TIMEOUT = 10
 
 
-@pytest.fixture(autouse=True, params=["here", "helpers"])
-def lister(request, monkeypatch):
-    """Every walk of this module runs twice: folders listed in this process, and in helper
-    processes from the first folder on (what a big tree gets)."""
-    if request.param == "helpers":
-        monkeypatch.setattr(HelperLister, "LOCAL_FOLDERS", 0)
-        monkeypatch.setattr(crawlproc.scanner, "LocalLister", lambda: HelperLister(2))
-    return request.param
+pytestmark = pytest.mark.usefixtures("lister")  # every walk runs twice: see conftest.lister
 
 
 def collect(root: Path, options: ScanOptions | None = None) -> tuple[list[bytes], list[tuple[bytes, str]], list[bytes]]:
