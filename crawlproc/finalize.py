@@ -17,12 +17,12 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from crawlproc.ledger import Ledger
 from crawlproc.processors.base import Processor
+from crawlproc.reduction import Reduction, records_in
 from crawlproc.results import ResultReader, checksum, result_path, write_atomic
 
 SUMMARY_NAME = "summary.json"
@@ -73,15 +73,19 @@ def merge_results(
         return previous
     output.parent.mkdir(parents=True, exist_ok=True)
     temp = output.with_name(f".{output.name}.{os.getpid()}.jsonl.tmp")
+    reduction = Reduction(reducer) if reducer is not None else None
     try:
-        written, tasks, damaged, batches = _copy_done_ranges(ledger, out, temp)
+        written, tasks, damaged, batches = _copy_done_ranges(
+            ledger, out, temp, also_to=reduction.feed if reduction is not None else None)
         if damaged:
             ledger.requeue_damaged(damaged, "result file missing or damaged; processed again")
             if not publish_if_damaged:
                 return MergeOutcome(False, written, tasks, len(damaged), batches=batches)
-        reduced = reducer(iter_records(temp)) if reducer is not None else None
+        reduced = reduction.result(lambda: iter_records(temp)) if reduction is not None else None
         _publish(temp, output, fmt)
     finally:
+        if reduction is not None:
+            reduction.close()
         if temp.exists():
             os.unlink(temp)
     if not damaged:
@@ -129,8 +133,10 @@ def _result_files_present(out: Path, batches: dict[int, int]) -> bool:
     return True
 
 
-def _copy_done_ranges(ledger: Ledger, out: Path, sink_path: Path) -> tuple[int, int, list[int], dict[int, int]]:
-    """Append each done task's crc-checked records to `sink_path`.
+def _copy_done_ranges(
+    ledger: Ledger, out: Path, sink_path: Path, also_to: Callable[[bytes], None] | None = None,
+) -> tuple[int, int, list[int], dict[int, int]]:
+    """Append each done task's crc-checked records to `sink_path` (and hand them to `also_to`).
 
     Returns (bytes, tasks, damaged task ids, {batch id: bytes of its file the tasks use}).
     """
@@ -139,7 +145,7 @@ def _copy_done_ranges(ledger: Ledger, out: Path, sink_path: Path) -> tuple[int, 
     batches: dict[int, int] = {}
     tasks = written = 0
     try:
-        with open(sink_path, "wb", buffering=1 << 20) as sink:
+        with _Sink(sink_path, also_to) as sink:
             for task_id, batch_id, offset, length, crc in ledger.done_in_merge_order():
                 data = reader.read(batch_id, offset, length) if length else b""
                 if data is None or checksum(data) != crc:
@@ -153,6 +159,41 @@ def _copy_done_ranges(ledger: Ledger, out: Path, sink_path: Path) -> tuple[int, 
     finally:
         reader.close()
     return written, tasks, damaged, batches
+
+
+class _Sink:
+    """A file written in blocks of about a megabyte, each also handed to `also_to`."""
+
+    BLOCK = 1 << 20
+
+    def __init__(self, path: Path, also_to: Callable[[bytes], None] | None) -> None:
+        self._file = open(path, "wb")  # buffered: it writes a whole block, whatever the OS takes at once
+        self._also_to = also_to
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def write(self, data: bytes) -> None:
+        self._parts.append(data)
+        self._size += len(data)
+        if self._size >= self.BLOCK:
+            self._flush()
+
+    def _flush(self) -> None:
+        block = b"".join(self._parts)
+        self._parts, self._size = [], 0
+        self._file.write(block)
+        if self._also_to is not None:
+            self._also_to(block)
+
+    def __enter__(self) -> _Sink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None and self._size:
+                self._flush()
+        finally:
+            self._file.close()
 
 
 def _publish(merged_jsonl: Path, output: Path, fmt: str) -> None:
@@ -210,11 +251,10 @@ def _valid_utf8(value: Any) -> Any:
     return value
 
 
-def iter_records(path: Path, block: int = 4096) -> Iterator[dict]:
-    """Parse a JSON-lines file; a block of lines is parsed as one array (far fewer calls)."""
+def iter_records(path: Path) -> Iterator[dict]:
+    """The records of a JSON-lines file."""
     with open(path, encoding="utf-8") as f:
-        while lines := list(islice(f, block)):
-            yield from json.loads("[" + ",".join(lines) + "]")
+        yield from records_in(f)
 
 
 def write_summary(

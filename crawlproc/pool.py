@@ -118,6 +118,7 @@ class WorkerPool:
         on_turn: Callable[[], None] | None = None,
         run_info: Callable[[], dict] | None = None,
         now: Callable[[], float] = time.time,
+        forkserver: ForkServer | None = None,
     ) -> None:
         self.ledger = ledger
         self.config = config
@@ -127,7 +128,7 @@ class WorkerPool:
         self.on_turn = on_turn or (lambda: None)
         self.run_info = run_info
         self.now = now
-        self.forkserver = ForkServer(config)
+        self.forkserver = forkserver if forkserver is not None else ForkServer(config)  # maybe started early
         self.workers: list[WorkerHandle] = []
         self.result = PoolResult()
         self._claimed: dict[int, tuple] = {}  # task id -> its ClaimedTask-shaped row, while in flight
@@ -251,8 +252,8 @@ class WorkerPool:
         """Start the workers' forkserver now, when work is certain (a new OUT), so that it is
         ready by the time the scan has found the first tasks. It does not block."""
         if self._forkserver_since is None:
-            self.forkserver.start()
-            self._forkserver_since = time.monotonic()
+            self.forkserver.start()  # a no-op if it was started early (see run._open_job)
+            self._forkserver_since = self.forkserver.started_at
 
     def _start_workers_if_work(self, conn: Any) -> None:
         """Workers start only once there is something to do: a no-op rerun costs no processes."""

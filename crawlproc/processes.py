@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -102,11 +103,13 @@ class ForkServer:
         self._control: socket.socket | None = None
         self._slots: memoryview | None = None
         self._next_slot = 0
+        self.started_at: float | None = None  # time.monotonic() of the last start
 
     def start(self) -> None:
         """Start the server if it is not running; it does not wait for its imports."""
         if self._process is not None:
             return
+        self.started_at = time.monotonic()
         slots_fd = _shared_memory_fd()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:

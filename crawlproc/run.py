@@ -32,6 +32,7 @@ from crawlproc.finalize import (
 from crawlproc.ledger import Ledger
 from crawlproc.lock import OutLock
 from crawlproc.pool import PoolOptions, PoolResult, WorkerPool
+from crawlproc.processes import ForkServer
 from crawlproc.processors.base import Processor, load, normalise_spec
 from crawlproc.results import remove_temp_files, remove_unreferenced
 from crawlproc.scanner import Scan, ScanOptions, dir_id
@@ -116,38 +117,59 @@ class _Job:
     processor: Processor
     identity: dict[str, Any]
     run_id: int
+    forkserver: ForkServer | None = None  # started before the ledger was made (see _open_job)
     started: float = field(default_factory=time.monotonic)
     wall_started: float = field(default_factory=time.time)
 
 
 @contextmanager
-def _open_job(options: RunOptions, command: str) -> Iterator[_Job]:
-    """Check paths, lock OUT, open the ledger, check identity, recover a dead run's leftovers."""
+def _open_job(options: RunOptions, command: str, *, early_forkserver: bool = False) -> Iterator[_Job]:
+    """Check paths, lock OUT, open the ledger, check identity, recover a dead run's leftovers.
+
+    With `early_forkserver`, a new OUT (no ledger yet: every file will be work)
+    gets the workers' forkserver started at once, so that it imports what
+    workers need while the ledger is made and the scan begins.
+    """
     check_data_dir(options.data_dir)
     processor = load(options.processor)  # before OUT exists: a typo in -p leaves nothing behind
     prepare_out(options.out)
     with OutLock(options.out):
-        logs.add_file_sink(options.out)
-        ledger = Ledger(options.out / LEDGER_NAME, durable=options.durable)
+        forkserver = None
+        if early_forkserver and not (options.out / LEDGER_NAME).exists():
+            forkserver = ForkServer(worker_config(options))
+            forkserver.start()
         try:
-            identity = run_identity(options, processor)
-            if ledger.check_identity(identity, reprocess=options.reprocess):
-                logger.info("--reprocess: every task of {} will be processed again", options.out)
-            _recover(options.out, ledger)
-            if options.retry_failed:
-                logger.info("--retry-failed: {} failed tasks back to pending", ledger.retry(include_done=False))
-            logger.debug("{} {} -> {}: processor {} v{}, {} workers", command, options.data_dir, options.out,
-                         identity["processor"], processor.version, options.workers)
-            yield _Job(options, ledger, processor, identity, ledger.start_run(command, os.getpid()))
+            with _opened_ledger(options, command, processor, forkserver) as job:
+                yield job
         finally:
-            ledger.close()
+            if forkserver is not None:
+                forkserver.close()  # the pool closed it already, unless the job never got that far
+
+
+@contextmanager
+def _opened_ledger(options: RunOptions, command: str, processor: Processor,
+                   forkserver: ForkServer | None) -> Iterator[_Job]:
+    logs.add_file_sink(options.out)
+    ledger = Ledger(options.out / LEDGER_NAME, durable=options.durable)
+    try:
+        identity = run_identity(options, processor)
+        if ledger.check_identity(identity, reprocess=options.reprocess):
+            logger.info("--reprocess: every task of {} will be processed again", options.out)
+        _recover(options.out, ledger)
+        if options.retry_failed:
+            logger.info("--retry-failed: {} failed tasks back to pending", ledger.retry(include_done=False))
+        logger.debug("{} {} -> {}: processor {} v{}, {} workers", command, options.data_dir, options.out,
+                     identity["processor"], processor.version, options.workers)
+        yield _Job(options, ledger, processor, identity, ledger.start_run(command, os.getpid()), forkserver)
+    finally:
+        ledger.close()
 
 
 def run_job(options: RunOptions, *, on_progress: Callable[[dict], None] | None = None) -> RunOutcome:
-    with _open_job(options, "run") as job:
+    with _open_job(options, "run", early_forkserver=True) as job:
         source = Scan(job.ledger, os.fsencode(options.data_dir), scan_options(options), _log_skip,
                       claim_new=True, list_helpers=list_helpers(job))
-        pool = make_pool(job, on_progress)
+        pool = make_pool(job, on_progress, forkserver=job.forkserver)
         if job.ledger.created:  # a new OUT: there will be work (unless DATA_DIR is empty)
             pool.start_forkserver()
         try:
@@ -276,9 +298,8 @@ def scan_options(options: RunOptions) -> ScanOptions:
     )
 
 
-def make_pool(job: _Job, on_progress: Callable[[dict], None] | None, **hooks: Any) -> WorkerPool:
-    options = job.options
-    config = WorkerConfig(
+def worker_config(options: RunOptions) -> WorkerConfig:
+    return WorkerConfig(
         data_dir=os.fsencode(os.path.abspath(options.data_dir)),
         out=str(options.out),
         processor=normalise_spec(options.processor),
@@ -286,6 +307,11 @@ def make_pool(job: _Job, on_progress: Callable[[dict], None] | None, **hooks: An
         durable=options.durable,
         max_memory=options.max_memory,
     )
+
+
+def make_pool(job: _Job, on_progress: Callable[[dict], None] | None, **hooks: Any) -> WorkerPool:
+    options = job.options
+    config = worker_config(options)
     pool_options = PoolOptions(
         workers=options.workers, max_tasks_per_child=options.max_tasks_per_child,
         batch_size=options.batch_size, timeout=options.timeout, retries=options.retries,

@@ -1,0 +1,116 @@
+"""The reducer runs in a child beside the merge; whatever the child cannot do, it does here."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import make_tree
+from crawlproc.finalize import merge_results
+from crawlproc.ledger import Ledger
+from crawlproc.reduction import Reduction, records_in
+from crawlproc.run import RunOptions, run_job
+
+RECORDS = [b'{"n": %d, "text": "line %d"}\n' % (i, i) for i in range(5000)]
+
+
+def reduce_all(reducer, blocks: list[bytes]):
+    reduction = Reduction(reducer)
+    try:
+        for block in blocks:
+            reduction.feed(block)
+        return reduction.result(lambda: records_in(io.StringIO(b"".join(blocks).decode())))
+    finally:
+        reduction.close()
+
+
+def total(records):
+    return {"sum": sum(r["n"] for r in records), "pid": os.getpid()}
+
+
+def test_the_reducer_runs_in_a_child_on_records_split_anywhere():
+    data = b"".join(RECORDS)
+    blocks = [data[i:i + 777] for i in range(0, len(data), 777)]  # cuts inside records
+    result = reduce_all(total, blocks)
+    assert result["sum"] == sum(range(5000))
+    assert result["pid"] != os.getpid()
+
+
+def test_with_another_thread_running_the_reducer_runs_here():
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, daemon=True)
+    thread.start()
+    try:
+        result = reduce_all(total, [b"".join(RECORDS)])
+    finally:
+        stop.set()
+        thread.join(5)
+    assert result == {"sum": sum(range(5000)), "pid": os.getpid()}
+
+
+def test_a_failing_reducer_fails_here_with_its_own_error():
+    def broken(records):
+        for record in records:
+            if record["n"] == 4000:
+                raise ValueError("bad record 4000")
+        return "never"
+
+    with pytest.raises(ValueError, match="bad record 4000"):
+        reduce_all(broken, [b"".join(RECORDS)])
+
+
+def test_a_result_that_does_not_pickle_is_computed_here():
+    def unpicklable(records):
+        n = sum(1 for _ in records)
+        return {"n": n, "pid": os.getpid(), "lock": threading.Lock()}
+
+    result = reduce_all(unpicklable, [b"".join(RECORDS)])
+    assert result["n"] == 5000 and result["pid"] == os.getpid()
+
+
+def test_a_child_that_dies_leaves_the_reduction_to_this_process():
+    def dies_in_child(records, parent=os.getpid()):
+        if os.getpid() != parent:
+            os._exit(1)
+        return sum(1 for _ in records)
+
+    assert reduce_all(dies_in_child, [b"".join(RECORDS)]) == 5000
+
+
+def test_what_the_reducer_prints_appears_once_and_buffered_output_is_not_repeated(capfd):
+    print("before the merge", end="")  # still in our stdout buffer when the child is forked
+
+    def chatty(records):
+        print("reducing")
+        return sum(1 for _ in records)
+
+    assert reduce_all(chatty, [b"".join(RECORDS)]) == 5000
+    out = capfd.readouterr().out
+    assert out.count("before the merge") == 1 and out.count("reducing") == 1
+
+
+def test_a_merge_given_up_stops_the_child(tmp_path: Path):
+    reduction = Reduction(total)
+    reduction.feed(RECORDS[0])
+    pid = reduction._pid  # noqa: SLF001 - the test checks the real process
+    reduction.close()
+    assert pid is not None
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reaped: no zombie left
+
+
+def test_run_summary_has_the_reduced_totals(tmp_path: Path):
+    data = make_tree(tmp_path / "data", {f"f{i}.txt": "a b\n" * i for i in range(50)})
+    outcome = run_job(RunOptions(data_dir=data, out=tmp_path / "out", workers=1, batch_size=7))
+    assert outcome.exit_code == 0
+    led = Ledger(tmp_path / "out" / "ledger.db")
+    try:
+        merged = merge_results(led, tmp_path / "out", tmp_path / "again.jsonl",
+                               reducer=lambda records: sum(r["lines"] for r in records))
+    finally:
+        led.close()
+    assert merged.reduced == sum(range(50))
