@@ -29,6 +29,7 @@ from crawlproc.task import relpath_for_people
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x43504C31  # "CPL1": tells our ledger from any other SQLite file
 BUSY_TIMEOUT_MS = 10_000
+RUNNING_FLAG = "tasks_may_be_running"  # meta key: see Ledger.requeue_stale
 
 
 class State(str, Enum):
@@ -108,6 +109,7 @@ class Ledger:
         self.created = False  # this Ledger made the file: a new OUT
         self._writes = 0  # transactions so far: with PRAGMA data_version, tells when totals are stale
         self._totals: tuple | None = None
+        self._flagged_running = False  # this Ledger has recorded that tasks may be running
         self._check_or_create(readonly)
 
     # -- set-up ------------------------------------------------------------
@@ -221,13 +223,30 @@ class Ledger:
         return True
 
     # -- recovery ------------------------------------------------------------
+    # Finding `running` tasks takes a pass over the whole table, so the ledger keeps
+    # a flag (meta RUNNING_FLAG): '1' is written with the first task made running by
+    # a coordinator, in the same transaction, and '0' only once none is running (a
+    # run that ended with none, or the requeue below). '0' means none can be running.
     def requeue_stale(self) -> int:
         """Tasks left `running` by a coordinator that died go back to pending, unpenalised."""
+        if self.meta().get(RUNNING_FLAG) == "0":
+            return 0
         with self.transaction() as conn:
-            return conn.execute(
+            stale = conn.execute(
                 "UPDATE tasks SET state = 'pending', error = 'requeued: its run stopped before it finished' "
                 "WHERE state = 'running'"
             ).rowcount
+            self._set_running_flag(conn, False)
+        return stale
+
+    def _set_running_flag(self, conn: sqlite3.Connection, may_run: bool) -> None:
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (RUNNING_FLAG, "1" if may_run else "0"))
+        self._flagged_running = may_run
+
+    def _note_running(self, conn: sqlite3.Connection) -> None:
+        """Tasks are being made running in this transaction: the flag must say so first."""
+        if not self._flagged_running:
+            self._set_running_flag(conn, True)
 
     def next_batch_id(self) -> int:
         """Batch ids only need to differ from every id a task still refers to.
@@ -317,6 +336,7 @@ class Ledger:
         SQLite gives each new row the largest rowid so far plus one, so the ids
         of one executemany of plain inserts are consecutive.
         """
+        self._note_running(conn)
         conn.executemany(_INSERT_CLAIMED, _with_relpath(rows))
         last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
         first = last - len(rows) + 1
@@ -411,6 +431,7 @@ class Ledger:
         One statement picks and marks them (a running sum enforces the byte cap),
         so claiming costs no Python per task. Rows are shaped like ClaimedTask.
         """
+        self._note_running(conn)
         rows = conn.execute(_CLAIM, (now, limit, max_bytes)).fetchall()
         rows.sort(key=_merge_key)
         return rows
@@ -513,13 +534,22 @@ class Ledger:
         The end of a run asks for both; the pass is kept until the ledger is
         written (here, or by another connection: PRAGMA data_version).
         """
-        version = (self._writes, self.conn.execute("PRAGMA data_version").fetchone()[0])
-        if self._totals is None or self._totals[0] != version:
+        if self._fresh_totals() is None:
+            version = self._totals_version()
             row = self.conn.execute(_STATE_TOTALS).fetchone()
             counts = dict(zip((s.value for s in State), row[:len(State)]))
             done = (counts[State.DONE.value], *row[len(State):])
             self._totals = (version, counts, done)
         return self._totals[1], self._totals[2]
+
+    def _fresh_totals(self) -> tuple[dict[str, int], tuple] | None:
+        """The last pass's (counts, done signature) if nothing was written since, else None."""
+        if self._totals is None or self._totals[0] != self._totals_version():
+            return None
+        return self._totals[1], self._totals[2]
+
+    def _totals_version(self) -> tuple[int, int]:
+        return (self._writes, self.conn.execute("PRAGMA data_version").fetchone()[0])
 
     def count_live(self, conn: sqlite3.Connection) -> int:
         """Tasks that are not gone: what a --max-failures percentage is taken of."""
@@ -574,11 +604,16 @@ class Ledger:
         )
 
     def finish_run(self, run_id: int, exit_code: int, done: int, failed: int) -> None:
+        """Close the run's row; if the counts just taken show no task running, say so (see requeue_stale)."""
+        totals = self._fresh_totals()
+        none_running = totals is not None and totals[0][State.RUNNING.value] == 0
         with self.transaction() as conn:
             conn.execute(
                 "UPDATE runs SET finished = ?, updated = ?, exit_code = ?, done = ?, failed = ? WHERE id = ?",
                 (time.time(), time.time(), exit_code, done, failed, run_id),
             )
+            if none_running:
+                self._set_running_flag(conn, False)
 
     def last_run(self) -> dict[str, Any] | None:
         cursor = self.conn.execute("SELECT * FROM runs ORDER BY id DESC LIMIT 1")

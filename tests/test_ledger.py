@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from crawlproc.errors import IdentityMismatch, LedgerError
-from crawlproc.ledger import Ledger
+from crawlproc.ledger import RUNNING_FLAG, Ledger
 
 SPEC_COLUMNS = {"id", "relpath", "offset", "length", "size", "mtime_ns", "state", "attempts", "error"}
 FAR_FUTURE = 1e12
@@ -504,3 +504,32 @@ def test_claim_new_inserts_unseen_files_claimed_with_their_real_ids(ledger):
     assert states(ledger) == {"old": "pending", "gone-then-back": "pending", "a": "running",
                               "b": "running", "z": "running"}
     assert claimed_names(claim(ledger)) == [b"gone-then-back", b"old"]
+
+
+def test_the_running_flag_follows_the_tasks_made_running(ledger):
+    """Finding running tasks costs a pass over the table: the flag says when none can be."""
+    scan(ledger, [row("a"), row("b")])
+    assert ledger.requeue_stale() == 0  # no flag yet (a new or older ledger): it looked, and says so
+    assert ledger.meta()[RUNNING_FLAG] == "0"
+    claimed = claim(ledger)
+    assert claimed and ledger.meta()[RUNNING_FLAG] == "1"  # written with the claim itself
+    fresh = Ledger(ledger.path)  # a coordinator that starts after this one died
+    try:
+        assert fresh.requeue_stale() == 2 and fresh.meta()[RUNNING_FLAG] == "0"
+        assert fresh.requeue_stale() == 0
+    finally:
+        fresh.close()
+
+
+def test_a_run_that_ends_with_nothing_running_clears_the_flag(ledger):
+    scan(ledger, [row("a")])
+    run_id = ledger.start_run("run", 1)
+    claim(ledger)
+    ledger.counts()  # what the end of a run takes for summary.json
+    ledger.finish_run(run_id, 1, 0, 0)  # one task still running: the flag stays
+    assert ledger.meta()[RUNNING_FLAG] == "1"
+    with ledger.transaction() as conn:
+        ledger.hand_back(conn, [task(ledger, "a")["id"]])
+    ledger.counts()
+    ledger.finish_run(run_id, 0, 0, 0)
+    assert ledger.meta()[RUNNING_FLAG] == "0"

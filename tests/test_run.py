@@ -15,6 +15,7 @@ import pytest
 
 from conftest import make_tree, run_cli, wait_until
 from crawlproc import __version__
+from crawlproc.ledger import RUNNING_FLAG
 from crawlproc.run import RunOptions, run_job
 
 TREE = {
@@ -215,8 +216,9 @@ def test_tasks_left_running_go_back_to_pending_and_get_done(data, tmp_path):
     out = tmp_path / "out"
     ok(crawl(data, out, "-w", "1"))
     first = merged(out)
-    with sqlite3.connect(out / "ledger.db") as conn:
+    with sqlite3.connect(out / "ledger.db") as conn:  # what a coordinator killed mid-batch leaves:
         conn.execute("UPDATE tasks SET state = 'running' WHERE relpath IN ('a.txt', 'z.csv')")
+        conn.execute("UPDATE meta SET value = '1' WHERE key = ?", (RUNNING_FLAG,))  # set with its claim
     result = crawl(data, out, "-w", "2")
     ok(result)
     assert summary(out)["counts"] == {"pending": 0, "running": 0, "done": len(TREE), "failed": 0, "gone": 0}
