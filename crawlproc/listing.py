@@ -25,10 +25,10 @@ from __future__ import annotations
 import hashlib
 import heapq
 import marshal
-from array import array
 import os
 import signal
 import sys
+from array import array
 from stat import S_ISDIR, S_ISLNK, S_ISREG
 
 # An entry: (sort key, name, kind, size, mtime_ns, inode). Kinds:

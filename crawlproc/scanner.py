@@ -419,6 +419,8 @@ class Scan:
                 slice_ = _Slice(plain)
                 seen += item.files
                 self.files += item.files
+                if seen >= max_files:  # a step stays short, so the pool keeps its turns (and Ctrl-C)
+                    break
         else:
             self._finish(slice_)
         return seen

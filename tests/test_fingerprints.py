@@ -234,3 +234,14 @@ def test_a_folder_split_across_slices_is_not_recorded(ledger, tmp_path):
     assert recorded(ledger) == set()
     full_scan(ledger, root)  # so the next scan lists the folder and puts the task right
     assert live(ledger)[b"big/f0.txt"][:2] == (1, (root / "big" / "f0.txt").stat().st_mtime_ns)
+
+
+def test_a_step_over_unchanged_folders_stays_short(ledger, tmp_path):
+    root = make_tree(tmp_path / "data", {f"d{i:02d}/f{j}.txt": "x" for i in range(20) for j in range(5)})
+    full_scan(ledger, root)
+    scan = Scan(ledger, os.fsencode(root), PLAIN, lambda path, reason: None)
+    steps = 0
+    while not scan.finished:
+        scan.step(10)
+        steps += 1
+    assert scan.files == 100 and steps >= 10  # ten files (two folders) a step, not the whole tree
