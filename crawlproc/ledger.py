@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -109,6 +110,7 @@ class Ledger:
         self.created = False  # this Ledger made the file: a new OUT
         self._writes = 0  # transactions so far: with PRAGMA data_version, tells when totals are stale
         self._totals: tuple | None = None
+        self._counting: tuple[tuple, threading.Thread, list] | None = None  # see count_ahead
         self._flagged_running = False  # this Ledger has recorded that tasks may be running
         self._check_or_create(readonly)
 
@@ -178,6 +180,7 @@ class Ledger:
         self.conn.execute("COMMIT")
 
     def close(self) -> None:
+        self._take_count_ahead()
         self.conn.close()
 
     # -- identity ------------------------------------------------------------
@@ -534,13 +537,36 @@ class Ledger:
         The end of a run asks for both; the pass is kept until the ledger is
         written (here, or by another connection: PRAGMA data_version).
         """
+        self._take_count_ahead()
         if self._fresh_totals() is None:
             version = self._totals_version()
-            row = self.conn.execute(_STATE_TOTALS).fetchone()
-            counts = dict(zip((s.value for s in State), row[:len(State)]))
-            done = (counts[State.DONE.value], *row[len(State):])
-            self._totals = (version, counts, done)
+            self._totals = (version, *_unpack_totals(self.conn.execute(_STATE_TOTALS).fetchone()))
         return self._totals[1], self._totals[2]
+
+    def count_ahead(self) -> None:
+        """Start that pass now, in a thread with a connection of its own.
+
+        A rerun that turns out to have nothing to do ends by asking for it (the
+        summary, the merge's signature): this way it is ready, counted while the
+        scan waits on its listing helpers. Any write in between makes it stale,
+        and it is simply not used.
+        """
+        if self._counting is not None:
+            return
+        version = self._totals_version()  # taken first: a commit after it makes the count stale
+        box: list = []
+        thread = threading.Thread(target=_count_into, args=(self.path, box), name="ledger-count", daemon=True)
+        thread.start()
+        self._counting = (version, thread, box)
+
+    def _take_count_ahead(self) -> None:
+        if self._counting is None:
+            return
+        version, thread, box = self._counting
+        self._counting = None
+        thread.join()
+        if box and version == self._totals_version():
+            self._totals = (version, *_unpack_totals(box[0]))
 
     def _fresh_totals(self) -> tuple[dict[str, int], tuple] | None:
         """The last pass's (counts, done signature) if nothing was written since, else None."""
@@ -626,6 +652,23 @@ class Ledger:
 def _with_relpath(rows: list[tuple]) -> Iterator[tuple]:
     """Scan rows with the escaped relpath people read put in front, as the inserts want them."""
     return ((relpath_for_people(r[0]), *r) for r in rows)
+
+
+def _unpack_totals(row: tuple) -> tuple[dict[str, int], tuple]:
+    counts = dict(zip((s.value for s in State), row[:len(State)]))
+    return counts, (counts[State.DONE.value], *row[len(State):])
+
+
+def _count_into(path: Path, box: list) -> None:
+    """Ledger.count_ahead's thread: the state totals row, read on a connection of its own."""
+    try:
+        conn = _connect(path, readonly=True)
+        try:
+            box.append(conn.execute(_STATE_TOTALS).fetchone())
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        pass  # the caller counts for itself
 
 
 def _folders_holding(path: bytes) -> list[bytes]:

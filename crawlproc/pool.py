@@ -146,7 +146,7 @@ class WorkerPool:
         self._started = False  # workers started
         self._forkserver_since: float | None = None  # monotonic time it was started
         self._last_run_update = 0.0
-        self._last_run_state: tuple | None = None
+        self._last_run_state: tuple | None = (0, 0, None)  # what start_run wrote: no write until it changes
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self.source: WorkSource | None = None
@@ -228,6 +228,8 @@ class WorkerPool:
     def _commit_turn(self) -> list[tuple[WorkerHandle, WorkBatch]]:
         """Apply what arrived and claim for every worker with room, in one transaction."""
         starting = not self._started and self._has_work and not self._stopping
+        if starting and not (self._ready or self._reports or self._deaths) and not self._claimable_now():
+            starting = False  # seen with a read: a no-op rerun commits no empty transactions
         room = self._has_work and any(self._wants_work(w) for w in self.workers)
         if not (self._reports or self._deaths or room or starting):
             return []
@@ -254,6 +256,13 @@ class WorkerPool:
         if self._forkserver_since is None:
             self.forkserver.start()  # a no-op if it was started early (see run._open_job)
             self._forkserver_since = self.forkserver.started_at
+
+    def _claimable_now(self) -> bool:
+        """Could a pending task be claimed now? If not, nothing is until the source adds some."""
+        if self.ledger.has_claimable(self.ledger.conn, self.now()):
+            return True
+        self._claimable = False
+        return False
 
     def _start_workers_if_work(self, conn: Any) -> None:
         """Workers start only once there is something to do: a no-op rerun costs no processes."""

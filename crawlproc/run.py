@@ -172,6 +172,8 @@ def run_job(options: RunOptions, *, on_progress: Callable[[dict], None] | None =
         pool = make_pool(job, on_progress, forkserver=job.forkserver)
         if job.ledger.created:  # a new OUT: there will be work (unless DATA_DIR is empty)
             pool.start_forkserver()
+        else:  # maybe nothing to do: the summary's counts are then ready when the scan ends
+            job.ledger.count_ahead()
         try:
             pool_result = pool.run(source)
         finally:

@@ -533,3 +533,22 @@ def test_a_run_that_ends_with_nothing_running_clears_the_flag(ledger):
     ledger.counts()
     ledger.finish_run(run_id, 0, 0, 0)
     assert ledger.meta()[RUNNING_FLAG] == "0"
+
+
+def test_counts_taken_ahead_are_used_only_if_nothing_was_written_since(ledger):
+    scan(ledger, [row("a"), row("b"), row("c")])
+    ledger.count_ahead()
+    assert ledger.counts()["pending"] == 3
+    ledger.count_ahead()
+    ledger._counting[1].join(5)  # noqa: SLF001 - counted before the write below, for sure
+    claim(ledger, limit=1)  # a write after the count started: that count is stale
+    assert ledger.counts() == {"pending": 2, "running": 1, "done": 0, "failed": 0, "gone": 0}
+    ledger.count_ahead()
+    ledger._counting[1].join(5)  # noqa: SLF001
+    other = Ledger(ledger.path)  # a write by another connection makes it stale too
+    try:
+        with other.transaction() as conn:
+            other.mark_paths_gone(conn, [b"a"], [])
+    finally:
+        other.close()
+    assert ledger.counts()["gone"] == 1
