@@ -401,12 +401,10 @@ def _leave(code: Any) -> None:
         logger.remove()  # closes the log file, flushing its last lines
     import atexit
 
+    from crawlproc.children import flush_std_streams
+
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe (`crawlproc status | head`) or stream
-            pass
+    flush_std_streams()
     os._exit(code or 0)
 
 

@@ -16,8 +16,8 @@ sizes and mtimes, see `fingerprint`): when the scanner says which fingerprint
 the ledger last recorded for it and nothing changed, the listing is just
 UNCHANGED, and the walk skips that folder's files as a whole.
 
-A helper is a fork of the coordinator (see _fork_helper): it has all it
-needs imported, so it serves within a millisecond.
+A helper is a fork of the coordinator (see children.py): it has all it needs
+imported, so it serves within a millisecond.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import os
 import signal
 from array import array
 from stat import S_ISDIR, S_ISLNK, S_ISREG
+
+from crawlproc.children import fork_child
 
 # An entry: (sort key, name, kind, size, mtime_ns, inode). Kinds:
 FILE = 0  # a regular file (not a symlink), with its size and mtime
@@ -343,35 +345,20 @@ def _start_helpers(count: int) -> list[_Helper]:
 def _fork_helper() -> _Child | None:
     """A helper forked from this process: it has everything it needs imported already, so it
     is serving within a millisecond (a new interpreter took ~20 ms of CPU to start)."""
-    requests_r, requests_w = os.pipe()
-    answers_r, answers_w = os.pipe()
-    try:
-        pid = os.fork()
-    except OSError:
-        for fd in (requests_r, requests_w, answers_r, answers_w):
-            os.close(fd)
+    child = fork_child(_serve_forked, close_others=True)
+    if child is None:
         return None
-    if pid == 0:
-        _serve_and_exit(requests_r, answers_w)
-    os.close(requests_r)
-    os.close(answers_w)
-    return _Child(pid, open(requests_w, "wb"), open(answers_r, "rb"))
+    pid, requests, answers = child
+    return _Child(pid, open(requests, "wb"), open(answers, "rb"))
 
 
-def _serve_and_exit(requests_fd: int, answers_fd: int) -> None:
-    """The helper, in the child: serve, then end without running any of the parent's cleanup."""
-    try:
-        # Stopping is the coordinator's job: it closes our requests (or dies, which closes them too).
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        gc.freeze()  # a collection would touch, and so copy, every page inherited from the parent
-        keep = sorted({0, 1, 2, requests_fd, answers_fd})  # and nothing else of the parent's: its
-        for low, high in zip(keep, keep[1:] + [os.sysconf("SC_OPEN_MAX")]):  # lock, ledger, pipes
-            os.closerange(low + 1, high)
-        with open(requests_fd, "rb") as requests, open(answers_fd, "wb") as answers:
-            serve(requests, answers)
-    finally:
-        os._exit(0)
+def _serve_forked(requests_fd: int, answers_fd: int) -> None:
+    # Stopping is the coordinator's job: it closes our requests (or dies, which closes them too).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    gc.freeze()  # a collection would touch, and so copy, every page inherited from the parent
+    with open(requests_fd, "rb") as requests, open(answers_fd, "wb") as answers:
+        serve(requests, answers)
 
 
 class _Child:

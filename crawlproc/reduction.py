@@ -17,11 +17,13 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import sys
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import Any, TextIO
+
+from crawlproc.children import flush_std_streams, fork_child
 
 Reducer = Callable[[Iterator[dict]], Any]
 
@@ -65,7 +67,7 @@ class Reduction:
             self._answer = None
         if self._pid is not None:
             try:
-                os.kill(self._pid, 9)
+                os.kill(self._pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             os.waitpid(self._pid, 0)
@@ -73,23 +75,9 @@ class Reduction:
 
     # -- internals --------------------------------------------------------------------
     def _fork(self) -> None:
-        _flush_quietly(sys.stdout)  # or the child would write out our buffered output again
-        _flush_quietly(sys.stderr)
-        records_r, records_w = os.pipe()
-        answer_r, answer_w = os.pipe()
-        try:
-            pid = os.fork()
-        except OSError:
-            for fd in (records_r, records_w, answer_r, answer_w):
-                os.close(fd)
-            return
-        if pid == 0:  # the child: never returns
-            os.close(records_w)
-            os.close(answer_r)
-            _reduce_and_exit(self._reducer, records_r, answer_w)
-        os.close(records_r)
-        os.close(answer_w)
-        self._pid, self._records, self._answer = pid, records_w, answer_r
+        child = fork_child(lambda records, answer: _reduce(self._reducer, records, answer))
+        if child is not None:
+            self._pid, self._records, self._answer = child
 
     def _end_feeding(self) -> None:
         if self._records is not None:
@@ -110,9 +98,8 @@ class Reduction:
             return _NO_RESULT
 
 
-def _reduce_and_exit(reducer: Reducer, records_fd: int, answer_fd: int) -> None:
-    """In the child: reduce the records from the pipe, send back the pickled result, and end
-    without running anything of the parent's (atexit handlers, buffered output, the ledger)."""
+def _reduce(reducer: Reducer, records_fd: int, answer_fd: int) -> None:
+    """In the child: reduce the records from the pipe and send back the pickled result."""
     try:
         with open(records_fd, encoding="utf-8") as stream:
             payload = pickle.dumps(reducer(records_in(stream)))
@@ -121,19 +108,10 @@ def _reduce_and_exit(reducer: Reducer, records_fd: int, answer_fd: int) -> None:
     except BaseException:  # noqa: BLE001 - no result: the parent runs the reducer itself
         pass
     finally:
-        _flush_quietly(sys.stdout)
-        _flush_quietly(sys.stderr)
-        os._exit(0)
+        flush_std_streams()  # what the reducer printed: fork_child ends the child with os._exit
 
 
 def records_in(stream: TextIO, block: int = 4096) -> Iterator[dict]:
     """Parse JSON lines; a block of lines is parsed as one array (far fewer calls)."""
     while lines := list(islice(stream, block)):
         yield from json.loads("[" + ",".join(lines) + "]")
-
-
-def _flush_quietly(stream: TextIO) -> None:
-    try:
-        stream.flush()
-    except (OSError, ValueError):
-        pass

@@ -1,0 +1,58 @@
+"""Forked children that talk to the coordinator over two pipes (listing helpers, the reducer).
+
+A fork starts in a millisecond with everything already imported, where a new
+interpreter takes tens of ms. The price is that a child inherits the whole
+process: it must end with os._exit (never the parent's cleanup), and may drop
+the descriptors it does not need (the lock on OUT, the ledger, worker pipes).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+
+def fork_child(run: Callable[[int, int], None], *, close_others: bool = False) -> tuple[int, int, int] | None:
+    """Fork a child that calls run(read_fd, write_fd) and then ends.
+
+    Returns (pid, fd to write to the child, fd to read from it), or None when
+    the fork fails. With `close_others` the child keeps only its two pipe ends
+    and stdin, stdout and stderr.
+    """
+    flush_std_streams()  # or the child would write our buffered output again
+    to_child_r, to_child_w = os.pipe()
+    from_child_r, from_child_w = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError:
+        for fd in (to_child_r, to_child_w, from_child_r, from_child_w):
+            os.close(fd)
+        return None
+    if pid == 0:
+        try:
+            os.close(to_child_w)
+            os.close(from_child_r)
+            if close_others:
+                _close_all_but(0, 1, 2, to_child_r, from_child_w)
+            run(to_child_r, from_child_w)
+        finally:
+            os._exit(0)
+    os.close(to_child_r)
+    os.close(from_child_w)
+    return pid, to_child_w, from_child_r
+
+
+def flush_std_streams() -> None:
+    """Flush stdout and stderr; a closed pipe (`crawlproc status | head`) or stream is no error."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _close_all_but(*keep_fds: int) -> None:
+    keep = sorted(set(keep_fds))
+    for low, high in zip(keep, keep[1:] + [os.sysconf("SC_OPEN_MAX")]):
+        os.closerange(low + 1, high)
