@@ -391,19 +391,20 @@ def _leave(code: Any) -> None:
     or tracer watching (cProfile, coverage: they write their data after us),
     or an exit code Python would print, the usual exit does it all instead.
     """
+    import atexit
+
     threading = sys.modules.get("threading")
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)  # CPython's; elsewhere, the usual exit
     if (not isinstance(code, int) and code is not None or (threading and threading.active_count() > 1)
-            or sys.getprofile() is not None or sys.gettrace() is not None):
+            or sys.getprofile() is not None or sys.gettrace() is not None or run_exit_handlers is None):
         sys.exit(code)
     if "loguru" in sys.modules:
         from loguru import logger
 
         logger.remove()  # closes the log file, flushing its last lines
-    import atexit
-
     from crawlproc.children import flush_std_streams
 
-    atexit._run_exitfuncs()
+    run_exit_handlers()
     flush_std_streams()
     os._exit(code or 0)
 

@@ -560,3 +560,18 @@ def test_a_script_can_call_run_job_without_a_main_guard_or_logging_setup(data, t
     assert "Logging error" not in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert summary(out)["counts"]["done"] == len(TREE)
     assert "task=- |" in (out / "logs" / "crawlproc.log").read_text()
+
+
+def test_nothing_is_cut_short_by_the_quick_exit(data, tmp_path):
+    """The CLI ends with os._exit after the command: stdout through a pipe, the last log line
+    and the exit code must all be there."""
+    out = tmp_path / "out"
+    result = crawl(data, out, "-w", "1", "-v")
+    ok(result)
+    assert "merged output:" in result.stderr and "finished with exit code 0" in result.stderr
+    status = run_cli("status", "-o", str(out), "--json", env={"PYTHONUNBUFFERED": ""})  # a buffered pipe
+    assert status.returncode == 0 and json.loads(status.stdout)["counts"]["done"] == len(TREE)
+    last_line = (out / "logs" / "crawlproc.log").read_text().splitlines()[-1]
+    assert "finished with exit code 0" in last_line
+    refused = crawl(data, out, "-w", "1", "-p", "sha256")  # another processor: exit 2, one line
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
