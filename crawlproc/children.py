@@ -3,7 +3,8 @@
 A fork starts in a millisecond with everything already imported, where a new
 interpreter takes tens of ms. The price is that a child inherits the whole
 process: it must end with os._exit (never the parent's cleanup), and may drop
-the descriptors it does not need (the lock on OUT, the ledger, worker pipes).
+the descriptors it does not need (the ledger, worker pipes); it never keeps
+the lock on OUT.
 """
 
 from __future__ import annotations
@@ -11,6 +12,19 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+
+
+_KEPT_FROM_CHILDREN: set[int] = set()  # descriptors no child may hold (see keep_from_children)
+
+
+def keep_from_children(fd: int) -> None:
+    """A forked child closes `fd` first thing: the lock on OUT, which a child outliving a
+    killed coordinator must not keep (the next run would find OUT locked)."""
+    _KEPT_FROM_CHILDREN.add(fd)
+
+
+def forget_kept(fd: int) -> None:
+    _KEPT_FROM_CHILDREN.discard(fd)
 
 
 def fork_child(run: Callable[[int, int], None], *, close_others: bool = False) -> tuple[int, int, int] | None:
@@ -31,6 +45,8 @@ def fork_child(run: Callable[[int, int], None], *, close_others: bool = False) -
         return None
     if pid == 0:
         try:
+            for fd in _KEPT_FROM_CHILDREN:
+                os.close(fd)
             os.close(to_child_w)
             os.close(from_child_r)
             if close_others:

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 from crawlproc.errors import IdentityMismatch, LedgerError
 from crawlproc.task import relpath_for_people
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the folders table and the running flag, which schema-1 code would not keep up
 APPLICATION_ID = 0x43504C31  # "CPL1": tells our ledger from any other SQLite file
 BUSY_TIMEOUT_MS = 10_000
 RUNNING_FLAG = "tasks_may_be_running"  # meta key: see Ledger.requeue_stale
@@ -123,15 +123,23 @@ class Ledger:
             raise LedgerError(f"{self.path} is not a crawlproc ledger ({exc}); use another --out") from None
         if app_id == APPLICATION_ID:
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-            if version != SCHEMA_VERSION:
-                raise LedgerError(f"{self.path} has ledger schema {version}, this crawlproc reads {SCHEMA_VERSION}")
-            if not readonly:  # a ledger from before folder fingerprints: it only lacks the cache
-                _create_folders_table(self.conn)
+            if version == 1 and not readonly:
+                self._upgrade_from_1()
+            elif version not in (1, SCHEMA_VERSION):
+                raise LedgerError(f"{self.path} has ledger schema {version}, "
+                                  f"this crawlproc reads schemas 1 to {SCHEMA_VERSION}; use a newer crawlproc")
             return
         if has_tables or readonly:
             raise LedgerError(f"{self.path} is an SQLite file but not a crawlproc ledger; use another --out")
         self._create_schema()
         self.created = True
+
+    def _upgrade_from_1(self) -> None:
+        """Schema 1 lacks the folders table. The new version number keeps an older crawlproc out:
+        it would change tasks without forgetting fingerprints or raising the running flag."""
+        with self.transaction() as conn:
+            _create_folders_table(conn)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _create_schema(self) -> None:
         import sqlite_utils  # only needed once per OUT; keeps start-up light
@@ -173,11 +181,16 @@ class Ledger:
         try:
             yield self.conn
         except BaseException:
+            self._flagged_running = False  # the flag this transaction may have set is undone too
             self.conn.execute("ROLLBACK")
             raise
         finally:
             self._writes += 1  # totals read during the transaction are stale after it
-        self.conn.execute("COMMIT")
+        try:
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self._flagged_running = False
+            raise
 
     def close(self) -> None:
         self._take_count_ahead()
@@ -326,6 +339,8 @@ class Ledger:
                 self._mark_paths_gone(conn, gone_list, [], running_too=False)
                 if new:
                     claim_new_into.extend(self._insert_claimed(conn, new))
+                if gone and folders:
+                    folders = self._still_matching(conn, folders, gone, gone_list)
                 self._record_folders(conn, folders)
         return len(changed) + len(new), len(gone_list)
 
@@ -382,6 +397,19 @@ class Ledger:
             return {}
         return {prefix: (fingerprint, files)
                 for prefix, fingerprint, files in self.conn.execute("SELECT prefix, fingerprint, files FROM folders")}
+
+    @staticmethod
+    def _still_matching(conn: sqlite3.Connection, folders: list[tuple], gone: set[bytes],
+                        marked: list[bytes]) -> list[tuple]:
+        """The folders whose tasks now match their listing: not one holding a vanished file whose
+        task stays live (a running one is left to its worker, which may still report it done;
+        one under an unreadable or ignored path is kept on purpose)."""
+        marked_set = set(marked)
+        live = [path for path in gone if path not in marked_set]
+        live += [path for path in marked if conn.execute(
+            "SELECT 1 FROM tasks WHERE path_bytes = ? AND state = 'running' LIMIT 1", (path,)).fetchone()]
+        holding = {prefix for path in live for prefix in _folders_holding(path)}
+        return [folder for folder in folders if folder[0] not in holding]
 
     @staticmethod
     def _record_folders(conn: sqlite3.Connection, folders: list[tuple]) -> None:

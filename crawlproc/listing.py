@@ -28,6 +28,7 @@ import heapq
 import marshal
 import os
 import signal
+import time
 from array import array
 from stat import S_ISDIR, S_ISLNK, S_ISREG
 
@@ -382,10 +383,16 @@ class _Child:
             os.kill(self.pid, signal.SIGKILL)
 
     def wait(self, timeout: float | None = None) -> int:
-        """Its exit code; after kill() it comes at once, so waiting blocks (`timeout` is ignored)."""
-        if self.returncode is None:
-            _, status = os.waitpid(self.pid, 0)
-            self.returncode = os.waitstatus_to_exitcode(status)
+        """Its exit code, waiting up to `timeout` seconds (TimeoutError) or for good."""
+        if timeout is None:
+            if self.returncode is None:
+                self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+            return self.returncode
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"listing helper {self.pid} did not end within {timeout} s")
+            time.sleep(0.001)  # a killed child ends within a few ms
         return self.returncode
 
 

@@ -2,7 +2,8 @@
 
 The kernel drops the lock when the holder dies, however it dies, so a crashed
 run never blocks the next one. The descriptor is close-on-exec and workers are
-started by forkserver/spawn, so no worker ever holds it.
+started by forkserver/spawn, so no worker ever holds it; the coordinator's own
+forked children (children.py) close it first thing.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import fcntl
 import os
 from pathlib import Path
 
+from crawlproc.children import forget_kept, keep_from_children
 from crawlproc.errors import OutLocked
 
 LOCK_NAME = "lock"
@@ -31,10 +33,12 @@ class OutLock:
             raise OutLocked(f"another crawlproc (pid {holder}) is using {self.path.parent}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        keep_from_children(fd)
         self._fd = fd
 
     def release(self) -> None:
         if self._fd is not None:
+            forget_kept(self._fd)
             os.close(self._fd)  # closing drops the flock
             self._fd = None
 

@@ -245,3 +245,17 @@ def test_a_step_over_unchanged_folders_stays_short(ledger, tmp_path):
         scan.step(10)
         steps += 1
     assert scan.files == 100 and steps >= 10  # ten files (two folders) a step, not the whole tree
+
+
+def test_a_file_deleted_while_its_task_runs_is_not_vouched_for(ledger, tree):
+    """Its worker may still report it done after the scan listed the folder without it: the
+    folder must be listed again next time, so that the task then becomes gone."""
+    full_scan(ledger, tree)
+    ledger.conn.execute("UPDATE tasks SET state = 'running' WHERE path_bytes = ?", (b"a/2.txt",))
+    (tree / "a" / "2.txt").unlink()
+    full_scan(ledger, tree)
+    assert live(ledger)[b"a/2.txt"][2] == "running"  # left to its worker
+    assert b"a/" not in recorded(ledger)
+    ledger.conn.execute("UPDATE tasks SET state = 'done' WHERE path_bytes = ?", (b"a/2.txt",))  # it reports
+    assert full_scan(ledger, tree).gone == 1 and b"a/2.txt" not in live(ledger)
+    assert b"a/" in recorded(ledger)

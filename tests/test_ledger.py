@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from crawlproc.errors import IdentityMismatch, LedgerError
-from crawlproc.ledger import RUNNING_FLAG, Ledger
+from crawlproc.ledger import RUNNING_FLAG, SCHEMA_VERSION, Ledger
 
 SPEC_COLUMNS = {"id", "relpath", "offset", "length", "size", "mtime_ns", "state", "attempts", "error"}
 FAR_FUTURE = 1e12
@@ -552,3 +552,36 @@ def test_counts_taken_ahead_are_used_only_if_nothing_was_written_since(ledger):
     finally:
         other.close()
     assert ledger.counts()["gone"] == 1
+
+
+def test_a_schema_1_ledger_is_upgraded_and_an_older_crawlproc_is_kept_out(tmp_path):
+    led = Ledger(tmp_path / "ledger.db")
+    scan(led, [row("a")])
+    led.conn.execute("DROP TABLE folders")  # what schema 1 had
+    led.conn.execute("PRAGMA user_version=1")
+    led.close()
+    reader = Ledger(tmp_path / "ledger.db", readonly=True)  # `status` reads an old ledger as it is
+    assert reader.counts()["pending"] == 1
+    reader.close()
+    upgraded = Ledger(tmp_path / "ledger.db")
+    try:
+        assert upgraded.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert upgraded.known_folders("plan") == {} and upgraded.requeue_stale() == 0
+    finally:
+        upgraded.close()
+    with sqlite3.connect(tmp_path / "ledger.db") as conn:
+        conn.execute("PRAGMA user_version=3")  # a ledger from a newer crawlproc
+    with pytest.raises(LedgerError, match="schema 3"):
+        Ledger(tmp_path / "ledger.db")
+
+
+def test_a_rolled_back_claim_does_not_leave_the_flag_unwritten(ledger):
+    scan(ledger, [row("a"), row("b")])
+    ledger.requeue_stale()  # the flag is '0' now
+    with pytest.raises(RuntimeError):
+        with ledger.transaction() as conn:
+            ledger.claim(conn, 1, 1 << 30, 0.0)
+            raise RuntimeError("the turn failed")
+    assert ledger.meta()[RUNNING_FLAG] == "0" and states(ledger) == {"a": "pending", "b": "pending"}
+    claim(ledger, limit=1)
+    assert ledger.meta()[RUNNING_FLAG] == "1"  # written again with the claim that stuck

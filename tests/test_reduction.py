@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tree
+from conftest import make_tree, wait_until
 from crawlproc.finalize import merge_results
 from crawlproc.ledger import Ledger
+from crawlproc.lock import OutLock
 from crawlproc.reduction import Reduction, records_in
 from crawlproc.run import RunOptions, run_job
 
@@ -114,3 +115,19 @@ def test_run_summary_has_the_reduced_totals(tmp_path: Path):
     finally:
         led.close()
     assert merged.reduced == sum(range(50))
+
+
+def test_the_child_does_not_hold_the_lock_on_out(tmp_path: Path):
+    """A child still reducing after its coordinator was killed must not keep OUT locked."""
+    with OutLock(tmp_path):
+        reduction = Reduction(total)
+        try:
+            pid = reduction._pid  # noqa: SLF001 - the test looks at the real process
+            lock = os.path.realpath(tmp_path / "lock")
+
+            def child_fds() -> set[str]:
+                return {os.path.realpath(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+
+            wait_until(lambda: lock not in child_fds(), 5, "the reducer's child to close the lock")
+        finally:
+            reduction.close()
