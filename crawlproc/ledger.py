@@ -202,11 +202,7 @@ class Ledger:
 
     def set_meta(self, values: Mapping[str, Any]) -> None:
         with self.transaction() as conn:
-            conn.executemany(
-                "INSERT INTO meta (key, value) VALUES (?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                [(k, _meta_text(v)) for k, v in values.items()],
-            )
+            _put_meta(conn, values)
 
     def check_identity(self, identity: Mapping[str, Any], *, reprocess: bool) -> bool:
         """Compare the run's identity with OUT's; True when every task must be redone.
@@ -256,7 +252,7 @@ class Ledger:
         return stale
 
     def _set_running_flag(self, conn: sqlite3.Connection, may_run: bool) -> None:
-        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (RUNNING_FLAG, "1" if may_run else "0"))
+        _put_meta(conn, {RUNNING_FLAG: "1" if may_run else "0"})
         self._flagged_running = may_run
 
     def _note_running(self, conn: sqlite3.Connection) -> None:
@@ -393,7 +389,7 @@ class Ledger:
         if self.meta().get("folder_plan") != plan:  # other globs or chunk size: other tasks per folder
             with self.transaction() as conn:
                 conn.execute("DELETE FROM folders")
-                conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('folder_plan', ?)", (plan,))
+                _put_meta(conn, {"folder_plan": plan})
             return {}
         return {prefix: (fingerprint, files)
                 for prefix, fingerprint, files in self.conn.execute("SELECT prefix, fingerprint, files FROM folders")}
@@ -680,6 +676,14 @@ class Ledger:
 def _with_relpath(rows: list[tuple]) -> Iterator[tuple]:
     """Scan rows with the escaped relpath people read put in front, as the inserts want them."""
     return ((relpath_for_people(r[0]), *r) for r in rows)
+
+
+def _put_meta(conn: sqlite3.Connection, values: Mapping[str, Any]) -> None:
+    """Set meta keys, inside the caller's transaction."""
+    conn.executemany(
+        "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [(k, _meta_text(v)) for k, v in values.items()],
+    )
 
 
 def _unpack_totals(row: tuple) -> tuple[dict[str, int], tuple]:

@@ -327,9 +327,8 @@ class _Helper:
                 stream.close()
             except OSError:
                 pass
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=5)
+        self.process.kill()
+        self.process.wait()  # killed: it ends at once
 
 
 def _start_helpers(count: int) -> list[_Helper]:

@@ -144,7 +144,6 @@ class WorkerPool:
         self._grace_deadline: float | None = None
         self._startup_deaths = 0
         self._started = False  # workers started
-        self._forkserver_since: float | None = None  # monotonic time it was started
         self._last_run_update = 0.0
         self._last_run_state: tuple | None = (0, 0, None)  # what start_run wrote: no write until it changes
         self._wake_r, self._wake_w = os.pipe()
@@ -253,9 +252,7 @@ class WorkerPool:
     def start_forkserver(self) -> None:
         """Start the workers' forkserver now, when work is certain (a new OUT), so that it is
         ready by the time the scan has found the first tasks. It does not block."""
-        if self._forkserver_since is None:
-            self.forkserver.start()  # a no-op if it was started early (see run._open_job)
-            self._forkserver_since = self.forkserver.started_at
+        self.forkserver.start()  # a no-op if it runs already (started early: see run._open_job)
 
     def _claimable_now(self) -> bool:
         """Could a pending task be claimed now? If not, nothing is until the source adds some."""
@@ -279,9 +276,9 @@ class WorkerPool:
                 break  # stopping
 
     def _warmup_left(self) -> float:
-        if self._started or self._forkserver_since is None:
+        if self._started or self.forkserver.started_at is None:
             return 0.0
-        return max(0.0, self._forkserver_since + FORKSERVER_WARMUP_SECONDS - time.monotonic())
+        return max(0.0, self.forkserver.started_at + FORKSERVER_WARMUP_SECONDS - time.monotonic())
 
     def _wants_work(self, worker: WorkerHandle) -> bool:
         return (not worker.retiring and len(worker.inflight) < PIPELINE
@@ -462,7 +459,7 @@ class WorkerPool:
             timeout = min(timeout, max(0.0, self._retry_due - now))
         if self._grace_deadline is not None:
             timeout = min(timeout, max(0.0, self._grace_deadline - now))
-        if self._forkserver_since is not None and not self._started and not self._stopping:
+        if self.forkserver.started_at is not None and not self._started and not self._stopping:
             timeout = min(timeout, self._warmup_left())
         if self.options.timeout:
             timeout = min(timeout, self._next_task_deadline())

@@ -16,7 +16,6 @@ import re
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import TYPE_CHECKING, NamedTuple
 
 from crawlproc.listing import DIR, FILE, LEAF, OTHER, UNCHANGED, UNREADABLE, VANISHED, HelperLister, LocalLister
