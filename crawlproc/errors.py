@@ -43,4 +43,12 @@ class Interrupted(CrawlprocError):
 
 
 class TaskFailed(Exception):
-    """Raised inside a worker to fail an attempt with a message and no traceback."""
+    """Raised inside a worker to fail an attempt with a message and no traceback.
+
+    `details`, when given, is kept in the ledger's traceback field instead of
+    the Python traceback (e.g. a failed command's stderr and stdout).
+    """
+
+    def __init__(self, message: str, details: str | None = None) -> None:
+        super().__init__(message)
+        self.details = details

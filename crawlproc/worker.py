@@ -150,7 +150,8 @@ class Worker:
         elapsed = time.perf_counter() - started
         if isinstance(exc, FileNotFoundError) and not os.path.lexists(path):
             return (task_id, GONE, None, elapsed)
-        return (task_id, FAILED, (describe_exception(exc), traceback.format_exc()), elapsed)
+        details = exc.details if isinstance(exc, TaskFailed) else None
+        return (task_id, FAILED, (describe_exception(exc), details or traceback.format_exc()), elapsed)
 
     def _over_memory(self) -> bool:
         """RSS past --max-memory-per-child? Read at most every MEMORY_CHECK_SECONDS.
