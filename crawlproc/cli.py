@@ -103,6 +103,17 @@ def _failures_option(ctx: click.Context, param: click.Parameter, value: str | No
     return float(match.group(1)), bool(match.group(2))
 
 
+def _exit_codes_option(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    from crawlproc.processors.command import parse_exit_codes
+
+    try:
+        return parse_exit_codes(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def _env(name: str) -> str:
     return f"CRAWLPROC_{name.upper()}"
 
@@ -136,10 +147,18 @@ def processing_options(func: Any) -> Any:
         click.option("--param", "params", multiple=True, callback=_params_option, metavar="KEY=VALUE",
                      envvar=_env("param"), help="Given to the processor as task.params; repeatable."),
         click.option("--cmd", metavar="'PROG ARGS {}'", envvar=_env("cmd"),
-                     help="Run an external command per file instead of -p ({} = the file's absolute path; "
-                          "split with shlex, never a shell)."),
+                     help="Run an external command per file instead of -p; split with shlex, never a shell. "
+                          "As in GNU parallel, {} is the file's absolute path, {/} its basename, {//} its folder, "
+                          "{.} the path without its last extension, {/.} the basename without it. A placeholder "
+                          "that is a whole argument is passed raw (to hand a path to a program that is not a "
+                          "shell, give {} as an argument of its own); inside a larger argument, as in "
+                          "sh -c 'wc -c < {}', it is shell-quoted. Without a placeholder the path is appended "
+                          "as the last argument."),
+        click.option("--ok-exit-codes", callback=_exit_codes_option, metavar="CODES", envvar=_env("ok_exit_codes"),
+                     help="With --cmd: exit codes that count as done, e.g. 0,1 for grep -c "
+                          "(the record keeps the code).  [default: 0]"),
         out_option,
-        click.option("-w", "--workers", type=click.IntRange(1), default=os.cpu_count() or 1,
+        click.option("-w", "-j", "--workers", type=click.IntRange(1), default=os.cpu_count() or 1,
                      envvar=_env("workers"), show_default="CPU count", help="Worker processes."),
         click.option("--include", multiple=True, envvar=_env("include"), metavar="GLOB",
                      help="Only files matching GLOB (on the path relative to DATA_DIR); repeatable."),
@@ -252,18 +271,24 @@ def _with_progress(kw: dict[str, Any], job: Callable[[Any, Any], Any], data_dir:
 
 
 def _processor_and_params(kw: dict[str, Any]) -> tuple[str, dict[str, str]]:
-    """-p and --param, or --cmd: the command line becomes the `cmd` processor's param."""
+    """-p and --param, or --cmd: the command line (and --ok-exit-codes, unless it is the
+    default) become the `cmd` processor's params."""
     if kw["cmd"] is None:
+        if kw["ok_exit_codes"] is not None:
+            raise click.UsageError("--ok-exit-codes goes with --cmd, e.g. --cmd 'grep -c x {}' --ok-exit-codes 0,1")
         return kw["processor"], kw["params"]
-    from crawlproc.processors.command import check_template
+    from crawlproc.processors.command import DEFAULT_OK_EXIT_CODES, OK_EXIT_CODES, format_exit_codes
 
     source = click.get_current_context().get_parameter_source("processor")
     if source not in (None, click.core.ParameterSource.DEFAULT):
         raise click.UsageError("--cmd and -p/--processor exclude each other")
-    if "cmd" in kw["params"]:
-        raise click.UsageError("give the command with --cmd, not --param cmd=...")
-    check_template(kw["cmd"])
-    return "cmd", {**kw["params"], "cmd": kw["cmd"]}
+    for name, what, option in (("cmd", "the command", "--cmd"), (OK_EXIT_CODES, "the exit codes", "--ok-exit-codes")):
+        if name in kw["params"]:
+            raise click.UsageError(f"give {what} with {option}, not --param {name}=...")
+    params = {**kw["params"], "cmd": kw["cmd"]}
+    if kw["ok_exit_codes"] not in (None, DEFAULT_OK_EXIT_CODES):
+        params[OK_EXIT_CODES] = format_exit_codes(kw["ok_exit_codes"])
+    return "cmd", params
 
 
 def _run_options(data_dir: Path, kw: dict[str, Any]) -> Any:

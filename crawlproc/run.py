@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -97,6 +98,14 @@ def check_data_dir(data_dir: Path) -> None:
         raise UsageError(f"DATA_DIR {data_dir} is not readable")
 
 
+def check_command_params(processor: Processor, params: dict[str, str]) -> None:
+    """For --cmd (the built-in `cmd`, however named): a missing program or a bad template
+    is exit 2 now, not one failure per file."""
+    command = sys.modules.get("crawlproc.processors.command")  # loaded if `processor` is it
+    if command is not None and processor is command.run_command:
+        command.check_command(params)
+
+
 def run_identity(options: RunOptions, processor: Processor) -> dict[str, Any]:
     """What makes results comparable: a different identity means different output."""
     return {
@@ -132,6 +141,7 @@ def _open_job(options: RunOptions, command: str, *, early_forkserver: bool = Fal
     """
     check_data_dir(options.data_dir)
     processor = load(options.processor)  # before OUT exists: a typo in -p leaves nothing behind
+    check_command_params(processor, options.params)
     prepare_out(options.out)
     with OutLock(options.out):
         forkserver = None

@@ -564,7 +564,8 @@ def test_cmd_non_zero_exit_fails_the_attempt(tmp_path):
     with pytest.raises(CommandFailed, match=r"^command exited with code 3: boom") as info:
         run_command(cmd_task(path, "sh -c 'echo boom >&2; echo more >&2; exit 3' sh {}"))
     assert isinstance(info.value, TaskFailed)
-    assert "more" in str(info.value)
+    assert str(info.value) == "command exited with code 3: boom"  # one line; the rest in details
+    assert "boom\nmore" in info.value.details
     with pytest.raises(CommandFailed, match="command exited with code 1$"):
         run_command(cmd_task(path, "false {}"))
     with pytest.raises(CommandFailed, match="killed by SIGKILL"):

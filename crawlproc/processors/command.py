@@ -1,35 +1,12 @@
-"""The processor behind `crawlproc run --cmd 'prog --flag {}'`: an external command per file.
-
-The CLI runs it as the built-in `cmd` with the template in the params:
-processor `"cmd"` and `params["cmd"] = "prog --flag {}"` (the template is then
-part of the run's identity, like any param). `check_template()` lets the CLI
-refuse a bad template up front, with exit code 2.
-
-- argv is `shlex.split(template)`, with `{}` replaced by the file's absolute
-  path wherever it appears (`{}` alone or inside a word, e.g. `--in={}`); a
-  template without `{}` gets the path as its last argument (like xargs). There
-  is never a shell: `;`, `|`, `$(...)` in a file name are just characters, and
-  a name starting with `-` cannot become an option since the path is absolute.
-- stdin is /dev/null; stdout and stderr are captured, each up to MAX_OUTPUT
-  bytes (the rest is read and dropped, `stdout_truncated`/`stderr_truncated`
-  give the number of bytes dropped) and decoded as UTF-8 with replacement.
-- The command runs in the worker's process group (no new session), so a
-  `--timeout` kill of the worker's group kills the command too.
-- Record: `{"path", "exit_code", "stdout", "stderr"}`; a task that is a byte
-  range (--chunk-size) still passes the whole file's path and adds `offset`
-  and `length`, so the command should be given whole files (no --chunk-size).
-- A non-zero exit fails the attempt (`CommandFailed`, retried like any failure):
-  "command exited with code 2: <first line of stderr>", followed by the tail of
-  stderr. A missing or non-executable program fails with a message naming it.
-"""
-
 from __future__ import annotations
 
 import os
+import re
 import selectors
 import shlex
 import signal
 import subprocess
+from collections.abc import Mapping
 from typing import Any
 
 from crawlproc.errors import TaskFailed, UsageError
@@ -37,12 +14,17 @@ from crawlproc.processors.base import processor
 from crawlproc.task import Task
 
 MAX_OUTPUT = 1 << 20      # bytes kept of stdout and of stderr
-STDERR_TAIL = 1000        # characters of stderr kept in a failure's message
-PLACEHOLDER = "{}"
+OUTPUT_TAIL = 2000        # characters of stderr and of stdout kept with a failure
+OK_EXIT_CODES = "ok_exit_codes"  # the param that holds --ok-exit-codes
+DEFAULT_OK_EXIT_CODES = (0,)
+# {} {/} {//} {.} {/.}; the group is what stands between the braces
+PLACEHOLDER = re.compile(r"\{(//|/\.|/|\.)?\}")
+_EXTENSION = re.compile(r"\.[^/.]*$")  # GNU parallel's own rule for {.}
+_EXIT_CODE = re.compile(r"\d{1,3}", re.ASCII)
 
 
 class CommandFailed(TaskFailed):
-    """The command could not be started or exited with a non-zero code."""
+    """The command could not be started or exited with a code not in --ok-exit-codes."""
 
 
 def check_template(template: str | None) -> list[str]:
@@ -52,18 +34,79 @@ def check_template(template: str | None) -> list[str]:
     try:
         words = shlex.split(template)
     except ValueError as exc:
-        raise UsageError(f"--cmd {template!r}: {exc}") from None
+        raise UsageError(f"--cmd {shlex.quote(template)}: {exc}") from None
     if not words:
         raise UsageError("--cmd needs a command, e.g. --cmd 'wc -l {}'")
     return words
 
 
-def build_argv(template: str, path: str) -> list[str]:
-    """argv for one file: every `{}` becomes `path` (appended if the template has none)."""
+def parse_exit_codes(text: str) -> tuple[int, ...]:
+    """'1,0' -> (0, 1): sorted, without repeats; ValueError unless every item is a code 0-255."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(_EXIT_CODE.fullmatch(item) and int(item) <= 255 for item in items):
+        raise ValueError(f"{text!r} is not a comma-separated list of exit codes 0-255, e.g. 0,1")
+    return tuple(sorted({int(item) for item in items}))
+
+
+def format_exit_codes(codes: tuple[int, ...]) -> str:
+    """The param's text for `codes` (the same codes always give the same text, so the same identity)."""
+    return ",".join(str(code) for code in sorted(set(codes)))
+
+
+def check_command(params: Mapping[str, str]) -> None:
+    """Refuse a --cmd run that cannot work (UsageError, exit 2) before any task runs:
+    a bad template, a bad code list, or a program that exec would not find or run."""
+    template = params.get("cmd")
     words = check_template(template)
-    if not any(PLACEHOLDER in word for word in words):
+    try:
+        parse_exit_codes(params.get(OK_EXIT_CODES, "0"))
+    except ValueError as exc:
+        raise UsageError(f"--ok-exit-codes {exc}") from None
+    program = words[0]
+    if PLACEHOLDER.search(program):
+        return  # which program runs depends on the file: each task finds out
+    problem = program_problem(program)
+    if problem:
+        raise UsageError(f"--cmd {shlex.quote(template)}: {problem}")
+
+
+def program_problem(program: str) -> str | None:
+    """Why exec could not run `program`, or None: a bare name is looked up on PATH
+    (like execvp), a name with a `/` is taken as a path from the current folder."""
+    if "/" not in program:
+        import shutil
+
+        return None if shutil.which(program) else f"no program {program!r} on PATH"
+    if not os.path.exists(program):
+        return f"program {shlex.quote(program)} does not exist"
+    if os.path.isdir(program) or not os.access(program, os.X_OK):
+        return f"program {shlex.quote(program)} is not executable"
+    return None
+
+
+def build_argv(template: str, path: str) -> list[str]:
+    """argv for one file: placeholders replaced (the path appended if the template has none)."""
+    words = check_template(template)
+    if not any(PLACEHOLDER.search(word) for word in words):
         return [*words, path]
-    return [word.replace(PLACEHOLDER, path) for word in words]
+    return [_substitute(word, path) for word in words]
+
+
+def _substitute(word: str, path: str) -> str:
+    """A whole-word placeholder gives the raw value; inside a larger word, a shell-quoted one."""
+    whole = PLACEHOLDER.fullmatch(word)
+    if whole:
+        return placeholder_value(whole.group(1) or "", path)
+    return PLACEHOLDER.sub(lambda match: shlex.quote(placeholder_value(match.group(1) or "", path)), word)
+
+
+def placeholder_value(kind: str, path: str) -> str:
+    """What `{kind}` stands for, as GNU parallel defines it: '' the path, '/' its basename,
+    '//' its dirname, '.' the path without its extension, '/.' the basename without it."""
+    if kind == "//":
+        return os.path.dirname(path) or "."
+    name = path.rpartition("/")[2] if kind.startswith("/") else path
+    return _EXTENSION.sub("", name) if kind.endswith(".") else name
 
 
 @processor(version="1")
@@ -72,26 +115,16 @@ def run_command(task: Task) -> dict:
     template = task.params.get("cmd")
     try:
         argv = build_argv(template or "", task.path)
-    except UsageError as exc:
+        ok_codes = parse_exit_codes(task.params.get(OK_EXIT_CODES, "0"))
+    except (UsageError, ValueError) as exc:
         raise CommandFailed(str(exc)) from None
-    try:
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            close_fds=True,
-        )
-    except FileNotFoundError:
-        raise CommandFailed(f"command not found: {argv[0]!r} (from --cmd {template!r})") from None
-    except PermissionError:
-        raise CommandFailed(f"command not executable: {argv[0]!r} (from --cmd {template!r})") from None
-    except OSError as exc:
-        raise CommandFailed(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from None
-    with proc:
+    with _start(argv, template) as proc:
         (out, out_dropped), (err, err_dropped) = _collect(proc)
         code = proc.wait()
     stdout = out.decode("utf-8", "replace")
     stderr = err.decode("utf-8", "replace")
-    if code != 0:
-        raise CommandFailed(_failure_message(code, stderr))
+    if code not in ok_codes:
+        raise CommandFailed(_failure_message(code, stderr), details=_output_tails(stdout, stderr))
     record: dict[str, Any] = {"path": task.relpath, "exit_code": code, "stdout": stdout, "stderr": stderr}
     if out_dropped:
         record["stdout_truncated"] = out_dropped
@@ -101,6 +134,20 @@ def run_command(task: Task) -> dict:
         record["offset"] = task.offset
         record["length"] = task.length
     return record
+
+
+def _start(argv: list[str], template: str | None) -> subprocess.Popen:
+    try:
+        return subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            close_fds=True,
+        )
+    except FileNotFoundError:
+        raise CommandFailed(f"command not found: {argv[0]!r} (from --cmd {template!r})") from None
+    except PermissionError:
+        raise CommandFailed(f"command not executable: {argv[0]!r} (from --cmd {template!r})") from None
+    except OSError as exc:
+        raise CommandFailed(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from None
 
 
 def _collect(proc: subprocess.Popen, limit: int | None = None) -> list[tuple[bytes, int]]:
@@ -129,6 +176,7 @@ def _collect(proc: subprocess.Popen, limit: int | None = None) -> list[tuple[byt
 
 
 def _failure_message(code: int, stderr: str) -> str:
+    """One line: how the command ended, and the first line of its stderr."""
     if code < 0:
         try:
             name = signal.Signals(-code).name
@@ -137,11 +185,18 @@ def _failure_message(code: int, stderr: str) -> str:
         head = f"command killed by {name}"
     else:
         head = f"command exited with code {code}"
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    if not lines:
-        return head
-    message = f"{head}: {lines[0][:300]}"
-    if len(lines) > 1:
-        tail = stderr.strip()[-STDERR_TAIL:]
-        message += "\n" + tail
-    return message
+    first = next((line for line in stderr.splitlines() if line.strip()), None)
+    return head if first is None else f"{head}: {first[:300]}"
+
+
+def _output_tails(stdout: str, stderr: str) -> str:
+    """What a failed command leaves in the ledger's traceback field: the ends of its output."""
+    return "\n".join(_tail(name, text) for name, text in (("stderr", stderr), ("stdout", stdout)))
+
+
+def _tail(name: str, text: str) -> str:
+    if not text:
+        return f"--- {name}: empty ---"
+    if len(text) <= OUTPUT_TAIL:
+        return f"--- {name} ---\n{text.rstrip()}"
+    return f"--- {name} (last {OUTPUT_TAIL} characters) ---\n{text[-OUTPUT_TAIL:].rstrip()}"
