@@ -82,7 +82,8 @@ class Outcomes:
             elif kind == DONE or kind == RETURNED:
                 self.hand_back(conn, [task_id])
             elif kind == FAILED:
-                self.fail_attempt(conn, task, detail[0], detail[1], report.pid)
+                self.fail_attempt(conn, task, detail[0], detail[1], report.pid,
+                                  where=f" on {report.where}" if report.where else "")
             elif kind == CHANGED:  # counts as an attempt: a file rewritten on every try ends failed
                 self.ledger.record_new_stat(conn, task_id, *detail)
                 self.fail_attempt(conn, task, "the file changed while it was processed "

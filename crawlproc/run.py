@@ -137,6 +137,10 @@ def _open_job(options: RunOptions, command: str, *, early_forkserver: bool = Fal
     """
     check_data_dir(options.data_dir)
     processor = load(options.processor)  # before OUT exists: a typo in -p leaves nothing behind
+    if options.executor == "dask":
+        from crawlproc.executors.dask import check_available
+
+        check_available()
     prepare_out(options.out)
     with OutLock(options.out):
         forkserver = None
@@ -175,6 +179,8 @@ def run_job(options: RunOptions, *, on_progress: Callable[[dict], None] | None =
         source = Scan(job.ledger, os.fsencode(options.data_dir), scan_options(options), _log_skip,
                       claim_new=True, list_helpers=list_helpers(job))
         pool = make_pool(job, on_progress, forkserver=job.forkserver)
+        if options.executor != "local":
+            pool.prepare_executor()  # connect, and check every worker sees our paths, before any claim
         if job.ledger.created:  # a new OUT: there will be work (unless DATA_DIR is empty)
             pool.prepare_executor()
         else:  # maybe nothing to do: the summary's counts are then ready when the scan ends
@@ -207,6 +213,8 @@ def watch_job(
         merger = _PeriodicMerge(job, merge_interval)
         pool = make_pool(job, on_progress, on_turn=merger.maybe_merge, run_info=watcher.info)
         merger.pool = pool
+        if options.executor != "local":
+            pool.prepare_executor()
         logger.info("watching {} (Ctrl-C to stop)", options.data_dir)
         try:
             pool_result = pool.run(watcher)
