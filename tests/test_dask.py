@@ -363,3 +363,31 @@ def test_a_worker_that_does_not_see_out_is_named(tmp_path, cluster):
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert not query_ledger(out, "SELECT 1 FROM tasks WHERE state != 'pending' AND state != 'running'")
     wait_until(lambda: len(cluster[1].scheduler_info()["workers"]) == 2, 60, "the third worker to leave")
+
+
+# -- 8. a cluster of our own: --scheduler local:N ----------------------------------------------------
+
+def test_local_cluster_of_our_own(tmp_path):
+    """`--scheduler local:2` starts (and stops) a LocalCluster itself; a kill -9 of the coordinator
+    leaves neither the lock on OUT held nor Dask processes behind."""
+    data = make_tree(tmp_path / "data", {f"s{i:03d}.txt": f"{i}\n" * i for i in range(120)})
+    clean = crawl(data, tmp_path / "clean", "-p", SLOW, "-w", "2")
+    assert clean.returncode == 0, clean.stderr
+    out = tmp_path / "out"
+    proc = start_run(data, out, "-p", SLOW, "--executor", "dask", "--scheduler", "local:2", "--batch-size", "4")
+    try:
+        wait_until(lambda: done_count(out) >= 10 or proc.poll() is not None, 90, "tasks done on the cluster")
+        assert proc.poll() is None
+        started = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert started, "the run started no Dask worker processes"
+    again = crawl(data, out, "-p", SLOW, "--executor", "dask", "--scheduler", "local:2")
+    assert again.returncode == 0, again.stderr  # 3 would mean a forked worker kept OUT locked
+    assert (out / "merged.jsonl").read_bytes() == (tmp_path / "clean" / "merged.jsonl").read_bytes()
+    assert_no_leftovers(out)
+    wait_until(lambda: not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
+               60, "the dead run's Dask processes to end")
