@@ -1,3 +1,4 @@
 from crawlproc.cli import main
 
-main()
+if __name__ == "__main__":  # not when multiprocessing's spawn imports it as __mp_main__
+    main()

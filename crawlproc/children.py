@@ -19,12 +19,26 @@ _KEPT_FROM_CHILDREN: set[int] = set()  # descriptors no child may hold (see keep
 
 def keep_from_children(fd: int) -> None:
     """A forked child closes `fd` first thing: the lock on OUT, which a child outliving a
-    killed coordinator must not keep (the next run would find OUT locked)."""
+    killed coordinator must not keep (the next run would find OUT locked). This holds for
+    every fork of this process: ours, and those of libraries (a Dask LocalCluster forks its
+    workers from here)."""
     _KEPT_FROM_CHILDREN.add(fd)
 
 
 def forget_kept(fd: int) -> None:
     _KEPT_FROM_CHILDREN.discard(fd)
+
+
+def _close_kept_in_child() -> None:
+    for fd in _KEPT_FROM_CHILDREN:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _KEPT_FROM_CHILDREN.clear()
+
+
+os.register_at_fork(after_in_child=_close_kept_in_child)
 
 
 def fork_child(run: Callable[[int, int], None], *, close_others: bool = False) -> tuple[int, int, int] | None:
@@ -44,9 +58,7 @@ def fork_child(run: Callable[[int, int], None], *, close_others: bool = False) -
             os.close(fd)
         return None
     if pid == 0:
-        try:
-            for fd in _KEPT_FROM_CHILDREN:
-                os.close(fd)
+        try:  # the lock on OUT is closed already (see _close_kept_in_child)
             os.close(to_child_w)
             os.close(from_child_r)
             if close_others:

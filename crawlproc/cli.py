@@ -168,6 +168,10 @@ def processing_options(func: Any) -> Any:
                      envvar=_env("max_tasks_per_child"), help="Recycle a worker after N tasks."),
         click.option("--max-memory-per-child", "max_memory", callback=_size_option, metavar="SIZE",
                      envvar=_env("max_memory_per_child"), help="Recycle a worker whose RSS passed SIZE (e.g. 512MB)."),
+        click.option("--max-memory-per-task", callback=_size_option, metavar="SIZE",
+                     envvar=_env("max_memory_per_task"),
+                     help="Kill a worker whose RSS passes SIZE while a task runs; that task alone is charged "
+                          "an attempt."),
         click.option("--timeout", type=click.FloatRange(min=0, min_open=True), envvar=_env("timeout"),
                      help="Kill a task's worker after SECONDS; counts as a failed attempt."),
         click.option("--retries", type=click.IntRange(0), default=2, show_default=True, envvar=_env("retries"),
@@ -193,8 +197,12 @@ def processing_options(func: Any) -> Any:
         format_option,
         click.option("--no-merge", is_flag=True, envvar=_env("no_merge"), help="Skip the finalizer."),
         click.option("--executor", type=click.Choice(["local", "dask"]), default="local", show_default=True,
-                     envvar=_env("executor"), help="Where tasks run."),
-        click.option("--scheduler", metavar="ADDR", envvar=_env("scheduler"), help="Dask scheduler address."),
+                     envvar=_env("executor"),
+                     help="Where batches run: worker processes here, or a Dask distributed cluster "
+                          "(pip install 'crawlproc[dask]')."),
+        click.option("--scheduler", metavar="ADDR", envvar=_env("scheduler"),
+                     help="With --executor dask: tcp://HOST:PORT of a running scheduler, or local[:N] for a "
+                          "LocalCluster of N worker processes [default: Dask's scheduler-address setting]."),
         click.option("-v", "--verbose", count=True, help="More log lines (debug)."),
         click.option("-q", "--quiet", is_flag=True, envvar=_env("quiet"), help="Only warnings and errors."),
         click.option("--log-json", is_flag=True, envvar=_env("log_json"), help="Log lines on stderr as JSON."),
@@ -256,8 +264,8 @@ def _with_progress(kw: dict[str, Any], job: Callable[[Any, Any], Any], data_dir:
     from crawlproc import logs
     from crawlproc.progress import ProgressReporter
 
-    if kw["executor"] != "local":
-        raise click.UsageError("--executor dask is not available in this version; use local")
+    if kw["scheduler"] is not None and kw["executor"] != "dask":
+        raise click.UsageError("--scheduler needs --executor dask")
     logs.setup_stderr(kw["verbose"], kw["quiet"], kw["log_json"])
     reporter = ProgressReporter(bar=not kw["no_progress"] and not kw["quiet"] and sys.stderr.isatty(),
                                 watching=watching)
@@ -298,12 +306,13 @@ def _run_options(data_dir: Path, kw: dict[str, Any]) -> Any:
     return RunOptions(
         data_dir=data_dir, out=kw["out"], processor=processor, params=params,
         workers=kw["workers"], include=kw["include"], exclude=kw["exclude"],
-        max_tasks_per_child=kw["max_tasks_per_child"], max_memory=kw["max_memory"], timeout=kw["timeout"],
+        max_tasks_per_child=kw["max_tasks_per_child"], max_memory=kw["max_memory"],
+        max_memory_per_task=kw["max_memory_per_task"], timeout=kw["timeout"],
         retries=kw["retries"], retry_delay=kw["retry_delay"], max_failures=kw["max_failures"],
         durable=kw["durable"], retry_failed=kw["retry_failed"], reprocess=kw["reprocess"],
         batch_size=kw["batch_size"], follow_symlinks=kw["follow_symlinks"], chunk_size=kw["chunk_size"],
         output=kw["output"], output_format=kw["output_format"],
-        merge=not kw["no_merge"],
+        merge=not kw["no_merge"], executor=kw["executor"], scheduler=kw["scheduler"],
     )
 
 

@@ -31,6 +31,7 @@ SCHEMA_VERSION = 2  # 2: the folders table and the running flag, which schema-1 
 APPLICATION_ID = 0x43504C31  # "CPL1": tells our ledger from any other SQLite file
 BUSY_TIMEOUT_MS = 10_000
 RUNNING_FLAG = "tasks_may_be_running"  # meta key: see Ledger.requeue_stale
+BATCH_IDS_KEY = "batch_ids_reserved"  # meta key: see Ledger.next_batch_id
 
 
 class State(str, Enum):
@@ -261,13 +262,14 @@ class Ledger:
             self._set_running_flag(conn, True)
 
     def next_batch_id(self) -> int:
-        """Batch ids only need to differ from every id a task still refers to.
-
-        A file left by a batch whose done marks were never committed is not
-        referenced, so reusing its id (and overwriting it) is harmless.
-        """
+        """The first batch id no task refers to and no run has reserved (see batching.BatchIds)."""
         row = self.conn.execute("SELECT max(batch_id) FROM tasks").fetchone()
-        return (row[0] or 0) + 1
+        reserved = self.conn.execute("SELECT value FROM meta WHERE key = ?", (BATCH_IDS_KEY,)).fetchone()
+        return max((row[0] or 0) + 1, int(reserved[0]) if reserved else 0)
+
+    def reserve_batch_ids(self, conn: sqlite3.Connection, below: int) -> None:
+        """Batch ids below `below` are taken, whether or not a task ends up referring to them."""
+        _put_meta(conn, {BATCH_IDS_KEY: str(below)})
 
     # -- scanning --------------------------------------------------------------
     def reconcile(

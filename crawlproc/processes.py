@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -209,6 +210,12 @@ def _shared_memory_fd() -> int:
 
 @contextmanager
 def _stop_signals_ignored() -> Iterator[None]:
+    """SIGINT and SIGTERM ignored while the server is spawned, so that it inherits that from
+    its first instruction. Only the main thread may change handlers; elsewhere (a run started
+    from a notebook's thread) the server ignores them itself as soon as it starts."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield

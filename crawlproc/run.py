@@ -32,7 +32,9 @@ from crawlproc.finalize import (
 )
 from crawlproc.ledger import Ledger
 from crawlproc.lock import OutLock
-from crawlproc.pool import PoolOptions, PoolResult, WorkerPool
+from crawlproc.coordinator import Coordinator, CoordinatorOptions
+from crawlproc.executors import WorkerLimits, make_executor
+from crawlproc.outcomes import RetryPolicy, Tally, out_hint
 from crawlproc.processes import ForkServer
 from crawlproc.processors.base import Processor, load, normalise_spec
 from crawlproc.results import remove_temp_files, remove_unreferenced
@@ -54,6 +56,7 @@ class RunOptions:
     exclude: tuple[str, ...] = ()
     max_tasks_per_child: int = 1000
     max_memory: int | None = None
+    max_memory_per_task: int | None = None
     timeout: float | None = None
     retries: int = 2
     retry_delay: float = 0.5
@@ -67,13 +70,15 @@ class RunOptions:
     output: Path | None = None
     output_format: str = "jsonl"
     merge: bool = True
+    executor: str = "local"
+    scheduler: str | None = None
 
 
 @dataclass
 class RunOutcome:
     exit_code: int
     summary: dict[str, Any] | None
-    pool: PoolResult
+    pool: Tally
     message: str | None = None
 
 
@@ -142,10 +147,14 @@ def _open_job(options: RunOptions, command: str, *, early_forkserver: bool = Fal
     check_data_dir(options.data_dir)
     processor = load(options.processor)  # before OUT exists: a typo in -p leaves nothing behind
     check_command_params(processor, options.params)
+    if options.executor == "dask":
+        from crawlproc.executors.dask import check_available
+
+        check_available()
     prepare_out(options.out)
     with OutLock(options.out):
         forkserver = None
-        if early_forkserver and not (options.out / LEDGER_NAME).exists():
+        if early_forkserver and options.executor == "local" and not (options.out / LEDGER_NAME).exists():
             forkserver = ForkServer(worker_config(options))
             forkserver.start()
         try:
@@ -180,8 +189,10 @@ def run_job(options: RunOptions, *, on_progress: Callable[[dict], None] | None =
         source = Scan(job.ledger, os.fsencode(options.data_dir), scan_options(options), _log_skip,
                       claim_new=True, list_helpers=list_helpers(job))
         pool = make_pool(job, on_progress, forkserver=job.forkserver)
+        if options.executor != "local":
+            pool.prepare_executor()  # connect, and check every worker sees our paths, before any claim
         if job.ledger.created:  # a new OUT: there will be work (unless DATA_DIR is empty)
-            pool.start_forkserver()
+            pool.prepare_executor()
         else:  # maybe nothing to do: the summary's counts are then ready when the scan ends
             job.ledger.count_ahead()
         try:
@@ -212,6 +223,8 @@ def watch_job(
         merger = _PeriodicMerge(job, merge_interval)
         pool = make_pool(job, on_progress, on_turn=merger.maybe_merge, run_info=watcher.info)
         merger.pool = pool
+        if options.executor != "local":
+            pool.prepare_executor()
         logger.info("watching {} (Ctrl-C to stop)", options.data_dir)
         try:
             pool_result = pool.run(watcher)
@@ -227,7 +240,7 @@ class _PeriodicMerge:
 
     def __init__(self, job: _Job, interval: float) -> None:
         self.job, self.interval = job, interval
-        self.pool: WorkerPool | None = None
+        self.pool: Coordinator | None = None
         self._next = time.monotonic() + interval
 
     def maybe_merge(self) -> None:
@@ -246,11 +259,11 @@ class _PeriodicMerge:
             in_flight, next_batch = self.pool.batches_in_flight() if self.pool else (set(), None)
             remove_unreferenced(self.job.options.out, set(merged.batches) | in_flight, keep_from=next_batch)
         write_summary(self.job.options.out, self.job.ledger, self.job.processor, self.job.identity, merged,
-                      _timings(self.job, self.pool.result if self.pool else PoolResult()))
+                      _timings(self.job, self.pool.result if self.pool else Tally()))
         return merged
 
 
-def _finish(job: _Job, pool_result: PoolResult, merged: MergeOutcome | None,
+def _finish(job: _Job, pool_result: Tally, merged: MergeOutcome | None,
             exit_code_for: Callable[[dict[str, int]], int]) -> RunOutcome:
     """summary.json, the run's row, and the exit code (from the same final counts)."""
     summary = write_summary(job.options.out, job.ledger, job.processor, job.identity, merged,
@@ -262,7 +275,7 @@ def _finish(job: _Job, pool_result: PoolResult, merged: MergeOutcome | None,
     return RunOutcome(exit_code, summary, pool_result, pool_result.message)
 
 
-def _timings(job: _Job, pool_result: PoolResult) -> dict[str, Any]:
+def _timings(job: _Job, pool_result: Tally) -> dict[str, Any]:
     elapsed = time.monotonic() - job.started
     return {
         "started": job.wall_started, "elapsed_s": round(elapsed, 3),
@@ -321,15 +334,28 @@ def worker_config(options: RunOptions) -> WorkerConfig:
     )
 
 
-def make_pool(job: _Job, on_progress: Callable[[dict], None] | None, **hooks: Any) -> WorkerPool:
+def make_pool(job: _Job, on_progress: Callable[[dict], None] | None, *,
+              forkserver: ForkServer | None = None, **hooks: Any) -> Coordinator:
+    """The coordinator of this job, with the executor the options name."""
     options = job.options
-    config = worker_config(options)
-    pool_options = PoolOptions(
-        workers=options.workers, max_tasks_per_child=options.max_tasks_per_child,
-        batch_size=options.batch_size, timeout=options.timeout, retries=options.retries,
-        retry_delay=options.retry_delay, max_failures=options.max_failures,
+    limits = WorkerLimits(workers=options.workers, max_tasks_per_child=options.max_tasks_per_child,
+                          timeout=options.timeout, max_memory_per_task=options.max_memory_per_task)
+    stopping: list[Coordinator] = []  # the executor asks whether its coordinator is stopping
+    extra: dict[str, Any] = {"cancelled": lambda: bool(stopping) and stopping[0].tally.stop_reason is not None}
+    if options.executor == "local":
+        extra["forkserver"] = forkserver
+    else:
+        extra["scheduler"] = options.scheduler
+        extra["data_dir"] = options.data_dir
+    executor = make_executor(options.executor, worker_config(options), limits, **extra)
+    coordinator_options = CoordinatorOptions(
+        policy=RetryPolicy(options.retries, options.retry_delay, options.max_failures),
+        batch_size=options.batch_size,
     )
-    return WorkerPool(job.ledger, config, pool_options, run_id=job.run_id, on_progress=on_progress, **hooks)
+    coordinator = Coordinator(job.ledger, executor, coordinator_options, run_id=job.run_id,
+                              on_progress=on_progress, out_hint=out_hint(options.out), **hooks)
+    stopping.append(coordinator)
+    return coordinator
 
 
 def _merge(job: _Job, *, publish_if_damaged: bool = True) -> MergeOutcome:
@@ -349,7 +375,7 @@ def _relpath_inside(path: Path, root: Path) -> bytes | None:
     return os.fsencode(os.path.relpath(path_abs, root_abs))
 
 
-def _merge_until_clean(job: _Job, pool_result: PoolResult, on_progress) -> tuple[MergeOutcome, PoolResult]:
+def _merge_until_clean(job: _Job, pool_result: Tally, on_progress) -> tuple[MergeOutcome, Tally]:
     """Merge; while results turn out missing or damaged, process those tasks again first."""
     options = job.options
     merged: MergeOutcome | None = None
@@ -370,7 +396,7 @@ def _merge_until_clean(job: _Job, pool_result: PoolResult, on_progress) -> tuple
     return merged, pool_result
 
 
-def _exit_code(pool_result: PoolResult, counts: dict[str, int]) -> int:
+def _exit_code(pool_result: Tally, counts: dict[str, int]) -> int:
     if pool_result.stop_reason == "interrupted":
         return 130
     if pool_result.stop_reason is not None or counts["failed"] or counts["pending"] or counts["running"]:

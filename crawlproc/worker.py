@@ -80,6 +80,7 @@ class BatchReport:
     outcomes: list[tuple]
     retiring: bool = False
     write_error: str | None = None
+    where: str | None = None  # the Dask worker that ran it (None: this machine)
 
 
 class Worker:

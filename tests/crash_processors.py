@@ -10,6 +10,8 @@ otherwise returns an ordinary record, so one tree can hold both kinds:
     spawn*          starts a child process whose argv carries the file's content
                     as a marker, then hangs (the child must die with the worker)
     leak*           keeps 300 MB of touched memory in a module global
+    grab*           touches $CRASHY_GRAB_MB (400) MB, holds it for up to 60 s, then returns normally
+                    (for --max-memory-per-task: only a kill stops it early)
     raise*          raises ValueError (unless CRASHY_NO_RAISE=1 in the environment)
     sysexit*        raises SystemExit(5)
     unserialisable* returns a record that is not JSON
@@ -60,6 +62,8 @@ def crashy(task) -> dict:
         block = bytearray(LEAK_BYTES)
         block[::4096] = b"\x01" * len(range(0, LEAK_BYTES, 4096))  # touch every page: real RSS
         _leaked.append(block)
+    elif name.startswith("grab"):
+        _grab_and_hold(int(os.environ.get("CRASHY_GRAB_MB", "400")) << 20)
     elif name.startswith("raise"):
         if os.environ.get("CRASHY_NO_RAISE") != "1":
             raise ValueError(f"crashy refuses {task.relpath}")
@@ -73,6 +77,20 @@ def crashy(task) -> dict:
     elif name.startswith("slow"):
         time.sleep(SLOW_SECONDS)
     return _record(task)
+
+
+def _grab_and_hold(size: int) -> None:
+    block = bytearray(size)
+    block[::4096] = b"\x01" * len(range(0, size, 4096))  # touch every page: real RSS
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    del block
+
+
+def always_fails(task) -> dict:
+    """A processor bug: every file fails with the same NameError."""
+    return {"path": task.relpath, "n": undefined_name}  # noqa: F821
 
 
 def slow(task) -> dict:

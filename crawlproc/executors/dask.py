@@ -1,0 +1,323 @@
+"""The Dask executor: batches run as futures on a Dask distributed cluster.
+
+    coordinator ──assign/dispatch──> client.submit(remote.run_batch, job, batch) ──> Dask worker
+         ^                                                                           │ crawlproc worker
+         └── collect(): BatchReport (the future's result) | BatchLost <── done callback ┘ process there
+
+Only batch descriptors travel (ids, paths, byte ranges); each Dask task runs a
+whole batch in a crawlproc worker process on its Dask worker (see remote.py)
+and writes the batch's one result file under OUT, which the cluster shares.
+At most PER_THREAD batches per Dask worker thread are in flight, topped up as
+futures complete (a done callback wakes the coordinator's wait): the
+scheduler never holds more than a few hundred crawlproc tasks, and the first
+results come in seconds however big the tree is.
+
+Dask runs a task at least once and forgets everything when its scheduler
+dies; the ledger makes each task count once: a report is recorded only for a
+batch still in flight, and batch ids (so result names) are never reused. On
+a cluster this executor starts itself (`--scheduler local[:N]`) Dask's own
+retries are off (allowed-failures 0): a batch whose Dask worker died comes
+back as BatchLost and the coordinator claims its tasks again, blaming nobody.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from crawlproc.errors import CrawlprocError, UsageError
+from crawlproc.executors import BatchLost, Event, Opening, WorkerLimits
+from crawlproc.executors.remote import RemoteJob, SharedPathsMissing, run_batch, stop_job, warm_up
+from crawlproc.results import TEMP_SUFFIX
+from crawlproc.worker import BatchReport, WorkBatch, WorkerConfig
+
+PER_THREAD = 3  # batches in flight per Dask worker thread: one running, the next ones queued
+CONNECT_SECONDS = 10.0
+STOP_SECONDS = 5.0
+TOKEN_PREFIX = ".crawlproc-dask-"  # OUT/.crawlproc-dask-<token>.tmp: a temp file, so a dead run's is swept
+INSTALL_HINT = "pip install 'crawlproc[dask]'"
+LOCAL = "local"
+LOST_LIMIT = 5  # a task in this many lost batches is charged an attempt (it may be the cause)
+
+
+def check_available() -> None:
+    """UsageError (exit 2) when the dask extra is not installed."""
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        raise UsageError(f"--executor dask needs Dask distributed: {INSTALL_HINT}") from None
+
+
+class DaskExecutor:
+    name = "dask"
+    target_batch_seconds = 0.5  # each batch costs a scheduler round trip (~1 ms): keep it a small part
+
+    def __init__(self, config: WorkerConfig, limits: WorkerLimits, *, scheduler: str | None,
+                 data_dir: Any, cancelled: Callable[[], bool] = lambda: False) -> None:
+        check_available()
+        _quiet_dask_logging()
+        self.scheduler = scheduler
+        self.limits = limits
+        self.parallelism = limits.workers  # until the cluster says how many threads it has
+        self._cancelled = cancelled
+        token = secrets.token_hex(8)
+        out = os.path.abspath(config.out)
+        self.job = RemoteJob(token, replace(config, out=out), limits,
+                             os.path.join(out, f"{TOKEN_PREFIX}{token}{TEMP_SUFFIX}"), os.path.abspath(data_dir))
+        self.client: Any = None
+        self.cluster: Any = None  # ours to close, for --scheduler local
+        self.address: str | None = None
+        self.workers: dict[str, int] = {}  # Dask worker address -> threads
+        self._capacity = 0
+        self._futures: dict[int, Any] = {}  # batch id -> its future, while in flight
+        self._unsent: list[WorkBatch] = []
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_lock = threading.Lock()  # callbacks never write to the pipe once it is closed
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._lost_count: dict[int, int] = {}  # task id -> lost batches it was in, this run
+
+    # -- starting ------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Connect (or start the local cluster) and check every worker, once."""
+        if self.client is not None:
+            return
+        self._connect()
+        Path(self.job.token_file).write_text(self.job.token + "\n", encoding="ascii")
+        self._check_workers()
+
+    def warmup_left(self) -> float | None:
+        return None
+
+    def launch(self) -> None:
+        self.prepare()
+        self._read_workers()  # workers may have come or gone since
+
+    def _connect(self) -> None:
+        import dask
+        from distributed import Client
+
+        address = self.scheduler or dask.config.get("scheduler-address", None)
+        if not address:
+            raise UsageError(
+                "--executor dask needs a scheduler: --scheduler tcp://HOST:8786 (a running `dask scheduler`), "
+                "--scheduler local[:N] (a cluster of N processes here), or DASK_SCHEDULER_ADDRESS")
+        if address == LOCAL or address.startswith(LOCAL + ":"):
+            self.cluster = _local_cluster(address)
+            address = self.cluster.scheduler_address
+        try:
+            self.client = Client(address, timeout=CONNECT_SECONDS, set_as_default=False)
+        except (OSError, TimeoutError) as exc:
+            raise UsageError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+        self.address = address
+        self._read_workers()
+        if not self.workers:
+            self.client.wait_for_workers(1, timeout=60)
+            self._read_workers()
+
+    def _read_workers(self) -> None:
+        info = self.client.scheduler_info()
+        self.workers = {addr: w.get("nthreads", 1) for addr, w in info.get("workers", {}).items()}
+        threads = sum(self.workers.values()) or 1
+        self.parallelism = threads
+        self._capacity = PER_THREAD * threads
+
+    def _check_workers(self) -> None:
+        """Every Dask worker must see DATA_DIR and OUT at the same paths, before any claim."""
+        answers = self.client.run(warm_up, self.job, on_error="return")
+        for address, answer in sorted(answers.items()):
+            if isinstance(answer, BaseException):
+                raise UsageError(f"Dask worker {address} cannot run crawlproc: {answer!r} "
+                                 "(is crawlproc installed there, at the same version?)")
+            if answer is not None:
+                raise UsageError(f"Dask worker {address}: {answer}; DATA_DIR and OUT must be on a file "
+                                 "system every worker mounts at the same path")
+        logger.info("Dask cluster at {}: {} workers, {} threads", self.address, len(self.workers),
+                    self.parallelism)
+
+    # -- batches ---------------------------------------------------------------------
+    def openings(self) -> Iterator[Opening]:
+        while len(self._futures) + len(self._unsent) < self._capacity:
+            yield Opening(None, self.limits.max_tasks_per_child)
+
+    def assign(self, opening: Opening, batch: WorkBatch) -> None:
+        self._unsent.append(batch)
+
+    def dispatch(self) -> None:
+        for batch in self._unsent:
+            future = self.client.submit(run_batch, self.job, batch, key=f"crawlproc-{self.job.token}-{batch.batch_id}",
+                                        pure=False, retries=0)
+            self._futures[batch.batch_id] = future
+            future.add_done_callback(self._on_done)
+        self._unsent.clear()
+
+    def _on_done(self, future: Any) -> None:
+        """In Dask's callback thread: queue the future and wake the coordinator."""
+        self._done.put(future)
+        with self._wake_lock:
+            if self._wake_w < 0:
+                return  # closed: nobody waits any more
+            try:
+                os.write(self._wake_w, b"!")
+            except BlockingIOError:
+                pass  # the pipe is full: the coordinator wakes anyway
+
+    def in_flight(self) -> set[int]:
+        return set(self._futures)
+
+    # -- events ----------------------------------------------------------------------
+    def waitables(self) -> list:
+        return [self._wake_r]
+
+    def collect(self, ready: list) -> list[Event]:
+        if self._wake_r in ready:
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+        events: list[Event] = []
+        while True:
+            try:
+                future = self._done.get_nowait()
+            except queue.Empty:
+                return events
+            event = self._event_of(future)
+            if event is not None:
+                events.append(event)
+
+    def next_check(self) -> float | None:
+        return None  # --timeout and memory limits are enforced next to the worker (remote.py)
+
+    def _event_of(self, future: Any) -> Event | None:
+        batch_id = int(future.key.rsplit("-", 1)[1])
+        if self._futures.pop(batch_id, None) is None:
+            return None  # not in flight any more (a late callback)
+        status = future.status
+        if status == "finished":
+            report: BatchReport = future.result()
+            return report
+        if status == "error":
+            return self._error_event(batch_id, future.exception())
+        if self.client.status != "running":
+            raise CrawlprocError(f"lost the connection to the Dask scheduler at {self.address}; the ledger "
+                                 "is consistent: run the same command again to resume")
+        return BatchLost((batch_id,), None, f"Dask {status} the batch")
+
+    def _error_event(self, batch_id: int, exc: BaseException) -> Event:
+        from distributed.scheduler import KilledWorker
+
+        if isinstance(exc, SharedPathsMissing):
+            raise UsageError(f"a Dask worker cannot run crawlproc's batches: {exc}; DATA_DIR and OUT must be "
+                             "on a file system every worker mounts at the same path")
+        if isinstance(exc, KilledWorker):
+            logger.warning("batch {}: its Dask worker died ({}); its tasks go back", batch_id, exc)
+            return BatchLost((batch_id,), None, "its Dask worker died")
+        raise CrawlprocError(f"a Dask worker failed to run batch {batch_id}: {exc!r}")
+
+    # -- stopping --------------------------------------------------------------------
+    def kill_all(self, reason: str) -> None:
+        logger.debug("stopping the batches on the Dask cluster: {}", reason)
+        self._stop_remote()
+
+    def _stop_remote(self) -> None:
+        if self.client is None:
+            return
+        try:
+            self.client.cancel(list(self._futures.values()), force=True)
+            self.client.run(stop_job, self.job.token, on_error="return")
+        except Exception as exc:  # the scheduler may be gone: nothing more to stop there
+            logger.debug("could not stop the batches on the Dask cluster: {!r}", exc)
+
+    def close(self) -> list[Event]:
+        """Wait a while for the batches in flight, stop the rest, disconnect."""
+        events: list[Event] = []
+        deadline = time.monotonic() + STOP_SECONDS
+        try:
+            while self._futures and self.client is not None and self.client.status == "running":
+                from multiprocessing.connection import wait as wait_for
+
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                ready = wait_for([self._wake_r], timeout=left)
+                events += self.collect(ready)
+        except CrawlprocError as exc:
+            logger.debug("while stopping: {}", exc)
+        finally:
+            self._stop_remote()
+            self._disconnect()
+        return events
+
+    def _disconnect(self) -> None:
+        try:
+            os.unlink(self.job.token_file)
+        except OSError:
+            pass
+        for thing in (self.client, self.cluster):
+            if thing is not None:
+                try:
+                    thing.close()
+                except Exception:  # the scheduler is gone already
+                    pass
+        self.client = self.cluster = None
+        with self._wake_lock:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
+
+    def describe(self) -> dict[str, Any]:
+        return {"executor": self.name, "scheduler": self.address, "workers": len(self.workers),
+                "threads": sum(self.workers.values())}
+
+
+class _ToLoguru(logging.Handler):
+    """Dask's own log records, into crawlproc's log at debug level: the file keeps them, and
+    stderr stays one clear line per problem (Dask logs tracebacks when a scheduler vanishes)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logger.opt(exception=None).debug("dask: {}: {}", record.name, record.getMessage())
+
+
+def _quiet_dask_logging() -> None:
+    """Dask configures handlers of its own on several loggers when imported: replace them all."""
+    names = [name for name in logging.root.manager.loggerDict
+             if name.split(".", 1)[0] in ("distributed", "tornado")]
+    for name in {"distributed", "tornado", *names}:
+        dask_logger = logging.getLogger(name)
+        for handler in list(dask_logger.handlers):
+            dask_logger.removeHandler(handler)
+        dask_logger.addHandler(_ToLoguru())
+        dask_logger.propagate = False
+
+
+def _local_cluster(address: str) -> Any:
+    """`local` or `local:N`: a LocalCluster of N worker processes (default: the CPU count), one
+    thread each, whose scheduler leaves retries to crawlproc."""
+    import dask
+    from distributed import LocalCluster
+
+    _, _, count = address.partition(":")
+    try:
+        n = int(count) if count else os.cpu_count() or 1
+    except ValueError:
+        raise UsageError(f"--scheduler {address!r}: write local or local:N (N worker processes)") from None
+    if n < 1:
+        raise UsageError(f"--scheduler {address!r}: N must be at least 1")
+    # Workers forked from here start in a fraction of a second, where spawned ones would each
+    # import Dask again (~0.7 s of CPU); a fork cannot keep OUT's lock (see children.py).
+    dask.config.set({"distributed.worker.multiprocessing-method": "fork"})
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                            silence_logs=logging.ERROR)
