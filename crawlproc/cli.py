@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import sqlite3
 import sys
 from collections.abc import Callable, Iterator
@@ -367,6 +366,8 @@ def _write_records(merged_output: str | None) -> None:
     """Copy the published merged output to stdout; a reader that went away (`| head`) ends it quietly."""
     if merged_output is None:
         return
+    import shutil
+
     with open(merged_output, "rb") as records:
         try:
             shutil.copyfileobj(records, sys.stdout.buffer, 1 << 20)
