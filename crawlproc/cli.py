@@ -2,8 +2,10 @@
 
 Nothing else in crawlproc prints. Every error a user can cause becomes one
 line on stderr and the exit code of SPEC.md (2 usage, 3 OUT locked, 130
-interrupted), never a traceback. Heavy modules are imported inside the
-commands, so `crawlproc --help` starts fast.
+interrupted), never a traceback. Every hint printed is a command that can be
+copied and run as printed (real paths, shell-quoted). With `--output -`, stdout
+carries the merged records and nothing else. Heavy modules are imported inside
+the commands, so `crawlproc --help` starts fast.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import errno
 import json
 import os
 import re
+import shlex
 import sqlite3
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +26,11 @@ import click
 
 from crawlproc import __version__
 from crawlproc.errors import CrawlprocError
+from crawlproc.words import plural
 
 DEFAULT_OUT = "crawlproc-out"
+STDOUT = "-"  # --output -: the merged records to stdout
+OUT_KEY = "crawlproc.out"  # where the command's OUT is kept in click's shared ctx.meta
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -39,7 +46,7 @@ class CrawlprocGroup(click.Group):
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as exc:
             where = exc.ctx.command_path if exc.ctx else "crawlproc"
-            _fail(f"{where}: {exc.format_message()} (see {where} --help)", 2)
+            _fail(f"{where}: {_usage_message(exc)} (see {where} --help)", 2)
         except click.ClickException as exc:
             _fail(f"crawlproc: {exc.format_message()}", exc.exit_code)
         except click.Abort:
@@ -48,10 +55,6 @@ class CrawlprocGroup(click.Group):
             _fail(f"crawlproc: {exc}", exc.exit_code)
         except KeyboardInterrupt:
             _fail("crawlproc: interrupted; run the same command again to resume", 130)
-        except sqlite3.DatabaseError as exc:
-            if "full" in str(exc):
-                _fail(f"crawlproc: OUT's disk is full ({exc}); free some space and run again to resume", 1)
-            _fail(f"crawlproc: the ledger cannot be used ({exc}); is OUT/ledger.db damaged?", 2)
         except OSError as exc:
             where = f": {exc.filename}" if exc.filename else ""
             hint = "; free some space and run again to resume" if exc.errno == errno.ENOSPC else ""
@@ -63,8 +66,45 @@ class CrawlprocGroup(click.Group):
                   "the run can be resumed)", 1)
         sys.exit(code or 0)
 
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except sqlite3.DatabaseError as exc:  # here the command's OUT is known
+            raise _ledger_failure(exc, ctx.meta.get(OUT_KEY)) from None
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        for param in cmd.params:  # --help names each option's CRAWLPROC_* variable
+            if isinstance(param, click.Option) and param.envvar:
+                param.show_envvar = True
+        super().add_command(cmd, name)
+
+
+def _usage_message(exc: click.UsageError) -> str:
+    """click's message; a bad value names the variable it came from, and only then (some click
+    versions name an option's variable whatever the value's source)."""
+    param = getattr(exc, "param", None)
+    if isinstance(exc, click.BadParameter) and isinstance(param, click.Option) and param.name and exc.ctx:
+        exc.param_hint = click.Parameter.get_error_hint(param, exc.ctx)
+        if exc.ctx.get_parameter_source(param.name) == click.core.ParameterSource.ENVIRONMENT:
+            exc.param_hint += f" from {param.envvar}"
+    return exc.format_message()
+
+
+def _ledger_failure(exc: sqlite3.DatabaseError, out: Path | None) -> click.ClickException:
+    if "full" in str(exc):
+        failure = click.ClickException(f"OUT's disk is full ({exc}); free some space and run again to resume")
+        failure.exit_code = 1
+        return failure
+    ledger = f" {shlex.quote(str(out / 'ledger.db'))}" if out is not None else ""
+    failure = click.ClickException(f"the ledger{ledger} cannot be used ({exc}); it may be damaged")
+    failure.exit_code = 2
+    return failure
+
 
 def _fail(message: str, code: int) -> None:
+    logs = sys.modules.get("crawlproc.logs")  # set up by a run: its errors are JSON lines too
+    if logs is not None and logs.json_lines():
+        message = logs.json_line("ERROR", message, exit_code=code)
     click.echo(message, err=True)
     sys.exit(code)
 
@@ -133,10 +173,25 @@ def format_option(func: Any) -> Any:
                         help="Merged output format (OUT/merged.<format> unless --output).")(func)
 
 
+def _remember_out(ctx: click.Context, param: click.Parameter, value: Path) -> Path:
+    ctx.meta[OUT_KEY] = value  # for messages about OUT's files (see CrawlprocGroup.invoke)
+    return value
+
+
 def out_option(func: Any) -> Any:
     return click.option("-o", "--out", type=click.Path(path_type=Path), default=DEFAULT_OUT,
-                        envvar=_env("out"), show_default=True,
+                        envvar=_env("out"), show_default=True, callback=_remember_out,
                         help="Where the ledger, results, merged output and logs live.")(func)
+
+
+def _output_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | str | None:
+    return value if value in (None, STDOUT) else Path(value)
+
+
+def _name_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise click.BadParameter("needs a column name")
+    return value
 
 
 def processing_options(func: Any) -> Any:
@@ -192,9 +247,14 @@ def processing_options(func: Any) -> Any:
                      help="Split files larger than SIZE (e.g. 64MB) into line-aligned byte ranges, one task each."),
         click.option("--follow-symlinks", is_flag=True, envvar=_env("follow_symlinks"),
                      help="Follow symlinks (never outside DATA_DIR; loops are detected)."),
-        click.option("--output", type=click.Path(path_type=Path, dir_okay=False), envvar=_env("output"),
-                     help="Merged output file [default: OUT/merged.jsonl]."),
+        click.option("--output", type=click.Path(dir_okay=False, allow_dash=True), envvar=_env("output"),
+                     callback=_output_option, metavar="FILE|-",
+                     help="Merged output file; - writes the records to stdout too (OUT/merged.<format> "
+                          "is still written) [default: OUT/merged.jsonl]."),
         format_option,
+        click.option("--source-column", metavar="NAME", envvar=_env("source_column"), callback=_name_option,
+                     help="Put each record's relpath under NAME, first (with --chunk-size also its byte "
+                          "offset, under NAME_offset); a record that has NAME keeps its own value."),
         click.option("--no-merge", is_flag=True, envvar=_env("no_merge"), help="Skip the finalizer."),
         click.option("--executor", type=click.Choice(["local", "dask"]), default="local", show_default=True,
                      envvar=_env("executor"),
@@ -203,9 +263,11 @@ def processing_options(func: Any) -> Any:
         click.option("--scheduler", metavar="ADDR", envvar=_env("scheduler"),
                      help="With --executor dask: tcp://HOST:PORT of a running scheduler, or local[:N] for a "
                           "LocalCluster of N worker processes [default: Dask's scheduler-address setting]."),
-        click.option("-v", "--verbose", count=True, help="More log lines (debug)."),
+        click.option("-v", "--verbose", count=True, envvar=_env("verbose"), help="More log lines (debug)."),
         click.option("-q", "--quiet", is_flag=True, envvar=_env("quiet"), help="Only warnings and errors."),
-        click.option("--log-json", is_flag=True, envvar=_env("log_json"), help="Log lines on stderr as JSON."),
+        click.option("--log-json", is_flag=True, envvar=_env("log_json"),
+                     help="Each stderr line one flat JSON object (level, time, message, pid, task); the final "
+                          "summary too."),
         click.option("--no-progress", is_flag=True, envvar=_env("no_progress"), help="No progress bar."),
     ]
     for option in reversed(options):
@@ -233,7 +295,12 @@ def run(ctx: click.Context, data_dir: Path, **kw: Any) -> None:
     """Scan DATA_DIR, process every pending file, merge the results, exit."""
     from crawlproc.run import run_job
 
-    outcome = _with_progress(kw, lambda options, reporter: run_job(options, on_progress=reporter), data_dir)
+    to_stdout = _output_to_stdout(kw)
+    with _stdout_kept_for_records(to_stdout):
+        outcome = _with_progress(kw, lambda options, reporter: run_job(options, on_progress=reporter), data_dir,
+                                 to_stdout=to_stdout)
+    if to_stdout and outcome.exit_code in (0, 1):  # not when interrupted: the rerun writes them all
+        _write_records((outcome.summary or {}).get("merged_output"))
     ctx.exit(outcome.exit_code)
 
 
@@ -245,13 +312,23 @@ def run(ctx: click.Context, data_dir: Path, **kw: Any) -> None:
 @click.option("--rescan-interval", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
               envvar=_env("rescan_interval"), help="Seconds between full rescans (events can be lost).")
 @click.option("--merge-interval", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
-              envvar=_env("merge_interval"), help="Seconds between refreshes of the merged output.")
+              envvar=_env("merge_interval"),
+              help="Seconds between refreshes of the merged output (the first comes once the catch-up is done).")
 @click.pass_context
 def watch(ctx: click.Context, data_dir: Path, settle: float, rescan_interval: float, merge_interval: float,
           **kw: Any) -> None:
-    """Catch up like `run`, then process new and changed files as they arrive, until Ctrl-C."""
+    """Catch up like `run`, then process new and changed files as they arrive, until Ctrl-C.
+
+    The merged output is published once the catch-up is processed, then every
+    --merge-interval and at the stop. `--output -` is refused: read OUT/merged.<format>.
+    """
     from crawlproc.run import watch_job
 
+    if kw["output"] == STDOUT:
+        merged = shlex.quote(str(kw["out"] / f"merged.{kw['output_format']}"))
+        raise click.BadParameter(f"watch refreshes its merged output every --merge-interval, so there is no "
+                                 f"one moment to write it to stdout; read {merged}, or give --output FILE",
+                                 param_hint="--output -")
     outcome = _with_progress(kw, lambda options, reporter: watch_job(
         options, settle=settle, rescan_interval=rescan_interval, merge_interval=merge_interval,
         on_progress=reporter), data_dir, watching=True)
@@ -259,7 +336,7 @@ def watch(ctx: click.Context, data_dir: Path, settle: float, rescan_interval: fl
 
 
 def _with_progress(kw: dict[str, Any], job: Callable[[Any, Any], Any], data_dir: Path, *,
-                   watching: bool = False) -> Any:
+                   watching: bool = False, to_stdout: bool = False) -> Any:
     """Set up logging and progress, build RunOptions from the shared options, run `job`."""
     from crawlproc import logs
     from crawlproc.progress import ProgressReporter
@@ -267,15 +344,66 @@ def _with_progress(kw: dict[str, Any], job: Callable[[Any, Any], Any], data_dir:
     if kw["scheduler"] is not None and kw["executor"] != "dask":
         raise click.UsageError("--scheduler needs --executor dask")
     logs.setup_stderr(kw["verbose"], kw["quiet"], kw["log_json"])
-    reporter = ProgressReporter(bar=not kw["no_progress"] and not kw["quiet"] and sys.stderr.isatty(),
-                                watching=watching)
+    bar = not (kw["no_progress"] or kw["quiet"] or kw["log_json"]) and sys.stderr.isatty()
+    reporter = ProgressReporter(bar=bar, watching=watching)
     try:
         outcome = job(_run_options(data_dir, kw), reporter)
     finally:
         reporter.close()
     if not kw["quiet"]:
-        _print_run_summary(outcome)
+        _print_run_summary(outcome, to_stdout=to_stdout)
     return outcome
+
+
+def _output_to_stdout(kw: dict[str, Any]) -> bool:
+    """--output -: the job publishes OUT/merged.<format> as usual (resume and no-op reruns rely
+    on it), and the CLI copies it to stdout at the end."""
+    if kw["output"] != STDOUT:
+        return False
+    if kw["no_merge"]:
+        raise click.UsageError("--output - writes the merged records, and --no-merge skips the merge: "
+                               "give one of them")
+    kw["output"] = None
+    return True
+
+
+@contextmanager
+def _stdout_kept_for_records(keep: bool) -> Iterator[None]:
+    """With --output -, stdout carries the records and nothing else: while the job runs, what
+    is written to descriptor 1 (by a processor in a worker, by any library) goes to stderr."""
+    try:
+        stdout_fd, stderr_fd = sys.stdout.fileno(), sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # not real files (click's CliRunner): nothing to keep apart
+        keep = False
+    if not keep:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(stdout_fd)
+    os.dup2(stderr_fd, stdout_fd)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, stdout_fd)
+        os.close(saved)
+
+
+def _write_records(merged_output: str | None) -> None:
+    """Copy the published merged output to stdout; a reader that went away (`| head`) ends it quietly."""
+    if merged_output is None:
+        return
+    import shutil
+
+    with open(merged_output, "rb") as records:
+        try:
+            shutil.copyfileobj(records, sys.stdout.buffer, 1 << 20)
+            sys.stdout.buffer.flush()
+        except BrokenPipeError:
+            # Python would report the pipe again when it flushes stdout on the way out.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
 
 
 def _processor_and_params(kw: dict[str, Any]) -> tuple[str, dict[str, str]]:
@@ -312,32 +440,57 @@ def _run_options(data_dir: Path, kw: dict[str, Any]) -> Any:
         durable=kw["durable"], retry_failed=kw["retry_failed"], reprocess=kw["reprocess"],
         batch_size=kw["batch_size"], follow_symlinks=kw["follow_symlinks"], chunk_size=kw["chunk_size"],
         output=kw["output"], output_format=kw["output_format"],
-        merge=not kw["no_merge"], executor=kw["executor"], scheduler=kw["scheduler"],
+        merge=not kw["no_merge"], source_column=kw["source_column"], executor=kw["executor"],
+        scheduler=kw["scheduler"],
     )
 
 
-def _print_run_summary(outcome: Any) -> None:
+def _print_run_summary(outcome: Any, *, to_stdout: bool) -> None:
+    """The end of a run on stderr: counts, where the output is, what to do next (--log-json: one object)."""
+    from crawlproc import logs
+
     summary = outcome.summary or {}
     counts = summary.get("counts", {})
     timings = summary.get("timings", {})
-    line = (f"{counts.get('done', 0)} done, {counts.get('failed', 0)} failed, {counts.get('gone', 0)} gone "
-            f"of {summary.get('total', 0)} tasks; {timings.get('tasks_done_this_run', 0)} processed this run "
-            f"in {timings.get('elapsed_s', 0):.2f}s")
-    click.echo(line, err=True)
+    out = Path(summary.get("out", "."))
+    lines = [f"{counts.get('done', 0)} done, {counts.get('failed', 0)} failed, {counts.get('gone', 0)} gone "
+             f"of {plural(summary.get('total', 0), 'task')}",
+             f"{timings.get('tasks_done_this_run', 0)} processed this run in {timings.get('elapsed_s', 0):.2f}s"]
+    hints = _next_steps(outcome.exit_code, counts, out)
+    if logs.json_lines():
+        click.echo(logs.json_line(
+            "INFO", "; ".join(lines), event="summary", exit_code=outcome.exit_code, **counts,
+            total=summary.get("total", 0), processed_this_run=timings.get("tasks_done_this_run", 0),
+            elapsed_s=timings.get("elapsed_s"), merged_output=summary.get("merged_output"),
+            records_on_stdout=to_stdout, summary_file=str(out / "summary.json"), hints=hints), err=True)
+        return
     if summary.get("merged_output"):
-        click.echo(f"merged output: {summary['merged_output']}", err=True)
-    click.echo(f"summary: {Path(summary.get('out', '.')) / 'summary.json'}", err=True)
-    if outcome.exit_code == 130:
-        click.echo("interrupted: run the same command again to resume", err=True)
-    elif counts.get("failed"):
-        click.echo("some tasks failed: see `crawlproc failures`; `crawlproc retry --failed` to try again", err=True)
+        lines.append(f"merged output: {summary['merged_output']}" + (" (records on stdout)" if to_stdout else ""))
+    lines.append(f"summary: {out / 'summary.json'}")
+    for line in lines + hints:
+        click.echo(line, err=True)
+
+
+def _next_steps(exit_code: int, counts: dict[str, int], out: Path) -> list[str]:
+    if exit_code == 130:
+        return ["interrupted: run the same command again to resume"]
+    if not counts.get("failed"):
+        return []
+    quoted = shlex.quote(str(out))
+    return [f"{plural(counts['failed'], 'task')} failed; to see why: crawlproc failures -o {quoted}",
+            f"to put them back to pending for the next run: crawlproc retry -o {quoted}"]
 
 
 @cli.command()
 @out_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 def status(out: Path, as_json: bool) -> None:
-    """Counts by state, throughput, failures and the last run of OUT."""
+    """Counts by state, throughput, failures and the last run of OUT.
+
+    A last run that holds no lock on OUT but never finished ended abruptly (killed,
+    or the machine went down): the tasks it left running go back to pending when
+    the next run starts.
+    """
     from crawlproc.report import status_data, status_table
 
     data = status_data(out)
@@ -367,26 +520,59 @@ def failures(out: Path, as_json: bool) -> None:
 @click.option("--all", "which", flag_value="all", help="Failed and done tasks: redo everything.")
 @click.argument("paths", nargs=-1)
 def retry(out: Path, which: str, paths: tuple[str, ...]) -> None:
-    """Put tasks back to pending (failed ones, or all; optionally only PATHs)."""
+    """Put tasks back to pending (failed ones, or all; optionally only PATHs).
+
+    A PATH is relative to DATA_DIR, as `crawlproc failures` shows it (an absolute
+    path inside DATA_DIR works too). A PATH that no task has is an error (exit 2),
+    and then nothing is put back.
+    """
     from crawlproc.report import retry_tasks
 
-    count = retry_tasks(out, include_done=which == "all", relpaths=paths)
-    click.echo(f"{count} tasks back to pending; `crawlproc run DATA_DIR -o {out}` processes them", err=True)
+    retried = retry_tasks(out, include_done=which == "all", relpaths=paths)
+    if retried.count:
+        them = "it" if retried.count == 1 else "them"
+        then = f"to process {them}: {retried.run_command}" if retried.run_command else "the next run processes them"
+        click.echo(f"{plural(retried.count, 'task')} back to pending; {then}", err=True)
+    else:
+        none = "no failed or done task" if which == "all" else "no failed task"
+        among = " among those paths" if paths else ""
+        advice = "" if which == "all" else " (--all redoes done tasks too)"
+        click.echo(f"nothing put back to pending: {none}{among}{advice}", err=True)
 
 
 @cli.command()
 @out_option
-@click.option("--output", type=click.Path(path_type=Path, dir_okay=False), help="Merged output file.")
+@click.option("--output", type=click.Path(dir_okay=False, allow_dash=True), callback=_output_option,
+              metavar="FILE|-", help="Merged output file; - writes the records to stdout too "
+                                     "(OUT/merged.<format> is still written).")
 @format_option
-def merge(out: Path, output: Path | None, output_format: str) -> None:
-    """Run the finalizer alone: merged output and summary.json from the done results."""
+@click.pass_context
+def merge(ctx: click.Context, out: Path, output: Path | str | None, output_format: str) -> None:
+    """Run the finalizer alone: merged output and summary.json from the done results.
+
+    Exit 0 when the output holds every task's records; 1 when it lacks some
+    (failed tasks, or tasks a run has yet to process, such as those whose result
+    turned out missing or damaged), with the command that carries on.
+    """
     from crawlproc.report import merge_only
 
-    summary, damaged = merge_only(out, output, output_format)
-    click.echo(f"merged {summary['counts']['done']} done tasks into {summary['merged_output']}", err=True)
-    if damaged:
-        click.echo(f"{damaged} tasks had a missing or damaged result and went back to pending; "
-                   "run `crawlproc run` to redo them", err=True)
+    to_stdout = output == STDOUT
+    with _stdout_kept_for_records(to_stdout):
+        report = merge_only(out, None if to_stdout else output, output_format)
+    counts = report.summary["counts"]
+    click.echo(f"merged {plural(counts['done'], 'done task')} into {report.summary['merged_output']}", err=True)
+    if report.damaged:
+        click.echo(f"{plural(report.damaged, 'done task')} had a missing or damaged result and went back "
+                   "to pending", err=True)
+    if report.unprocessed:
+        click.echo(f"the output lacks {plural(report.unprocessed, 'task')} not processed yet; "
+                   f"to process them: {report.run_command}", err=True)
+    if counts["failed"]:
+        click.echo(f"the output lacks {plural(counts['failed'], 'failed task')}; "
+                   f"to see why: crawlproc failures -o {shlex.quote(str(out))}", err=True)
+    if to_stdout:
+        _write_records(report.summary["merged_output"])
+    ctx.exit(1 if report.unprocessed or counts["failed"] else 0)
 
 
 @cli.command()
@@ -401,7 +587,9 @@ def processors() -> None:
 def _print_rich(renderable: Any) -> None:
     from rich.console import Console
 
-    Console().print(renderable)
+    # soft_wrap: rich breaks no line itself; the terminal wraps a long path or command,
+    # which then stays one line to copy.
+    Console().print(renderable, soft_wrap=True)
 
 
 def main() -> None:

@@ -4,9 +4,10 @@
         ──> temp JSON lines ──reducer──> (kept for summary.json)
                   └──rename (jsonl) or convert (csv, parquet)──> --output
 
-Readers never see a half-written file. A done task whose range is missing or
-does not match its checksum goes back to pending: `run` processes it again
-before it merges; `merge` alone reports it.
+Readers never see a half-written file, and OUT holds one merged output:
+publishing OUT/merged.csv removes an OUT/merged.jsonl of an earlier run. A done
+task whose range is missing or does not match its checksum goes back to
+pending: `run` processes it again before it merges; `merge` alone reports it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from loguru import logger
 
 from crawlproc.ledger import Ledger
 from crawlproc.processors.base import Processor
@@ -83,6 +86,7 @@ def merge_results(
                 return MergeOutcome(False, written, tasks, len(damaged), batches=batches)
         reduced = reduction.result(lambda: iter_records(temp)) if reduction is not None else None
         _publish(temp, output, fmt)
+        _remove_other_formats(out, output)
     finally:
         if reduction is not None:
             reduction.close()
@@ -91,6 +95,21 @@ def merge_results(
     if not damaged:
         _remember_merge(ledger, output, signature, reduced, batches)
     return MergeOutcome(True, written, tasks, len(damaged), output, reduced, batches=batches)
+
+
+def _remove_other_formats(out: Path, published: Path) -> None:
+    """When OUT's own merged.<format> was just published, one of another format that an earlier
+    run left in OUT is stale: remove it. A --output file elsewhere is never touched."""
+    ours = {os.path.abspath(default_output(out, fmt)) for fmt in FORMATS}
+    published_path = os.path.abspath(published)
+    if published_path not in ours:
+        return
+    for stale in sorted(ours - {published_path}):
+        try:
+            os.unlink(stale)
+        except FileNotFoundError:
+            continue
+        logger.info("removed {}: a merged output of an earlier --format (now {})", stale, published)
 
 
 def _previous_merge(ledger: Ledger, output: Path, signature: list, out: Path) -> MergeOutcome | None:

@@ -215,7 +215,8 @@ class Ledger:
         if "processor" not in stored:
             self.set_meta(wanted)
             return False
-        differ = {k: (stored.get(k), v) for k, v in wanted.items() if stored.get(k) != v}
+        # A key that an older crawlproc did not record counts as null: not set then.
+        differ = {k: (stored.get(k, "null"), v) for k, v in wanted.items() if stored.get(k, "null") != v}
         if not differ:
             return False
         if not reprocess:
@@ -639,6 +640,11 @@ class Ledger:
             if not paths:
                 return conn.execute(sql, states).rowcount
             return sum(conn.execute(sql + " AND relpath = ?", (*states, p)).rowcount for p in paths)
+
+    def unknown_relpaths(self, relpaths: Iterable[str]) -> list[str]:
+        """Those of `relpaths` (as people read them) that no task has, in the order given."""
+        return [p for p in relpaths
+                if self.conn.execute("SELECT 1 FROM tasks WHERE relpath = ? LIMIT 1", (p,)).fetchone() is None]
 
     # -- runs ------------------------------------------------------------------
     def start_run(self, command: str, pid: int) -> int:

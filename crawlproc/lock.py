@@ -1,21 +1,47 @@
-"""One coordinator per OUT: an exclusive `flock` on OUT/lock.
+"""One coordinator per OUT: an exclusive `flock` on OUT/lock; and the one test of "is a run going".
 
 The kernel drops the lock when the holder dies, however it dies, so a crashed
 run never blocks the next one. The descriptor is close-on-exec and workers are
 started by forkserver/spawn, so no worker ever holds it; the coordinator's own
-forked children (children.py) close it first thing.
+forked children (children.py) close it first thing. `running_pid` is how every
+reader (`status`, the API) tells a going run from one that ended or died.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 
 from crawlproc.children import forget_kept, keep_from_children
 from crawlproc.errors import OutLocked
 
 LOCK_NAME = "lock"
+# `running_pid` holds a shared lock for a few microseconds: a start that meets it
+# tries again for this long before it says another crawlproc holds OUT.
+PROBE_PATIENCE_SECONDS = 0.2
+
+
+def running_pid(out: Path) -> int | None:
+    """The pid of the crawlproc holding OUT's lock (-1 if it has not written it yet), or None
+    when none does: then no run is going, whatever the ledger's last run row says."""
+    try:
+        fd = os.open(out / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return _holder(fd)
+    finally:
+        os.close(fd)
+
+
+def _holder(fd: int) -> int:
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else -1
 
 
 class OutLock:
@@ -25,12 +51,19 @@ class OutLock:
 
     def acquire(self) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise OutLocked(f"another crawlproc (pid {holder}) is using {self.path.parent}") from None
+        deadline = time.monotonic() + PROBE_PATIENCE_SECONDS
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.01)  # maybe only a reader's probe (running_pid)
+                    continue
+                holder = _holder(fd)
+                os.close(fd)
+                raise OutLocked(f"another crawlproc (pid {holder if holder > 0 else 'unknown'}) "
+                                f"is using {self.path.parent}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         keep_from_children(fd)

@@ -2,12 +2,17 @@
 
 Every file line carries the pid and, where there is one, the task id. While a
 rich progress bar is on screen, stderr lines go through its console so the bar
-is redrawn under them instead of being torn.
+is redrawn under them instead of being torn. With --log-json, each stderr line
+is one flat JSON object (`json_line`), and the CLI's final summary is one too.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import traceback
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +25,42 @@ _STDERR_FORMAT = "<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> {mes
 
 _console: Any = None
 _file_sink: int | None = None
+_json_lines = False  # --log-json: what the CLI prints on stderr is JSON too
 
 
 def setup_stderr(verbose: int, quiet: bool, json_lines: bool) -> None:
+    global _json_lines
+    _json_lines = json_lines
     level = "WARNING" if quiet else ("DEBUG" if verbose else "INFO")
     logger.remove()
     logger.configure(extra={"task": "-"})
     if json_lines:
-        logger.add(sys.stderr, level=level, serialize=True)
+        logger.add(_write_json_line, level=level, format="{message}")
     else:
         logger.add(_write_stderr, level=level, format=_STDERR_FORMAT, colorize=sys.stderr.isatty())
+
+
+def json_lines() -> bool:
+    """Whether stderr carries JSON lines (--log-json)."""
+    return _json_lines
+
+
+def json_line(level: str, message: str, *, at: datetime | None = None, pid: int | None = None,
+              task: Any = "-", **fields: Any) -> str:
+    """One log line for machines: {"level", "time", "message", "pid", "task", ...fields}, flat."""
+    line = {"level": level, "time": (at or datetime.now().astimezone()).isoformat(timespec="milliseconds"),
+            "message": message, "pid": os.getpid() if pid is None else pid, "task": task, **fields}
+    return json.dumps(line, default=str)
+
+
+def _write_json_line(message: Any) -> None:
+    record = message.record
+    fields = {}
+    if record["exception"] is not None:
+        kind, value, tb = record["exception"]
+        fields["exception"] = "".join(traceback.format_exception(kind, value, tb))
+    sys.stderr.write(json_line(record["level"].name, record["message"], at=record["time"],
+                               pid=record["process"].id, task=record["extra"].get("task", "-"), **fields) + "\n")
 
 
 def add_file_sink(out: Path) -> None:

@@ -1,4 +1,4 @@
-"""The small commands around a run: status, failures, retry, merge.
+"""The small commands around a run: status, failures, retry, merge; and the hints they print.
 
 They read the ledger while a run may be going (WAL readers never block the
 writer); `retry` and `merge` write, so they take OUT's lock like a run does.
@@ -7,21 +7,28 @@ Functions here return data or rich renderables; the CLI prints them.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
+import shlex
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from crawlproc.errors import UsageError
 from crawlproc.finalize import default_output, merge_results, write_summary
 from crawlproc.ledger import Ledger
-from crawlproc.lock import LOCK_NAME, OutLock
+from crawlproc.lock import OutLock, running_pid
 from crawlproc.results import remove_temp_files, remove_unreferenced
 from crawlproc.run import LEDGER_NAME
+from crawlproc.task import relpath_for_people
+from crawlproc.words import plural
 
 ERROR_WIDTH = 100
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+# The last run's state in `status`: its coordinator holds OUT's lock, or it closed its
+# row, or neither (killed, or the machine went down).
+GOING, FINISHED, ENDED_ABRUPTLY = "going", "finished", "ended abruptly"
 
 
 def _open_readonly(out: Path) -> Ledger:
@@ -30,20 +37,53 @@ def _open_readonly(out: Path) -> Ledger:
     return Ledger(out / LEDGER_NAME, readonly=True)
 
 
-def running_pid(out: Path) -> int | None:
-    """The pid of the coordinator holding OUT's lock, or None when no run is going."""
-    try:
-        fd = os.open(out / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+def run_command(out: Path, meta: Mapping[str, str]) -> str | None:
+    """The `crawlproc run` command line that carries on with OUT, shell-quoted: a hint to print.
+
+    It gives what OUT's identity holds (DATA_DIR, the processor or --cmd, params,
+    chunk size, source column), so it is accepted as printed; the options that
+    are not recorded (-w, --timeout, ...) keep their defaults. None while OUT
+    has no identity yet.
+    """
+    if "data_dir" not in meta:
         return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return None
-    except BlockingIOError:
-        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        return int(text) if text.isdigit() else -1
-    finally:
-        os.close(fd)
+    args = ["crawlproc", "run", meta["data_dir"], "-o", str(out)]
+    params = dict(json.loads(meta.get("params") or "{}"))
+    processor = meta.get("processor", "linecount")
+    if processor == "cmd" and "cmd" in params:
+        args += ["--cmd", params.pop("cmd")]
+    elif processor != "linecount":
+        args += ["-p", processor]
+    for key, value in params.items():
+        args += ["--param", f"{key}={value}"]
+    if chunk_size := json.loads(meta.get("chunk_size") or "null"):
+        args += ["--chunk-size", str(chunk_size)]
+    if columns := json.loads(meta.get("added_columns") or "null"):
+        args += ["--source-column", columns["source"]]
+    return shlex.join(args)
+
+
+def _last_run_and_holder(ledger: Ledger, out: Path) -> tuple[dict[str, Any] | None, int | None]:
+    """The last run's row, and the pid holding OUT's lock (None: no run is going).
+
+    A live coordinator closes its row before it lets go of the lock. So when the
+    lock is free and the row is still open, it is read again: still open, that
+    run died; closed, it finished in between.
+    """
+    last = ledger.last_run()
+    pid = running_pid(out)
+    if pid is None and last is not None and last["finished"] is None:
+        again = ledger.last_run()
+        if again["id"] != last["id"]:  # a new run started after the lock was tested
+            pid = running_pid(out)
+        last = again
+    return last, pid
+
+
+def _run_state(last: Mapping[str, Any], pid: int | None) -> str:
+    if last["finished"] is not None:
+        return FINISHED
+    return GOING if pid is not None else ENDED_ABRUPTLY
 
 
 def status_data(out: Path) -> dict[str, Any]:
@@ -51,14 +91,15 @@ def status_data(out: Path) -> dict[str, Any]:
     try:
         counts = ledger.counts()
         meta = ledger.meta()
-        last = ledger.last_run()
+        last, pid = _last_run_and_holder(ledger, out)
     finally:
         ledger.close()
     data: dict[str, Any] = {
         "out": str(out), "counts": counts, "total": sum(counts.values()),
         "data_dir": meta.get("data_dir"), "processor": meta.get("processor"),
         "processor_version": meta.get("processor_version"),
-        "running_pid": running_pid(out), "last_run": None, "throughput_files_per_s": None,
+        "running_pid": pid, "last_run": None, "throughput_files_per_s": None,
+        "requeued_at_next_start": 0, "run_command": run_command(out, meta),
     }
     if last:
         end = last["finished"] or last["updated"] or time.time()
@@ -66,12 +107,18 @@ def status_data(out: Path) -> dict[str, Any]:
         data["last_run"] = {k: last[k] for k in ("id", "command", "pid", "started", "updated", "finished",
                                                   "exit_code", "done", "failed")}
         data["last_run"]["watch"] = json.loads(last["info"]) if last["info"] else None
+        data["last_run"]["state"] = _run_state(last, pid)
+        if data["last_run"]["state"] == ENDED_ABRUPTLY:  # its running tasks wait for the next start
+            data["requeued_at_next_start"] = counts["running"]
         data["throughput_files_per_s"] = round(last["done"] / elapsed, 1)
     return data
 
 
 def status_table(data: dict[str, Any]) -> Any:
+    """The counts table and short lines (each fits 80 columns but for paths and commands)."""
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(show_header=True)
     table.add_column("state")
@@ -79,28 +126,47 @@ def status_table(data: dict[str, Any]) -> Any:
     for state, n in data["counts"].items():
         table.add_row(state, str(n))
     table.add_row("total", str(data["total"]), style="bold")
-    lines = [f"OUT: {data['out']}", table, f"processor: {data['processor']} (version {data['processor_version']})",
+    lines = [f"OUT: {data['out']}", table,
+             f"processor: {data['processor']} (version {data['processor_version']})",
              f"data dir: {data['data_dir']}"]
-    if data["running_pid"]:
-        lines.append(f"a run is going (pid {data['running_pid']})")
     run = data["last_run"]
     if run:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run["started"]))
-        end = "still going" if run["finished"] is None else f"exit code {run['exit_code']}"
-        lines.append(f"last {run['command']}: started {when}, {run['done']} done, {run['failed']} failed, {end}; "
-                     f"{data['throughput_files_per_s']} files/s")
-        if run["watch"] and run["finished"] is None:
-            lines.append(_watch_line(run["watch"]))
-    from rich.console import Group
-
-    return Group(*lines)
+        lines += _last_run_lines(run, data)
+    if data["running_pid"] and (not run or run["state"] != GOING):
+        lines.append(f"crawlproc pid {data['running_pid']} holds OUT now")
+    # Text, not markup: a path may hold [brackets]. Print it with soft_wrap, so that a long
+    # path or command is wrapped by the terminal and stays one line to copy.
+    return Group(*(Text(line) if isinstance(line, str) else line for line in lines))
 
 
-def _watch_line(info: dict[str, Any]) -> str:
-    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["watching_since"]))
+def _last_run_lines(run: dict[str, Any], data: dict[str, Any]) -> list[str]:
+    lines = [f"last {run['command']}: started {_when(run['started'])}",
+             f"  {run['done']} done, {run['failed']} failed; {data['throughput_files_per_s']} files/s"]
+    if run["state"] == FINISHED:
+        lines.append(f"  finished {_when(run['finished'])} with exit code {run['exit_code']}")
+    elif run["state"] == GOING:
+        lines.append(f"  still going (pid {data['running_pid']})")
+        if run["watch"]:
+            lines += _watch_lines(run["watch"])
+    else:
+        lines.append(f"  ended abruptly: pid {run['pid']} last seen alive {_when(run['updated'])}")
+        stale = data["requeued_at_next_start"]
+        if stale:
+            tasks_go = "task left running goes" if stale == 1 else "tasks left running go"
+            lines.append(f"  {stale} {tasks_go} back to pending when the next run starts:")
+            if data["run_command"]:
+                lines.append(f"  {data['run_command']}")
+    return lines
+
+
+def _when(timestamp: float | None) -> str:
+    return "at an unknown time" if timestamp is None else time.strftime(TIME_FORMAT, time.localtime(timestamp))
+
+
+def _watch_lines(info: dict[str, Any]) -> list[str]:
     last = "none yet" if not info["last_event"] else f"{time.time() - info['last_event']:.0f}s ago"
-    return (f"watching since {since}; queue depth {info['queue_depth']}; last event {last}; "
-            f"{info['events']} events, {info['rescans']} scans")
+    return [f"  watching since {_when(info['watching_since'])}; queue depth {info['queue_depth']}",
+            f"  last event {last}; {plural(info['events'], 'event')}, {plural(info['rescans'], 'scan')}"]
 
 
 def failures_data(out: Path) -> list[dict[str, Any]]:
@@ -112,9 +178,11 @@ def failures_data(out: Path) -> list[dict[str, Any]]:
 
 
 def failures_table(rows: list[dict[str, Any]]) -> Any:
+    if not rows:
+        return "no failed tasks"
     from rich.table import Table
 
-    table = Table(title=f"{len(rows)} failed tasks")
+    table = Table(title=plural(len(rows), "failed task"))
     for column in ("relpath", "offset", "attempts", "error"):
         table.add_column(column)
     for row in rows:
@@ -123,17 +191,56 @@ def failures_table(rows: list[dict[str, Any]]) -> Any:
     return table
 
 
-def retry_tasks(out: Path, *, include_done: bool, relpaths: tuple[str, ...]) -> int:
+class RetryOutcome(NamedTuple):
+    count: int  # tasks put back to pending
+    run_command: str | None  # the command that processes them (see run_command)
+
+
+def retry_tasks(out: Path, *, include_done: bool, relpaths: tuple[str, ...]) -> RetryOutcome:
+    """Put failed (or failed and done) tasks back to pending; every named path must have a task.
+
+    A path may be given as `failures` prints it, as typed in a shell (exact bytes),
+    with a leading ./, or as an absolute path inside DATA_DIR.
+    """
     _open_readonly(out).close()  # a clear message when OUT has no ledger
     with OutLock(out):
         ledger = Ledger(out / LEDGER_NAME)
         try:
-            return ledger.retry(include_done=include_done, relpaths=relpaths)
+            meta = ledger.meta()
+            names = [_task_relpath(p, meta.get("data_dir")) for p in relpaths]
+            if unknown := ledger.unknown_relpaths(names):
+                raise UsageError(
+                    f"OUT {out} has no task for {', '.join(map(shlex.quote, unknown))} (paths are relative "
+                    f"to {meta.get('data_dir')}, as `crawlproc failures -o {shlex.quote(str(out))}` shows them); "
+                    "nothing was put back to pending")
+            return RetryOutcome(ledger.retry(include_done=include_done, relpaths=names), run_command(out, meta))
         finally:
             ledger.close()
 
 
-def merge_only(out: Path, output: Path | None, fmt: str = "jsonl") -> tuple[dict[str, Any], int]:
+def _task_relpath(path: str, data_dir: str | None) -> str:
+    """A path named on the command line as the ledger's relpath column spells it."""
+    if data_dir and os.path.isabs(path):
+        for candidate in (os.path.abspath(path),
+                          os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))):
+            if os.path.commonpath([candidate, data_dir]) == data_dir:
+                path = os.path.relpath(candidate, data_dir)
+                break
+    return relpath_for_people(os.fsencode(os.path.normpath(path)))
+
+
+class MergeReport(NamedTuple):
+    summary: dict[str, Any]
+    damaged: int  # done tasks whose result was missing or damaged: back to pending now
+    run_command: str | None  # the command that processes what the output lacks (see run_command)
+
+    @property
+    def unprocessed(self) -> int:
+        """Tasks whose records the output lacks until a run processes them."""
+        return self.summary["counts"]["pending"] + self.summary["counts"]["running"]
+
+
+def merge_only(out: Path, output: Path | None, fmt: str = "jsonl") -> MergeReport:
     """The finalizer alone; damaged results are requeued and reported, not redone."""
     from crawlproc.processors.base import load
 
@@ -150,6 +257,6 @@ def merge_only(out: Path, output: Path | None, fmt: str = "jsonl") -> tuple[dict
             identity = {k: meta.get(k) for k in ("processor", "processor_version")}
             identity["params"] = json.loads(meta.get("params", "{}"))
             summary = write_summary(out, ledger, processor, identity, merged, {"merged_at": time.time()})
-            return summary, merged.damaged
+            return MergeReport(summary, merged.damaged, run_command(out, meta))
         finally:
             ledger.close()

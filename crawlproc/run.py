@@ -2,7 +2,7 @@
 
     check DATA_DIR, OUT ─> lock OUT ─> open ledger ─> check identity ─> recover
       run:   scan ∥ pool ─> merge (done results crc-checked; damaged ones redone first)
-      watch: catch-up scan, then file events ∥ pool, merging every --merge-interval
+      watch: catch-up scan ∥ pool, merge, then file events ∥ pool, merging every --merge-interval
       ─> summary.json ─> exit code (0 all done, 1 some failed, 130 interrupted)
 
 Everything here is sequencing; each step is owned by its module.
@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
@@ -39,7 +39,11 @@ from crawlproc.processes import ForkServer
 from crawlproc.processors.base import Processor, load, normalise_spec
 from crawlproc.results import remove_temp_files, remove_unreferenced
 from crawlproc.scanner import Scan, ScanOptions, dir_id
+from crawlproc.words import plural
 from crawlproc.worker import WorkerConfig
+
+if TYPE_CHECKING:
+    from crawlproc.watch import Watcher
 
 LEDGER_NAME = "ledger.db"
 MAX_MERGE_ROUNDS = 3
@@ -72,6 +76,7 @@ class RunOptions:
     merge: bool = True
     executor: str = "local"
     scheduler: str | None = None
+    source_column: str | None = None  # add each record's relpath under this name (see added_columns)
 
 
 @dataclass
@@ -119,7 +124,19 @@ def run_identity(options: RunOptions, processor: Processor) -> dict[str, Any]:
         "processor_version": processor.version,
         "params": dict(sorted(options.params.items())),
         "chunk_size": options.chunk_size,
+        "added_columns": added_columns(options),
     }
+
+
+def added_columns(options: RunOptions) -> dict[str, str] | None:
+    """--source-column NAME: the columns put in front of each record, relpath under NAME and,
+    with --chunk-size, the task's byte offset under NAME_offset (0 for a file not split)."""
+    if not options.source_column:
+        return None
+    columns = {"source": options.source_column}
+    if options.chunk_size:
+        columns["offset"] = f"{options.source_column}_offset"
+    return columns
 
 
 @dataclass
@@ -176,7 +193,7 @@ def _opened_ledger(options: RunOptions, command: str, processor: Processor,
             logger.info("--reprocess: every task of {} will be processed again", options.out)
         _recover(options.out, ledger)
         if options.retry_failed:
-            logger.info("--retry-failed: {} failed tasks back to pending", ledger.retry(include_done=False))
+            logger.info("--retry-failed: {} back to pending", plural(ledger.retry(include_done=False), "failed task"))
         logger.debug("{} {} -> {}: processor {} v{}, {} workers", command, options.data_dir, options.out,
                      identity["processor"], processor.version, options.workers)
         yield _Job(options, ledger, processor, identity, ledger.start_run(command, os.getpid()), forkserver)
@@ -200,7 +217,8 @@ def run_job(options: RunOptions, *, on_progress: Callable[[dict], None] | None =
         finally:
             source.close()
         if source.finished and source.gone:
-            logger.info("{} files disappeared since the last scan; their records leave the output", source.gone)
+            logger.info("{} disappeared since the last scan; their records leave the output",
+                        plural(source.gone, "file"))
         merged = None
         if options.merge:
             merged, pool_result = _merge_until_clean(job, pool_result, on_progress)
@@ -220,7 +238,7 @@ def watch_job(
             rescan_interval=rescan_interval, out_relpath=_relpath_inside(options.out, options.data_dir),
             on_skip=_log_skip,
         )
-        merger = _PeriodicMerge(job, merge_interval)
+        merger = _PeriodicMerge(job, merge_interval, watcher)
         pool = make_pool(job, on_progress, on_turn=merger.maybe_merge, run_info=watcher.info)
         merger.pool = pool
         if options.executor != "local":
@@ -236,19 +254,31 @@ def watch_job(
 
 
 class _PeriodicMerge:
-    """--merge-interval: refresh merged output and summary while watching, when something changed."""
+    """--merge-interval: refresh merged output and summary while watching, when something changed.
 
-    def __init__(self, job: _Job, interval: float) -> None:
-        self.job, self.interval = job, interval
+    The first merge comes as soon as the catch-up is over, then one every interval.
+    """
+
+    def __init__(self, job: _Job, interval: float, watcher: Watcher) -> None:
+        self.job, self.interval, self.watcher = job, interval, watcher
         self.pool: Coordinator | None = None
-        self._next = time.monotonic() + interval
+        self._next: float | None = None  # None until the catch-up is merged
 
     def maybe_merge(self) -> None:
         """Merge when the interval is up; an unchanged ledger keeps the published output as is."""
-        if not self.job.options.merge or time.monotonic() < self._next:
+        if not self.job.options.merge:
+            return
+        if not (self._caught_up() if self._next is None else time.monotonic() >= self._next):
             return
         self._next = time.monotonic() + self.interval
         self.merge()
+
+    def _caught_up(self) -> bool:
+        """The catch-up scan is over and none of the tasks it recorded is left to process now
+        (a retry that is not due yet does not hold the first merge back)."""
+        ledger = self.job.ledger
+        return (self.watcher.caught_up and self.pool is not None and not self.pool.stats()["running"]
+                and not ledger.has_claimable(ledger.conn, time.time()))
 
     def merge(self) -> MergeOutcome:
         """Publish what is done now; damaged results go back to pending for the pool."""
@@ -300,7 +330,7 @@ def peak_rss_bytes() -> int:
 def _recover(out: Path, ledger: Ledger) -> None:
     stale = ledger.requeue_stale()
     if stale:
-        logger.warning("{} tasks left running by a stopped run went back to pending", stale)
+        logger.warning("{} left running by a stopped run went back to pending", plural(stale, "task"))
     remove_temp_files(out)
 
 
@@ -324,6 +354,7 @@ def scan_options(options: RunOptions) -> ScanOptions:
 
 
 def worker_config(options: RunOptions) -> WorkerConfig:
+    columns = added_columns(options) or {}
     return WorkerConfig(
         data_dir=os.fsencode(os.path.abspath(options.data_dir)),
         out=str(options.out),
@@ -331,6 +362,8 @@ def worker_config(options: RunOptions) -> WorkerConfig:
         params=dict(options.params),
         durable=options.durable,
         max_memory=options.max_memory,
+        source_column=columns.get("source"),
+        offset_column=columns.get("offset"),
     )
 
 
@@ -385,7 +418,7 @@ def _merge_until_clean(job: _Job, pool_result: Tally, on_progress) -> tuple[Merg
         merged = _merge(job, publish_if_damaged=False)
         if merged.published:
             break
-        logger.warning("{} done tasks had a missing or damaged result; processing them again", merged.damaged)
+        logger.warning("{} had a missing or damaged result; processing them again", plural(merged.damaged, "done task"))
         again = make_pool(job, on_progress).run(None)
         pool_result.done += again.done
         pool_result.failed += again.failed

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from crawlproc.scanner import FileEntry, PathFilter, Scan, ScanOptions, task_rows
+from crawlproc.words import plural
 
 if TYPE_CHECKING:
     from crawlproc.ledger import Ledger
@@ -129,6 +130,7 @@ class Watcher:
         os.set_blocking(self._wake_w, False)
         self._observer = self._start_observer()
         self._start_scan(b"")  # catch up, exactly like `run` (events meanwhile are queued)
+        self._catch_up = self._scans[0]
 
     # -- pool.WorkSource ----------------------------------------------------------
     @property
@@ -156,6 +158,11 @@ class Watcher:
         recorded += self._record_settled()
         self.files += recorded
         return recorded
+
+    @property
+    def caught_up(self) -> bool:
+        """The catch-up scan, started with the watcher, is over."""
+        return self._catch_up.finished
 
     def stop(self) -> None:
         self._stopped = True
@@ -349,6 +356,6 @@ class Watcher:
         if scan.finished:
             self._scans.pop(0)
             if scan.gone:
-                logger.info("{} files disappeared; their records leave the output", scan.gone)
+                logger.info("{} disappeared; their records leave the output", plural(scan.gone, "file"))
         return scan.files - before
 

@@ -61,6 +61,8 @@ class WorkerConfig:
     params: Mapping[str, str]
     durable: bool = False
     max_memory: int | None = None  # bytes of RSS after which the worker retires
+    source_column: str | None = None  # --source-column: each record gets its task's relpath under it
+    offset_column: str | None = None  # and (with --chunk-size) its byte offset under this one
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,7 @@ class Worker:
         started = time.perf_counter()
         retiring = False
         try:
-            data = encode_records(self.processor.func(task))
+            data = encode_records(self.processor.func(task), self._source_of(task))
             outcome = self._check_unchanged(task_id, path, size, mtime_ns, data, written, started)
         except Exception as exc:
             data, outcome = b"", self._failure(task_id, path, exc, started)
@@ -135,6 +137,15 @@ class Worker:
         if outcome[1] != DONE:
             data = b""
         return outcome, data, retiring or self._over_memory()
+
+    def _source_of(self, task: Task) -> dict[str, Any] | None:
+        """The fields --source-column puts in front of each record of `task`."""
+        if self.config.source_column is None:
+            return None
+        fields: dict[str, Any] = {self.config.source_column: task.relpath}
+        if self.config.offset_column is not None:
+            fields[self.config.offset_column] = task.offset or 0
+        return fields
 
     def _check_unchanged(self, task_id, path, size, mtime_ns, data, written, started) -> tuple:
         """Done only if the file still has the size and mtime it was scanned with."""
@@ -180,20 +191,25 @@ class Worker:
         return None
 
 
-def encode_records(result: Any) -> bytes:
-    """JSON lines for what a processor returned: a dict, an iterable of dicts, or None."""
+def encode_records(result: Any, source: Mapping[str, Any] | None = None) -> bytes:
+    """JSON lines for what a processor returned: a dict, an iterable of dicts, or None.
+
+    `source` fields go first in each record; a record's own key of the same name keeps its value.
+    """
     if result is None:
         return b""
     if type(result) is dict or isinstance(result, Mapping):
-        return _encode_one(result)
+        return _encode_one(result, source)
     if isinstance(result, (str, bytes)) or not hasattr(result, "__iter__"):
         raise TypeError(f"processor returned {type(result).__name__}; expected a dict, dicts, or None")
-    return b"".join(_encode_one(record) for record in result)
+    return b"".join(_encode_one(record, source) for record in result)
 
 
-def _encode_one(record: Any) -> bytes:
+def _encode_one(record: Any, source: Mapping[str, Any] | None) -> bytes:
     if type(record) is not dict and not isinstance(record, Mapping):
         raise TypeError(f"processor yielded {type(record).__name__}; each record must be a dict")
+    if source is not None:
+        record = {**source, **record}
     try:
         return (_encode_json(record) + "\n").encode()
     except (TypeError, ValueError, RecursionError) as exc:
