@@ -1,6 +1,6 @@
 """One job on an OUT, `run` or `watch`: from DATA_DIR to a merged output and an exit code.
 
-    check DATA_DIR, OUT ─> lock OUT ─> open ledger ─> check identity ─> recover
+    check DATA_DIR, OUT ─> lock OUT ─> (rebuild a lost ledger) ─> open ledger ─> check identity ─> recover
       run:   scan ∥ pool ─> merge (done results crc-checked; damaged ones redone first)
       watch: catch-up scan, then file events ∥ pool, merging every --merge-interval
       ─> summary.json ─> exit code (0 all done, 1 some failed, 130 interrupted)
@@ -29,16 +29,16 @@ from crawlproc.finalize import (
     merge_results,
     write_summary,
 )
-from crawlproc.ledger import Ledger
+from crawlproc.ledger import LEDGER_NAME, Ledger
 from crawlproc.lock import OutLock
 from crawlproc.pool import PoolOptions, PoolResult, WorkerPool
 from crawlproc.processes import ForkServer
 from crawlproc.processors.base import Processor, load, normalise_spec
-from crawlproc.results import remove_temp_files, remove_unreferenced
+from crawlproc.rebuild import note_closed, rebuild_if_lost
+from crawlproc.results import identity_text, remove_temp_files, remove_unreferenced
 from crawlproc.scanner import Scan, ScanOptions, dir_id
 from crawlproc.worker import WorkerConfig
 
-LEDGER_NAME = "ledger.db"
 MAX_MERGE_ROUNDS = 3
 
 
@@ -136,7 +136,7 @@ def _open_job(options: RunOptions, command: str, *, early_forkserver: bool = Fal
     with OutLock(options.out):
         forkserver = None
         if early_forkserver and not (options.out / LEDGER_NAME).exists():
-            forkserver = ForkServer(worker_config(options))
+            forkserver = ForkServer(worker_config(options, run_identity(options, processor)))
             forkserver.start()
         try:
             with _opened_ledger(options, command, processor, forkserver) as job:
@@ -150,9 +150,13 @@ def _open_job(options: RunOptions, command: str, *, early_forkserver: bool = Fal
 def _opened_ledger(options: RunOptions, command: str, processor: Processor,
                    forkserver: ForkServer | None) -> Iterator[_Job]:
     logs.add_file_sink(options.out)
+    identity = run_identity(options, processor)
+    # --keep-results accepts a changed code fingerprint: pass its identity key as accept_changed.
+    rebuilt = rebuild_if_lost(options.out, identity, reprocess=options.reprocess)
+    if rebuilt:
+        logger.warning(rebuilt)
     ledger = Ledger(options.out / LEDGER_NAME, durable=options.durable)
     try:
-        identity = run_identity(options, processor)
         if ledger.check_identity(identity, reprocess=options.reprocess):
             logger.info("--reprocess: every task of {} will be processed again", options.out)
         _recover(options.out, ledger)
@@ -163,6 +167,7 @@ def _opened_ledger(options: RunOptions, command: str, processor: Processor,
         yield _Job(options, ledger, processor, identity, ledger.start_run(command, os.getpid()), forkserver)
     finally:
         ledger.close()
+        note_closed(ledger.path)  # the next start then skips the thorough check
 
 
 def run_job(options: RunOptions, *, on_progress: Callable[[dict], None] | None = None) -> RunOutcome:
@@ -300,7 +305,7 @@ def scan_options(options: RunOptions) -> ScanOptions:
     )
 
 
-def worker_config(options: RunOptions) -> WorkerConfig:
+def worker_config(options: RunOptions, identity: dict[str, Any]) -> WorkerConfig:
     return WorkerConfig(
         data_dir=os.fsencode(os.path.abspath(options.data_dir)),
         out=str(options.out),
@@ -308,12 +313,13 @@ def worker_config(options: RunOptions) -> WorkerConfig:
         params=dict(options.params),
         durable=options.durable,
         max_memory=options.max_memory,
+        identity=identity_text(identity),
     )
 
 
 def make_pool(job: _Job, on_progress: Callable[[dict], None] | None, **hooks: Any) -> WorkerPool:
     options = job.options
-    config = worker_config(options)
+    config = worker_config(options, job.identity)
     pool_options = PoolOptions(
         workers=options.workers, max_tasks_per_child=options.max_tasks_per_child,
         batch_size=options.batch_size, timeout=options.timeout, retries=options.retries,
