@@ -89,11 +89,9 @@ def rebuild_if_lost(out: Path, identity: Mapping[str, Any], *, reprocess: bool =
     line = (f"{path} was {problem}; rebuilt from {len(survey.adoptable)} result files "
             f"({kept:,} done tasks kept); failed tasks will be tried again")
     if survey.damaged or damaged_ranges:
-        line += (f"; the tasks of {survey.damaged} damaged result files and of {damaged_ranges} "
-                 "damaged record ranges are processed again")
-    if aside is not None:
-        line += f"; the old file is kept as {aside.name}"
-    return line
+        line += (f"; {survey.damaged} damaged result files and {damaged_ranges} damaged record ranges "
+                 "were not adopted: their tasks are processed again")
+    return line + (f"; the old file is kept as {aside.name}" if aside is not None else "")
 
 
 def _nothing_to_rebuild_from(path: Path, problem: str) -> None:
@@ -109,35 +107,40 @@ def _nothing_to_rebuild_from(path: Path, problem: str) -> None:
 
 def _survey(found: list[tuple[int, Path]], identity: Mapping[str, Any], accept_changed: frozenset[str]) -> Survey:
     ours = identity_digest(identity)
-    survey = Survey([], [], [], 0)
+    adoptable: list[tuple[int, Path]] = []
+    foreign: list[dict[str, Any]] = []
+    without_trailer: list[Path] = []
     damaged = 0
     for batch_id, file in found:
         try:
             trailer = read_trailer(file)
         except NoTrailer:
-            survey.without_trailer.append(file)
-            continue
+            without_trailer.append(file)
         except (DamagedTrailer, OSError):
             damaged += 1
-            continue
-        if trailer.identity_digest == ours or _differences(trailer.identity, identity) <= accept_changed:
-            survey.adoptable.append((batch_id, file))
         else:
-            survey.foreign.append(trailer.identity)
-    return survey._replace(damaged=damaged)
+            if trailer.identity_digest == ours or _differences(trailer.identity, identity) <= accept_changed:
+                adoptable.append((batch_id, file))
+            else:
+                foreign.append(trailer.identity)
+    return Survey(adoptable, foreign, without_trailer, damaged)
+
+
+def _as_stored(identity: Mapping[str, Any]) -> dict[str, Any]:
+    """The identity as a trailer keeps it (through JSON: tuples become lists, and so on)."""
+    return json.loads(json.dumps(dict(identity)))
 
 
 def _differences(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> set[str]:
-    """Identity keys whose values differ (compared as the trailer keeps them: JSON)."""
-    ours_as_json = json.loads(json.dumps(dict(ours)))
-    return {key for key in theirs.keys() | ours_as_json.keys() if theirs.get(key) != ours_as_json.get(key)}
+    """Identity keys whose values differ."""
+    ours = _as_stored(ours)
+    return {key for key in theirs.keys() | ours.keys() if theirs.get(key) != ours.get(key)}
 
 
 def _refuse_unusable(survey: Survey, path: Path, problem: str, identity: Mapping[str, Any], total: int) -> None:
     results = path.parent / RESULTS_DIR
     if survey.foreign:
-        theirs = survey.foreign[0]
-        ours = json.loads(json.dumps(dict(identity)))
+        theirs, ours = survey.foreign[0], _as_stored(identity)
         detail = "; ".join(f"{key}: results have {theirs.get(key)!r}, this run {ours.get(key)!r}"
                            for key in sorted(_differences(theirs, identity)))
         raise IdentityMismatch(
@@ -175,7 +178,7 @@ def _build(temp: Path, identity: Mapping[str, Any], adoptable: list[tuple[int, P
         for batch_id, file in sorted(adoptable, reverse=True):  # highest batch first: it wins a key
             try:
                 trailer, tasks, damaged = verified_tasks(file)
-            except (DamagedTrailer, OSError):
+            except (DamagedTrailer, OSError, ValueError):
                 continue  # changed since the survey: not adopted, its tasks are processed again
             damaged_ranges += damaged
             with ledger.transaction() as conn:

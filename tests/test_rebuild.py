@@ -243,7 +243,7 @@ def test_a_damaged_result_file_costs_only_its_own_tasks(job):
     hit_first = min(batches[record_hit], key=os.fsencode)
     assert job.calls() == sorted([hit_first, *batches[trailer_hit]])
     assert job.merged() == clean
-    assert "1 damaged result files and of 1 damaged record ranges" in result.stderr
+    assert "1 damaged result files and 1 damaged record ranges were not adopted" in result.stderr
 
 
 # -- refusals ------------------------------------------------------------------------------
