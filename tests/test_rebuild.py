@@ -402,3 +402,28 @@ def test_a_ledger_is_checked_in_full_unless_it_is_as_crawlproc_closed_it(job):
     other.set_meta({"note": "written elsewhere"})
     other.close()
     assert not closed_cleanly(ledger)
+
+
+def test_accepted_identity_changes_are_adopted_others_refused(tmp_path):
+    """The hook --keep-results uses: results whose identity differs only in accepted keys are kept."""
+    from crawlproc.errors import IdentityMismatch
+    from crawlproc.rebuild import rebuild_if_lost
+    from crawlproc.run import RunOptions, run_job
+
+    data = make_tree(tmp_path / "data", {"a.txt": "a\n", "b.txt": "b\n"})
+    out = tmp_path / "out"
+    outcome = run_job(RunOptions(data_dir=data, out=out, workers=1))
+    assert outcome.exit_code == 0
+    identity = _identity_of(out)
+    (out / "ledger.db").unlink()
+    edited = {**identity, "processor_version": "edited"}
+    with pytest.raises(IdentityMismatch, match="processor_version: results have '1', this run 'edited'"):
+        rebuild_if_lost(out, edited)
+    line = rebuild_if_lost(out, edited, accept_changed=frozenset({"processor_version"}))
+    assert "(2 done tasks kept)" in line
+    assert query_ledger(out, "SELECT count(*) FROM tasks WHERE state = 'done'") == [(2,)]
+
+
+def _identity_of(out: Path) -> dict:
+    """The run identity a result file's trailer records."""
+    return read_trailer(next((out / "results").rglob("*.jsonl"))).identity
