@@ -44,8 +44,9 @@ class MergeOutcome:
     output: Path | None = None
     reduced: Any = None
     unchanged: bool = False  # nothing changed since the last merge: the output was kept
-    # Result files the done tasks read from: batch id -> bytes they need. Every other
-    # result file is unreferenced (see results.remove_unreferenced).
+    # Result files of the done tasks: batch id -> bytes of records they need (0: none, but
+    # the file's trailer names them). Every other result file is unreferenced (see
+    # results.remove_unreferenced).
     batches: dict[int, int] = field(default_factory=dict)
 
 
@@ -144,6 +145,8 @@ def _remember_merge(ledger: Ledger, output: Path, signature: list, reduced: Any,
 def _result_files_present(out: Path, batches: dict[int, int]) -> bool:
     """Cheap check: every referenced result file exists and is long enough."""
     for batch_id, needed in batches.items():
+        if not needed:
+            continue  # no records to copy (an older crawlproc wrote no file for such a batch)
         try:
             if result_path(out, batch_id).stat().st_size < needed:
                 return False
@@ -173,7 +176,7 @@ def _copy_done_ranges(
                 sink.write(data)
                 written += len(data)
                 tasks += 1
-                if length and batches.get(batch_id, 0) < offset + length:
+                if batches.get(batch_id, -1) < offset + length:
                     batches[batch_id] = offset + length
     finally:
         reader.close()

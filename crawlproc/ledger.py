@@ -27,11 +27,13 @@ from typing import Any, NamedTuple
 from crawlproc.errors import IdentityMismatch, LedgerError
 from crawlproc.task import relpath_for_people
 
+LEDGER_NAME = "ledger.db"  # in OUT
 SCHEMA_VERSION = 2  # 2: the folders table and the running flag, which schema-1 code would not keep up
 APPLICATION_ID = 0x43504C31  # "CPL1": tells our ledger from any other SQLite file
 BUSY_TIMEOUT_MS = 10_000
 RUNNING_FLAG = "tasks_may_be_running"  # meta key: see Ledger.requeue_stale
 BATCH_IDS_KEY = "batch_ids_reserved"  # meta key: see Ledger.next_batch_id
+LEDGER_TABLES = frozenset({"meta", "tasks", "runs"})
 
 
 class State(str, Enum):
@@ -90,6 +92,15 @@ _STATE_TOTALS = "SELECT " + ", ".join(
     + [f"{agg} FILTER (WHERE state = 'done')" for agg in
        ("max(id)", "total(batch_id)", "total(finished_at)", "total(result_crc)")]
 ) + " FROM tasks"
+
+# A done task found in a result file's trailer (rebuild.py); for a key already
+# adopted from a file with a higher batch id, nothing.
+_ADOPT_DONE = """
+INSERT INTO tasks (relpath, path_bytes, "offset", length, size, mtime_ns, state, attempts, batch_id,
+                   result_offset, result_length, result_crc, worker_pid, elapsed_s, finished_at)
+VALUES (?, ?, ?, ?, ?, ?, 'done', 1, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (path_bytes, "offset") DO NOTHING
+"""
 
 _INSERT_CLAIMED = """
 INSERT INTO tasks (relpath, path_bytes, "offset", length, size, mtime_ns, state)
@@ -197,6 +208,20 @@ class Ledger:
         self._take_count_ahead()
         self.conn.close()
 
+    def close_as_one_file(self) -> None:
+        """Close, leaving no -wal or -shm beside the file: it can then be renamed (rebuild.py).
+
+        SQLite keeps WAL mode, silently, while another connection has the file
+        open; what is still in the -wal would then not follow the rename.
+        """
+        self._take_count_ahead()
+        try:
+            mode = self.conn.execute("PRAGMA journal_mode=DELETE").fetchone()[0]
+        finally:
+            self.conn.close()
+        if mode != "delete":
+            raise LedgerError(f"{self.path} is open in another process; close it and run again")
+
     # -- identity ------------------------------------------------------------
     def meta(self) -> dict[str, str]:
         return dict(self.conn.execute("SELECT key, value FROM meta"))
@@ -271,6 +296,22 @@ class Ledger:
     def reserve_batch_ids(self, conn: sqlite3.Connection, below: int) -> None:
         """Batch ids below `below` are taken, whether or not a task ends up referring to them."""
         _put_meta(conn, {BATCH_IDS_KEY: str(below)})
+
+    # -- rebuilding (see rebuild.py) ------------------------------------------------
+    def adopt_done(self, conn: sqlite3.Connection, batch_id: int, worker_pid: int, tasks: Iterable[tuple]) -> int:
+        """Insert done tasks read from result file `batch_id`'s trailer; returns how many were new.
+
+        tasks: results.TrailerTask-shaped (path_bytes, offset, length, size, mtime_ns,
+        result_offset, result_length, result_crc, elapsed_s, finished_at).
+        """
+        before = conn.total_changes
+        conn.executemany(_ADOPT_DONE, ((relpath_for_people(t[0]), *t[:5], batch_id, *t[5:8], worker_pid, *t[8:])
+                                       for t in tasks))
+        return conn.total_changes - before
+
+    def raise_batch_floor(self, floor: int) -> None:
+        """Batch ids handed out from now on are `floor` or more (see next_batch_id)."""
+        self.set_meta({BATCH_IDS_KEY: max(floor, self.next_batch_id())})
 
     # -- scanning --------------------------------------------------------------
     def reconcile(
@@ -709,6 +750,38 @@ def _count_into(path: Path, box: list) -> None:
             conn.close()
     except sqlite3.Error:
         pass  # the caller counts for itself
+
+
+def diagnose(path: Path, *, thorough: bool) -> str | None:
+    """Why the file at `path` cannot serve as a ledger, said as "is ..." completes it, or None.
+
+    The usual checks read the header and the schema; `thorough` adds PRAGMA
+    quick_check, a pass over every page (damage in the middle of the file).
+    The file is opened read-only: what is found is left as it was.
+    """
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "missing"
+    if size == 0 and not path.with_name(path.name + "-wal").exists():
+        return "empty"
+    conn = _connect(path, readonly=True)
+    try:
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if app_id == 0 and not tables:
+            return "empty"
+        if app_id != APPLICATION_ID or not LEDGER_TABLES <= tables:
+            return "not a crawlproc ledger"
+        if thorough:
+            verdict = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
+            if verdict != "ok":
+                return f"damaged (quick_check: {' '.join(verdict.split())})"  # one line
+    except sqlite3.DatabaseError as exc:
+        return "not an SQLite file" if "not a database" in str(exc) else f"damaged ({exc})"
+    finally:
+        conn.close()
+    return None
 
 
 def _folders_holding(path: bytes) -> list[bytes]:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from crawlproc.errors import UsageError
+from crawlproc.errors import LedgerError, UsageError
 from crawlproc.finalize import default_output, merge_results, write_summary
 from crawlproc.ledger import Ledger
 from crawlproc.lock import OutLock, running_pid
@@ -32,9 +32,18 @@ GOING, FINISHED, ENDED_ABRUPTLY = "going", "finished", "ended abruptly"
 
 
 def _open_readonly(out: Path) -> Ledger:
+    """OUT's ledger for reading; a lost one beside result files is a hint to rebuild it, not a guess."""
     if not out.is_dir():
         raise UsageError(f"OUT {out} does not exist")
-    return Ledger(out / LEDGER_NAME, readonly=True)
+    try:
+        return Ledger(out / LEDGER_NAME, readonly=True)
+    except LedgerError:
+        from crawlproc.rebuild import lost_ledger_hint
+
+        hint = lost_ledger_hint(out)
+        if hint is None:
+            raise
+        raise LedgerError(hint) from None
 
 
 def run_command(out: Path, meta: Mapping[str, str]) -> str | None:

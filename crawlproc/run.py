@@ -1,6 +1,6 @@
 """One job on an OUT, `run` or `watch`: from DATA_DIR to a merged output and an exit code.
 
-    check DATA_DIR, OUT ─> lock OUT ─> open ledger ─> check identity ─> recover
+    check DATA_DIR, OUT ─> lock OUT ─> (rebuild a lost ledger) ─> open ledger ─> check identity ─> recover
       run:   scan ∥ pool ─> merge (done results crc-checked; damaged ones redone first)
       watch: catch-up scan ∥ pool, merge, then file events ∥ pool, merging every --merge-interval
       ─> summary.json ─> exit code (0 all done, 1 some failed, 130 interrupted)
@@ -30,14 +30,15 @@ from crawlproc.finalize import (
     merge_results,
     write_summary,
 )
-from crawlproc.ledger import Ledger
-from crawlproc.lock import OutLock
 from crawlproc.coordinator import Coordinator, CoordinatorOptions
+from crawlproc.ledger import LEDGER_NAME, Ledger
+from crawlproc.lock import OutLock
 from crawlproc.executors import WorkerLimits, make_executor
 from crawlproc.outcomes import RetryPolicy, Tally, out_hint
 from crawlproc.processes import ForkServer
 from crawlproc.processors.base import Processor, load, normalise_spec
-from crawlproc.results import remove_temp_files, remove_unreferenced
+from crawlproc.rebuild import note_closed, rebuild_if_lost
+from crawlproc.results import identity_text, remove_temp_files, remove_unreferenced
 from crawlproc.scanner import Scan, ScanOptions, dir_id
 from crawlproc.words import plural
 from crawlproc.worker import WorkerConfig
@@ -45,7 +46,6 @@ from crawlproc.worker import WorkerConfig
 if TYPE_CHECKING:
     from crawlproc.watch import Watcher
 
-LEDGER_NAME = "ledger.db"
 MAX_MERGE_ROUNDS = 3
 
 
@@ -172,7 +172,7 @@ def _open_job(options: RunOptions, command: str, *, early_forkserver: bool = Fal
     with OutLock(options.out):
         forkserver = None
         if early_forkserver and options.executor == "local" and not (options.out / LEDGER_NAME).exists():
-            forkserver = ForkServer(worker_config(options))
+            forkserver = ForkServer(worker_config(options, run_identity(options, processor)))
             forkserver.start()
         try:
             with _opened_ledger(options, command, processor, forkserver) as job:
@@ -186,9 +186,13 @@ def _open_job(options: RunOptions, command: str, *, early_forkserver: bool = Fal
 def _opened_ledger(options: RunOptions, command: str, processor: Processor,
                    forkserver: ForkServer | None) -> Iterator[_Job]:
     logs.add_file_sink(options.out)
+    identity = run_identity(options, processor)
+    # --keep-results accepts a changed code fingerprint: pass its identity key as accept_changed.
+    rebuilt = rebuild_if_lost(options.out, identity, reprocess=options.reprocess)
+    if rebuilt:
+        logger.warning(rebuilt)
     ledger = Ledger(options.out / LEDGER_NAME, durable=options.durable)
     try:
-        identity = run_identity(options, processor)
         if ledger.check_identity(identity, reprocess=options.reprocess):
             logger.info("--reprocess: every task of {} will be processed again", options.out)
         _recover(options.out, ledger)
@@ -199,6 +203,7 @@ def _opened_ledger(options: RunOptions, command: str, processor: Processor,
         yield _Job(options, ledger, processor, identity, ledger.start_run(command, os.getpid()), forkserver)
     finally:
         ledger.close()
+        note_closed(ledger.path)  # the next start then skips the thorough check
 
 
 def run_job(options: RunOptions, *, on_progress: Callable[[dict], None] | None = None) -> RunOutcome:
@@ -353,7 +358,7 @@ def scan_options(options: RunOptions) -> ScanOptions:
     )
 
 
-def worker_config(options: RunOptions) -> WorkerConfig:
+def worker_config(options: RunOptions, identity: dict[str, Any]) -> WorkerConfig:
     columns = added_columns(options) or {}
     return WorkerConfig(
         data_dir=os.fsencode(os.path.abspath(options.data_dir)),
@@ -364,6 +369,7 @@ def worker_config(options: RunOptions) -> WorkerConfig:
         max_memory=options.max_memory,
         source_column=columns.get("source"),
         offset_column=columns.get("offset"),
+        identity=identity_text(identity),
     )
 
 
@@ -380,7 +386,7 @@ def make_pool(job: _Job, on_progress: Callable[[dict], None] | None, *,
     else:
         extra["scheduler"] = options.scheduler
         extra["data_dir"] = options.data_dir
-    executor = make_executor(options.executor, worker_config(options), limits, **extra)
+    executor = make_executor(options.executor, worker_config(options, job.identity), limits, **extra)
     coordinator_options = CoordinatorOptions(
         policy=RetryPolicy(options.retries, options.retry_delay, options.max_failures),
         batch_size=options.batch_size,

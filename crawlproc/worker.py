@@ -4,6 +4,9 @@
          ^                                              │
          └──────────────── BatchReport (one per batch) ─┘
 
+The result file ends with a trailer that lists the batch's done tasks (see
+results.py), so it is written whenever a task is done, even with no records.
+
 Before each task the worker writes the task id and start time into its shared
 slot, so the coordinator can blame exactly that task if the worker dies or runs
 past --timeout, without any message. A processor exception fails only its own
@@ -26,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from crawlproc.errors import TaskFailed
-from crawlproc.results import checksum, result_path, write_atomic
+from crawlproc.results import TrailerWriter, checksum, result_path, write_atomic
 from crawlproc.task import Task, relpath_for_processors
 
 # Outcome kinds, first item after the task id in an outcome tuple.
@@ -63,6 +66,7 @@ class WorkerConfig:
     max_memory: int | None = None  # bytes of RSS after which the worker retires
     source_column: str | None = None  # --source-column: each record gets its task's relpath under it
     offset_column: str | None = None  # and (with --chunk-size) its byte offset under this one
+    identity: str = ""  # the run's identity (results.identity_text), written into each trailer
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,7 @@ class Worker:
         self.pid = os.getpid()
         self._process: Any = None  # psutil.Process, made on first use
         self._memory_checked = float("-inf")
+        self._trailer = TrailerWriter(config.identity, self.pid)
 
     def run_batch(self, batch: WorkBatch) -> BatchReport:
         chunks: list[bytes] = []
@@ -112,8 +117,13 @@ class Worker:
             if data:
                 chunks.append(data)
                 written += len(data)
+            if outcome[1] == DONE:
+                self._trailer.add(spec, outcome[2], outcome[3], time.time())
             outcomes.append(outcome)
-        write_error = self._write(batch.batch_id, chunks) if chunks else None
+        write_error = None
+        if self._trailer.tasks:
+            chunks.append(self._trailer.line(batch.batch_id))
+            write_error = self._write(batch.batch_id, chunks)
         return BatchReport(batch.batch_id, self.pid, outcomes, retiring, write_error)
 
     def _run_one(self, spec: tuple, written: int) -> tuple[tuple, bytes, bool]:

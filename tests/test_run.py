@@ -16,6 +16,7 @@ import pytest
 from conftest import make_tree, run_cli, wait_until
 from crawlproc import __version__
 from crawlproc.ledger import RUNNING_FLAG
+from crawlproc.results import read_trailer
 from crawlproc.run import RunOptions, run_job
 
 TREE = {
@@ -457,7 +458,10 @@ def test_batch_size_1_gives_one_result_file_per_task(data, tmp_path):
     files = _result_files(out)
     assert len(files) == len(TREE)
     assert len({t["batch_id"] for t in tasks(out).values()}) == len(TREE)
-    assert sorted(f.read_bytes().count(b"\n") for f in files) == [1] * len(TREE)
+    for f in files:  # one record, then the trailer that names its one task
+        trailer = read_trailer(f)
+        assert f.read_bytes()[:trailer.records_end].count(b"\n") == 1
+        assert len(list(trailer.tasks())) == 1
 
 
 def test_default_batches_group_small_files(tmp_path):
