@@ -52,7 +52,8 @@ class CrawlprocGroup(click.Group):
         except click.Abort:
             _fail("crawlproc: interrupted", 130)
         except CrawlprocError as exc:
-            _fail(f"crawlproc: {exc}", exc.exit_code)
+            command_line = sys.argv[1:] if args is None else list(args)
+            _fail(f"crawlproc: {_with_commands(exc, command_line)}", exc.exit_code)
         except KeyboardInterrupt:
             _fail("crawlproc: interrupted; run the same command again to resume", 130)
         except OSError as exc:
@@ -99,6 +100,22 @@ def _ledger_failure(exc: sqlite3.DatabaseError, out: Path | None) -> click.Click
     failure = click.ClickException(f"the ledger{ledger} cannot be used ({exc}); it may be damaged")
     failure.exit_code = 2
     return failure
+
+
+def _with_commands(exc: CrawlprocError, args: list[str]) -> str:
+    """The error's message, with each of its ways out (if any) as the command to run: this one, changed."""
+    ways_out = getattr(exc, "ways_out", ())
+    if not ways_out:
+        return str(exc)
+    import shlex
+
+    hints = []
+    for way in ways_out:
+        argv = [arg for arg in args if arg not in way.drop]
+        # before a "--" that ends the options, or else at the end
+        argv.insert(argv.index("--") if "--" in argv else len(argv), way.flag)
+        hints.append(f"{way.purpose}: crawlproc {shlex.join(argv)}")
+    return "; ".join([exc.args[0], *hints])
 
 
 def _fail(message: str, code: int) -> None:
@@ -241,6 +258,9 @@ def processing_options(func: Any) -> Any:
                      help="Put failed tasks back to pending before running."),
         click.option("--reprocess", is_flag=True, envvar=_env("reprocess"),
                      help="Accept another processor/version/params on an existing OUT and redo every task."),
+        click.option("--keep-results", is_flag=True, envvar=_env("keep_results"),
+                     help="Accept edited processor code on an existing OUT: keep the done tasks' records, "
+                          "process the rest with the new code (recorded in summary.json)."),
         click.option("--batch-size", type=click.IntRange(1), envvar=_env("batch_size"),
                      help="Most tasks in one claimed batch and result file [default: adaptive, up to 512]."),
         click.option("--chunk-size", callback=_size_option, metavar="SIZE", envvar=_env("chunk_size"),
@@ -438,6 +458,7 @@ def _run_options(data_dir: Path, kw: dict[str, Any]) -> Any:
         max_memory_per_task=kw["max_memory_per_task"], timeout=kw["timeout"],
         retries=kw["retries"], retry_delay=kw["retry_delay"], max_failures=kw["max_failures"],
         durable=kw["durable"], retry_failed=kw["retry_failed"], reprocess=kw["reprocess"],
+        keep_results=kw["keep_results"],
         batch_size=kw["batch_size"], follow_symlinks=kw["follow_symlinks"], chunk_size=kw["chunk_size"],
         output=kw["output"], output_format=kw["output_format"],
         merge=not kw["no_merge"], source_column=kw["source_column"], executor=kw["executor"],

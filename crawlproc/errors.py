@@ -7,6 +7,9 @@ of special cases.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 
 class CrawlprocError(Exception):
     """Root of crawlproc's own errors; the message is meant for a person."""
@@ -22,8 +25,24 @@ class ProcessorLoadError(CrawlprocError):
     """The processor named by -p could not be imported or is not callable."""
 
 
+class WayOut(NamedTuple):
+    """A way out of an error: the same command again, with `flag` added and the flags of `drop` left out."""
+
+    purpose: str  # "to redo every task"
+    flag: str  # "--reprocess"
+    drop: tuple[str, ...] = ()
+
+
 class IdentityMismatch(CrawlprocError):
-    """OUT was made by another processor, version, params or DATA_DIR."""
+    """OUT was made by another processor, code, version, params or DATA_DIR."""
+
+    def __init__(self, message: str, ways_out: Sequence[WayOut] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.ways_out = tuple(ways_out)  # the CLI shows each as a command to copy
+
+    def __str__(self) -> str:
+        return "; ".join([self.message, *(f"{way.purpose}, pass {way.flag}" for way in self.ways_out)])
 
 
 class LedgerError(CrawlprocError):

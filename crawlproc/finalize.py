@@ -294,6 +294,7 @@ def write_summary(
         "processor": identity.get("processor"),
         "processor_version": identity.get("processor_version"),
         "params": identity.get("params", {}),
+        "kept_results": ledger.kept_results(),  # each --keep-results that kept records of older code
         "counts": counts,
         "total": sum(counts.values()),
         "merged_output": str(merged.output) if merged and merged.output else None,

@@ -24,7 +24,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from crawlproc.errors import IdentityMismatch, LedgerError
+from crawlproc.errors import LedgerError
+from crawlproc.identity import KEPT_RESULTS_KEY, Verdict, judge, kept_results, kept_results_entry
 from crawlproc.task import relpath_for_people
 
 LEDGER_NAME = "ledger.db"  # in OUT
@@ -230,36 +231,54 @@ class Ledger:
         with self.transaction() as conn:
             _put_meta(conn, values)
 
-    def check_identity(self, identity: Mapping[str, Any], *, reprocess: bool) -> bool:
+    def check_identity(self, identity: Mapping[str, Any], *, reprocess: bool,
+                       keep_results: bool = False) -> bool:
         """Compare the run's identity with OUT's; True when every task must be redone.
 
-        Raises IdentityMismatch naming both sides unless `reprocess` is set.
+        Raises IdentityMismatch naming both sides unless `reprocess` is set (see settle_identity).
+        """
+        verdict = self.settle_identity(identity, reprocess=reprocess, keep_results=keep_results)
+        return verdict is Verdict.REPROCESS
+
+    def settle_identity(self, identity: Mapping[str, Any], *, reprocess: bool,
+                        keep_results: bool = False) -> Verdict:
+        """Judge the run's identity against OUT's (crawlproc.identity.judge) and store what the verdict says.
+
+        REPROCESS sends every task back to pending; KEPT records the acceptance in meta.
         """
         stored = self.meta()
         wanted = {k: _meta_text(v) for k, v in identity.items()}
-        if "processor" not in stored:
-            self.set_meta(wanted)
-            return False
-        # A key that an older crawlproc did not record counts as null: not set then.
-        differ = {k: (stored.get(k, "null"), v) for k, v in wanted.items() if stored.get(k, "null") != v}
-        if not differ:
-            return False
-        if not reprocess:
-            detail = "; ".join(f"{k}: OUT has {old!r}, this run {new!r}" for k, (old, new) in differ.items())
-            raise IdentityMismatch(
-                f"{self.path.parent} was made with other settings ({detail}); "
-                "use a new --out, or pass --reprocess to redo every task"
-            )
+        verdict = judge(stored, wanted, out=self.path.parent, reprocess=reprocess, keep_results=keep_results,
+                        count_done=self._count_done)
+        if verdict is Verdict.SAME:
+            return verdict
+        kept = None
+        if verdict is Verdict.KEPT:
+            kept = [*kept_results(stored), kept_results_entry(stored, wanted, self._count_done())]
         with self.transaction() as conn:
-            conn.execute(
-                "UPDATE tasks SET state = 'pending', attempts = 0, error = NULL, traceback = NULL, "
-                "not_before = 0 WHERE state != 'gone'"
-            )
-            # Byte ranges are planned again by the next scan, under the new --chunk-size.
-            conn.execute('DELETE FROM tasks WHERE "offset" > 0')
-            conn.execute("DELETE FROM folders")
-        self.set_meta(wanted)
-        return True
+            if verdict is Verdict.REPROCESS:
+                self._reset_every_task(conn)
+            if kept is not None:
+                _put_meta(conn, {KEPT_RESULTS_KEY: json.dumps(kept)})
+            _put_meta(conn, wanted)
+        return verdict
+
+    def kept_results(self) -> list[dict[str, Any]]:
+        """Each time --keep-results accepted edited processor code on this OUT (since the last --reprocess)."""
+        return kept_results(self.meta())
+
+    def _count_done(self) -> int:
+        return self.conn.execute("SELECT count(*) FROM tasks WHERE state = 'done'").fetchone()[0]
+
+    def _reset_every_task(self, conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "UPDATE tasks SET state = 'pending', attempts = 0, error = NULL, traceback = NULL, "
+            "not_before = 0 WHERE state != 'gone'"
+        )
+        # Byte ranges are planned again by the next scan, under the new --chunk-size.
+        conn.execute('DELETE FROM tasks WHERE "offset" > 0')
+        conn.execute("DELETE FROM folders")
+        conn.execute("DELETE FROM meta WHERE key = ?", (KEPT_RESULTS_KEY,))  # no old records are left
 
     # -- recovery ------------------------------------------------------------
     # Finding `running` tasks takes a pass over the whole table, so the ledger keeps

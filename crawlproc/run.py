@@ -31,12 +31,14 @@ from crawlproc.finalize import (
     write_summary,
 )
 from crawlproc.coordinator import Coordinator, CoordinatorOptions
+from crawlproc.identity import CODE_KEY, PYTHON_KEY, Verdict
 from crawlproc.ledger import LEDGER_NAME, Ledger
 from crawlproc.lock import OutLock
 from crawlproc.executors import WorkerLimits, make_executor
 from crawlproc.outcomes import RetryPolicy, Tally, out_hint
 from crawlproc.processes import ForkServer
-from crawlproc.processors.base import Processor, load, normalise_spec
+from crawlproc.processors.base import Processor, load, normalise_spec, spec_for_people
+from crawlproc.processors.fingerprint import fingerprint
 from crawlproc.rebuild import note_closed, rebuild_if_lost
 from crawlproc.results import identity_text, remove_temp_files, remove_unreferenced
 from crawlproc.scanner import Scan, ScanOptions, dir_id
@@ -68,6 +70,7 @@ class RunOptions:
     durable: bool = False
     retry_failed: bool = False
     reprocess: bool = False
+    keep_results: bool = False  # accept edited processor code, keeping the done tasks' records
     batch_size: int | None = None
     follow_symlinks: bool = False
     chunk_size: int | None = None
@@ -118,6 +121,7 @@ def check_command_params(processor: Processor, params: dict[str, str]) -> None:
 
 def run_identity(options: RunOptions, processor: Processor) -> dict[str, Any]:
     """What makes results comparable: a different identity means different output."""
+    code = fingerprint(options.processor, processor)
     return {
         "data_dir": os.path.realpath(options.data_dir),
         "processor": normalise_spec(options.processor),
@@ -125,6 +129,8 @@ def run_identity(options: RunOptions, processor: Processor) -> dict[str, Any]:
         "params": dict(sorted(options.params.items())),
         "chunk_size": options.chunk_size,
         "added_columns": added_columns(options),
+        CODE_KEY: code.digest,
+        PYTHON_KEY: code.python,
     }
 
 
@@ -162,6 +168,9 @@ def _open_job(options: RunOptions, command: str, *, early_forkserver: bool = Fal
     workers need while the ledger is made and the scan begins.
     """
     check_data_dir(options.data_dir)
+    if options.reprocess and options.keep_results:
+        raise UsageError("--keep-results and --reprocess exclude each other: --reprocess redoes every task, "
+                         "--keep-results keeps the done ones")
     processor = load(options.processor)  # before OUT exists: a typo in -p leaves nothing behind
     check_command_params(processor, options.params)
     if options.executor == "dask":
@@ -187,14 +196,14 @@ def _opened_ledger(options: RunOptions, command: str, processor: Processor,
                    forkserver: ForkServer | None) -> Iterator[_Job]:
     logs.add_file_sink(options.out)
     identity = run_identity(options, processor)
-    # --keep-results accepts a changed code fingerprint: pass its identity key as accept_changed.
-    rebuilt = rebuild_if_lost(options.out, identity, reprocess=options.reprocess)
+    rebuilt = rebuild_if_lost(options.out, identity, reprocess=options.reprocess,
+                              accept_changed=(CODE_KEY, PYTHON_KEY) if options.keep_results else ())
     if rebuilt:
         logger.warning(rebuilt)
     ledger = Ledger(options.out / LEDGER_NAME, durable=options.durable)
     try:
-        if ledger.check_identity(identity, reprocess=options.reprocess):
-            logger.info("--reprocess: every task of {} will be processed again", options.out)
+        _log_verdict(ledger.settle_identity(identity, reprocess=options.reprocess,
+                                            keep_results=options.keep_results), options.out, identity)
         _recover(options.out, ledger)
         if options.retry_failed:
             logger.info("--retry-failed: {} back to pending", plural(ledger.retry(include_done=False), "failed task"))
@@ -204,6 +213,24 @@ def _opened_ledger(options: RunOptions, command: str, processor: Processor,
     finally:
         ledger.close()
         note_closed(ledger.path)  # the next start then skips the thorough check
+
+
+def _log_verdict(verdict: Verdict, out: Path, identity: dict[str, Any]) -> None:
+    processor = spec_for_people(identity["processor"])
+    if verdict is Verdict.REPROCESS:
+        logger.info("--reprocess: every task of {} will be processed again", out)
+    elif verdict is Verdict.KEPT:
+        logger.info("--keep-results: the done tasks of {} keep their records from the previous code of {}; "
+                    "the new code processes the rest (listed in summary.json)", out, processor)
+    elif verdict is Verdict.ADOPTED:
+        logger.info("{} was made before crawlproc fingerprinted processor code: its done tasks are taken "
+                    "as made by this code of {}", out, processor)
+    elif verdict is Verdict.REPLACED:
+        logger.info("the code of processor {} changed since {} was made, and no task is done yet: "
+                    "the new code is used", processor, out)
+    elif verdict is Verdict.RECOMPILED:
+        logger.debug("{}: processor {} compiles to the same bytecode under {}", out, processor,
+                     identity[PYTHON_KEY])
 
 
 def run_job(options: RunOptions, *, on_progress: Callable[[dict], None] | None = None) -> RunOutcome:

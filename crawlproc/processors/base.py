@@ -93,6 +93,23 @@ def normalise_spec(spec: str) -> str:
     return spec
 
 
+def spec_for_people(spec: str) -> str:
+    """A normalised spec as people read it: a file below the current folder by its relative path."""
+    target, sep, func = spec.rpartition(":")
+    if sep and (target.endswith(".py") or os.sep in target):
+        return f"{path_for_people(target)}:{func}"
+    return spec
+
+
+def path_for_people(path: str) -> str:
+    """`path` relative to the current folder when it is below it, else as it is."""
+    try:
+        relative = os.path.relpath(path)
+    except (ValueError, OSError):  # no current folder any more
+        return path
+    return path if relative.startswith("..") else relative
+
+
 def load(spec: str) -> Processor:
     """Import the processor named by `spec` (already normalised or not)."""
     from crawlproc.processors import BUILTINS, find_plugin
@@ -109,7 +126,7 @@ def load(spec: str) -> Processor:
     try:
         obj = getattr(module, func_name)
     except AttributeError:
-        raise ProcessorLoadError(f"processor {spec!r}: {target} has no attribute {func_name!r}") from None
+        raise _no_such_function(spec, module, func_name) from None
     if isinstance(obj, Processor):
         return obj
     if not callable(obj):
@@ -123,7 +140,7 @@ def _load_plugin(name: str, entry_point: Any) -> Processor:
         obj = entry_point.load()
     except Exception as exc:
         raise ProcessorLoadError(
-            f"cannot load plugin processor {name!r} ({entry_point.value}): {exc!r}"
+            f"cannot load plugin processor {name!r} ({entry_point.value}): {import_failure(exc)}"
         ) from None
     if isinstance(obj, Processor):
         return obj
@@ -136,7 +153,8 @@ def _import_module(name: str) -> Any:
     try:
         return importlib.import_module(name)
     except Exception as exc:
-        raise ProcessorLoadError(f"cannot import processor module {name!r}: {exc!r}") from None
+        raise ProcessorLoadError(_located(exc) or f"cannot import processor module {name!r}: "
+                                 f"{_exception_line(exc)}") from None
 
 
 def _import_file(path: str) -> Any:
@@ -160,5 +178,71 @@ def _import_file(path: str) -> Any:
         module_spec.loader.exec_module(module)
     except Exception as exc:
         del sys.modules[name]
-        raise ProcessorLoadError(f"cannot load processor file {path}: {exc!r}") from None
+        raise ProcessorLoadError(_located(exc) or f"cannot load processor file {path_for_people(path)}: "
+                                 f"{_exception_line(exc)}") from None
     return module
+
+
+# -- load errors as people read them ----------------------------------------------------------
+
+def import_failure(exc: BaseException) -> str:
+    """An exception raised while importing a processor's module, in one line: where, what."""
+    return _located(exc) or _exception_line(exc)
+
+
+def _located(exc: BaseException) -> str | None:
+    """`file:line: message` for a syntax error; `file:line: ExcType: message` at the deepest
+    frame of the user's own code (not Python's, an installed package's, or crawlproc's); None
+    when no such frame exists (a module that is not there)."""
+    if isinstance(exc, SyntaxError) and exc.filename and exc.lineno:
+        line = (exc.text or "").strip().splitlines()[0] if (exc.text or "").strip() else ""
+        shown = f" ({line})" if line and len(line) <= 60 else ""
+        return f"{path_for_people(exc.filename)}:{exc.lineno}: {exc.msg}{shown}"
+    frame = _deepest_user_frame(exc.__traceback__)
+    if frame is None:
+        return None
+    filename, lineno = frame
+    return f"{path_for_people(filename)}:{lineno}: {_exception_line(exc)}"
+
+
+def _exception_line(exc: BaseException) -> str:
+    message = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {message[0]}" if message else type(exc).__name__
+
+
+def _deepest_user_frame(tb: Any) -> tuple[str, int] | None:
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    not_users = tuple(os.path.join(os.path.realpath(paths[key]), "") for key in
+                      ("stdlib", "platstdlib", "purelib", "platlib") if key in paths)
+    not_users += (os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), ""),)
+    found = None
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if not filename.startswith("<") and not os.path.realpath(filename).startswith(not_users):
+            found = (filename, tb.tb_lineno)
+        tb = tb.tb_next
+    return found
+
+
+def _no_such_function(spec: str, module: Any, func_name: str) -> ProcessorLoadError:
+    """A missing function, with the callables its module defines (and the nearest name)."""
+    import difflib
+
+    defined = sorted(name for name, obj in vars(module).items()
+                     if not name.startswith("_") and callable(obj) and _defined_in(obj, module))
+    where = spec_for_people(spec).rpartition(":")[0]
+    listing = ", ".join(defined[:8]) + (f" and {len(defined) - 8} more" if len(defined) > 8 else "")
+    close = difflib.get_close_matches(func_name, defined, n=1)
+    return ProcessorLoadError(
+        f"processor {spec_for_people(spec)}: {where} has no function {func_name!r}"
+        + (f"; did you mean {close[0]!r}?" if close else "")
+        + (f" (it defines {listing})" if defined else " (it defines no functions)")
+    )
+
+
+def _defined_in(obj: Any, module: Any) -> bool:
+    """Whether `obj` was written in `module`, not imported into it."""
+    inner = obj.func if isinstance(obj, Processor) else obj
+    return getattr(inner, "__module__", None) == module.__name__

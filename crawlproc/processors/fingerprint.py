@@ -1,0 +1,275 @@
+"""The fingerprint of a processor's code: edited code makes another processor.
+
+    built-in processor (and --cmd) ─> "built-in"            its version says it all (maintainers bump it)
+    plugin (an entry point name)   ─> "plugin DIST VERSION"  its distribution's name and version
+    user code (file.py:func, package.module:function)
+        the function ─┬─ code object: bytecode, constants, names, flags; nested code objects too
+                      │   (inner functions, lambdas, comprehensions)
+                      ├─ default arguments, closure cells
+                      ├─ the reducer, hashed the same way
+                      └─ the globals its code loads by name that are functions, classes or
+                         processors of its own module, transitively (a class by its bases and
+                         methods); another module's function or class counts by its name only
+        ─> a BLAKE2 digest, kept with the Python version (bytecode differs between minor versions)
+
+Left out on purpose: line numbers, line tables, file names and docstrings, so a comment, a blank
+line, a moved function or a reworded docstring keep the fingerprint; and the values of module
+globals (a setting read from the environment or a file at import is not code: it would make
+every rerun look edited).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import types
+from collections.abc import Iterator
+from functools import partial
+from typing import Any, NamedTuple
+
+from crawlproc.processors.base import Processor
+
+BUILT_IN = "built-in"
+CO_OPTIMIZED = 0x1  # a function's code (not a class or module body)
+CO_HAS_DOCSTRING = 0x4000000  # Python 3.14+: co_consts[0] is the docstring
+_GLOBAL_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_FROM_DICT_OR_GLOBALS"})
+# Class attributes that say where or how a class was written, not what it does.
+_CLASS_HOUSEKEEPING = frozenset({"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__",
+                                 "__firstlineno__", "__static_attributes__"})
+
+
+class CodeFingerprint(NamedTuple):
+    """What a processor's code is, as kept in OUT's identity."""
+
+    digest: str  # "built-in", "plugin DIST VERSION", or the hex digest of the code
+    python: str | None  # "cpython 3.11" when `digest` hashes bytecode, else None
+
+
+def python_version() -> str:
+    """The interpreter whose bytecode a digest hashes: its implementation and minor version."""
+    return f"{sys.implementation.name} {sys.version_info.major}.{sys.version_info.minor}"
+
+
+def fingerprint(spec: str, proc: Processor) -> CodeFingerprint:
+    """The fingerprint of `proc`, loaded from `spec` (a built-in or plugin name, or a path/module spec)."""
+    from crawlproc.processors import BUILTINS, find_plugin
+
+    home = _module_of(proc.func)
+    if spec in BUILTINS or home == "crawlproc" or home.startswith("crawlproc."):
+        return CodeFingerprint(BUILT_IN, None)
+    if ":" not in spec:
+        dist = getattr(find_plugin(spec), "dist", None)
+        if dist is not None:
+            return CodeFingerprint(f"plugin {dist.name} {dist.version}", None)
+    return CodeFingerprint(code_digest(proc), python_version())
+
+
+def code_digest(proc: Processor) -> str:
+    """The hex digest of a processor's function and reducer (see the module docstring)."""
+    hasher = _CodeHasher(_module_of(proc.func))
+    hasher.top(proc)
+    return hasher.hexdigest()
+
+
+def _module_of(obj: Any) -> str:
+    module = _attribute(obj, "__module__")
+    return module if isinstance(module, str) else type(obj).__module__
+
+
+def _attribute(obj: Any, name: str) -> Any:
+    """obj.name, or None: a proxy or lazy object in the user's module may raise anything."""
+    try:
+        return getattr(obj, name, None)
+    except Exception:
+        return None
+
+
+class _CodeHasher:
+    """Feeds one processor's code, and what it reaches in its own module, into one digest.
+
+    Every item goes in as a tag and a length-prefixed payload, so no two different
+    sequences of items can feed the same bytes. An object reached twice (recursion,
+    a helper used by two functions) is hashed once and then named by the order in
+    which it was first met.
+    """
+
+    def __init__(self, home_module: str) -> None:
+        self.home = home_module
+        self._hash = hashlib.blake2b(digest_size=16)
+        self._met: dict[int, int] = {}
+        self._open_containers: set[int] = set()  # a list that holds itself must not recurse forever
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+    def put(self, tag: str, payload: bytes | str = b"") -> None:
+        data = payload.encode("utf-8", "surrogatepass") if isinstance(payload, str) else payload
+        self._hash.update(f"{tag}:{len(data)}:".encode() + data)
+
+    def top(self, proc: Processor) -> None:
+        """The processor being fingerprinted; its version is kept beside the digest, not in it."""
+        self._met[id(proc)] = len(self._met)
+        self.processor(proc)
+
+    def processor(self, proc: Processor) -> None:
+        self.put("processor")
+        self.reference(proc.func)
+        self.put("reducer")
+        self.reference(proc.reduce)
+
+    # -- what a name refers to ----------------------------------------------------------------
+    def reference(self, obj: Any) -> None:
+        """Hash code of our own module; name what comes from elsewhere; a value counts by its kind."""
+        if self._met_before(obj):
+            return
+        if isinstance(obj, Processor):
+            self.put("version", obj.version)
+            self.processor(obj)
+        elif isinstance(obj, partial):
+            self.put("partial")
+            self.reference(obj.func)
+            self.value(obj.args)
+            self.value(obj.keywords)
+        elif isinstance(obj, types.ModuleType):
+            self.put("module", obj.__name__)
+        elif isinstance(obj, types.MethodType):  # bound to an object: its function is the code
+            self.put("method")
+            self.reference(obj.__func__)
+        elif isinstance(obj, types.FunctionType) and _module_of(obj) == self.home:
+            self.function(obj)
+        elif isinstance(obj, type) and _module_of(obj) == self.home:
+            self.klass(obj)
+        elif isinstance(_attribute(obj, "__wrapped__"), types.FunctionType):  # lru_cache and the like
+            self.put("wrapped", self.name_of(type(obj)))
+            self.reference(obj.__wrapped__)
+        elif callable(obj) and isinstance(_attribute(obj, "__qualname__"), str):  # another module's function
+            self.put("elsewhere", self.name_of(obj))
+        elif _module_of(type(obj)) == self.home:  # an instance of one of our classes
+            self.put("instance")
+            self.reference(type(obj))
+        else:
+            self.put("value", self.name_of(type(obj)))
+
+    def name_of(self, obj: Any) -> str:
+        """module.qualname; our own module unnamed, since a file's module name comes from its path."""
+        module = _module_of(obj)
+        return f"{'' if module == self.home else module}.{obj.__qualname__}"
+
+    def _met_before(self, obj: Any) -> bool:
+        if not isinstance(obj, (types.FunctionType, type, Processor)):
+            return False
+        order = self._met.get(id(obj))
+        if order is not None:
+            self.put("again", str(order))
+            return True
+        self._met[id(obj)] = len(self._met)
+        return False
+
+    def function(self, func: types.FunctionType) -> None:
+        self.put("function")
+        self.code(func.__code__)
+        self.put("defaults")
+        self.value(func.__defaults__)
+        self.value(func.__kwdefaults__)
+        self.put("closure")
+        for cell in func.__closure__ or ():
+            try:
+                contents = cell.cell_contents
+            except ValueError:  # a cell not filled yet
+                self.put("empty cell")
+                continue
+            self.value(contents)
+        for name in sorted(set(_global_loads(func.__code__))):
+            if name in func.__globals__:
+                self.put("global", name)
+                self.reference(func.__globals__[name])
+
+    def klass(self, cls: type) -> None:
+        self.put("class", cls.__name__)
+        for base in cls.__bases__:
+            self.reference(base)
+        for name, attr in cls.__dict__.items():
+            if name in _CLASS_HOUSEKEEPING:
+                continue
+            if isinstance(attr, (staticmethod, classmethod)):
+                attr = attr.__func__
+            if isinstance(attr, property):
+                self.put("property", name)
+                for accessor in (attr.fget, attr.fset, attr.fdel):
+                    self.reference(accessor)
+            elif isinstance(attr, (types.FunctionType, type, partial, Processor)):
+                self.put("member", name)
+                self.reference(attr)
+
+    # -- code objects and constants -----------------------------------------------------------
+    def code(self, code: types.CodeType) -> None:
+        self.put("code", code.co_name)
+        self.put("bytecode", code.co_code)
+        self.put("exceptions", getattr(code, "co_exceptiontable", b""))
+        self.put("shape", f"{code.co_argcount} {code.co_posonlyargcount} {code.co_kwonlyargcount} "
+                          f"{code.co_flags}")
+        for tag, names in (("names", code.co_names), ("locals", code.co_varnames),
+                           ("free", code.co_freevars), ("cells", code.co_cellvars)):
+            self.put(tag, "\0".join(names))
+        consts = code.co_consts
+        if _has_docstring(code):
+            consts = (None, *consts[1:])  # a docstring is documentation, as a comment is
+        self.put("consts", str(len(consts)))
+        for const in consts:
+            self.value(const)
+
+    def value(self, value: Any) -> None:
+        """A constant, a default or a closure value: its type and content."""
+        kind = type(value)
+        if value is None or value is Ellipsis or kind in (bool, int, float, complex):
+            self.put(kind.__name__, repr(value))
+        elif kind in (str, bytes):
+            self.put(kind.__name__, value)
+        elif kind is types.CodeType:
+            self.code(value)
+        elif kind in (tuple, list, dict):
+            self.container(value)
+        elif kind in (set, frozenset):  # hashed in a stable order: a set's order changes between runs
+            self.put(kind.__name__, b"".join(sorted(_digest_of_value(item, self.home) for item in value)))
+        else:
+            self.reference(value)
+
+
+    def container(self, value: tuple | list | dict) -> None:
+        if id(value) in self._open_containers:
+            self.put("itself")
+            return
+        self._open_containers.add(id(value))
+        self.put(type(value).__name__, str(len(value)))
+        for item in value.items() if isinstance(value, dict) else value:  # in order: it can reach the output
+            self.value(item)
+        self._open_containers.discard(id(value))
+
+
+def _digest_of_value(value: Any, home: str) -> bytes:
+    hasher = _CodeHasher(home)
+    hasher.value(value)
+    return hasher._hash.digest()
+
+
+def _has_docstring(code: types.CodeType) -> bool:
+    """Whether co_consts[0] is the docstring of the function this code is the body of."""
+    if not code.co_consts or not isinstance(code.co_consts[0], str):
+        return False
+    if sys.version_info >= (3, 14):
+        return bool(code.co_flags & CO_HAS_DOCSTRING)
+    # Before 3.14 a def's code always starts its constants with the docstring or None;
+    # lambdas and comprehensions (named <lambda>, <listcomp>...) have no docstring.
+    return bool(code.co_flags & CO_OPTIMIZED) and not code.co_name.startswith("<")
+
+
+def _global_loads(code: types.CodeType) -> Iterator[str]:
+    """The global names this code and the code nested in it load."""
+    import dis
+
+    for instruction in dis.get_instructions(code):
+        if instruction.opname in _GLOBAL_LOADS:
+            yield instruction.argval
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _global_loads(const)
