@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import re
+import shlex
 import sqlite3
 import sys
 from collections.abc import Callable
@@ -251,6 +252,10 @@ def _with_progress(kw: dict[str, Any], job: Callable[[Any, Any], Any], data_dir:
     return outcome
 
 
+def _paths(n: int) -> str:
+    return f"{n} path" if n == 1 else f"{n} paths"
+
+
 def _processor_and_params(kw: dict[str, Any]) -> tuple[str, dict[str, str]]:
     """-p and --param, or --cmd: the command line becomes the `cmd` processor's param."""
     if kw["cmd"] is None:
@@ -293,6 +298,10 @@ def _print_run_summary(outcome: Any) -> None:
     if summary.get("merged_output"):
         click.echo(f"merged output: {summary['merged_output']}", err=True)
     click.echo(f"summary: {Path(summary.get('out', '.')) / 'summary.json'}", err=True)
+    problems = summary.get("scan_problems") or []
+    if problems:
+        click.echo(f"not scanned: {_paths(len(problems))} (what they hold is missing from the output): "
+                   f"see crawlproc failures -o {shlex.quote(summary['out'])}", err=True)
     if outcome.exit_code == 130:
         click.echo("interrupted: run the same command again to resume", err=True)
     elif counts.get("failed"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from crawlproc.finalize import default_output, merge_results, write_summary
 from crawlproc.ledger import Ledger
 from crawlproc.lock import LOCK_NAME, OutLock
 from crawlproc.results import remove_temp_files, remove_unreferenced
-from crawlproc.run import LEDGER_NAME
+from crawlproc.run import LEDGER_NAME, check_out_entries
 
 ERROR_WIDTH = 100
 
@@ -52,10 +53,11 @@ def status_data(out: Path) -> dict[str, Any]:
         counts = ledger.counts()
         meta = ledger.meta()
         last = ledger.last_run()
+        problems = ledger.scan_problems()
     finally:
         ledger.close()
     data: dict[str, Any] = {
-        "out": str(out), "counts": counts, "total": sum(counts.values()),
+        "out": str(out), "counts": counts, "total": sum(counts.values()), "scan_problems": problems,
         "data_dir": meta.get("data_dir"), "processor": meta.get("processor"),
         "processor_version": meta.get("processor_version"),
         "running_pid": running_pid(out), "last_run": None, "throughput_files_per_s": None,
@@ -81,6 +83,8 @@ def status_table(data: dict[str, Any]) -> Any:
     table.add_row("total", str(data["total"]), style="bold")
     lines = [f"OUT: {data['out']}", table, f"processor: {data['processor']} (version {data['processor_version']})",
              f"data dir: {data['data_dir']}"]
+    if data["scan_problems"]:
+        lines += _scan_problems_lines(data["scan_problems"], data["out"])
     if data["running_pid"]:
         lines.append(f"a run is going (pid {data['running_pid']})")
     run = data["last_run"]
@@ -94,6 +98,14 @@ def status_table(data: dict[str, Any]) -> Any:
     from rich.console import Group
 
     return Group(*lines)
+
+
+def _scan_problems_lines(problems: list[dict[str, Any]], out: str) -> list[str]:
+    """Paths no scan could read: what they hold is missing from the output."""
+    first = problems[0]
+    more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+    return [f"not scanned: {first['relpath']} ({first['error']}){more}",
+            f"  see: crawlproc failures -o {shlex.quote(out)}"]
 
 
 def _watch_line(info: dict[str, Any]) -> str:
@@ -114,16 +126,21 @@ def failures_data(out: Path) -> list[dict[str, Any]]:
 def failures_table(rows: list[dict[str, Any]]) -> Any:
     from rich.table import Table
 
-    table = Table(title=f"{len(rows)} failed tasks")
+    unscanned = sum(1 for row in rows if row["kind"] == "scan")
+    title = f"{len(rows) - unscanned} failed tasks" + (
+        f", {unscanned} {'path' if unscanned == 1 else 'paths'} not scanned" if unscanned else "")
+    table = Table(title=title)
     for column in ("relpath", "offset", "attempts", "error"):
         table.add_column(column)
     for row in rows:
         error = (row["error"] or "").splitlines()[0] if row["error"] else ""
-        table.add_row(row["relpath"], str(row["offset"]), str(row["attempts"]), error[:ERROR_WIDTH])
+        offset = "-" if row["offset"] is None else str(row["offset"])
+        table.add_row(row["relpath"], offset, str(row["attempts"]), error[:ERROR_WIDTH])
     return table
 
 
 def retry_tasks(out: Path, *, include_done: bool, relpaths: tuple[str, ...]) -> int:
+    check_out_entries(out)
     _open_readonly(out).close()  # a clear message when OUT has no ledger
     with OutLock(out):
         ledger = Ledger(out / LEDGER_NAME)
@@ -137,6 +154,7 @@ def merge_only(out: Path, output: Path | None, fmt: str = "jsonl") -> tuple[dict
     """The finalizer alone; damaged results are requeued and reported, not redone."""
     from crawlproc.processors.base import load
 
+    check_out_entries(out)
     _open_readonly(out).close()
     with OutLock(out):
         ledger = Ledger(out / LEDGER_NAME)
