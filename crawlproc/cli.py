@@ -164,6 +164,12 @@ def processing_options(func: Any) -> Any:
                      help="Put failed tasks back to pending before running."),
         click.option("--reprocess", is_flag=True, envvar=_env("reprocess"),
                      help="Accept another processor/version/params on an existing OUT and redo every task."),
+        click.option("--dry-run", is_flag=True, envvar=_env("dry_run"),
+                     help="Say how many files would be new, changed, retried and gone (with -v, which), "
+                          "then exit 0; process nothing, write nothing in OUT (watch: what its catch-up "
+                          "would do). Retried: unchanged files a run would process again: pending tasks "
+                          "(an interrupted run's, or after failed attempts), running ones a stopped run "
+                          "left, failed ones with --retry-failed, all with --reprocess."),
         click.option("--batch-size", type=click.IntRange(1), envvar=_env("batch_size"),
                      help="Most tasks in one claimed batch and result file [default: adaptive, up to 512]."),
         click.option("--chunk-size", callback=_size_option, metavar="SIZE", envvar=_env("chunk_size"),
@@ -207,6 +213,8 @@ def run(ctx: click.Context, data_dir: Path, **kw: Any) -> None:
     """Scan DATA_DIR, process every pending file, merge the results, exit."""
     from crawlproc.run import run_job
 
+    if kw["dry_run"]:
+        ctx.exit(_dry_run(data_dir, kw, watching=False))
     outcome = _with_progress(kw, lambda options, reporter: run_job(options, on_progress=reporter), data_dir)
     ctx.exit(outcome.exit_code)
 
@@ -226,6 +234,8 @@ def watch(ctx: click.Context, data_dir: Path, settle: float, rescan_interval: fl
     """Catch up like `run`, then process new and changed files as they arrive, until Ctrl-C."""
     from crawlproc.run import watch_job
 
+    if kw["dry_run"]:
+        ctx.exit(_dry_run(data_dir, kw, watching=True))
     outcome = _with_progress(kw, lambda options, reporter: watch_job(
         options, settle=settle, rescan_interval=rescan_interval, merge_interval=merge_interval,
         on_progress=reporter), data_dir, watching=True)
@@ -250,6 +260,36 @@ def _with_progress(kw: dict[str, Any], job: Callable[[Any, Any], Any], data_dir:
     if not kw["quiet"]:
         _print_run_summary(outcome)
     return outcome
+
+
+def _dry_run(data_dir: Path, kw: dict[str, Any], *, watching: bool) -> int:
+    """--dry-run: what would change, with -v file by file, on stdout; exit code 0."""
+    from crawlproc import logs
+    from crawlproc.dryrun import dry_run
+
+    logs.setup_stderr(kw["verbose"], kw["quiet"], kw["log_json"])
+    result = dry_run(_run_options(data_dir, kw), watching=watching, with_paths=kw["verbose"] > 0)
+    for change, paths in result.paths.items():
+        for path in paths:
+            click.echo(f"{change:<9} {path}")
+    for line in _dry_run_lines(result):
+        click.echo(line)
+    return 0
+
+
+def _dry_run_lines(result: Any) -> list[str]:
+    from crawlproc.walk import describe_skipped
+
+    n = result.counts
+    lines = [f"dry run, nothing done: would process {n['new']} new, {n['changed']} changed and {n['retried']} "
+             f"retried files; {n['gone']} gone and {n['excluded']} no longer selected by --include/--exclude "
+             "would leave the output"]
+    skipped = describe_skipped(result.skipped)
+    if skipped:
+        lines.append(f"skipped {skipped}")
+    lines += [f"not scanned: {p['relpath']} ({p['error']}): what it holds would be missing from the output"
+              for p in result.scan_problems]
+    return lines
 
 
 def _paths(n: int) -> str:

@@ -104,6 +104,48 @@ def _merge_key(row: tuple) -> tuple:
     return (row[1], row[2])
 
 
+class ScanDiff(NamedTuple):
+    """How the tasks a scan plans for a key range differ from the ledger's live tasks there."""
+
+    changed: list[tuple]  # planned rows of every file that is new or differs (size, mtime, byte ranges), in order
+    unseen: set[bytes]  # paths of live tasks the scan neither planned nor held back
+
+
+def diff_scan(live: list[tuple], rows: list[tuple], held: Iterable[bytes] = ()) -> ScanDiff:
+    """Compare a range's live tasks with the rows a scan planned there (both in merge order).
+
+    Pure: what Ledger.reconcile writes and what a dry run reports both come from here.
+    """
+    existing = {(r[0], r[1]): r[2:] for r in live}
+    changed_paths: set[bytes] = set()
+    for row in rows:  # this loop runs once per file of a scan: keep it lean
+        if existing.pop((row[0], row[1]), None) != row[2:]:
+            changed_paths.add(row[0])
+    seen = {row[0] for row in rows} | set(held)
+    unseen: set[bytes] = set()
+    for path, _ in existing:  # tasks the scan did not plan: a re-planned file, or a vanished one
+        if path in seen:
+            changed_paths.add(path)
+        else:
+            unseen.add(path)
+    return ScanDiff([row for row in rows if row[0] in changed_paths] if changed_paths else [], unseen)
+
+
+def _gone_to_mark(unseen: set[bytes], keep_prefixes: Iterable[bytes], keep: Callable[[bytes], bool] | None) -> list[bytes]:
+    """The unseen paths that become gone: not under an unreadable path, not kept on purpose."""
+    prefixes = tuple(keep_prefixes)
+    return [p for p in unseen if not p.startswith(prefixes) and not (keep and keep(p))]
+
+
+class RangePreview(NamedTuple):
+    """What a reconcile of one key range would do (a dry run): file paths per change, in order."""
+
+    new: list[bytes]  # no live task yet
+    changed: list[bytes]  # size, mtime or byte ranges differ from the live tasks
+    gone: list[bytes]  # live tasks that would be marked gone
+    retried: list[bytes]  # unchanged files with tasks in a state a run processes again
+
+
 class Ledger:
     """All reads and writes of OUT/ledger.db."""
 
@@ -246,6 +288,12 @@ class Ledger:
         self.set_meta(wanted)
         return True
 
+    def identity_differs(self, identity: Mapping[str, Any]) -> bool:
+        """Does OUT hold another identity (check_identity would refuse it, or redo every task)?
+        Reads only: a dry run asks this of a read-only ledger."""
+        stored = self.meta()
+        return "processor" in stored and any(stored.get(k) != _meta_text(v) for k, v in identity.items())
+
     # -- recovery ------------------------------------------------------------
     # Finding `running` tasks takes a pass over the whole table, so the ledger keeps
     # a flag (meta RUNNING_FLAG): '1' is written with the first task made running by
@@ -320,27 +368,14 @@ class Ledger:
                 with self.transaction() as conn:
                     self._record_folders(conn, folders)
             return 0, 0
-        existing = {(r[0], r[1]): r[2:] for r in live}
-        changed_paths: set[bytes] = set()
-        for row in rows:  # this loop runs once per file of a scan: keep it lean
-            if existing.pop((row[0], row[1]), None) != row[2:]:
-                changed_paths.add(row[0])
-        seen = {row[0] for row in rows} | set(held)
-        gone: set[bytes] = set()
-        for path, _ in existing:  # tasks the scan did not plan: a re-planned file, or a vanished one
-            if path in seen:
-                changed_paths.add(path)
-            else:
-                gone.add(path)
-        changed = [row for row in rows if row[0] in changed_paths] if changed_paths else []
+        changed, gone = diff_scan(live, rows, held)
         new: list[tuple] = []
         if claim_new_into is not None and changed:
             known = self._paths_between(lo, hi)  # gone ones too: those go through the upsert
             new = [row for row in changed if row[0] not in known]
             if new:
                 changed = [row for row in changed if row[0] in known]
-        prefixes = tuple(keep_prefixes)
-        gone_list = [p for p in gone if not p.startswith(prefixes) and not (keep and keep(p))] if mark_gone else []
+        gone_list = _gone_to_mark(gone, keep_prefixes, keep) if mark_gone else []
         if gone_into is not None:
             gone_into.extend(gone_list)
         if changed or gone_list or new or folders:
@@ -355,6 +390,38 @@ class Ledger:
                     folders = self._still_matching(conn, folders, gone, gone_list)
                 self._record_folders(conn, folders)
         return len(changed) + len(new), len(gone_list)
+
+    def preview_reconcile(
+        self,
+        rows: list[tuple],
+        *,
+        lo: bytes | None = None,
+        hi: bytes | None = None,
+        keep_prefixes: Iterable[bytes] = (),
+        keep: Callable[[bytes], bool] | None = None,
+        retry_states: Iterable[str] = (),
+    ) -> RangePreview:
+        """What reconcile (a full scan's) would do to [lo, hi), without writing anything.
+
+        `retry_states`: the task states a run would process again though the file did not change.
+        """
+        live = self._live_tasks_between(lo, hi)
+        changed, unseen = diff_scan(live, rows) if live != rows else ScanDiff([], set())
+        live_paths = {r[0] for r in live}
+        touched = list(dict.fromkeys(row[0] for row in changed))  # each file once, in order
+        skip = unseen | set(touched)
+        states = tuple(retry_states)
+        retried = [p for p in self._paths_in_states_between(states, lo, hi) if p not in skip] if states else []
+        return RangePreview(
+            new=[p for p in touched if p not in live_paths], changed=[p for p in touched if p in live_paths],
+            gone=sorted(_gone_to_mark(unseen, keep_prefixes, keep)), retried=retried,
+        )
+
+    def _paths_in_states_between(self, states: tuple[str, ...], lo: bytes | None, hi: bytes | None) -> list[bytes]:
+        marks = ",".join("?" * len(states))
+        sql, args = self._range_sql(f"SELECT DISTINCT path_bytes FROM tasks WHERE state IN ({marks})",
+                                    "path_bytes", lo, hi)
+        return [r[0] for r in self.conn.execute(sql + " ORDER BY path_bytes", (*states, *args))]
 
     def _paths_between(self, lo: bytes | None, hi: bytes | None) -> set[bytes]:
         sql, args = self._range_sql("SELECT DISTINCT path_bytes FROM tasks WHERE 1", "path_bytes", lo, hi)

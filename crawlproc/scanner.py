@@ -1,7 +1,7 @@
 """Feeding the ledger from a walk: `Scan` reconciles what the walk yields, a slice at a time.
 
-    walk (walk.py) ──FileEntry──> Scan.step() ──rows of a slice──> Ledger.reconcile
-      │
+    walk (walk.py) ──FileEntry──> Scan.step() ──rows of a slice──> Ledger.reconcile (or, in a
+      │                                         dry run, Ledger.preview_reconcile: no writes)
       └─ WalkFindings ──> Ledger.record_scan_problems, record_scan_skipped
 
 A full scan marks the files it did not see gone (but not under a path it
@@ -28,6 +28,7 @@ from crawlproc.walk import (
 )
 
 if TYPE_CHECKING:
+    from crawlproc.dryrun import ScanPreview
     from crawlproc.ledger import Ledger
 
 
@@ -66,7 +67,8 @@ class Scan:
     Paths the walk cannot read are recorded in the ledger as they are met; a
     scan that ends clears those under its start that it did not meet again.
     Of the files gone, `excluded` counts those that the scan's --include and
-    --exclude no longer select.
+    --exclude no longer select. With `preview` (a dry run) the ledger is only
+    read: each slice's differences go to the preview, and nothing is written.
     """
 
     def __init__(
@@ -81,8 +83,10 @@ class Scan:
         claim_new: bool = False,
         list_helpers: int = 0,
         on_problem: ProblemReporter | None = None,
+        preview: ScanPreview | None = None,
     ) -> None:
         self._ledger = ledger
+        self._preview = preview
         # With claim_new, files the ledger never saw are recorded already claimed
         # and handed to the pool through `claimed` (see Ledger.reconcile).
         self._claim_new = claim_new
@@ -91,7 +95,8 @@ class Scan:
         self.full = not start
         # A partial scan leaves unseen tasks alone, and held-back files are not in the
         # ledger yet: either way the ledger need not match the folder, so no fingerprints.
-        self._fingerprints = self.full and hold_back is None
+        # A dry run lists every folder: the retried tasks of unchanged ones count too.
+        self._fingerprints = self.full and hold_back is None and preview is None
         known = ledger.known_folders(_plan(options)) if self._fingerprints else None
         # Helpers list folders ahead of the walk (see listing.py): worth it on a big tree only,
         # which is what HelperLister waits to see before starting any.
@@ -175,8 +180,11 @@ class Scan:
         """Bring the ledger's range [lo, hi) in line with the slice; lo moves to hi."""
         if not self._past_end:
             keep = self._ignored.excludes_any_part if self._ignored else None
-            self._write_range(slice_, hi, keep)
-            self._record_problems()
+            if self._preview is not None:
+                self._preview_range(slice_, hi, keep)
+            else:
+                self._write_range(slice_, hi, keep)
+                self._record_problems()
         self._move_lo(hi)
         self.files += slice_.files()
 
@@ -210,6 +218,17 @@ class Scan:
         """The paths the scan's --include/--exclude do not select."""
         return [path for path in paths if not self._selected(path)] if self._selected else []
 
+    def _preview_range(self, slice_: _Slice, hi: bytes | None, keep: Callable[[bytes], bool] | None) -> None:
+        """A dry run's reconcile: what would change in [lo, hi), told to the preview."""
+        diff = self._ledger.preview_reconcile(slice_.rows, lo=self._lo, hi=hi, keep_prefixes=self._unreadable,
+                                              keep=keep, retry_states=self._preview.retry_states)
+        excluded = self._not_selected(diff.gone)
+        self.gone += len(diff.gone)
+        self.excluded += len(excluded)
+        dropped = set(excluded)
+        self._preview.add(new=diff.new, changed=diff.changed, gone=[p for p in diff.gone if p not in dropped],
+                          excluded=excluded, retried=diff.retried)
+
     def _record_problems(self) -> None:
         """Paths met since the last slice that could not be read go to the ledger now."""
         problems = self.findings.problems
@@ -230,9 +249,10 @@ class Scan:
             last = slice_.last_path()
             hi = last + b"\0" if last is not None else self._lo
         self._reconcile(slice_, hi)
-        self._ledger.clear_scan_problems(self._start, [p.relpath for p in self.findings.problems])
-        if self.full:
-            self._ledger.record_scan_skipped(self.findings.skipped_counts())
+        if self._preview is None:
+            self._ledger.clear_scan_problems(self._start, [p.relpath for p in self.findings.problems])
+            if self.full:
+                self._ledger.record_scan_skipped(self.findings.skipped_counts())
         self.finished = True
         self.close()
 
