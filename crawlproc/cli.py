@@ -261,6 +261,12 @@ def processing_options(func: Any) -> Any:
         click.option("--keep-results", is_flag=True, envvar=_env("keep_results"),
                      help="Accept edited processor code on an existing OUT: keep the done tasks' records, "
                           "process the rest with the new code (recorded in summary.json)."),
+        click.option("--dry-run", is_flag=True, envvar=_env("dry_run"),
+                     help="Say how many files would be new, changed, retried and gone (with -v, which), "
+                          "then exit 0; process nothing, write nothing in OUT (watch: what its catch-up "
+                          "would do). Retried: unchanged files a run would process again: pending tasks "
+                          "(an interrupted run's, or after failed attempts), running ones a stopped run "
+                          "left, failed ones with --retry-failed, all with --reprocess."),
         click.option("--batch-size", type=click.IntRange(1), envvar=_env("batch_size"),
                      help="Most tasks in one claimed batch and result file [default: adaptive, up to 512]."),
         click.option("--chunk-size", callback=_size_option, metavar="SIZE", envvar=_env("chunk_size"),
@@ -315,6 +321,8 @@ def run(ctx: click.Context, data_dir: Path, **kw: Any) -> None:
     """Scan DATA_DIR, process every pending file, merge the results, exit."""
     from crawlproc.run import run_job
 
+    if kw["dry_run"]:
+        ctx.exit(_dry_run(data_dir, kw, watching=False))
     to_stdout = _output_to_stdout(kw)
     with _stdout_kept_for_records(to_stdout):
         outcome = _with_progress(kw, lambda options, reporter: run_job(options, on_progress=reporter), data_dir,
@@ -344,6 +352,8 @@ def watch(ctx: click.Context, data_dir: Path, settle: float, rescan_interval: fl
     """
     from crawlproc.run import watch_job
 
+    if kw["dry_run"]:
+        ctx.exit(_dry_run(data_dir, kw, watching=True))
     if kw["output"] == STDOUT:
         merged = shlex.quote(str(kw["out"] / f"merged.{kw['output_format']}"))
         raise click.BadParameter(f"watch refreshes its merged output every --merge-interval, so there is no "
@@ -426,6 +436,36 @@ def _write_records(merged_output: str | None) -> None:
             os.close(devnull)
 
 
+def _dry_run(data_dir: Path, kw: dict[str, Any], *, watching: bool) -> int:
+    """--dry-run: what would change, with -v file by file, on stdout; exit code 0."""
+    from crawlproc import logs
+    from crawlproc.dryrun import dry_run
+
+    logs.setup_stderr(kw["verbose"], kw["quiet"], kw["log_json"])
+    result = dry_run(_run_options(data_dir, kw), watching=watching, with_paths=kw["verbose"] > 0)
+    for change, paths in result.paths.items():
+        for path in paths:
+            click.echo(f"{change:<9} {path}")
+    for line in _dry_run_lines(result):
+        click.echo(line)
+    return 0
+
+
+def _dry_run_lines(result: Any) -> list[str]:
+    from crawlproc.walk import describe_skipped
+
+    n = result.counts
+    lines = [f"dry run, nothing done: would process {n['new']} new, {n['changed']} changed and {n['retried']} "
+             f"retried files; {n['gone']} gone and {n['excluded']} no longer selected by --include/--exclude "
+             "would leave the output"]
+    skipped = describe_skipped(result.skipped)
+    if skipped:
+        lines.append(f"skipped {skipped}")
+    lines += [f"not scanned: {p['relpath']} ({p['error']}): what it holds would be missing from the output"
+              for p in result.scan_problems]
+    return lines
+
+
 def _processor_and_params(kw: dict[str, Any]) -> tuple[str, dict[str, str]]:
     """-p and --param, or --cmd: the command line (and --ok-exit-codes, unless it is the
     default) become the `cmd` processor's params."""
@@ -477,7 +517,7 @@ def _print_run_summary(outcome: Any, *, to_stdout: bool) -> None:
     lines = [f"{counts.get('done', 0)} done, {counts.get('failed', 0)} failed, {counts.get('gone', 0)} gone "
              f"of {plural(summary.get('total', 0), 'task')}",
              f"{timings.get('tasks_done_this_run', 0)} processed this run in {timings.get('elapsed_s', 0):.2f}s"]
-    hints = _next_steps(outcome.exit_code, counts, out)
+    hints = _next_steps(outcome.exit_code, counts, out, len(summary.get("scan_problems") or []))
     if logs.json_lines():
         click.echo(logs.json_line(
             "INFO", "; ".join(lines), event="summary", exit_code=outcome.exit_code, **counts,
@@ -492,14 +532,18 @@ def _print_run_summary(outcome: Any, *, to_stdout: bool) -> None:
         click.echo(line, err=True)
 
 
-def _next_steps(exit_code: int, counts: dict[str, int], out: Path) -> list[str]:
-    if exit_code == 130:
-        return ["interrupted: run the same command again to resume"]
-    if not counts.get("failed"):
-        return []
+def _next_steps(exit_code: int, counts: dict[str, int], out: Path, problems: int = 0) -> list[str]:
     quoted = shlex.quote(str(out))
-    return [f"{plural(counts['failed'], 'task')} failed; to see why: crawlproc failures -o {quoted}",
-            f"to put them back to pending for the next run: crawlproc retry -o {quoted}"]
+    steps = []
+    if problems:
+        steps.append(f"not scanned: {plural(problems, 'path')} (what they hold is missing from the output): "
+                     f"see crawlproc failures -o {quoted}")
+    if exit_code == 130:
+        return steps + ["interrupted: run the same command again to resume"]
+    if not counts.get("failed"):
+        return steps
+    return steps + [f"{plural(counts['failed'], 'task')} failed; to see why: crawlproc failures -o {quoted}",
+                    f"to put them back to pending for the next run: crawlproc retry -o {quoted}"]
 
 
 @cli.command()

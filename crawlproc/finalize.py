@@ -287,7 +287,9 @@ def write_summary(
     merged: MergeOutcome | None,
     timings: Mapping[str, Any],
 ) -> dict:
-    """summary.json: counts by state, timings, identity and the reducer's result."""
+    """summary.json: counts by state, timings, identity and the reducer's result; what the last
+    full scan skipped on purpose ("skipped", by kind) and the paths no scan could read
+    ("scan_problems": their files are missing from the output)."""
     counts = ledger.counts()
     summary: dict[str, Any] = {
         "out": str(out),
@@ -298,6 +300,8 @@ def write_summary(
         "counts": counts,
         "total": sum(counts.values()),
         "merged_output": str(merged.output) if merged and merged.output else None,
+        "skipped": ledger.scan_skipped(),
+        "scan_problems": ledger.scan_problems(),
         "timings": dict(timings),
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -1,7 +1,8 @@
 """The task ledger: OUT/ledger.db, the single source of truth. The only module with SQL.
 
     scan ──reconcile──> tasks(pending) ──claim──> running ──report──> done | pending(not_before) | failed
-                           │  changed/reappeared -> pending        gone <── not seen by a full scan
+      │                    │  changed/reappeared -> pending        gone <── not seen by a full scan
+      └─ paths it could not read ──> scan_problems (until a scan reads them)
 
 One writer (the coordinator) in WAL mode, so `status`, `failures` and the
 sqlite3 shell can read while a run goes on. Every write goes through
@@ -14,6 +15,7 @@ again and sort the same everywhere); `relpath` is the escaped form for people.
 
 from __future__ import annotations
 
+import heapq
 import json
 import sqlite3
 import threading
@@ -28,13 +30,14 @@ from crawlproc.errors import LedgerError
 from crawlproc.identity import KEPT_RESULTS_KEY, Verdict, judge, kept_results, kept_results_entry
 from crawlproc.task import relpath_for_people
 
-LEDGER_NAME = "ledger.db"  # in OUT
+LEDGER_NAME = "ledger.db"  # in OUT; a folder holding one with our APPLICATION_ID is never input
 SCHEMA_VERSION = 2  # 2: the folders table and the running flag, which schema-1 code would not keep up
 APPLICATION_ID = 0x43504C31  # "CPL1": tells our ledger from any other SQLite file
 BUSY_TIMEOUT_MS = 10_000
 RUNNING_FLAG = "tasks_may_be_running"  # meta key: see Ledger.requeue_stale
 BATCH_IDS_KEY = "batch_ids_reserved"  # meta key: see Ledger.next_batch_id
 LEDGER_TABLES = frozenset({"meta", "tasks", "runs"})
+SKIPPED_KEY = "scan_skipped"  # meta key: what the last full scan skipped on purpose, by kind
 
 
 class State(str, Enum):
@@ -113,6 +116,48 @@ def _merge_key(row: tuple) -> tuple:
     return (row[1], row[2])
 
 
+class ScanDiff(NamedTuple):
+    """How the tasks a scan plans for a key range differ from the ledger's live tasks there."""
+
+    changed: list[tuple]  # planned rows of every file that is new or differs (size, mtime, byte ranges), in order
+    unseen: set[bytes]  # paths of live tasks the scan neither planned nor held back
+
+
+def diff_scan(live: list[tuple], rows: list[tuple], held: Iterable[bytes] = ()) -> ScanDiff:
+    """Compare a range's live tasks with the rows a scan planned there (both in merge order).
+
+    Pure: what Ledger.reconcile writes and what a dry run reports both come from here.
+    """
+    existing = {(r[0], r[1]): r[2:] for r in live}
+    changed_paths: set[bytes] = set()
+    for row in rows:  # this loop runs once per file of a scan: keep it lean
+        if existing.pop((row[0], row[1]), None) != row[2:]:
+            changed_paths.add(row[0])
+    seen = {row[0] for row in rows} | set(held)
+    unseen: set[bytes] = set()
+    for path, _ in existing:  # tasks the scan did not plan: a re-planned file, or a vanished one
+        if path in seen:
+            changed_paths.add(path)
+        else:
+            unseen.add(path)
+    return ScanDiff([row for row in rows if row[0] in changed_paths] if changed_paths else [], unseen)
+
+
+def _gone_to_mark(unseen: set[bytes], keep_prefixes: Iterable[bytes], keep: Callable[[bytes], bool] | None) -> list[bytes]:
+    """The unseen paths that become gone: not under an unreadable path, not kept on purpose."""
+    prefixes = tuple(keep_prefixes)
+    return [p for p in unseen if not p.startswith(prefixes) and not (keep and keep(p))]
+
+
+class RangePreview(NamedTuple):
+    """What a reconcile of one key range would do (a dry run): file paths per change, in order."""
+
+    new: list[bytes]  # no live task yet
+    changed: list[bytes]  # size, mtime or byte ranges differ from the live tasks
+    gone: list[bytes]  # live tasks that would be marked gone
+    retried: list[bytes]  # unchanged files with tasks in a state a run processes again
+
+
 class Ledger:
     """All reads and writes of OUT/ledger.db."""
 
@@ -141,6 +186,9 @@ class Ledger:
             elif version not in (1, SCHEMA_VERSION):
                 raise LedgerError(f"{self.path} has ledger schema {version}, "
                                   f"this crawlproc reads schemas 1 to {SCHEMA_VERSION}; use a newer crawlproc")
+            if not readonly and not self._has_table("scan_problems"):
+                with self.transaction() as conn:
+                    _create_scan_problems_table(conn)
             return
         if has_tables or readonly:
             raise LedgerError(f"{self.path} is an SQLite file but not a crawlproc ledger; use another --out")
@@ -178,6 +226,7 @@ class Ledger:
                 'CREATE INDEX tasks_pending ON tasks (path_bytes, "offset") WHERE state = \'pending\''
             )
             _create_folders_table(self.conn)
+            _create_scan_problems_table(self.conn)
             db["runs"].create(
                 {"id": int, "command": str, "pid": int, "started": float, "updated": float,
                  "finished": float, "exit_code": int, "done": int, "failed": int, "info": str},
@@ -185,6 +234,10 @@ class Ledger:
             )
             self.conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
             self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _has_table(self, name: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                 (name,)).fetchone() is not None
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -240,18 +293,23 @@ class Ledger:
         verdict = self.settle_identity(identity, reprocess=reprocess, keep_results=keep_results)
         return verdict is Verdict.REPROCESS
 
+    def judge_identity(self, identity: Mapping[str, Any], *, reprocess: bool,
+                       keep_results: bool = False) -> Verdict:
+        """The verdict on running with `identity` on this OUT (crawlproc.identity.judge); reads only,
+        so a dry run asks it of a read-only ledger. Raises IdentityMismatch as a run would."""
+        return judge(self.meta(), _meta_texts(identity), out=self.path.parent, reprocess=reprocess,
+                     keep_results=keep_results, count_done=self._count_done)
+
     def settle_identity(self, identity: Mapping[str, Any], *, reprocess: bool,
                         keep_results: bool = False) -> Verdict:
-        """Judge the run's identity against OUT's (crawlproc.identity.judge) and store what the verdict says.
+        """Judge the run's identity against OUT's and store what the verdict says.
 
         REPROCESS sends every task back to pending; KEPT records the acceptance in meta.
         """
-        stored = self.meta()
-        wanted = {k: _meta_text(v) for k, v in identity.items()}
-        verdict = judge(stored, wanted, out=self.path.parent, reprocess=reprocess, keep_results=keep_results,
-                        count_done=self._count_done)
+        verdict = self.judge_identity(identity, reprocess=reprocess, keep_results=keep_results)
         if verdict is Verdict.SAME:
             return verdict
+        stored, wanted = self.meta(), _meta_texts(identity)
         kept = None
         if verdict is Verdict.KEPT:
             kept = [*kept_results(stored), kept_results_entry(stored, wanted, self._count_done())]
@@ -346,6 +404,7 @@ class Ledger:
         chunked: bool = False,
         claim_new_into: list | None = None,
         folders: list[tuple] = (),
+        gone_into: list | None = None,
     ) -> tuple[int, int]:
         """Bring the tasks of paths in [lo, hi) in line with what a scan saw there.
 
@@ -360,7 +419,8 @@ class Ledger:
         ClaimedTask rows appended to that list: a first run then writes each
         such row once instead of inserting it pending and claiming it.
         `folders` (prefix, fingerprint, files) are folders wholly inside the
-        range, recorded in the same transaction (see known_folders).
+        range, recorded in the same transaction (see known_folders). The paths
+        marked gone are appended to `gone_into` when given.
         Returns (tasks written, files gone).
         """
         live = self._live_tasks_between(lo, hi)  # [(path, offset, length, size, mtime_ns)], in order
@@ -369,27 +429,16 @@ class Ledger:
                 with self.transaction() as conn:
                     self._record_folders(conn, folders)
             return 0, 0
-        existing = {(r[0], r[1]): r[2:] for r in live}
-        changed_paths: set[bytes] = set()
-        for row in rows:  # this loop runs once per file of a scan: keep it lean
-            if existing.pop((row[0], row[1]), None) != row[2:]:
-                changed_paths.add(row[0])
-        seen = {row[0] for row in rows} | set(held)
-        gone: set[bytes] = set()
-        for path, _ in existing:  # tasks the scan did not plan: a re-planned file, or a vanished one
-            if path in seen:
-                changed_paths.add(path)
-            else:
-                gone.add(path)
-        changed = [row for row in rows if row[0] in changed_paths] if changed_paths else []
+        changed, gone = diff_scan(live, rows, held)
         new: list[tuple] = []
         if claim_new_into is not None and changed:
             known = self._paths_between(lo, hi)  # gone ones too: those go through the upsert
             new = [row for row in changed if row[0] not in known]
             if new:
                 changed = [row for row in changed if row[0] in known]
-        prefixes = tuple(keep_prefixes)
-        gone_list = [p for p in gone if not p.startswith(prefixes) and not (keep and keep(p))] if mark_gone else []
+        gone_list = _gone_to_mark(gone, keep_prefixes, keep) if mark_gone else []
+        if gone_into is not None:
+            gone_into.extend(gone_list)
         if changed or gone_list or new or folders:
             with self.transaction() as conn:
                 if changed or gone_list or new:
@@ -402,6 +451,38 @@ class Ledger:
                     folders = self._still_matching(conn, folders, gone, gone_list)
                 self._record_folders(conn, folders)
         return len(changed) + len(new), len(gone_list)
+
+    def preview_reconcile(
+        self,
+        rows: list[tuple],
+        *,
+        lo: bytes | None = None,
+        hi: bytes | None = None,
+        keep_prefixes: Iterable[bytes] = (),
+        keep: Callable[[bytes], bool] | None = None,
+        retry_states: Iterable[str] = (),
+    ) -> RangePreview:
+        """What reconcile (a full scan's) would do to [lo, hi), without writing anything.
+
+        `retry_states`: the task states a run would process again though the file did not change.
+        """
+        live = self._live_tasks_between(lo, hi)
+        changed, unseen = diff_scan(live, rows) if live != rows else ScanDiff([], set())
+        live_paths = {r[0] for r in live}
+        touched = list(dict.fromkeys(row[0] for row in changed))  # each file once, in order
+        skip = unseen | set(touched)
+        states = tuple(retry_states)
+        retried = [p for p in self._paths_in_states_between(states, lo, hi) if p not in skip] if states else []
+        return RangePreview(
+            new=[p for p in touched if p not in live_paths], changed=[p for p in touched if p in live_paths],
+            gone=sorted(_gone_to_mark(unseen, keep_prefixes, keep)), retried=retried,
+        )
+
+    def _paths_in_states_between(self, states: tuple[str, ...], lo: bytes | None, hi: bytes | None) -> list[bytes]:
+        marks = ",".join("?" * len(states))
+        sql, args = self._range_sql(f"SELECT DISTINCT path_bytes FROM tasks WHERE state IN ({marks})",
+                                    "path_bytes", lo, hi)
+        return [r[0] for r in self.conn.execute(sql + " ORDER BY path_bytes", (*states, *args))]
 
     def _paths_between(self, lo: bytes | None, hi: bytes | None) -> set[bytes]:
         sql, args = self._range_sql("SELECT DISTINCT path_bytes FROM tasks WHERE 1", "path_bytes", lo, hi)
@@ -681,11 +762,69 @@ class Ledger:
         return ready, soonest
 
     def failures(self) -> list[dict[str, Any]]:
+        """Failed tasks (kind "task") and paths a scan could not read (kind "scan": offset None,
+        attempts 0; a folder's relpath ends in '/'), in path order."""
         rows = self.conn.execute(
-            'SELECT relpath, "offset", attempts, error, traceback FROM tasks '
+            'SELECT path_bytes, "offset", relpath, "offset", attempts, error, traceback FROM tasks '
             "WHERE state = 'failed' ORDER BY path_bytes, \"offset\""
         )
-        return [dict(zip(("relpath", "offset", "attempts", "error", "traceback"), r)) for r in rows]
+        tasks = ((r[0], r[1], {**dict(zip(_FAILURE_KEYS, r[2:])), "kind": "task"}) for r in rows)
+        problems = ((path, -1, {"relpath": relpath, "offset": None, "attempts": 0, "error": error,
+                                "traceback": None, "kind": "scan"})
+                    for path, relpath, error, _ in self._scan_problem_rows())
+        return [row for *_, row in heapq.merge(tasks, problems, key=lambda item: (item[0], item[1]))]
+
+    # -- scan problems -------------------------------------------------------------
+    # A path a scan could not read (a folder it could not list, an entry it could not
+    # stat) hides files from the output: it is kept here, shown by `status` and
+    # `failures`, and makes a run exit 1, until a scan reads it again.
+    def record_scan_problems(self, problems: Iterable[tuple[bytes, str]]) -> None:
+        """(path_bytes, error) pairs; a folder's path ends in '/'. `since` is when a path was
+        first seen with that error: an unchanged problem is not written again."""
+        known = {path: error for path, _, error, _ in self._scan_problem_rows()}
+        fresh = [(path, error) for path, error in problems if known.get(path) != error]
+        if not fresh:
+            return
+        now = time.time()
+        with self.transaction() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO scan_problems (path_bytes, relpath, error, since) VALUES (?, ?, ?, ?)",
+                [(path, _problem_relpath(path), error, now) for path, error in fresh])
+
+    def clear_scan_problems(self, under: bytes, found: Iterable[bytes]) -> None:
+        """A scan of the folder `under` ('' for DATA_DIR, else 'x/') ended: the problems under it
+        that it did not meet again are solved."""
+        met = set(found)
+        solved = [path for path, *_ in self._scan_problem_rows() if path.startswith(under) and path not in met]
+        if solved:
+            with self.transaction() as conn:
+                conn.executemany("DELETE FROM scan_problems WHERE path_bytes = ?", ((p,) for p in solved))
+
+    def record_scan_skipped(self, counts: Mapping[str, int]) -> None:
+        """What a full scan skipped on purpose, by kind (for summary.json); written only when it changed."""
+        text = json.dumps(dict(counts))  # in the scan's order of kinds, which summary.json keeps
+        if self._meta_value(SKIPPED_KEY) != text:
+            self.set_meta({SKIPPED_KEY: text})
+
+    def scan_skipped(self) -> dict[str, int]:
+        """The last full scan's skipped entries by kind ({} before any)."""
+        text = self._meta_value(SKIPPED_KEY)
+        return json.loads(text) if text else {}
+
+    def _meta_value(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def scan_problems(self) -> list[dict[str, Any]]:
+        """[{relpath, error, since}] in path order."""
+        return [{"relpath": relpath, "error": error, "since": since}
+                for _, relpath, error, since in self._scan_problem_rows()]
+
+    def _scan_problem_rows(self) -> list[tuple]:
+        if not self._has_table("scan_problems"):  # a ledger of an older crawlproc, opened read-only
+            return []
+        return self.conn.execute(
+            "SELECT path_bytes, relpath, error, since FROM scan_problems ORDER BY path_bytes").fetchall()
 
     def retry(self, *, include_done: bool, relpaths: Iterable[str] = ()) -> int:
         """Put failed (and with include_done, done) tasks back to pending; returns how many."""
@@ -813,6 +952,21 @@ def _folders_holding(path: bytes) -> list[bytes]:
     return prefixes
 
 
+_FAILURE_KEYS = ("relpath", "offset", "attempts", "error", "traceback")
+
+
+def _problem_relpath(path: bytes) -> str:
+    """A scan problem's path for people: DATA_DIR itself is './'."""
+    return relpath_for_people(path) if path else "./"
+
+
+def _create_scan_problems_table(conn: sqlite3.Connection) -> None:
+    """Paths a scan could not read (see Ledger.record_scan_problems). Made when missing by any
+    writer, so no schema version is needed: an older crawlproc just does not look at it."""
+    conn.execute("CREATE TABLE IF NOT EXISTS scan_problems (path_bytes BLOB PRIMARY KEY, relpath TEXT NOT NULL, "
+                 "error TEXT NOT NULL, since REAL NOT NULL) WITHOUT ROWID")
+
+
 def _create_folders_table(conn: sqlite3.Connection) -> None:
     """Folder fingerprints (see Ledger.known_folders): a cache that makes a no-op rescan cheap."""
     conn.execute("CREATE TABLE IF NOT EXISTS folders "
@@ -857,6 +1011,10 @@ def _retry_begin(conn: sqlite3.Connection) -> None:
         reraise=True,
     )
     retrying(conn.execute, "BEGIN IMMEDIATE")
+
+
+def _meta_texts(identity: Mapping[str, Any]) -> dict[str, str]:
+    return {k: _meta_text(v) for k, v in identity.items()}
 
 
 def _meta_text(value: Any) -> str:

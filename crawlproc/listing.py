@@ -16,6 +16,10 @@ sizes and mtimes, see `fingerprint`): when the scanner says which fingerprint
 the ledger last recorded for it and nothing changed, the listing is just
 UNCHANGED, and the walk skips that folder's files as a whole.
 
+A folder that holds a crawlproc ledger (another OUT, or a copy of one) is
+never input: its listing is OUT_FOLDER, and the walk skips it whole. Only
+folders holding a file named `ledger.db` pay for reading that file's header.
+
 A helper is a fork of the coordinator (see children.py): it has all it needs
 imported, so it serves within a millisecond.
 """
@@ -33,6 +37,7 @@ from array import array
 from stat import S_ISDIR, S_ISLNK, S_ISREG
 
 from crawlproc.children import fork_child
+from crawlproc.ledger import APPLICATION_ID, LEDGER_NAME
 
 # An entry: (sort key, name, kind, size, mtime_ns, inode). Kinds:
 FILE = 0  # a regular file (not a symlink), with its size and mtime
@@ -44,6 +49,7 @@ VANISHED = 1  # the folder was deleted under us: nothing in it
 UNREADABLE = 2  # payload: the error text
 LEAF = 3  # asked to fingerprint; only regular files in it. payload: (entries, fingerprint)
 UNCHANGED = 4  # a LEAF with the fingerprint the caller expected. payload: none (a lister: file count)
+OUT_FOLDER = 5  # it holds a crawlproc ledger: an OUT, never input. payload: none
 
 _HEADER = 4  # bytes of a frame's length
 
@@ -65,6 +71,8 @@ def list_folder(path: bytes, fingerprints: bool = False, expected: bytes | None 
         return UNREADABLE, exc.strerror or str(exc)
     try:
         names = os.listdir(path)
+        if _LEDGER_FILE in names and holds_crawlproc_ledger(folder):
+            return OUT_FOLDER, None
     except FileNotFoundError:
         return VANISHED, None
     except OSError as exc:
@@ -80,6 +88,33 @@ def list_folder(path: bytes, fingerprints: bool = False, expected: bytes | None 
     if folder_print == expected:
         return UNCHANGED, None
     return LEAF, (entries, folder_print)
+
+
+_LEDGER_FILE = os.fsencode(LEDGER_NAME)
+_SQLITE_MAGIC = b"SQLite format 3\0"
+_APPLICATION_ID_AT = 68  # where SQLite's header keeps PRAGMA application_id, big-endian
+
+
+def holds_crawlproc_ledger(folder: int | bytes) -> bool:
+    """Does the folder (an open descriptor, or a path) hold a crawlproc ledger?
+
+    Its `ledger.db` must be a regular file (not a link) whose SQLite header
+    carries our application_id. One open, one read.
+    """
+    try:
+        fd = os.open(_LEDGER_FILE if isinstance(folder, int) else os.path.join(folder, _LEDGER_FILE),
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=folder if isinstance(folder, int) else None)
+    except OSError:
+        return False
+    try:
+        header = os.pread(fd, _APPLICATION_ID_AT + 4, 0) if S_ISREG(os.fstat(fd).st_mode) else b""
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return (header.startswith(_SQLITE_MAGIC) and len(header) == _APPLICATION_ID_AT + 4
+            and int.from_bytes(header[_APPLICATION_ID_AT:], "big") == APPLICATION_ID)
 
 
 def fingerprint(entries: list[tuple]) -> bytes:

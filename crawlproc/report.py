@@ -20,7 +20,7 @@ from crawlproc.finalize import default_output, merge_results, write_summary
 from crawlproc.ledger import Ledger
 from crawlproc.lock import OutLock, running_pid
 from crawlproc.results import remove_temp_files, remove_unreferenced
-from crawlproc.run import LEDGER_NAME
+from crawlproc.run import LEDGER_NAME, check_out_entries
 from crawlproc.task import relpath_for_people
 from crawlproc.words import plural
 
@@ -101,10 +101,11 @@ def status_data(out: Path) -> dict[str, Any]:
         counts = ledger.counts()
         meta = ledger.meta()
         last, pid = _last_run_and_holder(ledger, out)
+        problems = ledger.scan_problems()
     finally:
         ledger.close()
     data: dict[str, Any] = {
-        "out": str(out), "counts": counts, "total": sum(counts.values()),
+        "out": str(out), "counts": counts, "total": sum(counts.values()), "scan_problems": problems,
         "data_dir": meta.get("data_dir"), "processor": meta.get("processor"),
         "processor_version": meta.get("processor_version"),
         "running_pid": pid, "last_run": None, "throughput_files_per_s": None,
@@ -138,6 +139,8 @@ def status_table(data: dict[str, Any]) -> Any:
     lines = [f"OUT: {data['out']}", table,
              f"processor: {data['processor']} (version {data['processor_version']})",
              f"data dir: {data['data_dir']}"]
+    if data["scan_problems"]:
+        lines += _scan_problems_lines(data["scan_problems"], data["out"])
     run = data["last_run"]
     if run:
         lines += _last_run_lines(run, data)
@@ -146,6 +149,14 @@ def status_table(data: dict[str, Any]) -> Any:
     # Text, not markup: a path may hold [brackets]. Print it with soft_wrap, so that a long
     # path or command is wrapped by the terminal and stays one line to copy.
     return Group(*(Text(line) if isinstance(line, str) else line for line in lines))
+
+
+def _scan_problems_lines(problems: list[dict[str, Any]], out: str) -> list[str]:
+    """Paths no scan could read: what they hold is missing from the output."""
+    first = problems[0]
+    more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+    return [f"not scanned: {first['relpath']} ({first['error']}){more}",
+            f"  see: crawlproc failures -o {shlex.quote(out)}"]
 
 
 def _last_run_lines(run: dict[str, Any], data: dict[str, Any]) -> list[str]:
@@ -191,12 +202,16 @@ def failures_table(rows: list[dict[str, Any]]) -> Any:
         return "no failed tasks"
     from rich.table import Table
 
-    table = Table(title=plural(len(rows), "failed task"))
+    unscanned = sum(1 for row in rows if row["kind"] == "scan")
+    title = plural(len(rows) - unscanned, "failed task") + (
+        f", {plural(unscanned, 'path')} not scanned" if unscanned else "")
+    table = Table(title=title)
     for column in ("relpath", "offset", "attempts", "error"):
         table.add_column(column)
     for row in rows:
         error = (row["error"] or "").splitlines()[0] if row["error"] else ""
-        table.add_row(row["relpath"], str(row["offset"]), str(row["attempts"]), error[:ERROR_WIDTH])
+        offset = "-" if row["offset"] is None else str(row["offset"])
+        table.add_row(row["relpath"], offset, str(row["attempts"]), error[:ERROR_WIDTH])
     return table
 
 
@@ -211,6 +226,7 @@ def retry_tasks(out: Path, *, include_done: bool, relpaths: tuple[str, ...]) -> 
     A path may be given as `failures` prints it, as typed in a shell (exact bytes),
     with a leading ./, or as an absolute path inside DATA_DIR.
     """
+    check_out_entries(out)
     _open_readonly(out).close()  # a clear message when OUT has no ledger
     with OutLock(out):
         ledger = Ledger(out / LEDGER_NAME)
@@ -253,6 +269,7 @@ def merge_only(out: Path, output: Path | None, fmt: str = "jsonl") -> MergeRepor
     """The finalizer alone; damaged results are requeued and reported, not redone."""
     from crawlproc.processors.base import load
 
+    check_out_entries(out)
     _open_readonly(out).close()
     with OutLock(out):
         ledger = Ledger(out / LEDGER_NAME)

@@ -1,9 +1,10 @@
 """One job on an OUT, `run` or `watch`: from DATA_DIR to a merged output and an exit code.
 
-    check DATA_DIR, OUT ─> lock OUT ─> (rebuild a lost ledger) ─> open ledger ─> check identity ─> recover
-      run:   scan ∥ pool ─> merge (done results crc-checked; damaged ones redone first)
-      watch: catch-up scan ∥ pool, merge, then file events ∥ pool, merging every --merge-interval
-      ─> summary.json ─> exit code (0 all done, 1 some failed, 130 interrupted)
+    check DATA_DIR, OUT (not DATA_DIR, no links inside) ─> lock OUT ─> (rebuild a lost ledger) ─> open ledger
+      ─> check identity ─> recover
+      run:   scan ∥ coordinator ─> merge (done results crc-checked; damaged ones redone first)
+      watch: catch-up scan ∥ coordinator, merge, then file events ∥ coordinator, merging every --merge-interval
+      ─> summary.json ─> exit code (0 all done, 1 some failed or a path not scanned, 130 interrupted)
 
 Everything here is sequencing; each step is owned by its module.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -25,23 +27,26 @@ from loguru import logger
 from crawlproc import logs
 from crawlproc.errors import UsageError
 from crawlproc.finalize import (
+    SUMMARY_NAME,
     MergeOutcome,
     default_output,
     merge_results,
     write_summary,
 )
 from crawlproc.coordinator import Coordinator, CoordinatorOptions
+from crawlproc.executors import WorkerLimits, make_executor
 from crawlproc.identity import CODE_KEY, PYTHON_KEY, Verdict
 from crawlproc.ledger import LEDGER_NAME, Ledger
-from crawlproc.lock import OutLock
-from crawlproc.executors import WorkerLimits, make_executor
+from crawlproc.lock import LOCK_NAME, OutLock
+from crawlproc.logs import LOG_DIR
 from crawlproc.outcomes import RetryPolicy, Tally, out_hint
 from crawlproc.processes import ForkServer
 from crawlproc.processors.base import Processor, load, normalise_spec, spec_for_people
 from crawlproc.processors.fingerprint import fingerprint
 from crawlproc.rebuild import note_closed, rebuild_if_lost
-from crawlproc.results import identity_text, remove_temp_files, remove_unreferenced
-from crawlproc.scanner import Scan, ScanOptions, dir_id
+from crawlproc.results import RESULTS_DIR, identity_text, remove_temp_files, remove_unreferenced
+from crawlproc.scanner import Scan
+from crawlproc.walk import ScanOptions, ScanProblem, dir_id
 from crawlproc.words import plural
 from crawlproc.worker import WorkerConfig
 
@@ -100,6 +105,29 @@ def prepare_out(out: Path) -> None:
         raise UsageError(f"OUT {out} exists and is not a folder")
     if not os.access(out, os.W_OK | os.X_OK):
         raise UsageError(f"OUT {out} is not writable")
+
+
+# What crawlproc writes in OUT: none of these may be a symlink (a linked results/ would send writes anywhere).
+OUT_ENTRIES = (LEDGER_NAME, f"{LEDGER_NAME}-wal", f"{LEDGER_NAME}-shm", LOCK_NAME, RESULTS_DIR, LOG_DIR, SUMMARY_NAME)
+
+
+def check_out_is_not_data_dir(data_dir: Path, out: Path) -> None:
+    """OUT is never input: the same folder (by its real path, or device and inode) is refused."""
+    same_id = dir_id(out)
+    if os.path.realpath(out) == os.path.realpath(data_dir) or (same_id is not None and same_id == dir_id(data_dir)):
+        real = os.path.realpath(data_dir)
+        sibling = os.path.join(os.path.dirname(real), os.path.basename(real) + "-crawlproc-out")
+        raise UsageError(f"OUT {out} is DATA_DIR {data_dir} itself: crawlproc would take its own ledger, "
+                         f"results and logs for input; give an OUT outside it, e.g. -o {shlex.quote(sibling)}")
+
+
+def check_out_entries(out: Path) -> None:
+    """Refuse an OUT whose ledger, lock, results, logs or summary is a symlink, rather than follow it."""
+    for name in OUT_ENTRIES:
+        path = out / name
+        if path.is_symlink():
+            raise UsageError(f"{path} is a symlink (to {os.readlink(path)}); crawlproc does not follow links "
+                             f"inside OUT: remove it (rm {shlex.quote(str(path))}) or give another -o")
 
 
 def check_data_dir(data_dir: Path) -> None:
@@ -171,6 +199,7 @@ def _open_job(options: RunOptions, command: str, *, early_forkserver: bool = Fal
     if options.reprocess and options.keep_results:
         raise UsageError("--keep-results and --reprocess exclude each other: --reprocess redoes every task, "
                          "--keep-results keeps the done ones")
+    check_out_is_not_data_dir(options.data_dir, options.out)
     processor = load(options.processor)  # before OUT exists: a typo in -p leaves nothing behind
     check_command_params(processor, options.params)
     if options.executor == "dask":
@@ -178,6 +207,7 @@ def _open_job(options: RunOptions, command: str, *, early_forkserver: bool = Fal
 
         check_available()
     prepare_out(options.out)
+    check_out_entries(options.out)
     with OutLock(options.out):
         forkserver = None
         if early_forkserver and options.executor == "local" and not (options.out / LEDGER_NAME).exists():
@@ -235,8 +265,8 @@ def _log_verdict(verdict: Verdict, out: Path, identity: dict[str, Any]) -> None:
 
 def run_job(options: RunOptions, *, on_progress: Callable[[dict], None] | None = None) -> RunOutcome:
     with _open_job(options, "run", early_forkserver=True) as job:
-        source = Scan(job.ledger, os.fsencode(options.data_dir), scan_options(options), _log_skip,
-                      claim_new=True, list_helpers=list_helpers(job))
+        source = Scan(job.ledger, os.fsencode(options.data_dir), scan_options(options), log_skip,
+                      claim_new=True, list_helpers=list_helpers(job), on_problem=problem_logger(options.out))
         pool = make_pool(job, on_progress, forkserver=job.forkserver)
         if options.executor != "local":
             pool.prepare_executor()  # connect, and check every worker sees our paths, before any claim
@@ -248,13 +278,14 @@ def run_job(options: RunOptions, *, on_progress: Callable[[dict], None] | None =
             pool_result = pool.run(source)
         finally:
             source.close()
-        if source.finished and source.gone:
-            logger.info("{} disappeared since the last scan; their records leave the output",
-                        plural(source.gone, "file"))
+        if source.finished:
+            for line in source.outcome_lines():
+                logger.info(line)
         merged = None
         if options.merge:
             merged, pool_result = _merge_until_clean(job, pool_result, on_progress)
-        return _finish(job, pool_result, merged, lambda counts: _exit_code(pool_result, counts))
+        return _finish(job, pool_result, merged,
+                       lambda counts: _exit_code(pool_result, counts, len(job.ledger.scan_problems())))
 
 
 def watch_job(
@@ -268,7 +299,7 @@ def watch_job(
         watcher = Watcher(
             job.ledger, os.fsencode(options.data_dir), scan_options(options), settle=settle,
             rescan_interval=rescan_interval, out_relpath=_relpath_inside(options.out, options.data_dir),
-            on_skip=_log_skip,
+            on_skip=log_skip, on_problem=problem_logger(options.out),
         )
         merger = _PeriodicMerge(job, merge_interval, watcher)
         pool = make_pool(job, on_progress, on_turn=merger.maybe_merge, run_info=watcher.info)
@@ -462,13 +493,22 @@ def _merge_until_clean(job: _Job, pool_result: Tally, on_progress) -> tuple[Merg
     return merged, pool_result
 
 
-def _exit_code(pool_result: Tally, counts: dict[str, int]) -> int:
+def _exit_code(pool_result: Tally, counts: dict[str, int], scan_problems: int = 0) -> int:
     if pool_result.stop_reason == "interrupted":
         return 130
     if pool_result.stop_reason is not None or counts["failed"] or counts["pending"] or counts["running"]:
         return 1
-    return 0
+    return 1 if scan_problems else 0  # files under a path it could not read are missing from the output
 
 
-def _log_skip(relpath: bytes, reason: str) -> None:
+def log_skip(relpath: bytes, reason: str) -> None:
     logger.info("skipped {}: {}", relpath.decode("utf-8", "backslashreplace"), reason)
+
+
+def problem_logger(out: Path) -> Callable[[ScanProblem], None]:
+    """One WARNING per path a scan cannot read, saying where the user will find it again."""
+    def log_problem(problem: ScanProblem) -> None:
+        logger.warning("{}: {}; what it holds is missing from the output until a scan can read it "
+                       "(listed by: crawlproc failures -o {})", problem.shown, problem.error,
+                       shlex.quote(str(out)))
+    return log_problem

@@ -1,300 +1,35 @@
-"""Walking DATA_DIR: a pure iterator of file entries, then the glue that feeds the ledger.
+"""Feeding the ledger from a walk: `Scan` reconciles what the walk yields, a slice at a time.
 
-    walk(root) ──FileEntry──> Scan.step() ──rows (one per task)──> Ledger.upsert_scanned
-                                                   └─ finish(): files not seen -> gone
+    walk (walk.py) ──FileEntry──> Scan.step() ──rows of a slice──> Ledger.reconcile (or, in a
+      │                                         dry run, Ledger.preview_reconcile: no writes)
+      └─ WalkFindings ──> Ledger.record_scan_problems, record_scan_skipped
 
-The walk works on bytes so that any file name, UTF-8 or not, is kept exactly.
-It never opens a file (a FIFO would block), visits folders in sorted order,
-and prunes excluded folders, OUT, unreadable folders and symlink loops.
+A full scan marks the files it did not see gone (but not under a path it
+could not read); a partial one (a new folder, in watch mode) leaves them.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import os
-import re
-import stat
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from crawlproc.listing import DIR, FILE, LEAF, OTHER, UNCHANGED, UNREADABLE, VANISHED, HelperLister, LocalLister
+from crawlproc.listing import HelperLister, LocalLister
+from crawlproc.walk import (
+    FileEntry,
+    FolderDone,
+    PathFilter,
+    ProblemReporter,
+    ScanOptions,
+    SkipReporter,
+    WalkFindings,
+    describe_skipped,
+    folder_end,
+    walk,
+)
 
 if TYPE_CHECKING:
+    from crawlproc.dryrun import ScanPreview
     from crawlproc.ledger import Ledger
-
-SkipReporter = Callable[[bytes, str], None]
-
-
-class FileEntry(NamedTuple):  # a tuple: the walk makes one per file
-    relpath: bytes  # POSIX, relative to DATA_DIR, exact bytes
-    size: int
-    mtime_ns: int
-
-
-_new_tuple = tuple.__new__  # _new_tuple(FileEntry, (...)) skips NamedTuple's Python-level __new__
-
-
-# What a walk with fingerprints (a Scan's) yields besides files (see listing.fingerprint):
-class FolderDone(NamedTuple):
-    """After the files of a folder holding only files: what the ledger may record for it."""
-
-    prefix: bytes  # the folder's relpath plus '/' ('' for DATA_DIR itself)
-    fingerprint: bytes
-    files: int  # files yielded for it
-
-
-class FolderUnchanged(NamedTuple):
-    """Instead of the files of a folder found as the ledger recorded it."""
-
-    prefix: bytes
-    files: int  # as recorded
-
-
-def folder_end(prefix: bytes) -> bytes | None:
-    """The first relpath after every relpath in the folder `prefix` (None: after everything).
-
-    Relpaths in a folder are those starting with 'x/'; '0' follows '/'.
-    """
-    return prefix[:-1] + b"0" if prefix else None
-
-
-@dataclass(frozen=True)
-class ScanOptions:
-    include: Sequence[str] = ()
-    exclude: Sequence[str] = ()
-    follow_symlinks: bool = False
-    skip_dirs: frozenset[tuple[int, int]] = field(default_factory=frozenset)  # (st_dev, st_ino), e.g. OUT
-    chunk_size: int | None = None  # files larger than this become byte-range tasks
-    # Skipped like --exclude, but tasks an earlier run made of such files are kept,
-    # not marked gone (watch mode's temp names: `run` may have processed them).
-    ignore: Sequence[str] = ()
-
-
-class PathFilter:
-    """--include/--exclude globs on the path relative to DATA_DIR.
-
-    A pattern without '/' matches a name in any folder (like .gitignore);
-    a pattern with '/' matches the whole relative path. '*' crosses '/'.
-    """
-
-    def __init__(self, include: Sequence[str], exclude: Sequence[str]) -> None:
-        self._include = _compile(include)
-        self._exclude = _compile(exclude)
-
-    def wants_file(self, relpath: str, name: str) -> bool:
-        if self._exclude and _matches(self._exclude, relpath, name):
-            return False
-        return not self._include or _matches(self._include, relpath, name)
-
-    def prunes_dir(self, relpath: str, name: str) -> bool:
-        return bool(self._exclude) and _matches(self._exclude, relpath, name)
-
-    def excludes_any_part(self, relpath: bytes) -> bool:
-        """Does an exclude pattern match this path or one of its folders (as a walk would prune)?"""
-        parts = os.fsdecode(relpath).split("/")
-        return any(self.prunes_dir("/".join(parts[:depth]), parts[depth - 1])
-                   for depth in range(1, len(parts) + 1))
-
-
-def _compile(patterns: Sequence[str]) -> tuple[re.Pattern | None, re.Pattern | None] | None:
-    if not patterns:
-        return None
-    by_name = [p for p in patterns if "/" not in p]
-    by_path = [p for p in patterns if "/" in p]
-    by_path += [p[3:] for p in by_path if p.startswith("**/")]  # '**/x' also matches 'x' at the top
-    return (_regex(by_name), _regex(by_path))
-
-
-def _regex(patterns: list[str]) -> re.Pattern | None:
-    if not patterns:
-        return None
-    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
-
-
-def _matches(compiled: tuple[re.Pattern | None, re.Pattern | None], relpath: str, name: str) -> bool:
-    by_name, by_path = compiled
-    return bool((by_name and by_name.match(name)) or (by_path and by_path.match(relpath)))
-
-
-def walk(
-    root: bytes,
-    options: ScanOptions,
-    on_skip: SkipReporter | None = None,
-    unreadable: list[bytes] | None = None,
-    start: bytes = b"",
-    lister: LocalLister | HelperLister | None = None,
-) -> Iterator[FileEntry | FolderDone | FolderUnchanged]:
-    """Yield every regular file under `root` that the options select, in sorted order.
-
-    `start` (a relpath ending in '/') walks only that folder of `root`.
-    Folders that cannot be read are reported and their relpath prefixes appended
-    to `unreadable`, so their files are not mistaken for deleted ones; so are the
-    relpaths of entries that cannot be stat'ed (as prefixes too). `lister`
-    lists the folders (see listing.py); by default each in turn, here. A
-    lister that knows fingerprints also makes the walk yield FolderDone and
-    FolderUnchanged items.
-    """
-    own = lister is None  # a lister of its own is closed when the walk ends
-    return _Walk(root, options, on_skip, unreadable, lister or LocalLister(), close_lister=own).files(start)
-
-
-class _Walk:
-    """Depth first, each folder's entries in walk order (see listing.list_folder), entering a
-    folder at its place among them: relpaths come out in byte order, the ledger's."""
-
-    def __init__(self, root: bytes, options: ScanOptions, on_skip: SkipReporter | None,
-                 unreadable: list[bytes] | None, lister: LocalLister | HelperLister,
-                 close_lister: bool = False) -> None:
-        self.root = root
-        self.close_lister = close_lister
-        self.report = on_skip or (lambda relpath, reason: None)
-        self.unreadable = unreadable if unreadable is not None else []
-        self.lister = lister
-        self.paths = PathFilter(options.include, (*options.exclude, *options.ignore))
-        self.filtering = bool(options.include or options.exclude or options.ignore)
-        self.follow = options.follow_symlinks
-        self.real_root = os.path.realpath(root)
-        self.skip_dirs = options.skip_dirs
-        self.skip_inodes = {ino for _, ino in options.skip_dirs}
-
-    def files(self, start: bytes) -> Iterator[FileEntry | FolderDone | FolderUnchanged]:
-        try:
-            yield from self._files(start)
-        finally:
-            if self.close_lister:
-                self.lister.close()
-
-    def _files(self, start: bytes) -> Iterator[FileEntry | FolderDone | FolderUnchanged]:
-        first = os.path.join(self.root, start) if start else self.root
-        try:
-            ancestors = frozenset({_dir_id(first)})
-        except FileNotFoundError:
-            return
-        # One iterator per level; a folder to enter is a plain (path, prefix, ancestors) tuple.
-        stack = [iter(self._items(first, start, ancestors))]
-        while stack:
-            for item in stack[-1]:
-                if type(item) is tuple:
-                    stack.append(iter(self._items(*item)))
-                    break
-                yield item
-            else:
-                stack.pop()
-
-    def _items(self, path: bytes, prefix: bytes, ancestors: frozenset) -> list:
-        """The files to yield and folders to enter of one folder, in walk order.
-
-        Each folder to enter is announced to the lister now, so that a helper
-        can list it while the walk yields what comes before it.
-        """
-        status, listing = self.lister.take(path, prefix)
-        if status == VANISHED:
-            return []  # its files will be marked gone
-        if status == UNREADABLE:
-            self.report(prefix.rstrip(b"/") or b".", f"cannot read folder: {listing}")
-            self.unreadable.append(prefix)
-            return []
-        if status == UNCHANGED:
-            return [FolderUnchanged(prefix, listing)]
-        if status == LEAF:
-            listing, folder_print = listing
-            items = self._entries(path, prefix, ancestors, listing)
-            items.append(FolderDone(prefix, folder_print, len(items)))  # no folders in it: all files
-            return items
-        return self._entries(path, prefix, ancestors, listing)
-
-    def _entries(self, path: bytes, prefix: bytes, ancestors: frozenset, listing: list) -> list:
-        items: list = []
-        plain = not self.filtering
-        for _, name, kind, size, mtime_ns, inode in listing:  # once per file: keep it lean
-            relpath = prefix + name
-            if kind == FILE and plain:
-                items.append(_new_tuple(FileEntry, (relpath, size, mtime_ns)))  # FileEntry(), in C
-                continue
-            st = None
-            if kind == OTHER or (kind == DIR and (self.follow or inode in self.skip_inodes)):
-                kind, st = _classify(path + b"/" + name, self.follow, self.real_root, relpath, self.report)
-            if kind == _UNSTATABLE:  # its tasks (or those under it) must not be taken for deleted
-                self.unreadable.append(relpath)
-            elif kind == FILE:
-                if self.filtering and not self.paths.wants_file(os.fsdecode(relpath), os.fsdecode(name)):
-                    continue
-                items.append(FileEntry(relpath, st.st_size, st.st_mtime_ns) if st else FileEntry(relpath, size, mtime_ns))
-            elif kind == DIR:
-                folder = self._folder(path + b"/" + name, relpath, name, st, ancestors)
-                if folder is not None:
-                    self.lister.expect(folder[0], folder[1])
-                    items.append(folder)
-        return items
-
-    def _folder(self, path: bytes, relpath: bytes, name: bytes, st: os.stat_result | None,
-                ancestors: frozenset) -> tuple | None:
-        """(path, prefix, ancestors) of a folder to enter, or None to prune it."""
-        if self.filtering and self.paths.prunes_dir(os.fsdecode(relpath), os.fsdecode(name)):
-            return None
-        below = ancestors
-        if st is not None:
-            dir_id = (st.st_dev, st.st_ino)
-            if dir_id in self.skip_dirs:
-                return None
-            if dir_id in ancestors:
-                self.report(relpath, "symlink loop: this folder is one of its own parents")
-                return None
-            below = ancestors | {dir_id}
-        return (path, relpath + b"/", below)
-
-
-_UNSTATABLE = -1  # a kind of entry: lstat failed (not ENOENT), so what it is stays unknown
-
-
-def _classify(
-    path: bytes, follow: bool, real_root: bytes, relpath: bytes, report: SkipReporter
-) -> tuple[int | None, os.stat_result | None]:
-    """(FILE | DIR | _UNSTATABLE | None, stat) for a folder entry the listing left to us;
-    None means skip it."""
-    try:
-        st = os.lstat(path)
-        if stat.S_ISLNK(st.st_mode):
-            if not follow:
-                return None, None
-            target = os.path.realpath(path)
-            if target != real_root and not target.startswith(real_root + b"/"):
-                report(relpath, "symlink points outside DATA_DIR; skipped")
-                return None, None
-            st = os.stat(path)
-    except FileNotFoundError:
-        return None, None  # a dangling link, or a file deleted under us
-    except OSError as exc:
-        report(relpath, f"cannot stat: {exc.strerror}")
-        return _UNSTATABLE, None
-    if stat.S_ISDIR(st.st_mode):
-        return DIR, st
-    if stat.S_ISREG(st.st_mode):
-        return FILE, st
-    report(relpath, f"not a regular file ({_kind_name(st.st_mode)}); skipped")
-    return None, None
-
-
-def _kind_name(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
-                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
-        if test(mode):
-            return name
-    return "special file"
-
-
-def _dir_id(path: bytes) -> tuple[int, int]:
-    st = os.stat(path)
-    return (st.st_dev, st.st_ino)
-
-
-def dir_id(path: str | bytes) -> tuple[int, int] | None:
-    """(st_dev, st_ino) of a folder, or None when it does not exist yet."""
-    try:
-        return _dir_id(os.fsencode(path))
-    except OSError:
-        return None
 
 
 def task_rows(entry: FileEntry, chunk_size: int | None = None) -> list[tuple]:
@@ -328,6 +63,12 @@ class Scan:
     the whole folder. The next scan skips a folder whose listing has the
     recorded fingerprint: the ledger already holds exactly what its files
     would plan. So a no-op rerun reads no task rows for such folders.
+
+    Paths the walk cannot read are recorded in the ledger as they are met; a
+    scan that ends clears those under its start that it did not meet again.
+    Of the files gone, `excluded` counts those that the scan's --include and
+    --exclude no longer select. With `preview` (a dry run) the ledger is only
+    read: each slice's differences go to the preview, and nothing is written.
     """
 
     def __init__(
@@ -341,8 +82,11 @@ class Scan:
         hold_back: Callable[[FileEntry], bool] | None = None,
         claim_new: bool = False,
         list_helpers: int = 0,
+        on_problem: ProblemReporter | None = None,
+        preview: ScanPreview | None = None,
     ) -> None:
         self._ledger = ledger
+        self._preview = preview
         # With claim_new, files the ledger never saw are recorded already claimed
         # and handed to the pool through `claimed` (see Ledger.reconcile).
         self._claim_new = claim_new
@@ -351,12 +95,19 @@ class Scan:
         self.full = not start
         # A partial scan leaves unseen tasks alone, and held-back files are not in the
         # ledger yet: either way the ledger need not match the folder, so no fingerprints.
-        self._fingerprints = self.full and hold_back is None
+        # A dry run lists every folder: the retried tasks of unchanged ones count too.
+        self._fingerprints = self.full and hold_back is None and preview is None
         known = ledger.known_folders(_plan(options)) if self._fingerprints else None
         # Helpers list folders ahead of the walk (see listing.py): worth it on a big tree only,
         # which is what HelperLister waits to see before starting any.
         self._lister = HelperLister(list_helpers, known) if list_helpers else LocalLister(known)
-        self._entries = walk(root, options, on_skip, self._unreadable, start, self._lister)
+        self.findings = WalkFindings()
+        self._problems_recorded = 0
+        self._entries = walk(root, options, on_skip, self._unreadable, start, self._lister,
+                             findings=self.findings, on_problem=on_problem)
+        self._start = start
+        self._selected = PathFilter(options.include, options.exclude).selects if (
+            options.include or options.exclude) else None
         self._chunk_size = options.chunk_size
         self._hold_back = hold_back
         self._lo: bytes | None = start or None  # every path under `start` sorts after it
@@ -365,6 +116,7 @@ class Scan:
         self.files = 0
         self.finished = False
         self.gone = 0
+        self.excluded = 0  # of the gone files, those --include/--exclude no longer select
 
     # The pool's work-source protocol (see pool.WorkerPool): a scan always has
     # more to do right now until it is finished, and never needs waking up.
@@ -427,15 +179,62 @@ class Scan:
     def _reconcile(self, slice_: _Slice, hi: bytes | None) -> None:
         """Bring the ledger's range [lo, hi) in line with the slice; lo moves to hi."""
         if not self._past_end:
-            _, gone = self._ledger.reconcile(
-                slice_.rows, lo=self._lo, hi=hi, held=slice_.held, keep_prefixes=self._unreadable,
-                keep=self._ignored.excludes_any_part if self._ignored else None, mark_gone=self.full,
-                chunked=bool(self._chunk_size), claim_new_into=self.claimed if self._claim_new else None,
-                folders=slice_.folders if self._fingerprints else (),
-            )
-            self.gone += gone
+            keep = self._ignored.excludes_any_part if self._ignored else None
+            if self._preview is not None:
+                self._preview_range(slice_, hi, keep)
+            else:
+                self._write_range(slice_, hi, keep)
+                self._record_problems()
         self._move_lo(hi)
         self.files += slice_.files()
+
+    def _write_range(self, slice_: _Slice, hi: bytes | None, keep: Callable[[bytes], bool] | None) -> None:
+        gone_paths: list[bytes] | None = [] if self._selected else None
+        _, gone = self._ledger.reconcile(
+            slice_.rows, lo=self._lo, hi=hi, held=slice_.held, keep_prefixes=self._unreadable,
+            keep=keep, mark_gone=self.full,
+            chunked=bool(self._chunk_size), claim_new_into=self.claimed if self._claim_new else None,
+            folders=slice_.folders if self._fingerprints else (), gone_into=gone_paths,
+        )
+        self.gone += gone
+        self.excluded += len(self._not_selected(gone_paths or []))
+
+    def outcome_lines(self, *, skipped: bool = True) -> list[str]:
+        """What the finished scan changed that a user should hear of: files that left the output
+        (gone, or no longer selected), and with `skipped`, entries skipped on purpose."""
+        lines = []
+        disappeared = self.gone - self.excluded
+        if disappeared:
+            lines.append(f"{_files(disappeared)} disappeared since the last scan; their records leave the output")
+        if self.excluded:
+            lines.append(f"{_files(self.excluded)} no longer selected by --include/--exclude; "
+                         "their records leave the output")
+        described = describe_skipped(self.findings.skipped) if skipped else None
+        if described:
+            lines.append(f"skipped {described}")
+        return lines
+
+    def _not_selected(self, paths: list[bytes]) -> list[bytes]:
+        """The paths the scan's --include/--exclude do not select."""
+        return [path for path in paths if not self._selected(path)] if self._selected else []
+
+    def _preview_range(self, slice_: _Slice, hi: bytes | None, keep: Callable[[bytes], bool] | None) -> None:
+        """A dry run's reconcile: what would change in [lo, hi), told to the preview."""
+        diff = self._ledger.preview_reconcile(slice_.rows, lo=self._lo, hi=hi, keep_prefixes=self._unreadable,
+                                              keep=keep, retry_states=self._preview.retry_states)
+        excluded = self._not_selected(diff.gone)
+        self.gone += len(diff.gone)
+        self.excluded += len(excluded)
+        dropped = set(excluded)
+        self._preview.add(new=diff.new, changed=diff.changed, gone=[p for p in diff.gone if p not in dropped],
+                          excluded=excluded, retried=diff.retried)
+
+    def _record_problems(self) -> None:
+        """Paths met since the last slice that could not be read go to the ledger now."""
+        problems = self.findings.problems
+        if len(problems) > self._problems_recorded:
+            self._ledger.record_scan_problems(problems[self._problems_recorded:])
+            self._problems_recorded = len(problems)
 
     def _move_lo(self, lo: bytes | None) -> None:
         """The ledger is reconciled up to `lo` (None: to its end)."""
@@ -450,6 +249,10 @@ class Scan:
             last = slice_.last_path()
             hi = last + b"\0" if last is not None else self._lo
         self._reconcile(slice_, hi)
+        if self._preview is None:
+            self._ledger.clear_scan_problems(self._start, [p.relpath for p in self.findings.problems])
+            if self.full:
+                self._ledger.record_scan_skipped(self.findings.skipped_counts())
         self.finished = True
         self.close()
 
@@ -485,6 +288,10 @@ class _Slice:
 
     def last_path(self) -> bytes | None:
         return self.rows[-1][0] if self.plain and self.rows else self._last
+
+
+def _files(n: int) -> str:
+    return f"{n} file" if n == 1 else f"{n} files"
 
 
 def _plan(options: ScanOptions) -> str:

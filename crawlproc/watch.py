@@ -13,6 +13,10 @@ stayed the same for --settle seconds; every scan in watch mode holds back files
 modified less than --settle ago and looks at them again later. Events can be
 lost (inotify overflow): a rescan reconciles every --rescan-interval, and an
 overflow triggers one at once.
+
+OUT is never input: events inside our own OUT are dropped, and so are files
+and new folders inside any folder that holds a crawlproc ledger (looked up
+when the file would be recorded, so an OUT made while watching counts too).
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
-from crawlproc.scanner import FileEntry, PathFilter, Scan, ScanOptions, task_rows
-from crawlproc.words import plural
+from crawlproc.listing import holds_crawlproc_ledger
+from crawlproc.scanner import Scan, task_rows
+from crawlproc.walk import FileEntry, PathFilter, ProblemReporter, ScanOptions
 
 if TYPE_CHECKING:
     from crawlproc.ledger import Ledger
@@ -103,6 +108,7 @@ class Watcher:
         rescan_interval: float,
         out_relpath: bytes | None,
         on_skip: Callable[[bytes, str], None],
+        on_problem: ProblemReporter | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -112,6 +118,9 @@ class Watcher:
         self.rescan_interval = rescan_interval
         self.out_prefix = out_relpath + b"/" if out_relpath else None
         self.on_skip = on_skip
+        self.on_problem = on_problem
+        self.skipped: dict[str, int] = {}  # what the last full scan skipped, by kind: told again only if it changes
+        self._out_folders_told: set[bytes] = set()  # folders holding a ledger, each logged once
         self.monotonic, self.wall = monotonic, wall
         self.scan_options = dataclasses.replace(scan_options, ignore=TEMP_NAME_PATTERNS)
         self.paths = PathFilter(scan_options.include, (*scan_options.exclude, *TEMP_NAME_PATTERNS))
@@ -239,7 +248,7 @@ class Watcher:
             self.stats["events"] += 1
             self.stats["last_event"] = self.wall()
             if kind == "dir_new":
-                if self._folder_wanted(relpath):
+                if self._folder_wanted(relpath) and not self._inside_crawlproc_out(relpath + b"/", {}):
                     self._start_scan(relpath + b"/")  # it may already hold files we got no event for
             elif kind == "dir_gone":
                 gone_dirs.append(relpath + b"/")
@@ -294,6 +303,7 @@ class Watcher:
         """Stat the candidates whose time has come; record those that are complete."""
         now = self.monotonic()
         rows: list[tuple] = []
+        looked_up: dict[bytes, bool] = {}  # folder prefix -> holds a crawlproc ledger, for this round
         while self._due and self._due[0][0] <= now:
             _, relpath = heapq.heappop(self._due)
             candidate = self._candidates.get(relpath)
@@ -302,11 +312,30 @@ class Watcher:
             entry = self._settled_entry(relpath, candidate, now)
             if entry is not None:
                 del self._candidates[relpath]
-                rows.extend(task_rows(entry, self.scan_options.chunk_size))
+                if not self._inside_crawlproc_out(relpath, looked_up):
+                    rows.extend(task_rows(entry, self.scan_options.chunk_size))
         if rows:
             with self.ledger.transaction() as conn:
                 self.ledger.upsert_scanned(conn, rows, chunked=bool(self.scan_options.chunk_size))
         return len(rows)
+
+    def _inside_crawlproc_out(self, relpath: bytes, looked_up: dict[bytes, bool]) -> bool:
+        """Is the path inside a folder that holds a crawlproc ledger (as a scan would skip it)?
+
+        Each folder above it (DATA_DIR's own too) costs one open of `ledger.db`
+        (most fail at once), remembered in `looked_up` for the rest of the round.
+        """
+        folders = [b""] + [relpath[:i + 1] for i, byte in enumerate(relpath) if byte == ord("/")]
+        for prefix in folders:  # b'' (DATA_DIR), b'a/', b'a/b/', ...
+            if prefix not in looked_up:
+                looked_up[prefix] = holds_crawlproc_ledger(os.path.join(self.data_dir, prefix))
+            if looked_up[prefix]:
+                if prefix not in self._out_folders_told:
+                    self._out_folders_told.add(prefix)
+                    self.on_skip(prefix.rstrip(b"/") or b".", "holds a crawlproc ledger (an OUT folder, never "
+                                                               "input); its files are skipped")
+                return True
+        return False
 
     def _settled_entry(self, relpath: bytes, candidate: _Candidate, now: float) -> FileEntry | None:
         try:
@@ -338,7 +367,7 @@ class Watcher:
                 return  # a full scan is already under way
             self.stats["rescans"] += 1
         self._scans.append(Scan(self.ledger, self.data_dir, self.scan_options, self.on_skip,
-                                start=start, hold_back=self._hold_back))
+                                start=start, hold_back=self._hold_back, on_problem=self.on_problem))
 
     def _hold_back(self, entry: FileEntry) -> bool:
         """A scan in watch mode must not hand out a file that may still be written."""
@@ -355,7 +384,11 @@ class Watcher:
         scan.step(max_files)
         if scan.finished:
             self._scans.pop(0)
-            if scan.gone:
-                logger.info("{} disappeared; their records leave the output", plural(scan.gone, "file"))
+            skipped = scan.findings.skipped_counts()
+            news = scan.full and skipped != self.skipped  # a rescan that skipped the same says nothing
+            for line in scan.outcome_lines(skipped=news):
+                logger.info(line)
+            if scan.full:
+                self.skipped = skipped
         return scan.files - before
 

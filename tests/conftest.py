@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sqlite3
 import subprocess
@@ -17,13 +18,26 @@ SUBPROCESS_TIMEOUT = 120
 
 
 def run_cli(*args: str, timeout: float = SUBPROCESS_TIMEOUT, env: dict | None = None,
-            cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """`python -m crawlproc ARGS` in a real subprocess, with a timeout."""
+            cwd: Path | None = None, unprivileged: bool = False) -> subprocess.CompletedProcess:
+    """`python -m crawlproc ARGS` in a real subprocess, with a timeout.
+
+    `unprivileged`: under root, without the power to read any file whatever its
+    mode (so a chmod 000 folder is unreadable to it, as to any user).
+    """
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    preexec = drop_dac_capabilities if unprivileged and os.geteuid() == 0 else None
     return subprocess.run(
         [sys.executable, "-m", "crawlproc", *args],
-        capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd,
+        capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd, preexec_fn=preexec,
     )
+
+
+def drop_dac_capabilities() -> None:
+    """In a child of root: lose the power to read any file regardless of its mode."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
 def query_ledger(out: Path, sql: str, params: tuple = ()) -> list[tuple]:
@@ -46,10 +60,12 @@ def lister(request, monkeypatch):
     first folder on (what a big tree gets). Use it with pytest.mark.usefixtures."""
     if request.param == "helpers":
         import crawlproc.scanner
+        import crawlproc.walk
         from crawlproc.listing import HelperLister
 
         monkeypatch.setattr(HelperLister, "LOCAL_FOLDERS", 0)
-        monkeypatch.setattr(crawlproc.scanner, "LocalLister", lambda known=None: HelperLister(2, known))
+        for module in (crawlproc.scanner, crawlproc.walk):  # Scan's lister, and a plain walk's
+            monkeypatch.setattr(module, "LocalLister", lambda known=None: HelperLister(2, known))
     return request.param
 
 

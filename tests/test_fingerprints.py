@@ -15,7 +15,8 @@ import pytest
 
 from conftest import make_tree
 from crawlproc.ledger import Ledger
-from crawlproc.scanner import Scan, ScanOptions, _plan
+from crawlproc.scanner import Scan, _plan
+from crawlproc.walk import ScanOptions
 
 pytestmark = pytest.mark.usefixtures("lister")
 

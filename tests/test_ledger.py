@@ -452,7 +452,7 @@ def test_failures_ordered_by_relpath_with_error_and_traceback(ledger):
     failures = ledger.failures()
     assert [f["relpath"] for f in failures] == ["a/b.txt", "m.txt", "z.txt"]
     assert failures[0] == {"relpath": "a/b.txt", "offset": 0, "attempts": 1,
-                           "error": "error in a/b.txt", "traceback": "tb"}
+                           "error": "error in a/b.txt", "traceback": "tb", "kind": "task"}
 
 
 # -- concurrent readers ------------------------------------------------------------------

@@ -1,8 +1,7 @@
-"""Walking DATA_DIR (crawlproc.scanner.walk) and feeding the ledger (Scan)."""
+"""Walking DATA_DIR (crawlproc.walk.walk) and feeding the ledger (crawlproc.scanner.Scan)."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import subprocess
@@ -13,11 +12,11 @@ from pathlib import Path
 import pytest
 
 import crawlproc.listing
-import crawlproc.scanner
-from conftest import make_tree
+from conftest import drop_dac_capabilities, make_tree
 from crawlproc.ledger import Ledger
 from crawlproc.listing import HelperLister, list_folder
-from crawlproc.scanner import PathFilter, Scan, ScanOptions, dir_id, walk
+from crawlproc.scanner import Scan
+from crawlproc.walk import PathFilter, ScanOptions, dir_id, walk
 
 WALK_TIMEOUT = 10
 
@@ -410,14 +409,6 @@ def unreadable_scenario(base: str, mode: int = 0) -> dict:
         ledger.close()
 
 
-def _drop_dac_capabilities() -> None:
-    """In a child of root: lose the power to read any file regardless of its mode."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
-        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
-
-
 def unreadable_outcome(tmp_path: Path, mode: int) -> dict:
     """unreadable_scenario's outcome, in a child without DAC override when we are root."""
     probe = tmp_path / "probe"
@@ -432,7 +423,7 @@ def unreadable_outcome(tmp_path: Path, mode: int) -> dict:
               "print(json.dumps(test_scanner.unreadable_scenario(sys.argv[1], int(sys.argv[2]))))")
     try:
         proc = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(mode)], capture_output=True,
-                              text=True, timeout=60, preexec_fn=_drop_dac_capabilities,
+                              text=True, timeout=60, preexec_fn=drop_dac_capabilities,
                               cwd=Path(__file__).parent,
                               env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
     except subprocess.SubprocessError as exc:
