@@ -227,7 +227,7 @@ def _opened_ledger(options: RunOptions, command: str, processor: Processor,
     logs.add_file_sink(options.out)
     identity = run_identity(options, processor)
     rebuilt = rebuild_if_lost(options.out, identity, reprocess=options.reprocess,
-                              accept_changed=(CODE_KEY, PYTHON_KEY) if options.keep_results else ())
+                              accept_changed=frozenset({CODE_KEY, PYTHON_KEY}) if options.keep_results else frozenset())
     if rebuilt:
         logger.warning(rebuilt)
     ledger = Ledger(options.out / LEDGER_NAME, durable=options.durable)
