@@ -174,17 +174,33 @@ def test_reducer_summary_matches_a_local_run(tmp_path, cluster):
     assert (tmp_path / "dask" / "merged.jsonl").read_bytes() == (tmp_path / "local" / "merged.jsonl").read_bytes()
 
 
+def slow_tree_and_clean_run(tmp_path: Path, n: int = 160) -> tuple[Path, bytes]:
+    """A tree for `slow`, and the merged output of a clean local run over it."""
+    data = make_tree(tmp_path / "data", {f"s{i:03d}.txt": f"{i}\n" * i for i in range(n)})
+    clean = crawl(data, tmp_path / "clean", "-p", SLOW, "-w", "2")
+    assert clean.returncode == 0, clean.stderr
+    return data, (tmp_path / "clean" / "merged.jsonl").read_bytes()
+
+
+def start_and_wait(data: Path, out: Path, args: list[str], done: int) -> subprocess.Popen:
+    """A `slow` run in the background, once `done` tasks are done (and it still runs)."""
+    proc = start_run(data, out, "-p", SLOW, *args, "--batch-size", "4")
+    try:
+        wait_until(lambda: done_count(out) >= done or proc.poll() is not None, 90, "tasks done on the cluster")
+        assert proc.poll() is None, "the run ended before it could be disturbed"
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
+
+
 # -- 2. kill -9 of a Dask worker ------------------------------------------------------------------
 
 def test_kill9_of_a_dask_worker_loses_nothing(tmp_path, cluster):
-    data = make_tree(tmp_path / "data", {f"s{i:03d}.txt": f"{i}\n" * i for i in range(160)})
-    clean = crawl(data, tmp_path / "clean", "-p", SLOW, "-w", "2")
-    assert clean.returncode == 0, clean.stderr
+    data, clean = slow_tree_and_clean_run(tmp_path)
     out = tmp_path / "out"
-    proc = start_run(data, out, "-p", SLOW, *dask_args(cluster), "--batch-size", "4")
+    proc = start_and_wait(data, out, dask_args(cluster), 20)
     try:
-        wait_until(lambda: done_count(out) >= 20 or proc.poll() is not None, 60, "tasks done on the cluster")
-        assert proc.poll() is None, "the run ended before a worker could be killed"
         victim = sorted(w["pid"] for w in cluster.workers().values())[0]
         os.kill(victim, signal.SIGKILL)
         code, err = finish(proc)
@@ -192,7 +208,7 @@ def test_kill9_of_a_dask_worker_loses_nothing(tmp_path, cluster):
         if proc.poll() is None:
             proc.kill()
     assert code == 0, err
-    assert (out / "merged.jsonl").read_bytes() == (tmp_path / "clean" / "merged.jsonl").read_bytes()
+    assert (out / "merged.jsonl").read_bytes() == clean
     rows = states(out)
     assert {r[0] for r in rows.values()} == {"done"}
     assert {r[1] for r in rows.values()} == {1}, "a task was charged for its Dask worker's death"
@@ -203,29 +219,21 @@ def test_kill9_of_a_dask_worker_loses_nothing(tmp_path, cluster):
 # -- 3. kill -9 of the coordinator ----------------------------------------------------------------
 
 def test_kill9_of_the_coordinator_then_resume(tmp_path, cluster):
-    data = make_tree(tmp_path / "data", {f"s{i:03d}.txt": f"{i}\n" * i for i in range(160)})
-    clean = crawl(data, tmp_path / "clean", "-p", SLOW, "-w", "2")
-    assert clean.returncode == 0, clean.stderr
+    data, clean = slow_tree_and_clean_run(tmp_path)
     out = tmp_path / "out"
-    proc = start_run(data, out, "-p", SLOW, *dask_args(cluster), "--batch-size", "4")
-    try:
-        wait_until(lambda: done_count(out) >= 20 or proc.poll() is not None, 60, "tasks done on the cluster")
-        assert proc.poll() is None
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc = start_and_wait(data, out, dask_args(cluster), 20)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
     # Batches of the dead run may still finish on the cluster and write their result files:
     # the next run must neither record them nor let them clobber its own.
     again = crawl(data, out, "-p", SLOW, *dask_args(cluster))
     assert again.returncode == 0, again.stderr
     assert "went back to pending" in again.stderr
-    assert (out / "merged.jsonl").read_bytes() == (tmp_path / "clean" / "merged.jsonl").read_bytes()
+    assert (out / "merged.jsonl").read_bytes() == clean
     assert {r[0] for r in states(out).values()} == {"done"}
     local = crawl(data, out, "-p", SLOW, "-w", "2")  # and a local run after it agrees
     assert local.returncode == 0, local.stderr
-    assert (out / "merged.jsonl").read_bytes() == (tmp_path / "clean" / "merged.jsonl").read_bytes()
+    assert (out / "merged.jsonl").read_bytes() == clean
     assert_no_leftovers(out)
 
 
@@ -270,15 +278,11 @@ def own_cluster(tmp_path):
 
 
 def test_scheduler_death_stops_the_run_cleanly_and_it_resumes(tmp_path, own_cluster):
-    address, scheduler = own_cluster.scheduler_address, own_cluster.scheduler
-    data = make_tree(tmp_path / "data", {f"s{i:03d}.txt": f"{i}\n" * i for i in range(160)})
-    clean = crawl(data, tmp_path / "clean", "-p", SLOW, "-w", "2")
+    data, clean = slow_tree_and_clean_run(tmp_path)
     out = tmp_path / "out"
-    proc = start_run(data, out, "-p", SLOW, "--executor", "dask", "--scheduler", address, "--batch-size", "4")
+    proc = start_and_wait(data, out, ["--executor", "dask", "--scheduler", own_cluster.scheduler_address], 10)
     try:
-        wait_until(lambda: done_count(out) >= 10 or proc.poll() is not None, 60, "tasks done on the cluster")
-        assert proc.poll() is None
-        scheduler.kill()
+        own_cluster.scheduler.kill()
         code, err = finish(proc)
     finally:
         if proc.poll() is None:
@@ -290,8 +294,7 @@ def test_scheduler_death_stops_the_run_cleanly_and_it_resumes(tmp_path, own_clus
     assert not [r for r, s in states(out).items() if s[0] == "running"]
     again = crawl(data, out, "-p", SLOW, "-w", "2")
     assert again.returncode == 0, again.stderr
-    assert clean.returncode == 0, clean.stderr
-    assert (out / "merged.jsonl").read_bytes() == (tmp_path / "clean" / "merged.jsonl").read_bytes()
+    assert (out / "merged.jsonl").read_bytes() == clean
 
 
 # -- 6. watch on the cluster ---------------------------------------------------------------------------
@@ -386,14 +389,10 @@ def test_a_worker_that_does_not_see_out_is_named(tmp_path, cluster):
 def test_local_cluster_of_our_own(tmp_path):
     """`--scheduler local:2` starts (and stops) a LocalCluster itself; a kill -9 of the coordinator
     leaves neither the lock on OUT held nor Dask processes behind."""
-    data = make_tree(tmp_path / "data", {f"s{i:03d}.txt": f"{i}\n" * i for i in range(120)})
-    clean = crawl(data, tmp_path / "clean", "-p", SLOW, "-w", "2")
-    assert clean.returncode == 0, clean.stderr
+    data, clean = slow_tree_and_clean_run(tmp_path, 120)
     out = tmp_path / "out"
-    proc = start_run(data, out, "-p", SLOW, "--executor", "dask", "--scheduler", "local:2", "--batch-size", "4")
+    proc = start_and_wait(data, out, ["--executor", "dask", "--scheduler", "local:2"], 10)
     try:
-        wait_until(lambda: done_count(out) >= 10 or proc.poll() is not None, 90, "tasks done on the cluster")
-        assert proc.poll() is None
         started = psutil.Process(proc.pid).children(recursive=True)
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
@@ -403,7 +402,7 @@ def test_local_cluster_of_our_own(tmp_path):
     assert started, "the run started no Dask worker processes"
     again = crawl(data, out, "-p", SLOW, "--executor", "dask", "--scheduler", "local:2")
     assert again.returncode == 0, again.stderr  # 3 would mean a forked worker kept OUT locked
-    assert (out / "merged.jsonl").read_bytes() == (tmp_path / "clean" / "merged.jsonl").read_bytes()
+    assert (out / "merged.jsonl").read_bytes() == clean
     assert_no_leftovers(out)
     wait_until(lambda: not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
                60, "the dead run's Dask processes to end")
