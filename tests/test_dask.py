@@ -201,6 +201,10 @@ def test_kill9_of_a_dask_worker_loses_nothing(tmp_path, cluster):
     out = tmp_path / "out"
     proc = start_and_wait(data, out, dask_args(cluster), 20)
     try:
+        # `status` shows the cluster of a run that is going
+        executor = wait_until(lambda: (status_json(out)["last_run"] or {}).get("executor"), 60, "the cluster")
+        assert (executor["executor"], executor["workers"], executor["threads"]) == ("dask", 2, 2)
+        assert executor["scheduler"] == cluster.scheduler_address
         victim = sorted(w["pid"] for w in cluster.workers().values())[0]
         os.kill(victim, signal.SIGKILL)
         code, err = finish(proc)
