@@ -375,7 +375,14 @@ def _timings(job: _Job, pool_result: Tally) -> dict[str, Any]:
         "tasks_done_this_run": pool_result.done,
         "files_per_s": round(pool_result.done / elapsed, 1) if elapsed > 0 else None,
         "coordinator_peak_rss_bytes": peak_rss_bytes(),
+        "coordinator_cpu_s": round(_own_cpu_seconds(), 3),
     }
+
+
+def _own_cpu_seconds() -> float:
+    """CPU time (user + system) this process used: how much of a core the coordinator took."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def peak_rss_bytes() -> int:
