@@ -46,6 +46,11 @@ def _open_readonly(out: Path) -> Ledger:
         raise LedgerError(hint) from None
 
 
+def read_ledger(out: Path) -> Ledger:
+    """OUT's ledger, read-only, for a reader that is not a command (the Python API, `explain`)."""
+    return _open_readonly(out)
+
+
 def run_command(out: Path, meta: Mapping[str, str]) -> str | None:
     """The `crawlproc run` command line that carries on with OUT, shell-quoted: a hint to print.
 
