@@ -12,6 +12,10 @@ slot, so the coordinator can blame exactly that task if the worker dies or runs
 past --timeout, without any message. A processor exception fails only its own
 task. The worker leads its own process group (a timeout kills whatever it
 started too) and exits by itself once the coordinator's pipe closes.
+
+A worker runs its processor's setup hook once when it starts, hands what it
+gave to each task (`task.context`, with `task.preloaded` from the forkserver),
+and its teardown when it retires or is told to stop (processors/hooks.py).
 """
 
 from __future__ import annotations
