@@ -550,6 +550,28 @@ def merge(ctx: click.Context, out: Path, output: Path | str | None, output_forma
 
 
 @cli.command()
+@click.argument("path")
+@out_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def explain(path: str, out: Path, as_json: bool) -> None:
+    """Why PATH was or was not processed: its tasks, states, attempts and last error, the run
+    that did it and whether the file changed since; or the rule that leaves it out.
+
+    PATH may be absolute; a relative PATH is taken from the current folder when that
+    lies under DATA_DIR, else relative to DATA_DIR (as `crawlproc failures` prints
+    paths). A PATH outside DATA_DIR is an error (exit 2).
+    """
+    from crawlproc.explain import explain as explain_path
+
+    found = explain_path(path, out)
+    if as_json:
+        click.echo(json.dumps(found.to_json(), indent=2))
+    else:
+        for line in found.lines:
+            click.echo(line)
+
+
+@cli.command()
 def processors() -> None:
     """List the built-in processors."""
     from crawlproc.processors import describe_builtins

@@ -29,7 +29,7 @@ _console: Any = None
 _file_sink: int | None = None
 _json_lines = False  # --log-json: what the CLI prints on stderr is JSON too
 _program_set_up = False  # setup_stderr ran: the program (the CLI) owns stderr logging
-_LOGURU_DEFAULT = 0  # the id of the handler loguru starts with (stderr, every DEBUG line)
+_loguru_default = 0  # the id of loguru's default handler (stderr, every DEBUG line), or of ours in its place
 
 
 def setup_stderr(verbose: int, quiet: bool, json_lines: bool) -> None:
@@ -55,7 +55,7 @@ def job_stderr(verbose: int, quiet: bool, json_lines: bool) -> Iterator[None]:
     shown; loguru's default handler, if nobody removed it, would print every DEBUG line, so it is
     set aside meanwhile and put back after. Other handlers are left alone. The job's file sink
     (OUT/logs) is removed at its end either way."""
-    global _json_lines
+    global _json_lines, _loguru_default
     if _program_set_up:
         try:
             yield
@@ -63,7 +63,7 @@ def job_stderr(verbose: int, quiet: bool, json_lines: bool) -> Iterator[None]:
             remove_file_sink()
         return
     try:
-        logger.remove(_LOGURU_DEFAULT)
+        logger.remove(_loguru_default)
         default_removed = True
     except ValueError:
         default_removed = False
@@ -76,7 +76,7 @@ def job_stderr(verbose: int, quiet: bool, json_lines: bool) -> Iterator[None]:
         logger.remove(sink)
         remove_file_sink()
         if default_removed:
-            logger.add(sys.stderr)  # what loguru starts with
+            _loguru_default = logger.add(sys.stderr)  # what loguru starts with, set aside again next job
 
 
 def stderr_is_a_terminal() -> bool:
