@@ -540,7 +540,7 @@ def merge(ctx: click.Context, out: Path, output: Path | str | None, output_forma
                    "to pending", err=True)
     if report.unprocessed:
         click.echo(f"the output lacks {plural(report.unprocessed, 'task')} not processed yet; "
-                   f"to process them: {report.run_command}", err=True)
+                   f"to process them: {report.run_command or 'run its processor on OUT again'}", err=True)
     if counts["failed"]:
         click.echo(f"the output lacks {plural(counts['failed'], 'failed task')}; "
                    f"to see why: crawlproc failures -o {shlex.quote(str(out))}", err=True)
