@@ -87,9 +87,12 @@ def number_above(low: float, *, inclusive: bool) -> Callable[[Any], float]:
     return check
 
 
-def optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """None (or "", or "off" from the command line) means the option is off."""
-    return lambda value: None if value is None or value in ("", "off") else check(value)
+def optional(check: Callable[[Any], Any], off: tuple[str, ...] = ()) -> Callable[[Any], Any]:
+    """None (or one of the words in `off`, from the command line) means the option is not used."""
+    return lambda value: None if value is None or value in off else check(value)
+
+
+OFF = ("", "off")  # what turns a size limit or the failure budget off, e.g. CRAWLPROC_MAX_MEMORY_PER_CHILD=off
 
 
 def parse_size(value: Any) -> int:
@@ -145,7 +148,10 @@ def key_values(value: Any) -> dict[str, str]:
 
 
 def failure_budget(value: Any) -> tuple[float, bool]:
-    """10 -> (10, False); '10%' -> (10, True)."""
+    """10 -> (10, False); '10%' -> (10, True); a pair as these give is kept."""
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], bool):
+        number, percent = value
+        return failure_budget(number)[0], percent
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         number = _number(value)
         if number < 0:
@@ -229,19 +235,19 @@ RUN_OPTIONS: dict[str, Option] = {
     "include": Option((), globs),
     "exclude": Option((), globs),
     "max_tasks_per_child": Option(1000, whole_at_least(1)),
-    "max_memory_per_child": Option(None, optional(parse_size)),
-    "max_memory_per_task": Option(None, optional(parse_size)),
+    "max_memory_per_child": Option(None, optional(parse_size, OFF)),
+    "max_memory_per_task": Option(None, optional(parse_size, OFF)),
     "timeout": Option(None, optional(number_above(0, inclusive=False))),
     "retries": Option(2, whole_at_least(0)),
     "retry_delay": Option(0.5, number_above(0, inclusive=True)),
-    "max_failures": Option(None, optional(failure_budget)),
+    "max_failures": Option(None, optional(failure_budget, OFF)),
     "durable": Option(False, flag),
     "retry_failed": Option(False, flag),
     "reprocess": Option(False, flag),
     "keep_results": Option(False, flag),
     "dry_run": Option(False, flag),
     "batch_size": Option(None, optional(whole_at_least(1))),
-    "chunk_size": Option(None, optional(parse_size)),
+    "chunk_size": Option(None, optional(parse_size, OFF)),
     "follow_symlinks": Option(False, flag),
     "output": Option(None, optional(output_path)),
     "format": Option("jsonl", output_format),

@@ -213,6 +213,10 @@ def test_a_notebook_function_with_a_closure_and_a_lambda_runs_and_resumes(data, 
     assert result.stdout.split() == ["0", "4", "0", "0"]
     records = [json.loads(line) for line in (tmp_path / "out" / "merged.jsonl").read_text().splitlines()]
     assert records[0] == {"path": "a.txt", "size": 140, "n": 2}
+    merged = run_cli("merge", "-o", str(tmp_path / "out"))  # no command line can load the function
+    assert merged.returncode == 0, merged.stderr
+    status = json.loads(run_cli("status", "-o", str(tmp_path / "out"), "--json").stdout)
+    assert status["processor"] == "__main__:sized" and status["run_command"] is None
 
 
 def test_a_class_defined_in_main_is_refused_naming_it(data, tmp_path):
@@ -231,10 +235,24 @@ def test_a_class_defined_in_main_is_refused_naming_it(data, tmp_path):
             crawlproc.run("data", out="out", processor=uses_class, quiet=True)
         except ProcessorLoadError as exc:
             print(exc)
+
+        import threading
+        LOCK = threading.Lock()
+
+        @crawlproc.processor
+        def uses_lock(task):
+            with LOCK:
+                return {}
+
+        try:
+            crawlproc.run("data", out="out", processor=uses_lock, quiet=True)
+        except ProcessorLoadError as exc:
+            print(exc)
     '''
     result = run_python(code, tmp_path)
     assert result.returncode == 0, result.stderr
     assert "uses_class uses Counter: class Counter, defined in __main__ (move it to a module)" in result.stdout
+    assert "uses_lock uses LOCK: TypeError: cannot pickle '_thread.lock' object" in result.stdout
     assert not (tmp_path / "out").exists()
 
 
@@ -365,3 +383,23 @@ def test_crawlproc_run_stays_the_function_when_its_module_is_imported():
     assert callable(crawlproc.run) and crawlproc.run.__module__ == "crawlproc"
     assert callable(crawlproc.watch) and crawlproc.watch.__module__ == "crawlproc"
     assert sys.modules["crawlproc.run"].RunOptions is not None
+
+
+@pytest.mark.parametrize("name, value", [
+    ("max_failures", "10%"), ("max_failures", "3"), ("max_memory_per_child", "1GiB"), ("ok_exit_codes", "1,0"),
+    ("param", ("k=v",)), ("include", ("*.txt",)), ("output", "x.jsonl"), ("timeout", "2.5"), ("workers", "3"),
+])
+def test_a_checked_value_passes_its_check_again(name, value):
+    """The command line checks a value, then hands it to the API, which checks it again."""
+    from crawlproc.options import check
+
+    once = check(name, value)
+    assert check(name, once) == once
+
+
+def test_an_empty_exit_code_list_is_refused_but_an_empty_size_turns_the_limit_off():
+    from crawlproc.options import check
+
+    with pytest.raises(OptionError, match="not a comma-separated list"):
+        check("ok_exit_codes", "")
+    assert check("max_memory_per_child", "off") is None and check("max_failures", "") is None
