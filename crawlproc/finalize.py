@@ -16,7 +16,7 @@ import csv
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,11 +251,17 @@ def _csv_cell(value: Any) -> Any:
 
 def _write_parquet(merged_jsonl: Path, target: Path) -> None:
     """One Parquet table; schema inferred by pyarrow (the records are held in memory)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    records = [_valid_utf8(record) for record in iter_records(merged_jsonl)]
-    pq.write_table(pa.Table.from_pylist(records), target)
+    pq.write_table(records_table(iter_records(merged_jsonl)), target)
+
+
+def records_table(records: Iterable[dict]) -> Any:
+    """The records as one pyarrow Table (schema inferred; held in memory): Parquet output,
+    and `crawlproc.open(out).to_arrow()`."""
+    import pyarrow as pa
+
+    return pa.Table.from_pylist([_valid_utf8(record) for record in records])
 
 
 def _valid_utf8(value: Any) -> Any:

@@ -38,6 +38,11 @@ RUNNING_FLAG = "tasks_may_be_running"  # meta key: see Ledger.requeue_stale
 BATCH_IDS_KEY = "batch_ids_reserved"  # meta key: see Ledger.next_batch_id
 LEDGER_TABLES = frozenset({"meta", "tasks", "runs"})
 SKIPPED_KEY = "scan_skipped"  # meta key: what the last full scan skipped on purpose, by kind
+SCAN_SETTINGS_KEY = "scan_settings"  # meta key: the last run's --include/--exclude and links (for explain)
+# A task as the Python API and `explain` show it (not its key bytes or result range).
+TASK_FIELDS = ("id", "relpath", "offset", "length", "size", "mtime_ns", "state", "attempts", "error",
+               "traceback", "not_before", "batch_id", "worker_pid", "elapsed_s", "finished_at")
+_TASK_COLUMNS = ", ".join(f'"{name}"' for name in TASK_FIELDS)
 
 
 class State(str, Enum):
@@ -773,6 +778,38 @@ class Ledger:
                                 "traceback": None, "kind": "scan"})
                     for path, relpath, error, _ in self._scan_problem_rows())
         return [row for *_, row in heapq.merge(tasks, problems, key=lambda item: (item[0], item[1]))]
+
+    # -- reading tasks one by one (the Python API, `explain`) ----------------------------
+    def iter_tasks(self, state: str | None = None) -> Iterator[dict[str, Any]]:
+        """Every task, or those in `state`, in merge order, as dicts (TASK_FIELDS), streamed."""
+        where, args = (" WHERE state = ?", (state,)) if state is not None else ("", ())
+        cursor = self.conn.execute(f"SELECT {_TASK_COLUMNS} FROM tasks{where} "
+                                   'ORDER BY path_bytes, "offset"', args)
+        return (dict(zip(TASK_FIELDS, row)) for row in cursor)
+
+    def tasks_of(self, path_bytes: bytes) -> list[dict[str, Any]]:
+        """The tasks of one file (several with --chunk-size), in offset order."""
+        rows = self.conn.execute(f'SELECT {_TASK_COLUMNS} FROM tasks WHERE path_bytes = ? ORDER BY "offset"',
+                                 (path_bytes,))
+        return [dict(zip(TASK_FIELDS, row)) for row in rows]
+
+    def run_at(self, when: float) -> dict[str, Any] | None:
+        """The run that was going at `when` (the last one started by then)."""
+        cursor = self.conn.execute("SELECT * FROM runs WHERE started <= ? ORDER BY id DESC LIMIT 1", (when,))
+        row = cursor.fetchone()
+        return None if row is None else dict(zip((d[0] for d in cursor.description), row))
+
+    def record_scan_settings(self, settings: Mapping[str, Any]) -> None:
+        """The selection rules of this run's scans (globs, links), for `explain`; written only when
+        they changed, so a no-op rerun commits nothing more."""
+        text = json.dumps(dict(settings), sort_keys=True)
+        if self._meta_value(SCAN_SETTINGS_KEY) != text:
+            self.set_meta({SCAN_SETTINGS_KEY: text})
+
+    def scan_settings(self) -> dict[str, Any] | None:
+        """What record_scan_settings kept (None: OUT was made by a crawlproc that did not keep it)."""
+        text = self._meta_value(SCAN_SETTINGS_KEY)
+        return json.loads(text) if text else None
 
     # -- scan problems -------------------------------------------------------------
     # A path a scan could not read (a folder it could not list, an entry it could not

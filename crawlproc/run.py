@@ -15,6 +15,7 @@ import os
 import resource
 import shlex
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -85,6 +86,11 @@ class RunOptions:
     executor: str = "local"
     scheduler: str | None = None
     source_column: str | None = None  # add each record's relpath under this name (see added_columns)
+    # A processor given as an object (the Python API): `processor` is then its spec (shipping.py).
+    processor_object: Processor | None = None
+    shipped: bytes | None = None  # that processor by value, for workers that cannot import it
+    import_paths: tuple[str, ...] = ()
+    stop: Any = None  # a threading.Event: set from any thread, it stops the job as SIGINT would
 
 
 @dataclass
@@ -147,6 +153,11 @@ def check_command_params(processor: Processor, params: dict[str, str]) -> None:
         command.check_command(params)
 
 
+def load_processor(options: RunOptions) -> Processor:
+    """The processor given as an object (the Python API), or the one -p names."""
+    return options.processor_object if options.processor_object is not None else load(options.processor)
+
+
 def run_identity(options: RunOptions, processor: Processor) -> dict[str, Any]:
     """What makes results comparable: a different identity means different output."""
     code = fingerprint(options.processor, processor)
@@ -200,7 +211,7 @@ def _open_job(options: RunOptions, command: str, *, early_forkserver: bool = Fal
         raise UsageError("--keep-results and --reprocess exclude each other: --reprocess redoes every task, "
                          "--keep-results keeps the done ones")
     check_out_is_not_data_dir(options.data_dir, options.out)
-    processor = load(options.processor)  # before OUT exists: a typo in -p leaves nothing behind
+    processor = load_processor(options)  # before OUT exists: a typo in -p leaves nothing behind
     check_command_params(processor, options.params)
     if options.executor == "dask":
         from crawlproc.executors.dask import check_available
@@ -235,6 +246,7 @@ def _opened_ledger(options: RunOptions, command: str, processor: Processor,
         _log_verdict(ledger.settle_identity(identity, reprocess=options.reprocess,
                                             keep_results=options.keep_results), options.out, identity)
         _recover(options.out, ledger)
+        ledger.record_scan_settings(scan_settings(options))
         if options.retry_failed:
             logger.info("--retry-failed: {} back to pending", plural(ledger.retry(include_done=False), "failed task"))
         logger.debug("{} {} -> {}: processor {} v{}, {} workers", command, options.data_dir, options.out,
@@ -403,9 +415,15 @@ def list_helpers(job: _Job) -> int:
     None for a new OUT: every file is work there, the workers keep the cores busy
     and listing in helpers would only add the cost of sending the listings over.
     """
-    if job.ledger.created:
-        return 0
+    if job.ledger.created or threading.active_count() > 1:
+        return 0  # a fork copies only this thread: a lock another thread held would stay held
     return max(1, min(job.options.workers, os.cpu_count() or 1, 4))
+
+
+def scan_settings(options: RunOptions) -> dict[str, Any]:
+    """What decides which files of DATA_DIR become tasks, kept in the ledger for `explain`."""
+    return {"include": list(options.include), "exclude": list(options.exclude),
+            "follow_symlinks": options.follow_symlinks}
 
 
 def scan_options(options: RunOptions) -> ScanOptions:
@@ -428,6 +446,8 @@ def worker_config(options: RunOptions, identity: dict[str, Any]) -> WorkerConfig
         source_column=columns.get("source"),
         offset_column=columns.get("offset"),
         identity=identity_text(identity),
+        shipped=options.shipped,
+        import_paths=options.import_paths,
     )
 
 
@@ -451,6 +471,8 @@ def make_pool(job: _Job, on_progress: Callable[[dict], None] | None, *,
     )
     if options.executor != "local":  # status and the page show the cluster
         hooks["run_info"] = _with_executor(hooks.get("run_info"), executor)
+    if options.stop is not None:
+        on_progress = _stopped_by(options.stop, lambda: coordinator, on_progress)
     coordinator = Coordinator(job.ledger, executor, coordinator_options, run_id=job.run_id,
                               on_progress=on_progress, out_hint=out_hint(options.out), **hooks)
     stopping.append(coordinator)
@@ -460,6 +482,18 @@ def make_pool(job: _Job, on_progress: Callable[[dict], None] | None, *,
 def _with_executor(run_info: Callable[[], dict] | None, executor: Any) -> Callable[[], dict]:
     """The run's info for its `runs` row, with the executor's description added."""
     return lambda: {**(run_info() if run_info else {}), "executor": executor.describe()}
+
+
+def _stopped_by(stop: Any, coordinator: Callable[[], Coordinator],
+                on_progress: Callable[[dict], None] | None) -> Callable[[dict], None]:
+    """Progress that also asks the coordinator to stop once `stop` is set (it reports progress
+    after every loop turn, at least every TICK_SECONDS): a run in a thread has no Ctrl-C."""
+    def report(stats: dict) -> None:
+        if stop.is_set():
+            coordinator().request_stop("stop requested")
+        if on_progress is not None:
+            on_progress(stats)
+    return report
 
 
 def _merge(job: _Job, *, publish_if_damaged: bool = True) -> MergeOutcome:

@@ -21,10 +21,12 @@ class Task:
 
     `path` is absolute, `relpath` is POSIX and relative to DATA_DIR (non-UTF-8
     bytes are kept via surrogateescape: `os.fsencode(task.relpath)` gives them
-    back). `offset`/`length` are None for a whole file.
+    back). `offset`/`length` are None for a whole file. `context` is what the
+    processor's setup hook gave this worker process, `preloaded` what its
+    preload hook loaded before the workers forked (None without such hooks).
     """
 
-    __slots__ = ("id", "path", "relpath", "offset", "length", "params")
+    __slots__ = ("id", "path", "relpath", "offset", "length", "params", "context", "preloaded")
 
     def __init__(
         self,
@@ -34,6 +36,8 @@ class Task:
         offset: int | None = None,
         length: int | None = None,
         params: Mapping[str, str] | None = None,
+        context: Any = None,
+        preloaded: Any = None,
     ) -> None:
         self.id = id
         self.path = path
@@ -41,6 +45,8 @@ class Task:
         self.offset = offset
         self.length = length
         self.params: Mapping[str, str] = params or {}
+        self.context = context
+        self.preloaded = preloaded
 
     def __fspath__(self) -> str:
         return self.path

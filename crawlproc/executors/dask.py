@@ -36,7 +36,7 @@ from typing import Any
 from loguru import logger
 
 from crawlproc.errors import CrawlprocError, UsageError
-from crawlproc.executors import BatchLost, Event, Opening, WorkerLimits
+from crawlproc.executors import BatchLost, Event, Opening, WorkerLimits, stop_if_setup_failed
 from crawlproc.executors.remote import RemoteJob, SharedPathsMissing, run_batch, stop_job, warm_up
 from crawlproc.results import TEMP_SUFFIX
 from crawlproc.worker import BatchReport, WorkBatch, WorkerConfig
@@ -192,7 +192,7 @@ class DaskExecutor:
             try:
                 future = self._done.get_nowait()
             except queue.Empty:
-                return events
+                return stop_if_setup_failed(events)
             event = self._event_of(future)
             if event is not None:
                 events.append(event)

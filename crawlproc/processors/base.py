@@ -6,6 +6,13 @@
     @words.reducer
     def total(records): ...          # all records, in merge order -> dict
 
+    @words.preload
+    def table(params): ...           # once, before the workers fork -> task.preloaded (shared)
+
+    @words.setup
+    def connection(params, preloaded): ...   # once per worker -> task.context; code after a
+                                             # `yield` is its teardown (see hooks.py)
+
 A processor is named on the command line by a built-in name, by
 `package.module:function`, or by `path/to/file.py:function`; `load()` turns
 that spec into a `Processor` in whichever process needs it (the coordinator for
@@ -19,7 +26,7 @@ import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, overload
 
 from crawlproc.errors import ProcessorLoadError
@@ -34,6 +41,8 @@ class Processor:
         self.func = func
         self.version = str(version)
         self.reduce: Callable[[Iterable[dict]], Any] | None = None
+        self.setup_hook: Callable[[Mapping[str, str], Any], Any] | None = None
+        self.preload_hook: Callable[[Mapping[str, str]], Any] | None = None
         self.__doc__ = func.__doc__
         self.__name__ = getattr(func, "__name__", "processor")
         self.__wrapped__ = func
@@ -44,6 +53,21 @@ class Processor:
     def reducer(self, func: Callable[[Iterable[dict]], Any]) -> Callable[[Iterable[dict]], Any]:
         """Decorator: combine all records of a run into summary.json's `reduced`."""
         self.reduce = func
+        return func
+
+    def setup(self, func: Callable[[Mapping[str, str], Any], Any]) -> Callable[[Mapping[str, str], Any], Any]:
+        """Decorator: `func(params, preloaded)` runs once in each worker process, before its first
+        task; what it returns is `task.context` there. A generator function yields it instead, and
+        the code after its `yield` is the teardown, run when the worker retires or stops. If it
+        raises, the run stops at its start (exit 2) instead of failing every task."""
+        self.setup_hook = func
+        return func
+
+    def preload(self, func: Callable[[Mapping[str, str]], Any]) -> Callable[[Mapping[str, str]], Any]:
+        """Decorator: `func(params)` runs once before the workers are forked, in the process they
+        fork from; what it returns is `task.preloaded` in every worker (and setup's second
+        argument). Workers share its memory copy-on-write: treat it as read-only."""
+        self.preload_hook = func
         return func
 
     @property
