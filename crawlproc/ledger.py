@@ -34,6 +34,7 @@ LEDGER_NAME = "ledger.db"  # in OUT; a folder holding one with our APPLICATION_I
 SCHEMA_VERSION = 2  # 2: the folders table and the running flag, which schema-1 code would not keep up
 APPLICATION_ID = 0x43504C31  # "CPL1": tells our ledger from any other SQLite file
 BUSY_TIMEOUT_MS = 10_000
+SCHEMA_WAIT_SECONDS = 2.0  # a reader waits this long for a new ledger's schema (see _wait_for_schema)
 RUNNING_FLAG = "tasks_may_be_running"  # meta key: see Ledger.requeue_stale
 BATCH_IDS_KEY = "batch_ids_reserved"  # meta key: see Ledger.next_batch_id
 LEDGER_TABLES = frozenset({"meta", "tasks", "runs"})
@@ -179,11 +180,9 @@ class Ledger:
 
     # -- set-up ------------------------------------------------------------
     def _check_or_create(self, readonly: bool) -> None:
-        try:
-            app_id = self.conn.execute("PRAGMA application_id").fetchone()[0]
-            has_tables = self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-        except sqlite3.DatabaseError as exc:
-            raise LedgerError(f"{self.path} is not a crawlproc ledger ({exc}); use another --out") from None
+        app_id, has_tables = self._read_header()
+        if readonly and app_id == 0 and not has_tables:
+            app_id, has_tables = self._wait_for_schema()
         if app_id == APPLICATION_ID:
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
             if version == 1 and not readonly:
@@ -199,6 +198,26 @@ class Ledger:
             raise LedgerError(f"{self.path} is an SQLite file but not a crawlproc ledger; use another --out")
         self._create_schema()
         self.created = True
+
+    def _read_header(self) -> tuple[int, int]:
+        """(application_id, number of schema objects)."""
+        try:
+            app_id = self.conn.execute("PRAGMA application_id").fetchone()[0]
+            has_tables = self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"{self.path} is not a crawlproc ledger ({exc}); use another --out") from None
+        return app_id, has_tables
+
+    def _wait_for_schema(self) -> tuple[int, int]:
+        """A reader that meets an empty ledger may be looking at one a run is just creating (its
+        schema comes in one transaction, a few milliseconds after the file): look again for a
+        short while before calling it foreign."""
+        deadline = time.monotonic() + SCHEMA_WAIT_SECONDS
+        header = (0, 0)
+        while header == (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+            header = self._read_header()
+        return header
 
     def _upgrade_from_1(self) -> None:
         """Schema 1 lacks the folders table. The new version number keeps an older crawlproc out:
