@@ -211,6 +211,19 @@ def _name_option(ctx: click.Context, param: click.Parameter, value: str | None) 
     return value
 
 
+def _address_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--serve [HOST:]PORT: checked here, kept as typed (the job parses it again)."""
+    if value is None:
+        return None
+    from crawlproc.serve import parse_address
+
+    try:
+        parse_address(value)
+    except CrawlprocError as exc:
+        raise click.BadParameter(str(exc).removeprefix(f"--serve {value!r} ")) from None
+    return value
+
+
 def processing_options(func: Any) -> Any:
     """The options `run` (and later `watch`) share; each also reads CRAWLPROC_<NAME>."""
     options = [
@@ -289,6 +302,10 @@ def processing_options(func: Any) -> Any:
         click.option("--scheduler", metavar="ADDR", envvar=_env("scheduler"),
                      help="With --executor dask: tcp://HOST:PORT of a running scheduler, or local[:N] for a "
                           "LocalCluster of N worker processes [default: Dask's scheduler-address setting]."),
+        click.option("--serve", metavar="[HOST:]PORT", envvar=_env("serve"), callback=_address_option,
+                     help="Serve a live status page, /status.json, /healthz and Prometheus /metrics while "
+                          "running (host 127.0.0.1 unless given; port 0: any free port, the log says which; "
+                          "pip install 'crawlproc[serve]')."),
         click.option("-v", "--verbose", count=True, envvar=_env("verbose"), help="More log lines (debug)."),
         click.option("-q", "--quiet", is_flag=True, envvar=_env("quiet"), help="Only warnings and errors."),
         click.option("--log-json", is_flag=True, envvar=_env("log_json"),
@@ -502,7 +519,7 @@ def _run_options(data_dir: Path, kw: dict[str, Any]) -> Any:
         batch_size=kw["batch_size"], follow_symlinks=kw["follow_symlinks"], chunk_size=kw["chunk_size"],
         output=kw["output"], output_format=kw["output_format"],
         merge=not kw["no_merge"], source_column=kw["source_column"], executor=kw["executor"],
-        scheduler=kw["scheduler"],
+        scheduler=kw["scheduler"], serve=kw["serve"],
     )
 
 
@@ -638,6 +655,24 @@ def merge(ctx: click.Context, out: Path, output: Path | str | None, output_forma
     if to_stdout:
         _write_records(report.summary["merged_output"])
     ctx.exit(1 if report.unprocessed or counts["failed"] else 0)
+
+
+@cli.command()
+@out_option
+@click.option("--port", type=click.IntRange(0, 65535), default=8700, show_default=True, envvar=_env("port"),
+              help="Port to listen on (0: any free port).")
+@click.option("--host", default="127.0.0.1", show_default=True, envvar=_env("host"),
+              help="Address to listen on (0.0.0.0: every interface; the page is read-only).")
+def serve(out: Path, port: int, host: str) -> None:
+    """Serve the live status page, /status.json, /healthz and Prometheus /metrics of OUT.
+
+    OUT may be finished or have a run going: everything is read from its ledger,
+    read-only, like `crawlproc status`. Until Ctrl-C (exit 0).
+    """
+    from crawlproc.serve import Address, serve_out
+
+    serve_out(out, Address(host.strip("[]"), port),
+              ready=lambda url: click.echo(f"serving {out} on {url} (Ctrl-C to stop)", err=True))
 
 
 @cli.command()

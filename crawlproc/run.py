@@ -85,6 +85,7 @@ class RunOptions:
     executor: str = "local"
     scheduler: str | None = None
     source_column: str | None = None  # add each record's relpath under this name (see added_columns)
+    serve: str | None = None  # [HOST:]PORT of the live status page and /metrics (serve/)
 
 
 @dataclass
@@ -183,6 +184,7 @@ class _Job:
     identity: dict[str, Any]
     run_id: int
     forkserver: ForkServer | None = None  # started before the ledger was made (see _open_job)
+    board: Any = None  # --serve: serve.board.LiveBoard, which every coordinator of the job publishes to
     started: float = field(default_factory=time.monotonic)
     wall_started: float = field(default_factory=time.time)
 
@@ -263,8 +265,21 @@ def _log_verdict(verdict: Verdict, out: Path, identity: dict[str, Any]) -> None:
                      identity[PYTHON_KEY])
 
 
+@contextmanager
+def _serving(options: RunOptions, command: str) -> Iterator[Any]:
+    """--serve: the status page, bound before anything else and served until the job ends."""
+    if options.serve is None:
+        yield None
+        return
+    from crawlproc.serve import serving_run
+
+    with serving_run(options.serve, options.out, command) as board:
+        yield board
+
+
 def run_job(options: RunOptions, *, on_progress: Callable[[dict], None] | None = None) -> RunOutcome:
-    with _open_job(options, "run", early_forkserver=True) as job:
+    with _serving(options, "run") as board, _open_job(options, "run", early_forkserver=True) as job:
+        job.board = board
         source = Scan(job.ledger, os.fsencode(options.data_dir), scan_options(options), log_skip,
                       claim_new=True, list_helpers=list_helpers(job), on_problem=problem_logger(options.out))
         pool = make_pool(job, on_progress, forkserver=job.forkserver)
@@ -295,7 +310,8 @@ def watch_job(
     """Catch up like `run`, then follow file events until SIGINT/SIGTERM; merge; exit 0."""
     from crawlproc.watch import Watcher
 
-    with _open_job(options, "watch") as job:
+    with _serving(options, "watch") as board, _open_job(options, "watch") as job:
+        job.board = board
         watcher = Watcher(
             job.ledger, os.fsencode(options.data_dir), scan_options(options), settle=settle,
             rescan_interval=rescan_interval, out_relpath=_relpath_inside(options.out, options.data_dir),
@@ -449,9 +465,13 @@ def make_pool(job: _Job, on_progress: Callable[[dict], None] | None, *,
         policy=RetryPolicy(options.retries, options.retry_delay, options.max_failures),
         batch_size=options.batch_size,
     )
+    if job.board is not None:
+        on_progress = job.board.progress_hook(on_progress)
     coordinator = Coordinator(job.ledger, executor, coordinator_options, run_id=job.run_id,
                               on_progress=on_progress, out_hint=out_hint(options.out), **hooks)
     stopping.append(coordinator)
+    if job.board is not None:
+        job.board.follow(coordinator)
     return coordinator
 
 
