@@ -803,7 +803,7 @@ class Ledger:
         rows = self.conn.execute(
             'SELECT relpath, "offset", attempts, error, finished_at, state FROM tasks '
             "WHERE state = 'failed' OR (state = 'pending' AND error IS NOT NULL) "
-            "ORDER BY finished_at DESC LIMIT ?", (limit,))
+            "ORDER BY finished_at DESC, id DESC LIMIT ?", (limit,))
         return [{"relpath": relpath, "offset": offset, "attempts": attempts, "error": error, "at": at,
                  "state": "failed" if state == State.FAILED.value else "retrying"}
                 for relpath, offset, attempts, error, at, state in rows]
