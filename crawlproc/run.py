@@ -5,6 +5,7 @@
       run:   scan ∥ coordinator ─> merge (done results crc-checked; damaged ones redone first)
       watch: catch-up scan ∥ coordinator, merge, then file events ∥ coordinator, merging every --merge-interval
       ─> summary.json ─> exit code (0 all done, 1 some failed or a path not scanned, 130 interrupted)
+    --serve: the status page is bound first and served around all of it (serve/)
 
 Everything here is sequencing; each step is owned by its module.
 """
