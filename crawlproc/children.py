@@ -56,8 +56,14 @@ def fork_safe_thread(target: Callable[..., None], args: tuple[Any, ...], name: s
 def forking_is_safe() -> bool:
     """No other thread runs here, or only fork-safe ones: a fork cannot copy a lock held
     mid-operation that the child would then wait on forever."""
-    return all(thread is threading.main_thread() or thread in _FORK_SAFE_THREADS
-               for thread in threading.enumerate())
+    return not threads_unsafe_for_fork()
+
+
+def threads_unsafe_for_fork() -> list[threading.Thread]:
+    """The threads other than this one that may hold a lock a forked child needs."""
+    current = threading.current_thread()
+    return [thread for thread in threading.enumerate()
+            if thread is not current and thread not in _FORK_SAFE_THREADS]
 
 
 def fork_child(run: Callable[[int, int], None], *, close_others: bool = False) -> tuple[int, int, int] | None:

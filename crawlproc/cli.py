@@ -26,6 +26,7 @@ import click
 
 from crawlproc import __version__
 from crawlproc.errors import CrawlprocError
+from crawlproc.serve import DEFAULT_HOST, DEFAULT_PORT
 from crawlproc.words import plural
 
 DEFAULT_OUT = "crawlproc-out"
@@ -659,9 +660,9 @@ def merge(ctx: click.Context, out: Path, output: Path | str | None, output_forma
 
 @cli.command()
 @out_option
-@click.option("--port", type=click.IntRange(0, 65535), default=8700, show_default=True, envvar=_env("port"),
-              help="Port to listen on (0: any free port).")
-@click.option("--host", default="127.0.0.1", show_default=True, envvar=_env("host"),
+@click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True,
+              envvar=_env("port"), help="Port to listen on (0: any free port).")
+@click.option("--host", default=DEFAULT_HOST, show_default=True, envvar=_env("host"),
               help="Address to listen on (0.0.0.0: every interface; the page is read-only).")
 def serve(out: Path, port: int, host: str) -> None:
     """Serve the live status page, /status.json, /healthz and Prometheus /metrics of OUT.

@@ -380,21 +380,22 @@ def test_history_thins_and_rate_follows_the_recent_stretch():
 
 
 def test_the_reducer_still_forks_while_the_page_is_served():
-    from crawlproc.children import fork_safe_thread, forking_is_safe
+    from crawlproc.children import fork_safe_thread, threads_unsafe_for_fork
 
     release = threading.Event()
     server_like = fork_safe_thread(release.wait, (RUN_TIMEOUT,), "test-serve")
+    other = threading.Thread(target=release.wait, args=(RUN_TIMEOUT,), daemon=True)
     server_like.start()
+    other.start()
     try:
-        assert forking_is_safe()
-        other = threading.Thread(target=release.wait, args=(RUN_TIMEOUT,), daemon=True)
-        other.start()
-        assert not forking_is_safe()  # any other thread may hold a lock a child would need
+        unsafe = threads_unsafe_for_fork()  # (threads other tests left behind may be there too)
+        assert server_like not in unsafe
+        assert other in unsafe  # any other thread may hold a lock a child would need
+        assert threading.current_thread() not in unsafe
     finally:
         release.set()
     server_like.join(HTTP_TIMEOUT)
     other.join(HTTP_TIMEOUT)
-    assert forking_is_safe()
 
 
 # -- in a real browser -----------------------------------------------------------------------------

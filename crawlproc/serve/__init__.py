@@ -21,8 +21,6 @@ views and prometheus_client are imported only when serving.
 
 from __future__ import annotations
 
-import signal
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,6 +84,9 @@ def serve_out(out: Path, address: Address, *, ready: Callable[[str], None]) -> N
     """`crawlproc serve`: the page of OUT, finished or running, read from its ledger alone, until
     SIGINT or SIGTERM. `ready(url)` is called once it listens."""
     check_available()
+    import signal
+    import threading
+
     from crawlproc.report import status_data
     from crawlproc.serve.board import LedgerBoard
     from crawlproc.serve.server import StatusServer
