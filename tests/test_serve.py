@@ -241,9 +241,22 @@ def test_serve_command_port_in_use(tmp_path):
     assert f"crawlproc serve -o {out} --port=0" in result.stderr
 
 
+HIDE_PROMETHEUS_CLIENT = """
+import sys
+
+class HidePrometheusClient:  # as if it were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "prometheus_client":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, HidePrometheusClient())
+"""
+
+
 def test_without_prometheus_client_serve_is_one_line_naming_the_extra(tmp_path):
     data = make_tree(tmp_path / "data", {"a.txt": "one\n"})
-    hidden = make_tree(tmp_path / "hide", {"prometheus_client/__init__.py": "raise ImportError('hidden')\n"})
+    hidden = make_tree(tmp_path / "hide", {"sitecustomize.py": HIDE_PROMETHEUS_CLIENT})
     env = {"PYTHONPATH": os.pathsep.join([str(hidden), os.environ.get("PYTHONPATH", "")])}
     result = run_cli("run", str(data), "-o", str(tmp_path / "out"), "--serve", "0", env=env)
     assert result.returncode == 2

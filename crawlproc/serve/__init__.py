@@ -51,11 +51,18 @@ def parse_address(text: str) -> Address:
 
 
 def check_available() -> None:
-    """UsageError (exit 2) naming the extra when prometheus_client is not installed."""
+    """UsageError (exit 2) naming the extra when prometheus_client is not installed.
+
+    Found, not imported: it is imported by the first scrape of /metrics, so a run whose
+    metrics nobody reads does not pay for it."""
+    from importlib.util import find_spec
+
     try:
-        import prometheus_client  # noqa: F401
-    except ImportError:
-        raise UsageError(f"the status page and /metrics need prometheus_client: {INSTALL_HINT}") from None
+        found = find_spec("prometheus_client") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise UsageError(f"the status page and /metrics need prometheus_client: {INSTALL_HINT}")
 
 
 @contextmanager
