@@ -221,7 +221,7 @@ def _address_option(ctx: click.Context, param: click.Parameter, value: str | Non
     try:
         parse_address(value)
     except CrawlprocError as exc:
-        raise click.BadParameter(str(exc).removeprefix(f"--serve {value!r} ")) from None
+        raise click.BadParameter(str(exc).removeprefix("--serve ")) from None  # click names the option
     return value
 
 
