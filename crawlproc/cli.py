@@ -26,6 +26,7 @@ import click
 from crawlproc import __version__
 from crawlproc.errors import CrawlprocError
 from crawlproc.options import DEFAULT_OUT, EXECUTORS, FORMATS, WATCH_OPTIONS, OptionError, check, keyword_of
+from crawlproc.serve import DEFAULT_HOST, DEFAULT_PORT
 from crawlproc.words import plural
 
 STDOUT = "-"  # --output -: the merged records to stdout
@@ -250,6 +251,10 @@ def processing_options(func: Any) -> Any:
         click.option("--scheduler", metavar="ADDR", envvar=_env("scheduler"), callback=_checked,
                      help="With --executor dask: tcp://HOST:PORT of a running scheduler, or local[:N] for a "
                           "LocalCluster of N worker processes [default: Dask's scheduler-address setting]."),
+        click.option("--serve", metavar="[HOST:]PORT", envvar=_env("serve"), callback=_checked,
+                     help="Serve a live status page, /status.json, /healthz and Prometheus /metrics while "
+                          "running (host 127.0.0.1 unless given; port 0: any free port, the log says which; "
+                          "pip install 'crawlproc[serve]')."),
         click.option("-v", "--verbose", count=True, envvar=_env("verbose"), help="More log lines (debug)."),
         click.option("-q", "--quiet", is_flag=True, envvar=_env("quiet"), help="Only warnings and errors."),
         click.option("--log-json", is_flag=True, envvar=_env("log_json"),
@@ -569,6 +574,24 @@ def explain(path: str, out: Path, as_json: bool) -> None:
     else:
         for line in found.lines:
             click.echo(line)
+
+
+@cli.command()
+@out_option
+@click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True,
+              envvar=_env("port"), help="Port to listen on (0: any free port).")
+@click.option("--host", default=DEFAULT_HOST, show_default=True, envvar=_env("host"),
+              help="Address to listen on (0.0.0.0: every interface; the page is read-only).")
+def serve(out: Path, port: int, host: str) -> None:
+    """Serve the live status page, /status.json, /healthz and Prometheus /metrics of OUT.
+
+    OUT may be finished or have a run going: everything is read from its ledger,
+    read-only, like `crawlproc status`. Until Ctrl-C (exit 0).
+    """
+    from crawlproc.serve import Address, serve_out
+
+    serve_out(out, Address(host.strip("[]"), port),
+              ready=lambda url: click.echo(f"serving {out} on {url} (Ctrl-C to stop)", err=True))
 
 
 @cli.command()

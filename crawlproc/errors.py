@@ -56,6 +56,17 @@ class IdentityMismatch(CrawlprocError):
                                           for way in self.ways_out)])
 
 
+class AddressInUse(UsageError):
+    """The address given to serve the status page on is taken by another program."""
+
+    def __init__(self, message: str, ways_out: Sequence[WayOut] = ()) -> None:
+        super().__init__(message)
+        self.ways_out = tuple(ways_out)  # the CLI shows each as a command to copy
+
+    def __str__(self) -> str:
+        return "; ".join([self.args[0], *(f"{way.purpose}, pass {way.flag}" for way in self.ways_out)])
+
+
 class LedgerError(CrawlprocError):
     """OUT/ledger.db is damaged, foreign, or cannot be opened."""
 

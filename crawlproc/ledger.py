@@ -20,7 +20,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -120,6 +120,16 @@ VALUES (?, ?, ?, ?, ?, ?, 'running')
 
 def _merge_key(row: tuple) -> tuple:
     return (row[1], row[2])
+
+
+class PageTotals(NamedTuple):
+    """What the status page reads from the tasks beyond their counts (Ledger.page_totals)."""
+
+    duration_buckets: tuple[int, ...]  # done tasks whose elapsed_s <= each bound, cumulative
+    durations_counted: int  # done tasks with a recorded elapsed_s
+    durations_sum: float  # their elapsed_s, summed
+    retried_attempts: int  # failed attempts that were (or will be) tried again, over the live tasks
+    oldest_pending_mtime_ns: int | None  # the oldest mtime among pending tasks
 
 
 class ScanDiff(NamedTuple):
@@ -829,6 +839,38 @@ class Ledger:
         """What record_scan_settings kept (None: OUT was made by a crawlproc that did not keep it)."""
         text = self._meta_value(SCAN_SETTINGS_KEY)
         return json.loads(text) if text else None
+
+    # -- reading for the status page (serve/) -------------------------------------------
+    def page_totals(self, bounds: Sequence[float]) -> PageTotals:
+        """What the status page and /metrics add to `counts`, in one pass over the table."""
+        buckets = ", ".join("count(*) FILTER (WHERE state = 'done' AND elapsed_s <= ?)" for _ in bounds)
+        row = self.conn.execute(
+            f"SELECT {buckets}{', ' if bounds else ''}"
+            "count(elapsed_s) FILTER (WHERE state = 'done'), total(elapsed_s) FILTER (WHERE state = 'done'), "
+            "total(CASE WHEN state IN ('done', 'failed') THEN max(attempts - 1, 0) ELSE attempts END) "
+            "FILTER (WHERE state != 'gone'), min(mtime_ns) FILTER (WHERE state = 'pending') FROM tasks",
+            tuple(bounds)).fetchone()
+        n = len(bounds)
+        return PageTotals(tuple(row[:n]), row[n], row[n + 1], int(row[n + 2]), row[n + 3])
+
+    def latest_failures(self, limit: int) -> list[dict[str, Any]]:
+        """The most recent failed attempts, newest first: tasks failed for good, and pending
+        ones that wait for a retry ("retrying")."""
+        rows = self.conn.execute(
+            'SELECT relpath, "offset", attempts, error, finished_at, state FROM tasks '
+            "WHERE state = 'failed' OR (state = 'pending' AND error IS NOT NULL) "
+            "ORDER BY finished_at DESC, id DESC LIMIT ?", (limit,))
+        return [{"relpath": relpath, "offset": offset, "attempts": attempts, "error": error, "at": at,
+                 "state": "failed" if state == State.FAILED.value else "retrying"}
+                for relpath, offset, attempts, error, at, state in rows]
+
+    def running_tasks(self, limit: int) -> list[dict[str, Any]]:
+        """Tasks marked running (by a run going on, or left by one that died), in path order."""
+        rows = self.conn.execute(
+            'SELECT id, relpath, "offset", attempts FROM tasks WHERE state = \'running\' '
+            'ORDER BY path_bytes, "offset" LIMIT ?', (limit,))
+        return [{"task": task_id, "relpath": relpath, "offset": offset, "attempts": attempts}
+                for task_id, relpath, offset, attempts in rows]
 
     # -- scan problems -------------------------------------------------------------
     # A path a scan could not read (a folder it could not list, an entry it could not

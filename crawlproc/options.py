@@ -210,6 +210,18 @@ def processor_spec(value: Any) -> Any:
     raise ValueError(f"{value!r} is neither a processor name or spec nor a function")
 
 
+def serve_address(value: Any) -> str:
+    """--serve [HOST:]PORT: checked here, kept as given (the job parses it again)."""
+    from crawlproc.serve import parse_address
+
+    address = text(value)
+    try:
+        parse_address(address)
+    except UsageError as exc:
+        raise ValueError(str(exc).removeprefix("--serve ")) from None
+    return address
+
+
 def stop_event(value: Any) -> Any:
     if value is not None and not callable(getattr(value, "is_set", None)):
         raise ValueError(f"{value!r} is not a threading.Event")
@@ -255,6 +267,7 @@ RUN_OPTIONS: dict[str, Option] = {
     "no_merge": Option(False, flag),
     "executor": Option("local", one_of(EXECUTORS)),
     "scheduler": Option(None, optional(text)),
+    "serve": Option(None, optional(serve_address)),
     "verbose": Option(0, whole_at_least(0)),
     "quiet": Option(False, flag),
     "log_json": Option(False, flag),
@@ -347,7 +360,7 @@ def job_options(data_dir: Any, values: Mapping[str, Any], *, processor_given: bo
         keep_results=values["keep_results"], batch_size=values["batch_size"],
         follow_symlinks=values["follow_symlinks"], chunk_size=values["chunk_size"], output=values["output"],
         output_format=values["format"], merge=not values["no_merge"], source_column=values["source_column"],
-        executor=values["executor"], scheduler=values["scheduler"],
+        executor=values["executor"], scheduler=values["scheduler"], serve=values["serve"],
     )
 
 

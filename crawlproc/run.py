@@ -5,6 +5,7 @@
       run:   scan ∥ coordinator ─> merge (done results crc-checked; damaged ones redone first)
       watch: catch-up scan ∥ coordinator, merge, then file events ∥ coordinator, merging every --merge-interval
       ─> summary.json ─> exit code (0 all done, 1 some failed or a path not scanned, 130 interrupted)
+    --serve: the status page is bound first and served around all of it (serve/)
 
 Everything here is sequencing; each step is owned by its module.
 """
@@ -91,6 +92,7 @@ class RunOptions:
     shipped: bytes | None = None  # that processor by value, for workers that cannot import it
     import_paths: tuple[str, ...] = ()
     stop: Any = None  # a threading.Event: set from any thread, it stops the job as SIGINT would
+    serve: str | None = None  # [HOST:]PORT of the live status page and /metrics (serve/)
 
 
 @dataclass
@@ -194,6 +196,7 @@ class _Job:
     identity: dict[str, Any]
     run_id: int
     forkserver: ForkServer | None = None  # started before the ledger was made (see _open_job)
+    board: Any = None  # --serve: serve.board.LiveBoard, which every coordinator of the job publishes to
     started: float = field(default_factory=time.monotonic)
     wall_started: float = field(default_factory=time.time)
 
@@ -275,8 +278,21 @@ def _log_verdict(verdict: Verdict, out: Path, identity: dict[str, Any]) -> None:
                      identity[PYTHON_KEY])
 
 
+@contextmanager
+def _serving(options: RunOptions, command: str) -> Iterator[Any]:
+    """--serve: the status page, bound before anything else and served until the job ends."""
+    if options.serve is None:
+        yield None
+        return
+    from crawlproc.serve import serving_run
+
+    with serving_run(options.serve, options.out, command) as board:
+        yield board
+
+
 def run_job(options: RunOptions, *, on_progress: Callable[[dict], None] | None = None) -> RunOutcome:
-    with _open_job(options, "run", early_forkserver=True) as job:
+    with _serving(options, "run") as board, _open_job(options, "run", early_forkserver=True) as job:
+        job.board = board
         source = Scan(job.ledger, os.fsencode(options.data_dir), scan_options(options), log_skip,
                       claim_new=True, list_helpers=list_helpers(job), on_problem=problem_logger(options.out))
         pool = make_pool(job, on_progress, forkserver=job.forkserver)
@@ -307,7 +323,8 @@ def watch_job(
     """Catch up like `run`, then follow file events until SIGINT/SIGTERM; merge; exit 0."""
     from crawlproc.watch import Watcher
 
-    with _open_job(options, "watch") as job:
+    with _serving(options, "watch") as board, _open_job(options, "watch") as job:
+        job.board = board
         watcher = Watcher(
             job.ledger, os.fsencode(options.data_dir), scan_options(options), settle=settle,
             rescan_interval=rescan_interval, out_relpath=_relpath_inside(options.out, options.data_dir),
@@ -473,9 +490,13 @@ def make_pool(job: _Job, on_progress: Callable[[dict], None] | None, *,
         hooks["run_info"] = _with_executor(hooks.get("run_info"), executor)
     if options.stop is not None:
         on_progress = _stopped_by(options.stop, lambda: coordinator, on_progress)
+    if job.board is not None:
+        on_progress = job.board.progress_hook(on_progress)
     coordinator = Coordinator(job.ledger, executor, coordinator_options, run_id=job.run_id,
                               on_progress=on_progress, out_hint=out_hint(options.out), **hooks)
     stopping.append(coordinator)
+    if job.board is not None:
+        job.board.follow(coordinator)
     return coordinator
 
 

@@ -228,5 +228,8 @@ class LocalExecutor:
         return events
 
     def describe(self) -> dict[str, Any]:
+        """`current`: (pid, task id or 0 between tasks, its start in monotonic ns) per worker,
+        read from the slots (for the status page)."""
         return {"executor": self.name, "workers": len(self.workers),
-                "worker_pids": [w.pid for w in self.workers]}
+                "worker_pids": [w.pid for w in self.workers],
+                "current": [(w.pid, w.slot[0], w.slot[1]) for w in self.workers]}
