@@ -31,7 +31,7 @@ __all__ = ["Processor", "Task", "processor", "__version__"]  # not `open`: `impo
 
 
 def run(data_dir: str | _os.PathLike[str], **options: Any) -> Outcome:
-    """Scan DATA_DIR, process every pending file, merge: `crawlproc run DATA_DIR` from Python.
+    """Scan DATA_DIR, process every pending file, merge: the `crawlproc run` command, from Python.
 
     The options are the command's, as keywords (its long name, '-' as '_'), with its defaults
     and checks: `out="crawlproc-out"`, `processor="linecount"` (a spec, or a function decorated
