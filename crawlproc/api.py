@@ -1,6 +1,6 @@
 """The Python API behind `crawlproc.run` and `crawlproc.watch`, and the one path the CLI takes too.
 
-    crawlproc.run(data_dir, out=..., processor=..., **options)      `crawlproc run DATA_DIR ...`
+    crawlproc.run(data_dir, out=..., processor=..., **options)      the `crawlproc run` command
                     │  options.checked: every keyword judged as the command line's option is
                     │  a processor object: shipping.processor_ref (by reference, or by value)
                     v

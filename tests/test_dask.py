@@ -421,7 +421,7 @@ def test_the_status_page_shows_the_cluster(tmp_path, cluster):
         executor = wait_until(lambda: ((status_json(run.url)["live"] or {}).get("executor") or {}).get("threads"),
                               60, "the cluster on the status page")
         live = status_json(run.url)["live"]
-        assert live["executor"] == {"executor": "dask", "scheduler": cluster[0].scheduler_address,
+        assert live["executor"] == {"executor": "dask", "scheduler": cluster.scheduler_address,
                                     "workers": 2, "threads": executor}
         assert live["workers"] == []  # its tasks run in processes on the Dask workers, not here
         gates.first.touch()
