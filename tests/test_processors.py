@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import crawlproc.processors.command as command_mod
-import crawlproc.processors.csv_stats as csv_mod
+import crawlproc.processors.csv_read as csv_read
 from conftest import REPO, make_tree, run_cli
 from crawlproc.errors import ProcessorLoadError, TaskFailed, UsageError
 from crawlproc.processors import BUILTINS, describe_builtins
@@ -72,9 +72,8 @@ def assert_same(a, b):
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks of a few bytes, so that every file spans many blocks; exact sums folded often."""
-    monkeypatch.setattr(csv_mod, "BLOCK_SIZE", 37)
-    monkeypatch.setattr(csv_mod, "_FOLD", 3)
+    """Blocks of a few bytes, so that every file spans many blocks (and a long row, several)."""
+    monkeypatch.setattr(csv_read, "BLOCK_SIZE", 37)
 
 
 # -- a reference csv-stats: the csv module row by row, exact sums with Fraction ----------
@@ -373,8 +372,8 @@ def test_csv_stats_exact_sums_over_wide_ranges(tmp_path, monkeypatch, signs):
     path = tmp_path / "wide.csv"
     path.write_text("v,k\n" + "".join(f"{v},{i % 3}\n" for i, v in enumerate(values)))
     exact = float(sum(Fraction(float(v)) for v in values))
-    for fold in (1, 4096):
-        monkeypatch.setattr(csv_mod, "_FOLD", fold)
+    for block_size in (64, 1 << 16):  # rows summed in many blocks, or in one
+        monkeypatch.setattr(csv_read, "BLOCK_SIZE", block_size)
         assert reduce_csv([whole(path)])["columns"]["v"]["sum"] == exact
         assert reduce_csv(ranged(path, list(range(999, 100000, 1999))))["columns"]["v"]["sum"] == exact
         assert_same(comparable(reduce_csv([whole(path, group_by="k")])), reference(path, "k"))
@@ -441,7 +440,7 @@ def test_csv_stats_block_size_does_not_change_the_record(tmp_path, monkeypatch):
     path.write_bytes(_csv_corpus()["plain.csv"] + _csv_corpus()["quoted.csv"].split(b"\n", 1)[1])
     records = []
     for size in (1, 10, 64, 4096, 1 << 16):
-        monkeypatch.setattr(csv_mod, "BLOCK_SIZE", size)
+        monkeypatch.setattr(csv_read, "BLOCK_SIZE", size)
         records.append(csv_stats(whole(path, group_by="category")))
     for record in records[1:]:
         assert_same(record, records[0])
