@@ -175,18 +175,9 @@ def _env(name: str) -> str:
     return f"CRAWLPROC_{name.upper()}"
 
 
-def _check_format(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    if value == "parquet":
-        try:
-            import pyarrow  # noqa: F401
-        except ImportError:
-            raise click.BadParameter("parquet output needs pyarrow: pip install 'crawlproc[parquet]'") from None
-    return value
-
-
 def format_option(func: Any) -> Any:
     return click.option("--format", "output_format", type=click.Choice(["jsonl", "csv", "parquet"]),
-                        default="jsonl", show_default=True, envvar=_env("format"), callback=_check_format,
+                        default="jsonl", show_default=True, envvar=_env("format"),
                         help="Merged output format (OUT/merged.<format> unless --output).")(func)
 
 
