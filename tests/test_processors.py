@@ -732,3 +732,27 @@ def test_plugin_through_the_cli(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["reduced"] == {"words": 4}
     assert summary["processor"] == "wordy" and summary["processor_version"] == "3"
+
+
+# -- the README's processors on Arrow and polars ------------------------------------------
+
+def readme_example(name: str) -> str:
+    """The README's python block that starts with `# NAME`."""
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    return next(block for block in blocks if block.startswith(f"# {name}\n"))
+
+
+@pytest.mark.parametrize("example", ["by_category.py", "by_category_polars.py"])
+def test_readme_buffer_processors_run_and_agree_with_csv_stats(tmp_path, example):
+    if "polars" in example:
+        pytest.importorskip("polars")
+    data = make_tree(tmp_path / "data", {"a.csv": "id,amount,category\n1,2.5,books\n2,4,toys\n3,1.5,books\n",
+                                         "b/c.csv": "id,amount,category\n4,10,toys\n"})
+    (tmp_path / example).write_text(readme_example(example))
+    out = tmp_path / "out"
+    result = run_cli("run", str(data), "-o", str(out), "-p", f"{tmp_path / example}:amount_by_category",
+                     "-w", "2", "-q")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (out / "merged.jsonl").read_text().splitlines()]
+    assert [(r["path"], r["category"], r["amount_sum"]) for r in rows] == [
+        ("a.csv", "books", 4.0), ("a.csv", "toys", 4.0), ("b/c.csv", "toys", 10)]
