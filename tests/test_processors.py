@@ -756,3 +756,39 @@ def test_readme_buffer_processors_run_and_agree_with_csv_stats(tmp_path, example
     rows = [json.loads(line) for line in (out / "merged.jsonl").read_text().splitlines()]
     assert [(r["path"], r["category"], r["amount_sum"]) for r in rows] == [
         ("a.csv", "books", 4.0), ("a.csv", "toys", 4.0), ("b/c.csv", "toys", 10)]
+
+
+def test_jsonl_count_blocks_with_and_without_invalid_lines(tmp_path, monkeypatch):
+    import crawlproc.processors.jsonl_count as jsonl_mod
+
+    monkeypatch.setattr(jsonl_mod, "BLOCK", 40)  # many blocks: most all valid, a few not
+    good = b'{"a": 1}\n[1, 2]\n\n"s"\r\n  NaN  \n'
+    content = b"\xef\xbb\xbf" + good * 20 + b"1 2\n" + good * 5 + b"{\n" + b'{"x": "\xe9"}\n' + good
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(content)
+    record = jsonl_count(whole(path))
+    assert (record["records"], record["invalid"], record["blank"]) == (4 * 26, 3, 26)
+    assert [s["offset"] for s in record["invalid_samples"]] == [
+        content.index(b"1 2\n"), content.index(b"{\n"), content.index(b'{"x"')]
+    monkeypatch.setattr(jsonl_mod, "BLOCK", 1 << 20)  # one block
+    assert jsonl_count(whole(path)) == record
+
+
+# -- linecount --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"one", b"a b\tc\n\x0bd\x0ce  f\r\ng\n\n", b" lead\n trail \n",
+                                     bytes(range(256)) * 3])
+def test_linecount_counts_like_split_in_blocks_and_ranges(tmp_path, monkeypatch, content):
+    import crawlproc.processors.linecount as linecount_mod
+    from crawlproc.processors.linecount import linecount, totals
+
+    path = tmp_path / "t.txt"
+    path.write_bytes(content)
+    lines = content.count(b"\n") + (1 if content and not content.endswith(b"\n") else 0)
+    expected = {"path": "t.txt", "lines": lines, "words": len(content.split()), "bytes": len(content)}
+    for block in (1, 3, 1 << 20):  # a word or a line across blocks
+        monkeypatch.setattr(linecount_mod, "BLOCK", block)
+        assert linecount(whole(path)) == expected
+        for cuts in cut_sets(len(content))[:6] if content else []:
+            got = totals(linecount(t) for t in ranged(path, cuts))
+            assert (got["lines"], got["words"], got["bytes"]) == (lines, expected["words"], len(content))
