@@ -44,6 +44,8 @@ from typing import Any
 
 from crawlproc.errors import TaskFailed
 from crawlproc.processors.base import processor
+from crawlproc.processors.csv_numbers import block_stats  # pyarrow: imported once by the forkserver
+from crawlproc.processors.csv_read import Rows
 from crawlproc.processors.exact import ColumnStats
 from crawlproc.task import Span, Task, load_span
 
@@ -123,9 +125,6 @@ def csv_stats(task: Task) -> dict:
         if group_by not in header:
             raise TaskFailed(f"csv-stats: group_by column {group_by!r} is not in the header {header!r}")
         group_index = header.index(group_by)
-    from crawlproc.processors.csv_numbers import block_stats
-    from crawlproc.processors.csv_read import Rows
-
     names = _column_names(header)
     data, span, base = load_span(task.path, task.offset, task.length)
     at_top = not task.offset
