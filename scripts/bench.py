@@ -1125,21 +1125,28 @@ def finish_row(row: RateRow) -> RateRow:
     return row
 
 
+def timed_into(row: RateRow, cmd: list[str], log: Path, unit: str, args, problems: list[str],
+               label: str | None = None, env: dict | None = None) -> bool:
+    """One timed run added to ``row`` (its wall, or the failure); whether it succeeded."""
+    _, wall = timed_once(label or row.run, cmd, log, row.count, unit, args.timeout, env=env)
+    if wall is None:
+        row.failed = True
+        row.note = f"FAILED, log {log}"
+        problems.append(f"FAILED: {row.run}: $ {shlex.join(cmd)}")
+        return False
+    row.walls.append(wall)
+    return True
+
+
 def repeat_rate(label: str, make_cmd, tag: str, run_dir: Path, count: int, unit: str, args,
                 problems: list[str]) -> tuple[RateRow, str]:
     """``make_cmd(suffix)`` --repeat times into new outputs; the row has the median wall time."""
     row, suffix = RateRow(label, count=count), ""
     for i in range(args.repeat):
         suffix = f"-{i + 1}" if args.repeat > 1 else ""
-        cmd = make_cmd(suffix)
-        _, wall = timed_once(label + suffix.replace("-", " #"), cmd, run_dir / f"{tag}{suffix}.log",
-                             count, unit, args.timeout)
-        if wall is None:
-            row.failed = True
-            row.note = f"FAILED, log {run_dir / f'{tag}{suffix}.log'}"
-            problems.append(f"FAILED: {label}: $ {shlex.join(cmd)}")
+        if not timed_into(row, make_cmd(suffix), run_dir / f"{tag}{suffix}.log", unit, args, problems,
+                          label=label + suffix.replace("-", " #")):
             break
-        row.walls.append(wall)
     return finish_row(row), suffix
 
 
@@ -1260,16 +1267,9 @@ def interleaved_rates(tools: list[tuple], run_dir: Path, count: int, times: int,
             if row.failed:
                 continue
             suffix = f"-{i + 1}"
-            cmd = make_cmd(suffix)
-            _, wall = timed_once(f"{label} #{i + 1}", cmd, run_dir / f"{tag}{suffix}.log", count, "rows",
-                                 args.timeout, env=env)
-            if wall is None:
-                row.failed = True
-                row.note = f"FAILED, log {run_dir / f'{tag}{suffix}.log'}"
-                problems.append(f"FAILED: {label}: $ {shlex.join(cmd)}")
-                continue
-            row.walls.append(wall)
-            suffixes.append(suffix)
+            if timed_into(row, make_cmd(suffix), run_dir / f"{tag}{suffix}.log", "rows", args, problems,
+                          label=f"{label} #{i + 1}", env=env):
+                suffixes.append(suffix)
     return [(finish_row(row), suffixes) for row, suffixes in rows]
 
 
