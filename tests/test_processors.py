@@ -792,3 +792,81 @@ def test_linecount_counts_like_split_in_blocks_and_ranges(tmp_path, monkeypatch,
         for cuts in cut_sets(len(content))[:6] if content else []:
             got = totals(linecount(t) for t in ranged(path, cuts))
             assert (got["lines"], got["words"], got["bytes"]) == (lines, expected["words"], len(content))
+
+
+# -- csv-stats' numbers on Arrow: the same values as Python's rules --------------------------
+
+# values only the Python path sums exactly (an overflow to inf, integers past 2**53, near the float range's end)
+_PYTHON_PATH = ["1e999", "-1e999", "9007199254740993", "-9007199254740993", "1" * 30, "1.5e300"]
+
+
+def _fuzz_values(rng: random.Random, n: int, python_path: bool) -> list[str]:
+    """Strings near the edge of a decimal literal: number characters, spaces, signs, letters."""
+    alphabet = "0123456789+-.eE \t" + "x_naif\u0661"
+    specials = ["0x1f", "1_000", "nan", "inf", "-Infinity", "5e-324", "-0", "+0.0", ".5", "5.", "+", "-", ".", "e5",
+                "1e", " 7 ", "\t-3.25\t", "2.2250738585072014e-308", "\u0661\u0662", "0.1", "00012", "+12"]
+    specials += _PYTHON_PATH if python_path else []
+    values = []
+    for _ in range(n):
+        roll = rng.random()
+        if roll < 0.3:
+            values.append(rng.choice(specials))
+        elif roll < 0.6:
+            # up to 4 characters ("9e99" at most) keep to the Arrow path; 8 reach overflows ("1e999")
+            values.append("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 8 if python_path else 4))))
+        elif roll < 0.8:
+            values.append(repr(rng.uniform(-1e6, 1e6)))
+        else:
+            values.append(str(rng.randint(-10**6, 10**6)))
+    return values
+
+
+@pytest.mark.parametrize("python_path", [False, True], ids=["arrow", "arrow+python"])
+@pytest.mark.parametrize("seed", range(3))
+def test_csv_stats_arrow_numbers_follow_the_decimal_literal_rules(tmp_path, monkeypatch, seed, python_path):
+    import crawlproc.processors.csv_numbers as numbers_mod
+
+    if not python_path:
+        def unexpected(*args):
+            raise AssertionError("the Python path was taken")
+        monkeypatch.setattr(numbers_mod, "_python_stats", unexpected)
+    rng = random.Random(seed)
+    values = _fuzz_values(rng, 3000, python_path)
+    path = tmp_path / "fuzz.csv"
+    lines = [f"k,v,w\n"] + [f"g{rng.randrange(4)},{v.replace(',', '')},{rng.choice(values)}\n" for v in values]
+    path.write_text("".join(line for line in lines if '"' not in line))
+    assert_same(comparable(reduce_csv([whole(path)])), reference(path))
+    assert_same(comparable(reduce_csv([whole(path, group_by="k")])), reference(path, "k"))
+
+
+def test_csv_stats_integer_and_decimal_columns_per_group(tmp_path):
+    # a group whose values are all integer literals sums to an int, beside groups of decimals;
+    # integers past 2**53 beside decimals are exact (the Python path)
+    path = tmp_path / "g.csv"
+    path.write_text("k,v\n" + "a,1\na,2.50\nb,3\nb,+4\nc,1.0\nd,9007199254740993\nd,0.5\n" * 3)
+    record = csv_stats(whole(path, group_by="k"))
+    assert record["groups"]["b"]["columns"]["v"] == {"count": 6, "sum": 21, "min": 3, "max": 4}
+    assert record["groups"]["c"]["columns"]["v"] == {"count": 3, "sum": 3.0, "min": 1.0, "max": 1.0}
+    assert record["groups"]["d"]["columns"]["v"]["sum"] == float(3 * (Fraction(9007199254740993) + Fraction(1, 2)))
+    assert_same(comparable(csv_totals([json_roundtrip(record)])), reference(path, "k"))
+
+
+def test_csv_stats_keys_that_are_not_utf8_merge_as_people_read_them(tmp_path):
+    path = tmp_path / "k.csv"
+    path.write_bytes(b"k,v\n\xff,1\n\xfe,2\nok,3\n,4\n")
+    groups = csv_stats(whole(path, group_by="k"))["groups"]
+    assert list(groups) == ["", "ok", "\ufffd"]
+    assert groups["\ufffd"] == {"rows": 2, "columns": {"v": {"count": 2, "sum": 3, "min": 1, "max": 2}}}
+    assert groups[""]["rows"] == 1
+    assert_same(comparable(csv_totals([json_roundtrip(csv_stats(whole(path, group_by="k")))])),
+                reference(path, "k"))
+
+
+def test_csv_stats_reads_a_task_with_a_lone_cr_as_the_csv_module_does(tmp_path):
+    path = tmp_path / "cr.csv"
+    content = b'a,b\n1,"x\ry"\n2\r3,4\n5,6\r\n'
+    path.write_bytes(content)
+    record = csv_stats(whole(path))
+    assert (record["rows"], record["malformed"]) == (2, 1)
+    assert record["malformed_samples"][0]["offset"] == content.index(b"2\r3")
+    assert_same(comparable(csv_totals([json_roundtrip(record)])), reference(path))

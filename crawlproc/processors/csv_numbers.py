@@ -40,6 +40,7 @@ _is_number = re.compile(f"{_WS}{_LITERAL}{_WS}").fullmatch
 _is_int = re.compile(f"{_WS}[-+]?[0-9]+{_WS}").fullmatch
 _EXACT_INT = 2.0 ** 53     # integer literals below this are exact as floats
 _LARGEST_EXPONENT = 1000   # values past 2**this take the Python path (level constants would overflow)
+_INT_CHARS = "0123456789+-"   # all an integer literal holds (once it parses as a number)
 _NULL = pa.scalar(None, pa.string())
 
 
@@ -119,17 +120,20 @@ def _partial(column: _Column, row: dict, rows: int) -> Partial | None:
 def _prepare(j: int, strings: pa.Array) -> _Column | pa.Array | None:
     """The column's numbers, ready to aggregate; None if it has none; its literals (strings,
     null where not numeric) when they need the Python path."""
-    trimmed = pc.ascii_ltrim(strings, characters=NUMBER_CHARS)  # nothing left: only number characters
-    candidates = pc.equal(pc.binary_length(trimmed), 0)
-    found = pc.sum(candidates).as_py() or 0
-    if not found:
-        return None
-    if found < len(strings) - strings.null_count:
-        strings = pc.if_else(candidates, strings, _NULL)
+    present = len(strings) - strings.null_count
+    # an integer column costs one trim: every value made of digits and signs
+    all_ints = _starts_like_integers(strings) and _empty(pc.ascii_ltrim(strings, characters=_INT_CHARS)) == present
+    if not all_ints:
+        trimmed = pc.ascii_ltrim(strings, characters=NUMBER_CHARS)  # nothing left: only number characters
+        found = _empty(trimmed)
+        if not found:
+            return None
+        if found < present:
+            strings = pc.if_else(pc.equal(pc.binary_length(trimmed), 0), strings, _NULL)
     try:
         values = pc.cast(strings, pa.float64())
     except pa.ArrowInvalid:  # some value only looks numeric ("1.2.3", "-", " 7 ")
-        strings = _literals_only(strings)
+        strings, all_ints = _literals_only(strings), False
         values = pc.cast(strings, pa.float64())
     if values.null_count == len(values):
         return None
@@ -137,10 +141,11 @@ def _prepare(j: int, strings: pa.Array) -> _Column | pa.Array | None:
     largest = magnitudes["max"]
     if not math.isfinite(largest) or math.frexp(largest)[1] > _LARGEST_EXPONENT:
         return strings
-    int_flags, all_ints = _integer_literals(strings, values)
-    if int_flags is not None or all_ints:
-        if largest >= _EXACT_INT:
-            return strings  # an integer literal may have been rounded
+    int_flags, largest_int = None, largest if all_ints else 0.0
+    if not all_ints:
+        int_flags, all_ints, largest_int = _integer_literals(strings, values)
+    if largest_int >= _EXACT_INT:
+        return strings  # an integer literal may have been rounded
     if not largest:
         return _Column(j, values, int_flags, all_ints, [])
     # every value is a multiple of 2**finest: 1 for integers, else the least value's spacing
@@ -148,23 +153,42 @@ def _prepare(j: int, strings: pa.Array) -> _Column | pa.Array | None:
     return _Column(j, values, int_flags, all_ints, _levels(values, largest, finest))
 
 
+def _starts_like_integers(strings: pa.Array) -> bool:
+    """Whether the first values are integer literals: then the whole column is worth trying as one."""
+    head = [v for v in strings.slice(0, 16).cast(pa.binary()).to_pylist() if v is not None]
+    return bool(head) and all(v.lstrip(b"+-").isdigit() for v in head)
+
+
+def _empty(strings: pa.Array) -> int:
+    """How many values are empty strings."""
+    lengths = pc.binary_length(strings)
+    if (pc.min(lengths).as_py() or 0) > 0:
+        return 0
+    return pc.sum(pc.equal(lengths, 0)).as_py() or 0
+
+
 def _literals_only(strings: pa.Array) -> pa.Array:
     valid = pc.match_substring_regex(strings, _ANCHORED_NUMBER)
     return pc.if_else(valid, pc.ascii_trim_whitespace(strings), _NULL)
 
 
-def _integer_literals(strings: pa.Array, values: pa.Array) -> tuple[pa.Array | None, bool]:
-    """(int8 flags of the integer literals, or None when all or none are; whether all are)."""
-    integral = pc.sum(pc.equal(pc.floor(values), values)).as_py() or 0
-    if not integral:
-        return None, False
-    digits_only = pc.equal(pc.binary_length(pc.ascii_ltrim(strings, characters="0123456789+-")), 0)
-    ints = pc.sum(digits_only).as_py() or 0
-    if not ints:
-        return None, False
-    if ints == len(values) - values.null_count:
-        return None, True
-    return pc.cast(digits_only, pa.int8()), False
+def _integer_literals(strings: pa.Array, values: pa.Array) -> tuple[pa.Array | None, bool, float]:
+    """(int8 flags of the integer literals, or None when all or none are; whether all are; the
+    largest magnitude of one).
+
+    Only integral values can be integer literals: those are looked at first (few,
+    in a column of decimals), the whole column only when some are.
+    """
+    integral = pc.equal(pc.floor(values), values)
+    if not pc.any(integral).as_py():
+        return None, False, 0.0
+    if not _empty(pc.ascii_ltrim(pc.filter(strings, integral), characters=_INT_CHARS)):
+        return None, False, 0.0
+    digits_only = pc.equal(pc.binary_length(pc.ascii_ltrim(strings, characters=_INT_CHARS)), 0)
+    largest = pc.max(pc.abs(pc.filter(values, digits_only))).as_py()
+    if pc.sum(digits_only).as_py() == len(values) - values.null_count:
+        return None, True, largest
+    return pc.cast(digits_only, pa.int8()), False, largest
 
 
 def _smallest_nonzero(values: pa.Array) -> float:
