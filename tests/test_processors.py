@@ -870,3 +870,25 @@ def test_csv_stats_reads_a_task_with_a_lone_cr_as_the_csv_module_does(tmp_path):
     assert (record["rows"], record["malformed"]) == (2, 1)
     assert record["malformed_samples"][0]["offset"] == content.index(b"2\r3")
     assert_same(comparable(csv_totals([json_roundtrip(record)])), reference(path))
+
+
+def test_csv_stats_malformed_rows_beside_bytes_that_are_not_utf8(tmp_path, capfd):
+    # pyarrow hands a malformed row to its handler as text: such a task is read without it
+    path = tmp_path / "latin.csv"
+    content = b"a,b\n1,\xe9\n2\n3,4,5\n\xe9,6\n"
+    path.write_bytes(content)
+    record = csv_stats(whole(path))
+    assert (record["rows"], record["malformed"]) == (2, 2)
+    assert [s["offset"] for s in record["malformed_samples"]] == [content.index(b"2\n"), content.index(b"3,4,5")]
+    assert_same(comparable(csv_totals([json_roundtrip(record)])), reference(path))
+    assert capfd.readouterr().err == ""
+
+
+def test_csv_stats_a_malformed_record_over_two_lines_is_located_at_its_first(tmp_path):
+    # with quotes, Arrow's records are not lines: the row's text is found where a line starts
+    path = tmp_path / "q.csv"
+    path.write_bytes(b'a,b\n1,"x\n"y,z\n2,3\n1,"x\n"y,z\n')
+    record = csv_stats(whole(path))
+    assert (record["rows"], record["malformed"]) == (1, 2)
+    assert [(s["offset"], s["line"], s["error"]) for s in record["malformed_samples"]] == [
+        (4, 2, "3 fields, expected 2"), (18, 5, "3 fields, expected 2")]

@@ -38,6 +38,7 @@ class Sample(NamedTuple):
     record: int | None    # n-th non-blank record (Arrow's count)
     line: int | None      # or n-th line (the csv module's)
     error: str
+    text: bytes = b""     # the record as Arrow read it
 
 
 class Rows:
@@ -57,9 +58,12 @@ class Rows:
         attempts: list[Callable[[], Iterator[pa.Table]]] = [self._csv_module_tables]
         if self.names and not (self.data.find(b"\r", start, end) != -1
                                and _LONE_CR.search(memoryview(self.data)[start:end])):
+            # pyarrow hands a malformed row to the handler as text: it must be UTF-8. Without
+            # the handler, a malformed row stops the read, and the csv module reads the task.
+            count_bad = _is_utf8(memoryview(self.data)[start:end])
             # a record longer than a block, or a parse error: once more as one block, then the csv module
-            whole = [lambda: self._arrow_tables(end - start + 1)] if end - start > BLOCK_SIZE else []
-            attempts[:0] = [lambda: self._arrow_tables(BLOCK_SIZE), *whole]
+            whole = [lambda: self._arrow_tables(end - start + 1, count_bad)] if end - start > BLOCK_SIZE else []
+            attempts[:0] = [lambda: self._arrow_tables(BLOCK_SIZE, count_bad), *whole]
         for attempt in attempts[:-1]:
             try:
                 return [fold(table) for table in attempt()]
@@ -69,7 +73,7 @@ class Rows:
 
     # -- Arrow
 
-    def _arrow_tables(self, block_size: int) -> Iterator[pa.Table]:
+    def _arrow_tables(self, block_size: int, count_bad: bool) -> Iterator[pa.Table]:
         start, end = self.span
         self.malformed, self.samples = 0, []
         quoted = self.data.find(b'"', start, end) != -1
@@ -77,7 +81,7 @@ class Rows:
             pa.BufferReader(memoryview(self.data)[start:end]),
             read_options=pcsv.ReadOptions(column_names=self.names, block_size=block_size, use_threads=False),
             parse_options=pcsv.ParseOptions(delimiter=self.delimiter, newlines_in_values=quoted,
-                                            invalid_row_handler=self._bad_row),
+                                            invalid_row_handler=self._bad_row if count_bad else None),
             convert_options=pcsv.ConvertOptions(
                 column_types={name: pa.string() for name in self.names}, check_utf8=False,
                 strings_can_be_null=True, null_values=[""]),
@@ -87,7 +91,8 @@ class Rows:
                 yield pa.Table.from_batches([batch])
 
     def _bad_row(self, row: pcsv.InvalidRow) -> str:
-        self._bad(Sample(row.number, None, f"{row.actual_columns} fields, expected {row.expected_columns}"))
+        error = f"{row.actual_columns} fields, expected {row.expected_columns}"
+        self._bad(Sample(row.number, None, error, row.text.encode()))
         return "skip"
 
     def _bad(self, sample: Sample) -> None:
@@ -124,33 +129,77 @@ class Rows:
     # -- where the samples are
 
     def located(self) -> list[tuple[int | None, int | None, str]]:
-        """(offset in `data`, line number counted from the span's start, error) of each sample."""
-        wanted_records = {s.record for s in self.samples if s.record is not None}
-        wanted_lines = {s.line for s in self.samples if s.line is not None}
-        found_records: dict[int, tuple[int, int]] = {}
-        found_lines: dict[int, int] = {}
-        record = 0
-        open_quotes = False
-        pos, start, end = self.span.start, self.span.start, self.span.end
-        line = 0
-        while pos < end and (len(found_records) < len(wanted_records) or len(found_lines) < len(wanted_lines)):
-            stop = self.data.find(b"\n", pos, end)
-            stop = end if stop == -1 else stop + 1
-            text = self.data[pos:stop]
-            line += 1
-            if line in wanted_lines:
-                found_lines[line] = pos
-            if not open_quotes and text.strip(b"\r\n"):
-                record += 1
-                if record in wanted_records:
-                    found_records[record] = (pos, line)
-            open_quotes ^= text.count(b'"') % 2 == 1
-            pos = stop
+        """(offset in `data`, line number counted from the span's start, error) of each sample;
+        None and None for a row that cannot be told apart (its text also opens an earlier line)."""
+        lines = self._line_starts({s.line for s in self.samples if s.line is not None})
+        records = self._record_starts()
         out = []
         for s in self.samples:
-            if s.record is not None:
-                offset, number = found_records.get(s.record, (None, None))
-            else:
-                offset, number = found_lines.get(s.line), s.line
-            out.append((offset, number, s.error))
+            if s.line is not None:
+                out.append((lines.get(s.line), s.line, s.error))
+                continue
+            offset = records.get(s.record)
+            out.append((offset, None if offset is None else self._line_of(offset), s.error))
         return out
+
+    def _lines(self) -> Iterator[tuple[int, int]]:
+        """(start, end) of each line of the span, ends included."""
+        pos, end = self.span
+        while pos < end:
+            stop = self.data.find(b"\n", pos, end)
+            stop = end if stop == -1 else stop + 1
+            yield pos, stop
+            pos = stop
+
+    def _line_starts(self, wanted: set[int]) -> dict[int, int]:
+        found: dict[int, int] = {}
+        for number, (start, _) in enumerate(self._lines(), 1):
+            if len(found) == len(wanted):
+                break
+            if number in wanted:
+                found[number] = start
+        return found
+
+    def _record_starts(self) -> dict[int, int]:
+        """Where Arrow's malformed records start. Without quotes, a record is a line that is not
+        blank; with quotes, the row's own text is looked for at a line start (the first after
+        the previous sample)."""
+        wanted = {s.record: s.text for s in self.samples if s.record is not None}
+        found: dict[int, int] = {}
+        if not wanted:
+            return found
+        if self.data.find(b'"', *self.span) == -1:
+            record = 0
+            for start, stop in self._lines():
+                if len(found) == len(wanted):
+                    break
+                if self.data[start:stop].strip(b"\r\n"):
+                    record += 1
+                    if record in wanted:
+                        found[record] = start
+            return found
+        pos = self.span.start
+        for record, text in sorted(wanted.items()):
+            at = self.data.find(text, pos, self.span.end)
+            while at not in (-1, self.span.start) and self.data[at - 1:at] != b"\n":
+                at = self.data.find(text, at + 1, self.span.end)
+            if at == -1:
+                break  # not found: this one and the later ones stay unknown
+            found[record] = at
+            pos = at + len(text)
+        return found
+
+    def _line_of(self, offset: int) -> int:
+        """The line number, from the span's start, of the line that starts at `offset`."""
+        return bytes(memoryview(self.data)[self.span.start:offset]).count(b"\n") + 1
+
+
+def _is_utf8(data: memoryview) -> bool:
+    """Whether `data` is valid UTF-8, checked by Arrow (a string array over it, not a copy)."""
+    offsets = pa.array([0, len(data)], pa.int64()).buffers()[1]
+    text = pa.Array.from_buffers(pa.large_string(), 1, [None, offsets, pa.py_buffer(data)])
+    try:
+        text.validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True

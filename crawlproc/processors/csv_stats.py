@@ -146,8 +146,8 @@ def csv_stats(task: Task) -> dict:
     record["malformed"] = rows.malformed
     if rows.samples:
         record["malformed_samples"] = [
-            {"offset": None if offset is None else base + offset, **({"line": line + 1} if at_top else {}),
-             "error": error}
+            {"offset": None if offset is None else base + offset,
+             **({"line": None if line is None else line + 1} if at_top else {}), "error": error}
             for offset, line, error in rows.located()]
     if group_by:
         record["groups"] = {name: {"rows": group.rows, "columns": group.stats(names)}
