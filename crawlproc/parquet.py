@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from crawlproc.errors import CrawlprocError
 
-BLOCK_BYTES = 32 << 20    # JSON lines parsed at once: a block's table is all that is held
+BLOCK_BYTES = 8 << 20     # JSON lines parsed at once: a block's table (a row group) is all that is held
 _TIME_TYPES = (pa.types.is_timestamp, pa.types.is_date, pa.types.is_time)
 
 
