@@ -120,15 +120,14 @@ def _partial(column: _Column, row: dict, rows: int) -> Partial | None:
 def _prepare(j: int, strings: pa.Array) -> _Column | pa.Array | None:
     """The column's numbers, ready to aggregate; None if it has none; its literals (strings,
     null where not numeric) when they need the Python path."""
-    present = len(strings) - strings.null_count
     # an integer column costs one trim: every value made of digits and signs
-    all_ints = _starts_like_integers(strings) and _empty(pc.ascii_ltrim(strings, characters=_INT_CHARS)) == present
+    all_ints = _starts_like_integers(strings) and _all_empty(pc.ascii_ltrim(strings, characters=_INT_CHARS))
     if not all_ints:
         trimmed = pc.ascii_ltrim(strings, characters=NUMBER_CHARS)  # nothing left: only number characters
         found = _empty(trimmed)
         if not found:
             return None
-        if found < present:
+        if found < len(strings) - strings.null_count:
             strings = pc.if_else(pc.equal(pc.binary_length(trimmed), 0), strings, _NULL)
     try:
         values = pc.cast(strings, pa.float64())
@@ -137,8 +136,8 @@ def _prepare(j: int, strings: pa.Array) -> _Column | pa.Array | None:
         values = pc.cast(strings, pa.float64())
     if values.null_count == len(values):
         return None
-    magnitudes = pc.min_max(pc.abs(values)).as_py()
-    largest = magnitudes["max"]
+    bounds = pc.min_max(values).as_py()
+    largest = max(-bounds["min"], bounds["max"])
     if not math.isfinite(largest) or math.frexp(largest)[1] > _LARGEST_EXPONENT:
         return strings
     int_flags, largest_int = None, largest if all_ints else 0.0
@@ -149,7 +148,7 @@ def _prepare(j: int, strings: pa.Array) -> _Column | pa.Array | None:
     if not largest:
         return _Column(j, values, int_flags, all_ints, [])
     # every value is a multiple of 2**finest: 1 for integers, else the least value's spacing
-    finest = 0 if all_ints else _exponent(math.ulp(magnitudes["min"] or _smallest_nonzero(values)))
+    finest = 0 if all_ints else _exponent(math.ulp(bounds["min"] if bounds["min"] > 0 else _smallest_nonzero(values)))
     return _Column(j, values, int_flags, all_ints, _levels(values, largest, finest))
 
 
@@ -165,6 +164,10 @@ def _empty(strings: pa.Array) -> int:
     if (pc.min(lengths).as_py() or 0) > 0:
         return 0
     return pc.sum(pc.equal(lengths, 0)).as_py() or 0
+
+
+def _all_empty(strings: pa.Array) -> bool:
+    return not pc.max(pc.binary_length(strings)).as_py()
 
 
 def _literals_only(strings: pa.Array) -> pa.Array:
