@@ -57,11 +57,13 @@ def main() -> None:
 
 def _load_processor(spec: str) -> None:
     """Import the processor once, here (a module, a file or a plugin: each is cached where the
-    worker's own load() finds it). If it cannot load, each worker reports that itself."""
+    worker's own load() finds it), and the modules it preloads. If it cannot load, each worker
+    reports that itself."""
     from crawlproc.processors.base import load
 
     try:
-        load(spec)
+        for name in load(spec).preload:  # what the processor imports when it runs
+            importlib.import_module(name)
     except Exception:
         pass
 

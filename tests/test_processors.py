@@ -892,3 +892,28 @@ def test_csv_stats_a_malformed_record_over_two_lines_is_located_at_its_first(tmp
     assert (record["rows"], record["malformed"]) == (1, 2)
     assert [(s["offset"], s["line"], s["error"]) for s in record["malformed_samples"]] == [
         (4, 2, "3 fields, expected 2"), (18, 5, "3 fields, expected 2")]
+
+
+# -- preload: heavy imports made once, by the workers' forkserver ---------------------------
+
+def test_loading_csv_stats_does_not_import_pyarrow():
+    code = ("import sys\nfrom crawlproc.processors.base import load\nproc = load('csv-stats')\n"
+            "print(sorted(proc.preload), 'pyarrow' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.stdout.split("]")[-1].strip() == "False", result.stdout + result.stderr
+    assert "crawlproc.processors.csv_numbers" in result.stdout
+
+
+@pytest.mark.parametrize("preload", [True, False])
+def test_the_forkserver_imports_what_a_processor_preloads(tmp_path, preload):
+    data = make_tree(tmp_path / "data", {"a.txt": "x\n"})
+    proc = tmp_path / "proc.py"
+    proc.write_text("import sys\nfrom crawlproc import processor\n\n"
+                    f"@processor(version='1', preload={['colorsys'] if preload else []!r})\n"
+                    "def seen(task):\n"
+                    "    return {'path': task.relpath, 'preloaded': 'colorsys' in sys.modules}\n")
+    out = tmp_path / "out"
+    result = run_cli("run", str(data), "-o", str(out), "-p", f"{proc}:seen", "-w", "1", "-q")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "merged.jsonl").read_text())["preloaded"] is preload

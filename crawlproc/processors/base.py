@@ -30,9 +30,12 @@ UNVERSIONED = "unversioned"
 class Processor:
     """A processor function with its version and optional reducer."""
 
-    def __init__(self, func: Callable[..., Any], version: str = UNVERSIONED) -> None:
+    def __init__(self, func: Callable[..., Any], version: str = UNVERSIONED, preload: Iterable[str] = ()) -> None:
         self.func = func
         self.version = str(version)
+        # modules that the function imports when it runs, and that the workers' forkserver
+        # imports once for all of them: loading the processor (the coordinator does) stays light
+        self.preload = tuple(preload)
         self.reduce: Callable[[Iterable[dict]], Any] | None = None
         self.__doc__ = func.__doc__
         self.__name__ = getattr(func, "__name__", "processor")
@@ -55,18 +58,20 @@ class Processor:
 @overload
 def processor(func: Callable[..., Any], /) -> Processor: ...
 @overload
-def processor(*, version: str = ...) -> Callable[[Callable[..., Any]], Processor]: ...
+def processor(*, version: str = ..., preload: Iterable[str] = ...) -> Callable[[Callable[..., Any]], Processor]: ...
 
 
-def processor(func: Callable[..., Any] | None = None, /, *, version: str = "1") -> Any:
+def processor(func: Callable[..., Any] | None = None, /, *, version: str = "1", preload: Iterable[str] = ()) -> Any:
     """Declare a processor; use as `@processor` or `@processor(version="2")`.
 
     Bump `version` when the function's output changes: an existing OUT made by
-    another version is refused unless the run passes `--reprocess`.
+    another version is refused unless the run passes `--reprocess`. `preload`
+    names modules the function imports inside (heavy ones, such as pyarrow):
+    the workers' forkserver imports them once, and loading the processor does not.
     """
     if func is not None:
         return Processor(func, version)
-    return lambda f: Processor(f, version)
+    return lambda f: Processor(f, version, preload)
 
 
 def normalise_spec(spec: str) -> str:

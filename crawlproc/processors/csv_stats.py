@@ -44,12 +44,11 @@ from typing import Any
 
 from crawlproc.errors import TaskFailed
 from crawlproc.processors.base import processor
-from crawlproc.processors.csv_numbers import block_stats  # pyarrow: imported once by the forkserver
-from crawlproc.processors.csv_read import Rows
 from crawlproc.processors.exact import ColumnStats
 from crawlproc.task import Span, Task, load_span
 
 REDUCED_SAMPLES = 10          # malformed rows described in the reduced summary
+_ARROW_MODULES = ("crawlproc.processors.csv_numbers", "crawlproc.processors.csv_read")
 
 
 def _read_header(path: str, delimiter: str) -> list[str] | None:
@@ -108,7 +107,7 @@ class _Group:
         return {names[j]: self.columns[j].result() for j in sorted(self.columns) if self.columns[j].count}
 
 
-@processor(version="1")
+@processor(version="1", preload=_ARROW_MODULES)  # pyarrow: imported by the workers' forkserver, once
 def csv_stats(task: Task) -> dict:
     """Rows and count/sum/min/max of each numeric column (--param group_by=COL); exact totals."""
     delimiter = _delimiter(task.params)
@@ -125,6 +124,9 @@ def csv_stats(task: Task) -> dict:
         if group_by not in header:
             raise TaskFailed(f"csv-stats: group_by column {group_by!r} is not in the header {header!r}")
         group_index = header.index(group_by)
+    from crawlproc.processors.csv_numbers import block_stats
+    from crawlproc.processors.csv_read import Rows
+
     names = _column_names(header)
     data, span, base = load_span(task.path, task.offset, task.length)
     at_top = not task.offset
