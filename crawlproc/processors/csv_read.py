@@ -1,6 +1,6 @@
 """csv-stats' reading: a task's rows as Arrow tables of strings; malformed rows counted, not fatal.
 
-    the task's lines (Task.line_buffer: mapped, not copied; the header line left out)
+    the task's lines (task.load_span: mapped, not copied; the header line left out)
         ──pyarrow.csv.open_csv, every column a string, in blocks of BLOCK_SIZE──> Table ──fold──> kept
           a row of another width: invalid_row_handler counts it (and keeps a few for samples)
         a lone CR, or what Arrow will not parse ──> the csv module, row by row, then one Table
@@ -8,9 +8,11 @@
 Rows follow the csv module's rules: quoted fields may hold the delimiter,
 quotes and newlines; blank lines are skipped. The csv module reads a lone CR
 outside quotes as an error, Arrow as a line end: a task that holds one is read
-by the csv module, so both give the same rows. Samples of malformed rows are
-located afterwards (file offset, and line number in the task) by a scan that
-stops at the last one.
+by the csv module, so both give the same rows. pyarrow hands a malformed row
+to the handler decoded as UTF-8: a task that is not UTF-8 is parsed without
+it, and read by the csv module if a row turns out malformed. Samples of
+malformed rows are located afterwards (file offset, and line number in the
+task) by a scan that stops at the last one.
 """
 
 from __future__ import annotations
