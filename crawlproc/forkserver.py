@@ -60,14 +60,16 @@ def main() -> None:
 
 def _prepare_processor(config) -> None:
     """Import the processor once, here (a module, a file, a plugin or one sent by value: each is
-    cached where the worker's own load finds it), and run its preload hook, so that every worker
-    shares the data. If it cannot load, each worker reports that itself; a preload that fails is
+    cached where the worker's own load finds it), the modules it imports when it runs, and run its
+    preload hook, so that every worker shares the data. If it cannot load, each worker reports that itself; a preload that fails is
     reported by each worker with its first batch (see processors/hooks.py)."""
     from crawlproc.processors.hooks import preload
     from crawlproc.processors.shipping import load_for_worker
 
     try:
         processor = load_for_worker(config.processor, config.shipped, config.import_paths)
+        for name in processor.imports:  # what the processor imports when it runs
+            importlib.import_module(name)
     except Exception:
         return
     preload(processor, config.params)

@@ -718,6 +718,11 @@ class Ledger:
         )
         return cursor  # plain tuples, only the columns the merge reads: this runs once per task
 
+    def task_place(self, task_id: int) -> tuple[str, int | None] | None:
+        """(relpath, offset or None for a whole file) of a task, for messages."""
+        row = self.conn.execute('SELECT relpath, "offset", length FROM tasks WHERE id = ?', (task_id,)).fetchone()
+        return None if row is None else (row[0], None if row[2] is None else row[1])
+
     def done_signature(self) -> list:
         """Changes whenever the set of done tasks or any of their results changes."""
         return list(self._state_totals()[1])

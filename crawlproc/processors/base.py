@@ -37,9 +37,12 @@ UNVERSIONED = "unversioned"
 class Processor:
     """A processor function with its version and optional reducer."""
 
-    def __init__(self, func: Callable[..., Any], version: str = UNVERSIONED) -> None:
+    def __init__(self, func: Callable[..., Any], version: str = UNVERSIONED, imports: Iterable[str] = ()) -> None:
         self.func = func
         self.version = str(version)
+        # modules that the function imports when it runs, and that the workers' forkserver
+        # imports once for all of them: loading the processor (the coordinator does) stays light
+        self.imports = tuple(imports)
         self.reduce: Callable[[Iterable[dict]], Any] | None = None
         self.setup_hook: Callable[[Mapping[str, str], Any], Any] | None = None
         self.preload_hook: Callable[[Mapping[str, str]], Any] | None = None
@@ -79,18 +82,21 @@ class Processor:
 @overload
 def processor(func: Callable[..., Any], /) -> Processor: ...
 @overload
-def processor(*, version: str = ...) -> Callable[[Callable[..., Any]], Processor]: ...
+def processor(*, version: str = ..., imports: Iterable[str] = ...) -> Callable[[Callable[..., Any]], Processor]: ...
 
 
-def processor(func: Callable[..., Any] | None = None, /, *, version: str = "1") -> Any:
+def processor(func: Callable[..., Any] | None = None, /, *, version: str = "1", imports: Iterable[str] = ()) -> Any:
     """Declare a processor; use as `@processor` or `@processor(version="2")`.
 
     Bump `version` when the function's output changes: an existing OUT made by
-    another version is refused unless the run passes `--reprocess`.
+    another version is refused unless the run passes `--reprocess`. `imports`
+    names modules the function imports inside (heavy ones, such as pyarrow):
+    the workers' forkserver imports them once, and loading the processor does not.
+    (Data to share between workers is a preload hook: see `Processor.preload`.)
     """
     if func is not None:
         return Processor(func, version)
-    return lambda f: Processor(f, version)
+    return lambda f: Processor(f, version, imports)
 
 
 def normalise_spec(spec: str) -> str:
