@@ -189,7 +189,7 @@ def output_format(value: Any) -> str:
         try:
             import pyarrow  # noqa: F401
         except ImportError:
-            raise ValueError("parquet output needs pyarrow: pip install 'crawlproc[parquet]'") from None
+            raise ValueError("parquet output needs pyarrow, a dependency of crawlproc: pip install pyarrow") from None
     return value
 
 

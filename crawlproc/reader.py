@@ -79,7 +79,7 @@ class OutReader:
         except ImportError as exc:
             if getattr(exc, "name", None) != "pyarrow":
                 raise
-            raise UsageError("to_arrow() needs pyarrow: pip install 'crawlproc[parquet]'") from None
+            raise UsageError("to_arrow() needs pyarrow, a dependency of crawlproc: pip install pyarrow") from None
 
     def to_pandas(self) -> Any:
         """The records as a pandas DataFrame (through pyarrow)."""
