@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shlex
 import sqlite3
 import sys
@@ -26,13 +25,12 @@ import click
 
 from crawlproc import __version__
 from crawlproc.errors import CrawlprocError
+from crawlproc.options import DEFAULT_OUT, EXECUTORS, FORMATS, WATCH_OPTIONS, OptionError, check, keyword_of
+from crawlproc.serve import DEFAULT_HOST, DEFAULT_PORT
 from crawlproc.words import plural
 
-DEFAULT_OUT = "crawlproc-out"
 STDOUT = "-"  # --output -: the merged records to stdout
 OUT_KEY = "crawlproc.out"  # where the command's OUT is kept in click's shared ctx.meta
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 class CrawlprocGroup(click.Group):
@@ -126,67 +124,35 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-# -- option parsing -------------------------------------------------------------
+# -- option parsing: the checks live in options.py, shared with the Python API --------------
 
-def parse_size(text: str) -> int:
-    """'64MB', '512M', '1GiB', '4096' -> bytes (powers of 1024)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise click.BadParameter(f"{text!r} is not a size like 512MB or 1GiB")
-    number, unit, _ = match.groups()
-    return int(float(number) * _UNITS[unit.lower()])
-
-
-def _size_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    return None if value in (None, "", "off") else parse_size(value)
-
-
-def _params_option(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
-    params = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{item!r} is not KEY=VALUE")
-        params[key] = value
-    return params
-
-
-def _failures_option(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, bool] | None:
-    if value in (None, ""):
-        return None
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(%?)\s*", value)
-    if not match:
-        raise click.BadParameter(f"{value!r} is not N or N%")
-    return float(match.group(1)), bool(match.group(2))
-
-
-def _exit_codes_option(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    from crawlproc.processors.command import parse_exit_codes
-
+def _checked(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """The value as options.check judges it; click shows a refusal as a bad value of the option
+    (naming the CRAWLPROC_* variable it came from, if it did)."""
+    if value is None or (param.multiple and not value):
+        return value  # not given: the job takes the option's default
     try:
-        return parse_exit_codes(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+        return check(_keyword(param), value)
+    except OptionError as exc:
+        raise click.BadParameter(exc.problem) from None
+
+
+def _keyword(param: click.Parameter) -> str:
+    """The Python API's name of an option: its long name, '-' as '_'."""
+    return keyword_of(next(opt for opt in param.opts if opt.startswith("--")))
+
+
+def _default(name: str) -> Any:
+    return WATCH_OPTIONS[name].default
 
 
 def _env(name: str) -> str:
     return f"CRAWLPROC_{name.upper()}"
 
 
-def _check_format(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    if value == "parquet":
-        try:
-            import pyarrow  # noqa: F401
-        except ImportError:
-            raise click.BadParameter("parquet output needs pyarrow: pip install 'crawlproc[parquet]'") from None
-    return value
-
-
 def format_option(func: Any) -> Any:
-    return click.option("--format", "output_format", type=click.Choice(["jsonl", "csv", "parquet"]),
-                        default="jsonl", show_default=True, envvar=_env("format"), callback=_check_format,
+    return click.option("--format", "output_format", type=click.Choice(FORMATS),
+                        default=_default("format"), show_default=True, envvar=_env("format"), callback=_checked,
                         help="Merged output format (OUT/merged.<format> unless --output).")(func)
 
 
@@ -205,20 +171,14 @@ def _output_option(ctx: click.Context, param: click.Parameter, value: str | None
     return value if value in (None, STDOUT) else Path(value)
 
 
-def _name_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    if value is not None and not value.strip():
-        raise click.BadParameter("needs a column name")
-    return value
-
-
 def processing_options(func: Any) -> Any:
     """The options `run` (and later `watch`) share; each also reads CRAWLPROC_<NAME>."""
     options = [
-        click.option("-p", "--processor", default="linecount", envvar=_env("processor"), show_default=True,
+        click.option("-p", "--processor", default=_default("processor"), envvar=_env("processor"), show_default=True,
                      help="Built-in name, package.module:function, or path/to/file.py:function."),
-        click.option("--param", "params", multiple=True, callback=_params_option, metavar="KEY=VALUE",
+        click.option("--param", "params", multiple=True, callback=_checked, metavar="KEY=VALUE",
                      envvar=_env("param"), help="Given to the processor as task.params; repeatable."),
-        click.option("--cmd", metavar="'PROG ARGS {}'", envvar=_env("cmd"),
+        click.option("--cmd", metavar="'PROG ARGS {}'", envvar=_env("cmd"), callback=_checked,
                      help="Run an external command per file instead of -p; split with shlex, never a shell. "
                           "As in GNU parallel, {} is the file's absolute path, {/} its basename, {//} its folder, "
                           "{.} the path without its last extension, {/.} the basename without it. A placeholder "
@@ -226,31 +186,33 @@ def processing_options(func: Any) -> Any:
                           "shell, give {} as an argument of its own); inside a larger argument, as in "
                           "sh -c 'wc -c < {}', it is shell-quoted. Without a placeholder the path is appended "
                           "as the last argument."),
-        click.option("--ok-exit-codes", callback=_exit_codes_option, metavar="CODES", envvar=_env("ok_exit_codes"),
+        click.option("--ok-exit-codes", callback=_checked, metavar="CODES", envvar=_env("ok_exit_codes"),
                      help="With --cmd: exit codes that count as done, e.g. 0,1 for grep -c "
                           "(the record keeps the code).  [default: 0]"),
         out_option,
-        click.option("-w", "-j", "--workers", type=click.IntRange(1), default=os.cpu_count() or 1,
+        click.option("-w", "-j", "--workers", type=str, default=_default("workers"), callback=_checked, metavar="N",
                      envvar=_env("workers"), show_default="CPU count", help="Worker processes."),
-        click.option("--include", multiple=True, envvar=_env("include"), metavar="GLOB",
+        click.option("--include", multiple=True, envvar=_env("include"), metavar="GLOB", callback=_checked,
                      help="Only files matching GLOB (on the path relative to DATA_DIR); repeatable."),
-        click.option("--exclude", multiple=True, envvar=_env("exclude"), metavar="GLOB",
+        click.option("--exclude", multiple=True, envvar=_env("exclude"), metavar="GLOB", callback=_checked,
                      help="Skip files and folders matching GLOB; repeatable."),
-        click.option("--max-tasks-per-child", type=click.IntRange(1), default=1000, show_default=True,
-                     envvar=_env("max_tasks_per_child"), help="Recycle a worker after N tasks."),
-        click.option("--max-memory-per-child", "max_memory", callback=_size_option, metavar="SIZE",
+        click.option("--max-tasks-per-child", type=str, default=_default("max_tasks_per_child"), show_default=True,
+                     callback=_checked, metavar="N", envvar=_env("max_tasks_per_child"),
+                     help="Recycle a worker after N tasks."),
+        click.option("--max-memory-per-child", "max_memory", callback=_checked, metavar="SIZE",
                      envvar=_env("max_memory_per_child"), help="Recycle a worker whose RSS passed SIZE (e.g. 512MB)."),
-        click.option("--max-memory-per-task", callback=_size_option, metavar="SIZE",
+        click.option("--max-memory-per-task", callback=_checked, metavar="SIZE",
                      envvar=_env("max_memory_per_task"),
                      help="Kill a worker whose RSS passes SIZE while a task runs; that task alone is charged "
                           "an attempt."),
-        click.option("--timeout", type=click.FloatRange(min=0, min_open=True), envvar=_env("timeout"),
+        click.option("--timeout", callback=_checked, metavar="SECONDS", envvar=_env("timeout"),
                      help="Kill a task's worker after SECONDS; counts as a failed attempt."),
-        click.option("--retries", type=click.IntRange(0), default=2, show_default=True, envvar=_env("retries"),
-                     help="Extra attempts for a failing task, with exponential backoff and jitter."),
-        click.option("--retry-delay", type=click.FloatRange(0), default=0.5, show_default=True,
-                     envvar=_env("retry_delay"), help="Base delay in seconds before the first retry; doubles each time."),
-        click.option("--max-failures", callback=_failures_option, metavar="N|N%", envvar=_env("max_failures"),
+        click.option("--retries", type=str, default=_default("retries"), show_default=True, callback=_checked, metavar="N",
+                     envvar=_env("retries"), help="Extra attempts for a failing task, with exponential backoff and jitter."),
+        click.option("--retry-delay", type=str, default=_default("retry_delay"), show_default=True, callback=_checked,
+                     metavar="SECONDS", envvar=_env("retry_delay"),
+                     help="Base delay in seconds before the first retry; doubles each time."),
+        click.option("--max-failures", callback=_checked, metavar="N|N%", envvar=_env("max_failures"),
                      help="Stop early (exit 1) once more tasks than this have failed."),
         click.option("--durable", is_flag=True, envvar=_env("durable"),
                      help="fsync each result file and its folder before its tasks are marked done."),
@@ -267,28 +229,32 @@ def processing_options(func: Any) -> Any:
                           "would do). Retried: unchanged files a run would process again: pending tasks "
                           "(an interrupted run's, or after failed attempts), running ones a stopped run "
                           "left, failed ones with --retry-failed, all with --reprocess."),
-        click.option("--batch-size", type=click.IntRange(1), envvar=_env("batch_size"),
+        click.option("--batch-size", callback=_checked, metavar="N", envvar=_env("batch_size"),
                      help="Most tasks in one claimed batch and result file [default: adaptive, up to 512]."),
-        click.option("--chunk-size", callback=_size_option, metavar="SIZE", envvar=_env("chunk_size"),
+        click.option("--chunk-size", callback=_checked, metavar="SIZE", envvar=_env("chunk_size"),
                      help="Split files larger than SIZE (e.g. 64MB) into line-aligned byte ranges, one task each."),
         click.option("--follow-symlinks", is_flag=True, envvar=_env("follow_symlinks"),
                      help="Follow symlinks (never outside DATA_DIR; loops are detected)."),
         click.option("--output", type=click.Path(dir_okay=False, allow_dash=True), envvar=_env("output"),
-                     callback=_output_option, metavar="FILE|-",
+                     callback=_checked, metavar="FILE|-",
                      help="Merged output file; - writes the records to stdout too (OUT/merged.<format> "
                           "is still written) [default: OUT/merged.jsonl]."),
         format_option,
-        click.option("--source-column", metavar="NAME", envvar=_env("source_column"), callback=_name_option,
+        click.option("--source-column", metavar="NAME", envvar=_env("source_column"), callback=_checked,
                      help="Put each record's relpath under NAME, first (with --chunk-size also its byte "
                           "offset, under NAME_offset); a record that has NAME keeps its own value."),
         click.option("--no-merge", is_flag=True, envvar=_env("no_merge"), help="Skip the finalizer."),
-        click.option("--executor", type=click.Choice(["local", "dask"]), default="local", show_default=True,
-                     envvar=_env("executor"),
+        click.option("--executor", type=click.Choice(EXECUTORS), default=_default("executor"), show_default=True,
+                     envvar=_env("executor"), callback=_checked,
                      help="Where batches run: worker processes here, or a Dask distributed cluster "
                           "(pip install 'crawlproc[dask]')."),
-        click.option("--scheduler", metavar="ADDR", envvar=_env("scheduler"),
+        click.option("--scheduler", metavar="ADDR", envvar=_env("scheduler"), callback=_checked,
                      help="With --executor dask: tcp://HOST:PORT of a running scheduler, or local[:N] for a "
                           "LocalCluster of N worker processes [default: Dask's scheduler-address setting]."),
+        click.option("--serve", metavar="[HOST:]PORT", envvar=_env("serve"), callback=_checked,
+                     help="Serve a live status page, /status.json, /healthz and Prometheus /metrics while "
+                          "running (host 127.0.0.1 unless given; port 0: any free port, the log says which; "
+                          "pip install 'crawlproc[serve]')."),
         click.option("-v", "--verbose", count=True, envvar=_env("verbose"), help="More log lines (debug)."),
         click.option("-q", "--quiet", is_flag=True, envvar=_env("quiet"), help="Only warnings and errors."),
         click.option("--log-json", is_flag=True, envvar=_env("log_json"),
@@ -319,14 +285,13 @@ def cli() -> None:
 @click.pass_context
 def run(ctx: click.Context, data_dir: Path, **kw: Any) -> None:
     """Scan DATA_DIR, process every pending file, merge the results, exit."""
-    from crawlproc.run import run_job
-
     if kw["dry_run"]:
-        ctx.exit(_dry_run(data_dir, kw, watching=False))
+        ctx.exit(_dry_run(ctx, data_dir, kw, watching=False))
     to_stdout = _output_to_stdout(kw)
     with _stdout_kept_for_records(to_stdout):
-        outcome = _with_progress(kw, lambda options, reporter: run_job(options, on_progress=reporter), data_dir,
-                                 to_stdout=to_stdout)
+        outcome = _job(ctx, data_dir, kw, watching=False)
+    if not kw["quiet"]:
+        _print_run_summary(outcome, to_stdout=to_stdout)
     if to_stdout and outcome.exit_code in (0, 1):  # not when interrupted: the rerun writes them all
         _write_records((outcome.summary or {}).get("merged_output"))
     ctx.exit(outcome.exit_code)
@@ -335,54 +300,47 @@ def run(ctx: click.Context, data_dir: Path, **kw: Any) -> None:
 @cli.command()
 @click.argument("data_dir", type=click.Path(path_type=Path))
 @processing_options
-@click.option("--settle", type=click.FloatRange(0), default=2.0, show_default=True, envvar=_env("settle"),
+@click.option("--settle", type=str, default=_default("settle"), show_default=True, envvar=_env("settle"),
+              callback=_checked, metavar="SECONDS",
               help="Seconds a file must stay unchanged when no close-after-write event is seen.")
-@click.option("--rescan-interval", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
-              envvar=_env("rescan_interval"), help="Seconds between full rescans (events can be lost).")
-@click.option("--merge-interval", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
-              envvar=_env("merge_interval"),
+@click.option("--rescan-interval", type=str, default=_default("rescan_interval"), show_default=True,
+              envvar=_env("rescan_interval"), callback=_checked, metavar="SECONDS",
+              help="Seconds between full rescans (events can be lost).")
+@click.option("--merge-interval", type=str, default=_default("merge_interval"), show_default=True,
+              envvar=_env("merge_interval"), callback=_checked, metavar="SECONDS",
               help="Seconds between refreshes of the merged output (the first comes once the catch-up is done).")
 @click.pass_context
-def watch(ctx: click.Context, data_dir: Path, settle: float, rescan_interval: float, merge_interval: float,
-          **kw: Any) -> None:
+def watch(ctx: click.Context, data_dir: Path, **kw: Any) -> None:
     """Catch up like `run`, then process new and changed files as they arrive, until Ctrl-C.
 
     The merged output is published once the catch-up is processed, then every
     --merge-interval and at the stop. `--output -` is refused: read OUT/merged.<format>.
     """
-    from crawlproc.run import watch_job
-
     if kw["dry_run"]:
-        ctx.exit(_dry_run(data_dir, kw, watching=True))
+        ctx.exit(_dry_run(ctx, data_dir, kw, watching=True))
     if kw["output"] == STDOUT:
         merged = shlex.quote(str(kw["out"] / f"merged.{kw['output_format']}"))
         raise click.BadParameter(f"watch refreshes its merged output every --merge-interval, so there is no "
                                  f"one moment to write it to stdout; read {merged}, or give --output FILE",
                                  param_hint="--output -")
-    outcome = _with_progress(kw, lambda options, reporter: watch_job(
-        options, settle=settle, rescan_interval=rescan_interval, merge_interval=merge_interval,
-        on_progress=reporter), data_dir, watching=True)
+    outcome = _job(ctx, data_dir, kw, watching=True)
+    if not kw["quiet"]:
+        _print_run_summary(outcome, to_stdout=False)
     ctx.exit(outcome.exit_code)
 
 
-def _with_progress(kw: dict[str, Any], job: Callable[[Any, Any], Any], data_dir: Path, *,
-                   watching: bool = False, to_stdout: bool = False) -> Any:
-    """Set up logging and progress, build RunOptions from the shared options, run `job`."""
-    from crawlproc import logs
-    from crawlproc.progress import ProgressReporter
+def _job(ctx: click.Context, data_dir: Path, kw: dict[str, Any], *, watching: bool) -> Any:
+    """The job through the Python API (crawlproc.run / watch): one path for both. The options
+    the user gave go as keywords; the others take the API's defaults, which are the command's."""
+    from crawlproc import api, logs
 
-    if kw["scheduler"] is not None and kw["executor"] != "dask":
-        raise click.UsageError("--scheduler needs --executor dask")
-    logs.setup_stderr(kw["verbose"], kw["quiet"], kw["log_json"])
-    bar = not (kw["no_progress"] or kw["quiet"] or kw["log_json"]) and sys.stderr.isatty()
-    reporter = ProgressReporter(bar=bar, watching=watching)
-    try:
-        outcome = job(_run_options(data_dir, kw), reporter)
-    finally:
-        reporter.close()
-    if not kw["quiet"]:
-        _print_run_summary(outcome, to_stdout=to_stdout)
-    return outcome
+    logs.setup_stderr(kw["verbose"], kw["quiet"], kw["log_json"])  # the program's own logging
+    given = {}
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name)
+        if isinstance(param, click.Option) and source not in (None, click.core.ParameterSource.DEFAULT):
+            given[_keyword(param)] = kw[param.name]
+    return (api.watch if watching else api.run)(data_dir, **given)
 
 
 def _output_to_stdout(kw: dict[str, Any]) -> bool:
@@ -436,13 +394,9 @@ def _write_records(merged_output: str | None) -> None:
             os.close(devnull)
 
 
-def _dry_run(data_dir: Path, kw: dict[str, Any], *, watching: bool) -> int:
+def _dry_run(ctx: click.Context, data_dir: Path, kw: dict[str, Any], *, watching: bool) -> int:
     """--dry-run: what would change, with -v file by file, on stdout; exit code 0."""
-    from crawlproc import logs
-    from crawlproc.dryrun import dry_run
-
-    logs.setup_stderr(kw["verbose"], kw["quiet"], kw["log_json"])
-    result = dry_run(_run_options(data_dir, kw), watching=watching, with_paths=kw["verbose"] > 0)
+    result = _job(ctx, data_dir, kw, watching=watching)
     for change, paths in result.paths.items():
         for path in paths:
             click.echo(f"{change:<9} {path}")
@@ -464,46 +418,6 @@ def _dry_run_lines(result: Any) -> list[str]:
     lines += [f"not scanned: {p['relpath']} ({p['error']}): what it holds would be missing from the output"
               for p in result.scan_problems]
     return lines
-
-
-def _processor_and_params(kw: dict[str, Any]) -> tuple[str, dict[str, str]]:
-    """-p and --param, or --cmd: the command line (and --ok-exit-codes, unless it is the
-    default) become the `cmd` processor's params."""
-    if kw["cmd"] is None:
-        if kw["ok_exit_codes"] is not None:
-            raise click.UsageError("--ok-exit-codes goes with --cmd, e.g. --cmd 'grep -c x {}' --ok-exit-codes 0,1")
-        return kw["processor"], kw["params"]
-    from crawlproc.processors.command import DEFAULT_OK_EXIT_CODES, OK_EXIT_CODES, format_exit_codes
-
-    source = click.get_current_context().get_parameter_source("processor")
-    if source not in (None, click.core.ParameterSource.DEFAULT):
-        raise click.UsageError("--cmd and -p/--processor exclude each other")
-    for name, what, option in (("cmd", "the command", "--cmd"), (OK_EXIT_CODES, "the exit codes", "--ok-exit-codes")):
-        if name in kw["params"]:
-            raise click.UsageError(f"give {what} with {option}, not --param {name}=...")
-    params = {**kw["params"], "cmd": kw["cmd"]}
-    if kw["ok_exit_codes"] not in (None, DEFAULT_OK_EXIT_CODES):
-        params[OK_EXIT_CODES] = format_exit_codes(kw["ok_exit_codes"])
-    return "cmd", params
-
-
-def _run_options(data_dir: Path, kw: dict[str, Any]) -> Any:
-    from crawlproc.run import RunOptions
-
-    processor, params = _processor_and_params(kw)
-    return RunOptions(
-        data_dir=data_dir, out=kw["out"], processor=processor, params=params,
-        workers=kw["workers"], include=kw["include"], exclude=kw["exclude"],
-        max_tasks_per_child=kw["max_tasks_per_child"], max_memory=kw["max_memory"],
-        max_memory_per_task=kw["max_memory_per_task"], timeout=kw["timeout"],
-        retries=kw["retries"], retry_delay=kw["retry_delay"], max_failures=kw["max_failures"],
-        durable=kw["durable"], retry_failed=kw["retry_failed"], reprocess=kw["reprocess"],
-        keep_results=kw["keep_results"],
-        batch_size=kw["batch_size"], follow_symlinks=kw["follow_symlinks"], chunk_size=kw["chunk_size"],
-        output=kw["output"], output_format=kw["output_format"],
-        merge=not kw["no_merge"], source_column=kw["source_column"], executor=kw["executor"],
-        scheduler=kw["scheduler"],
-    )
 
 
 def _print_run_summary(outcome: Any, *, to_stdout: bool) -> None:
@@ -631,13 +545,53 @@ def merge(ctx: click.Context, out: Path, output: Path | str | None, output_forma
                    "to pending", err=True)
     if report.unprocessed:
         click.echo(f"the output lacks {plural(report.unprocessed, 'task')} not processed yet; "
-                   f"to process them: {report.run_command}", err=True)
+                   f"to process them: {report.run_command or 'run its processor on OUT again'}", err=True)
     if counts["failed"]:
         click.echo(f"the output lacks {plural(counts['failed'], 'failed task')}; "
                    f"to see why: crawlproc failures -o {shlex.quote(str(out))}", err=True)
     if to_stdout:
         _write_records(report.summary["merged_output"])
     ctx.exit(1 if report.unprocessed or counts["failed"] else 0)
+
+
+@cli.command()
+@click.argument("path")
+@out_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def explain(path: str, out: Path, as_json: bool) -> None:
+    """Why PATH was or was not processed: its tasks, states, attempts and last error, the run
+    that did it and whether the file changed since; or the rule that leaves it out.
+
+    PATH may be absolute; a relative PATH is taken from the current folder when that
+    lies under DATA_DIR, else relative to DATA_DIR (as `crawlproc failures` prints
+    paths). A PATH outside DATA_DIR is an error (exit 2).
+    """
+    from crawlproc.explain import explain as explain_path
+
+    found = explain_path(path, out)
+    if as_json:
+        click.echo(json.dumps(found.to_json(), indent=2))
+    else:
+        for line in found.lines:
+            click.echo(line)
+
+
+@cli.command()
+@out_option
+@click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True,
+              envvar=_env("port"), help="Port to listen on (0: any free port).")
+@click.option("--host", default=DEFAULT_HOST, show_default=True, envvar=_env("host"),
+              help="Address to listen on (0.0.0.0: every interface; the page is read-only).")
+def serve(out: Path, port: int, host: str) -> None:
+    """Serve the live status page, /status.json, /healthz and Prometheus /metrics of OUT.
+
+    OUT may be finished or have a run going: everything is read from its ledger,
+    read-only, like `crawlproc status`. Until Ctrl-C (exit 0).
+    """
+    from crawlproc.serve import Address, serve_out
+
+    serve_out(out, Address(host.strip("[]"), port),
+              ready=lambda url: click.echo(f"serving {out} on {url} (Ctrl-C to stop)", err=True))
 
 
 @cli.command()

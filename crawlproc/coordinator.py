@@ -37,6 +37,7 @@ from crawlproc.batching import MAX_BATCH_BYTES, BatchIds, BatchSizer, ReadyTasks
 from crawlproc.executors import BatchLost, Event, Executor, Opening
 from crawlproc.ledger import Ledger
 from crawlproc.outcomes import Outcomes, RetryPolicy, Tally
+from crawlproc.task import relpath_for_people
 from crawlproc.worker import BatchReport, WorkBatch
 
 SCAN_SLICE = 2000
@@ -382,6 +383,20 @@ class Coordinator:
             "running": len(self._claimed),
             "executor": self.executor.describe(),
         }
+
+    def live_view(self) -> dict:
+        """This run as the status page shows it (serve.LiveBoard asks at most every ~0.5 s):
+        the progress counters, the executor, and each worker's current task by path."""
+        described = dict(self.executor.describe())
+        now_ns = time.monotonic_ns()
+        workers = []
+        for pid, task_id, started_ns in described.pop("current", ()):
+            row = self._claimed.get(task_id) if task_id else None
+            workers.append({"pid": pid, "task": row[0] if row else None,
+                            "relpath": relpath_for_people(row[1]) if row else None,
+                            "running_s": (now_ns - started_ns) / 1e9 if row else None})
+        return {**self.stats(), "retried": self.tally.retried, "stopping": self._stopping,
+                "executor": described, "workers": workers, "watch": self.run_info() if self.run_info else None}
 
     def _heartbeat(self) -> None:
         """Refresh this run's row (for `crawlproc status`) at most once a second, when it changed."""

@@ -22,13 +22,14 @@ from pathlib import Path
 from crawlproc.errors import OutLocked, UsageError
 from crawlproc.identity import Verdict
 from crawlproc.ledger import LEDGER_NAME, Ledger, State
-from crawlproc.processors.base import Processor, load
+from crawlproc.processors.base import Processor
 from crawlproc.lock import running_pid
 from crawlproc.run import (
     RunOptions,
     check_data_dir,
     check_out_entries,
     check_out_is_not_data_dir,
+    load_processor,
     log_skip,
     problem_logger,
     run_identity,
@@ -72,7 +73,7 @@ def dry_run(options: RunOptions, *, watching: bool = False, with_paths: bool = F
     """Scan DATA_DIR as `run` (or, `watching`, watch's catch-up) would, and say what would change."""
     check_data_dir(options.data_dir)
     check_out_is_not_data_dir(options.data_dir, options.out)
-    processor = load(options.processor)
+    processor = load_processor(options)
     if options.out.exists():
         if not options.out.is_dir():
             raise UsageError(f"OUT {options.out} exists and is not a folder")

@@ -25,12 +25,21 @@ class ProcessorLoadError(CrawlprocError):
     """The processor named by -p could not be imported or is not callable."""
 
 
+class ProcessorSetupError(CrawlprocError):
+    """The processor's preload or setup hook raised in a worker process: the run stops at its start."""
+
+
 class WayOut(NamedTuple):
     """A way out of an error: the same command again, with `flag` added and the flags of `drop` left out."""
 
     purpose: str  # "to redo every task"
     flag: str  # "--reprocess"
     drop: tuple[str, ...] = ()
+
+    @property
+    def keyword(self) -> str:
+        """The way out as a Python caller passes it: "reprocess=True"."""
+        return self.flag.lstrip("-").replace("-", "_") + "=True"
 
 
 class IdentityMismatch(CrawlprocError):
@@ -40,9 +49,22 @@ class IdentityMismatch(CrawlprocError):
         super().__init__(message)
         self.message = message
         self.ways_out = tuple(ways_out)  # the CLI shows each as a command to copy
+        self.for_python = False  # raised to a Python caller: the ways out are keywords
 
     def __str__(self) -> str:
-        return "; ".join([self.message, *(f"{way.purpose}, pass {way.flag}" for way in self.ways_out)])
+        return "; ".join([self.message, *(f"{way.purpose}, pass {way.keyword if self.for_python else way.flag}"
+                                          for way in self.ways_out)])
+
+
+class AddressInUse(UsageError):
+    """The address given to serve the status page on is taken by another program."""
+
+    def __init__(self, message: str, ways_out: Sequence[WayOut] = ()) -> None:
+        super().__init__(message)
+        self.ways_out = tuple(ways_out)  # the CLI shows each as a command to copy
+
+    def __str__(self) -> str:
+        return "; ".join([self.args[0], *(f"{way.purpose}, pass {way.flag}" for way in self.ways_out)])
 
 
 class LedgerError(CrawlprocError):

@@ -16,7 +16,7 @@ import csv
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,7 +86,7 @@ def merge_results(
             if not publish_if_damaged:
                 return MergeOutcome(False, written, tasks, len(damaged), batches=batches)
         reduced = reduction.result(lambda: iter_records(temp)) if reduction is not None else None
-        _publish(temp, output, fmt)
+        _publish(temp, output, fmt, lambda n: _describe_record(ledger, out, n))
         _remove_other_formats(out, output)
     finally:
         if reduction is not None:
@@ -218,14 +218,19 @@ class _Sink:
             self._file.close()
 
 
-def _publish(merged_jsonl: Path, output: Path, fmt: str) -> None:
+def _publish(merged_jsonl: Path, output: Path, fmt: str, describe_record: Callable[[int], str]) -> None:
     """Put the merged records at `output` in `fmt`, atomically (temp in the same folder, rename)."""
     if fmt == "jsonl":
         os.replace(merged_jsonl, output)
         return
     temp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
     try:
-        (_write_csv if fmt == "csv" else _write_parquet)(merged_jsonl, temp)
+        if fmt == "csv":
+            _write_csv(merged_jsonl, temp)
+        else:
+            from crawlproc.parquet import write_parquet
+
+            write_parquet(merged_jsonl, temp, describe_record)
         os.replace(temp, output)
     finally:
         if temp.exists():
@@ -249,13 +254,12 @@ def _csv_cell(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (dict, list)) else value
 
 
-def _write_parquet(merged_jsonl: Path, target: Path) -> None:
-    """One Parquet table; schema inferred by pyarrow (the records are held in memory)."""
+def records_table(records: Iterable[dict]) -> Any:
+    """The records as one pyarrow Table (schema inferred; held in memory): Parquet output,
+    and `crawlproc.open(out).to_arrow()`."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    records = [_valid_utf8(record) for record in iter_records(merged_jsonl)]
-    pq.write_table(pa.Table.from_pylist(records), target)
+    return pa.Table.from_pylist([_valid_utf8(record) for record in records])
 
 
 def _valid_utf8(value: Any) -> Any:
@@ -271,6 +275,21 @@ def _valid_utf8(value: Any) -> Any:
     if isinstance(value, list):
         return [_valid_utf8(v) for v in value]
     return value
+
+
+def _describe_record(ledger: Ledger, out: Path, index: int) -> str:
+    """Which task wrote the `index`-th merged record (from 0): for messages, so it may read a while."""
+    reader = ResultReader(out)
+    try:
+        for task_id, batch_id, offset, length, _ in ledger.done_in_merge_order():
+            records = (reader.read(batch_id, offset, length) or b"").count(b"\n") if length else 0
+            if index < records:
+                relpath, chunk = ledger.task_place(task_id) or ("?", None)
+                return f"task {task_id}, {relpath}" + (f" at offset {chunk}" if chunk is not None else "")
+            index -= records
+    finally:
+        reader.close()
+    return "task unknown"
 
 
 def iter_records(path: Path) -> Iterator[dict]:

@@ -13,7 +13,9 @@ frozen out of the cyclic GC's way (a collection would touch, and so copy, every
 inherited page).
 
 Run as `python -m crawlproc.forkserver FD` by processes.ForkServer, which sends
-the WorkerConfig and the modules to import first. SIGINT and SIGTERM are
+the WorkerConfig and the modules to import first (in a memfd: a processor sent by
+value may not fit in one message). Before it forks any worker, it runs the
+processor's preload hook, whose data the workers then share. SIGINT and SIGTERM are
 ignored: it shares the coordinator's process group, and stopping is the
 coordinator's job. It exits when the coordinator's end of the control socket
 closes; workers notice that on their own pipes.
@@ -42,28 +44,35 @@ def main() -> None:
         signal.signal(signum, signal.SIG_IGN)
     with socket.socket(fileno=int(sys.argv[1])) as control:
         control.set_inheritable(False)
-        message, fds, _, _ = socket.recv_fds(control, 1 << 20, 1)
-        if not message:
+        message, fds, _, _ = socket.recv_fds(control, REQUEST_BYTES, 2)
+        if not message or len(fds) != 2:
             return
-        config, preload = pickle.loads(message)
+        with os.fdopen(fds[1], "rb") as setup:  # a file, not the message: a processor sent by value can be big
+            config, preload = pickle.load(setup)
         for name in preload:
             importlib.import_module(name)
-        _load_processor(config.processor)
+        _prepare_processor(config)
         slots = memoryview(mmap.mmap(fds[0], 0)).cast("q")
         os.close(fds[0])
-        gc.freeze()
+        gc.freeze()  # after the preload hook: its data stays in pages no collection writes to
         _Server(control, config, slots).serve()
 
 
-def _load_processor(spec: str) -> None:
-    """Import the processor once, here (a module, a file or a plugin: each is cached where the
-    worker's own load() finds it). If it cannot load, each worker reports that itself."""
-    from crawlproc.processors.base import load
+def _prepare_processor(config) -> None:
+    """Import the processor once, here (a module, a file, a plugin or one sent by value: each is
+    cached where the worker's own load finds it), the modules it imports when it runs, and run its
+    preload hook, so that every worker shares the data. If it cannot load, each worker reports that itself; a preload that fails is
+    reported by each worker with its first batch (see processors/hooks.py)."""
+    from crawlproc.processors.hooks import preload
+    from crawlproc.processors.shipping import load_for_worker
 
     try:
-        load(spec)
+        processor = load_for_worker(config.processor, config.shipped, config.import_paths)
+        for name in processor.imports:  # what the processor imports when it runs
+            importlib.import_module(name)
     except Exception:
-        pass
+        return
+    preload(processor, config.params)
 
 
 class _Server:

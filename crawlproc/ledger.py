@@ -20,7 +20,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -34,10 +34,16 @@ LEDGER_NAME = "ledger.db"  # in OUT; a folder holding one with our APPLICATION_I
 SCHEMA_VERSION = 2  # 2: the folders table and the running flag, which schema-1 code would not keep up
 APPLICATION_ID = 0x43504C31  # "CPL1": tells our ledger from any other SQLite file
 BUSY_TIMEOUT_MS = 10_000
+SCHEMA_WAIT_SECONDS = 2.0  # a reader waits this long for a new ledger's schema (see _wait_for_schema)
 RUNNING_FLAG = "tasks_may_be_running"  # meta key: see Ledger.requeue_stale
 BATCH_IDS_KEY = "batch_ids_reserved"  # meta key: see Ledger.next_batch_id
 LEDGER_TABLES = frozenset({"meta", "tasks", "runs"})
 SKIPPED_KEY = "scan_skipped"  # meta key: what the last full scan skipped on purpose, by kind
+SCAN_SETTINGS_KEY = "scan_settings"  # meta key: the last run's --include/--exclude and links (for explain)
+# A task as the Python API and `explain` show it (not its key bytes or result range).
+TASK_FIELDS = ("id", "relpath", "offset", "length", "size", "mtime_ns", "state", "attempts", "error",
+               "traceback", "not_before", "batch_id", "worker_pid", "elapsed_s", "finished_at")
+_TASK_COLUMNS = ", ".join(f'"{name}"' for name in TASK_FIELDS)
 
 
 class State(str, Enum):
@@ -116,6 +122,16 @@ def _merge_key(row: tuple) -> tuple:
     return (row[1], row[2])
 
 
+class PageTotals(NamedTuple):
+    """What the status page reads from the tasks beyond their counts (Ledger.page_totals)."""
+
+    duration_buckets: tuple[int, ...]  # done tasks whose elapsed_s <= each bound, cumulative
+    durations_counted: int  # done tasks with a recorded elapsed_s
+    durations_sum: float  # their elapsed_s, summed
+    retried_attempts: int  # failed attempts that were (or will be) tried again, over the live tasks
+    oldest_pending_mtime_ns: int | None  # the oldest mtime among pending tasks
+
+
 class ScanDiff(NamedTuple):
     """How the tasks a scan plans for a key range differ from the ledger's live tasks there."""
 
@@ -174,11 +190,9 @@ class Ledger:
 
     # -- set-up ------------------------------------------------------------
     def _check_or_create(self, readonly: bool) -> None:
-        try:
-            app_id = self.conn.execute("PRAGMA application_id").fetchone()[0]
-            has_tables = self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-        except sqlite3.DatabaseError as exc:
-            raise LedgerError(f"{self.path} is not a crawlproc ledger ({exc}); use another --out") from None
+        app_id, has_tables = self._read_header()
+        if readonly and app_id == 0 and not has_tables:
+            app_id, has_tables = self._wait_for_schema()
         if app_id == APPLICATION_ID:
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
             if version == 1 and not readonly:
@@ -194,6 +208,26 @@ class Ledger:
             raise LedgerError(f"{self.path} is an SQLite file but not a crawlproc ledger; use another --out")
         self._create_schema()
         self.created = True
+
+    def _read_header(self) -> tuple[int, int]:
+        """(application_id, number of schema objects)."""
+        try:
+            app_id = self.conn.execute("PRAGMA application_id").fetchone()[0]
+            has_tables = self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"{self.path} is not a crawlproc ledger ({exc}); use another --out") from None
+        return app_id, has_tables
+
+    def _wait_for_schema(self) -> tuple[int, int]:
+        """A reader that meets an empty ledger may be looking at one a run is just creating (its
+        schema comes in one transaction, a few milliseconds after the file): look again for a
+        short while before calling it foreign."""
+        deadline = time.monotonic() + SCHEMA_WAIT_SECONDS
+        header = (0, 0)
+        while header == (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+            header = self._read_header()
+        return header
 
     def _upgrade_from_1(self) -> None:
         """Schema 1 lacks the folders table. The new version number keeps an older crawlproc out:
@@ -684,6 +718,11 @@ class Ledger:
         )
         return cursor  # plain tuples, only the columns the merge reads: this runs once per task
 
+    def task_place(self, task_id: int) -> tuple[str, int | None] | None:
+        """(relpath, offset or None for a whole file) of a task, for messages."""
+        row = self.conn.execute('SELECT relpath, "offset", length FROM tasks WHERE id = ?', (task_id,)).fetchone()
+        return None if row is None else (row[0], None if row[2] is None else row[1])
+
     def done_signature(self) -> list:
         """Changes whenever the set of done tasks or any of their results changes."""
         return list(self._state_totals()[1])
@@ -773,6 +812,70 @@ class Ledger:
                                 "traceback": None, "kind": "scan"})
                     for path, relpath, error, _ in self._scan_problem_rows())
         return [row for *_, row in heapq.merge(tasks, problems, key=lambda item: (item[0], item[1]))]
+
+    # -- reading tasks one by one (the Python API, `explain`) ----------------------------
+    def iter_tasks(self, state: str | None = None) -> Iterator[dict[str, Any]]:
+        """Every task, or those in `state`, in merge order, as dicts (TASK_FIELDS), streamed."""
+        where, args = (" WHERE state = ?", (state,)) if state is not None else ("", ())
+        cursor = self.conn.execute(f"SELECT {_TASK_COLUMNS} FROM tasks{where} "
+                                   'ORDER BY path_bytes, "offset"', args)
+        return (dict(zip(TASK_FIELDS, row)) for row in cursor)
+
+    def tasks_of(self, path_bytes: bytes) -> list[dict[str, Any]]:
+        """The tasks of one file (several with --chunk-size), in offset order."""
+        rows = self.conn.execute(f'SELECT {_TASK_COLUMNS} FROM tasks WHERE path_bytes = ? ORDER BY "offset"',
+                                 (path_bytes,))
+        return [dict(zip(TASK_FIELDS, row)) for row in rows]
+
+    def run_at(self, when: float) -> dict[str, Any] | None:
+        """The run that was going at `when` (the last one started by then)."""
+        cursor = self.conn.execute("SELECT * FROM runs WHERE started <= ? ORDER BY id DESC LIMIT 1", (when,))
+        row = cursor.fetchone()
+        return None if row is None else dict(zip((d[0] for d in cursor.description), row))
+
+    def record_scan_settings(self, settings: Mapping[str, Any]) -> None:
+        """The selection rules of this run's scans (globs, links), for `explain`; written only when
+        they changed, so a no-op rerun commits nothing more."""
+        text = json.dumps(dict(settings), sort_keys=True)
+        if self._meta_value(SCAN_SETTINGS_KEY) != text:
+            self.set_meta({SCAN_SETTINGS_KEY: text})
+
+    def scan_settings(self) -> dict[str, Any] | None:
+        """What record_scan_settings kept (None: OUT was made by a crawlproc that did not keep it)."""
+        text = self._meta_value(SCAN_SETTINGS_KEY)
+        return json.loads(text) if text else None
+
+    # -- reading for the status page (serve/) -------------------------------------------
+    def page_totals(self, bounds: Sequence[float]) -> PageTotals:
+        """What the status page and /metrics add to `counts`, in one pass over the table."""
+        buckets = ", ".join("count(*) FILTER (WHERE state = 'done' AND elapsed_s <= ?)" for _ in bounds)
+        row = self.conn.execute(
+            f"SELECT {buckets}{', ' if bounds else ''}"
+            "count(elapsed_s) FILTER (WHERE state = 'done'), total(elapsed_s) FILTER (WHERE state = 'done'), "
+            "total(CASE WHEN state IN ('done', 'failed') THEN max(attempts - 1, 0) ELSE attempts END) "
+            "FILTER (WHERE state != 'gone'), min(mtime_ns) FILTER (WHERE state = 'pending') FROM tasks",
+            tuple(bounds)).fetchone()
+        n = len(bounds)
+        return PageTotals(tuple(row[:n]), row[n], row[n + 1], int(row[n + 2]), row[n + 3])
+
+    def latest_failures(self, limit: int) -> list[dict[str, Any]]:
+        """The most recent failed attempts, newest first: tasks failed for good, and pending
+        ones that wait for a retry ("retrying")."""
+        rows = self.conn.execute(
+            'SELECT relpath, "offset", attempts, error, finished_at, state FROM tasks '
+            "WHERE state = 'failed' OR (state = 'pending' AND error IS NOT NULL) "
+            "ORDER BY finished_at DESC, id DESC LIMIT ?", (limit,))
+        return [{"relpath": relpath, "offset": offset, "attempts": attempts, "error": error, "at": at,
+                 "state": "failed" if state == State.FAILED.value else "retrying"}
+                for relpath, offset, attempts, error, at, state in rows]
+
+    def running_tasks(self, limit: int) -> list[dict[str, Any]]:
+        """Tasks marked running (by a run going on, or left by one that died), in path order."""
+        rows = self.conn.execute(
+            'SELECT id, relpath, "offset", attempts FROM tasks WHERE state = \'running\' '
+            'ORDER BY path_bytes, "offset" LIMIT ?', (limit,))
+        return [{"task": task_id, "relpath": relpath, "offset": offset, "attempts": attempts}
+                for task_id, relpath, offset, attempts in rows]
 
     # -- scan problems -------------------------------------------------------------
     # A path a scan could not read (a folder it could not list, an entry it could not

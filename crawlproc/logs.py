@@ -12,6 +12,8 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,18 +28,62 @@ _STDERR_FORMAT = "<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> {mes
 _console: Any = None
 _file_sink: int | None = None
 _json_lines = False  # --log-json: what the CLI prints on stderr is JSON too
+_program_set_up = False  # setup_stderr ran: the program (the CLI) owns stderr logging
+_loguru_default = 0  # the id of loguru's default handler (stderr, every DEBUG line), or of ours in its place
 
 
 def setup_stderr(verbose: int, quiet: bool, json_lines: bool) -> None:
-    global _json_lines
+    global _json_lines, _program_set_up
     _json_lines = json_lines
-    level = "WARNING" if quiet else ("DEBUG" if verbose else "INFO")
+    _program_set_up = True
     logger.remove()
     logger.configure(extra={"task": "-"})
+    _add_stderr_sink(verbose, quiet, json_lines)
+
+
+def _add_stderr_sink(verbose: int, quiet: bool, json_lines: bool, **only: Any) -> int:
+    level = "WARNING" if quiet else ("DEBUG" if verbose else "INFO")
     if json_lines:
-        logger.add(_write_json_line, level=level, format="{message}")
-    else:
-        logger.add(_write_stderr, level=level, format=_STDERR_FORMAT, colorize=sys.stderr.isatty())
+        return logger.add(_write_json_line, level=level, format="{message}", **only)
+    return logger.add(_write_stderr, level=level, format=_STDERR_FORMAT, colorize=stderr_is_a_terminal(), **only)
+
+
+@contextmanager
+def job_stderr(verbose: int, quiet: bool, json_lines: bool) -> Iterator[None]:
+    """crawlproc's stderr lines for one job started from Python (a notebook, a script), unless the
+    program set logging up itself (the CLI does: setup_stderr). Only crawlproc's records are
+    shown; loguru's default handler, if nobody removed it, would print every DEBUG line, so it is
+    set aside meanwhile and put back after. Other handlers are left alone. The job's file sink
+    (OUT/logs) is removed at its end either way."""
+    global _json_lines, _loguru_default
+    if _program_set_up:
+        try:
+            yield
+        finally:
+            remove_file_sink()
+        return
+    try:
+        logger.remove(_loguru_default)
+        default_removed = True
+    except ValueError:
+        default_removed = False
+    sink = _add_stderr_sink(verbose, quiet, json_lines, filter="crawlproc")
+    previous, _json_lines = _json_lines, json_lines
+    try:
+        yield
+    finally:
+        _json_lines = previous
+        logger.remove(sink)
+        remove_file_sink()
+        if default_removed:
+            _loguru_default = logger.add(sys.stderr)  # what loguru starts with, set aside again next job
+
+
+def stderr_is_a_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def json_lines() -> bool:
@@ -75,6 +121,16 @@ def add_file_sink(out: Path) -> None:
         out / LOG_DIR / LOG_NAME, level="DEBUG", format=_file_format,
         rotation="10 MB", retention=5, encoding="utf-8",
     )
+
+
+def remove_file_sink() -> None:
+    global _file_sink
+    if _file_sink is not None:
+        try:
+            logger.remove(_file_sink)
+        except ValueError:
+            pass
+        _file_sink = None
 
 
 def _file_format(record: Any) -> str:

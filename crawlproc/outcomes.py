@@ -46,6 +46,7 @@ class Tally:
 
     done: int = 0
     failed: int = 0  # tasks failed for good
+    retried: int = 0  # failed attempts to be tried again (for /metrics)
     stop_reason: str | None = None  # "interrupted", "failure budget", "same error", "write error"
     message: str | None = None
 
@@ -129,6 +130,7 @@ class Outcomes:
             self.tally.failed += 1
             self._check_budget(conn)
         else:
+            self.tally.retried += 1
             self.retry_due = retry_at if self.retry_due is None else min(self.retry_due, retry_at)
         self._check_same_error(task.id, signature, error, tb)
 

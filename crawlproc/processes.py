@@ -112,15 +112,17 @@ class ForkServer:
             return
         self.started_at = time.monotonic()
         slots_fd = _shared_memory_fd()
+        setup_fd = _shared_memory_fd()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             os.ftruncate(slots_fd, SLOTS * SLOT_FIELDS * 8)
             self._slots = memoryview(mmap.mmap(slots_fd, 0)).cast("q")
+            _write_setup(setup_fd, pickle.dumps((self.config, _preload_modules(self.config))))
             with _stop_signals_ignored():  # inherited across exec: the server never sees a Ctrl-C
                 self._process = subprocess.Popen(
                     [sys.executable, "-m", "crawlproc.forkserver", str(theirs.fileno())],
                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)  # no worker reads our terminal
-            socket.send_fds(ours, [pickle.dumps((self.config, _preload_modules(self.config)))], [slots_fd])
+            socket.send_fds(ours, [b"setup".ljust(8)], [slots_fd, setup_fd])
         except BaseException:
             ours.close()
             if self._process is not None:  # started but never told what to do: no use
@@ -131,6 +133,7 @@ class ForkServer:
         finally:
             theirs.close()
             os.close(slots_fd)
+            os.close(setup_fd)
         self._control = ours
 
     def start_worker(self, cancelled: Callable[[], bool] = lambda: False) -> WorkerHandle:
@@ -196,6 +199,14 @@ class ForkServer:
                 self._process.kill()
                 self._process.wait(timeout=5)
             self._process = None
+
+
+def _write_setup(fd: int, data: bytes) -> None:
+    """What the forkserver reads first, from the start of `fd`."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.lseek(fd, 0, os.SEEK_SET)
 
 
 def _shared_memory_fd() -> int:

@@ -6,8 +6,8 @@
 Turning every merged record back into a dict is most of what a reduction
 costs, and it needs nothing but the records: a child does it on another core
 while the merge is still copying, instead of after it. Whenever the child
-cannot give a result (another thread runs here, so a fork could copy a held
-lock; the reducer raised; the result does not pickle; the child died), the
+cannot give a result (another thread that may hold a lock runs here, so a
+fork could copy it held: children.forking_is_safe; the reducer raised; the result does not pickle; the child died), the
 reducer runs here over the merged file, exactly as it would have without the
 child, errors and all.
 """
@@ -18,12 +18,11 @@ import json
 import os
 import pickle
 import signal
-import threading
 from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import Any, TextIO
 
-from crawlproc.children import flush_std_streams, fork_child
+from crawlproc.children import flush_std_streams, fork_child, forking_is_safe
 
 Reducer = Callable[[Iterator[dict]], Any]
 
@@ -38,7 +37,7 @@ class Reduction:
         self._pid: int | None = None
         self._records: int | None = None  # the pipe's write end, while feeding
         self._answer: int | None = None  # the child's result pipe, read end
-        if threading.active_count() == 1:
+        if forking_is_safe():
             self._fork()
 
     def feed(self, data: bytes) -> None:

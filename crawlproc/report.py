@@ -19,6 +19,7 @@ from crawlproc.errors import LedgerError, UsageError
 from crawlproc.finalize import default_output, merge_results, write_summary
 from crawlproc.ledger import Ledger
 from crawlproc.lock import OutLock, running_pid
+from crawlproc.processors.shipping import is_shipped_spec
 from crawlproc.results import remove_temp_files, remove_unreferenced
 from crawlproc.run import LEDGER_NAME, check_out_entries
 from crawlproc.task import relpath_for_people
@@ -46,6 +47,11 @@ def _open_readonly(out: Path) -> Ledger:
         raise LedgerError(hint) from None
 
 
+def read_ledger(out: Path) -> Ledger:
+    """OUT's ledger, read-only, for a reader that is not a command (the Python API, `explain`)."""
+    return _open_readonly(out)
+
+
 def run_command(out: Path, meta: Mapping[str, str]) -> str | None:
     """The `crawlproc run` command line that carries on with OUT, shell-quoted: a hint to print.
 
@@ -54,8 +60,8 @@ def run_command(out: Path, meta: Mapping[str, str]) -> str | None:
     are not recorded (-w, --timeout, ...) keep their defaults. None while OUT
     has no identity yet.
     """
-    if "data_dir" not in meta:
-        return None
+    if "data_dir" not in meta or is_shipped_spec(meta.get("processor")):
+        return None  # no command line can load a processor sent from Python by value
     args = ["crawlproc", "run", meta["data_dir"], "-o", str(out)]
     params = dict(json.loads(meta.get("params") or "{}"))
     processor = meta.get("processor", "linecount")
@@ -277,15 +283,13 @@ class MergeReport(NamedTuple):
 
 def merge_only(out: Path, output: Path | None, fmt: str = "jsonl") -> MergeReport:
     """The finalizer alone; damaged results are requeued and reported, not redone."""
-    from crawlproc.processors.base import load
-
     check_out_entries(out)
     _open_readonly(out).close()
     with OutLock(out):
         ledger = Ledger(out / LEDGER_NAME)
         try:
             meta = ledger.meta()
-            processor = load(meta["processor"])
+            processor = _merging_processor(meta["processor"])
             remove_temp_files(out)
             merged = merge_results(ledger, out, output or default_output(out, fmt), fmt=fmt,
                                    reducer=processor.reduce)
@@ -296,3 +300,13 @@ def merge_only(out: Path, output: Path | None, fmt: str = "jsonl") -> MergeRepor
             return MergeReport(summary, merged.damaged, run_command(out, meta))
         finally:
             ledger.close()
+
+
+def _merging_processor(spec: str) -> Any:
+    """The processor whose reducer the merge runs. One sent from Python by value (a notebook's)
+    cannot be loaded here: the merge then goes without its reducer (no `reduced` in summary.json)."""
+    from crawlproc.processors.base import Processor, load
+
+    if is_shipped_spec(spec):
+        return Processor(lambda task: None, "")
+    return load(spec)

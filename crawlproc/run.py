@@ -5,6 +5,7 @@
       run:   scan ∥ coordinator ─> merge (done results crc-checked; damaged ones redone first)
       watch: catch-up scan ∥ coordinator, merge, then file events ∥ coordinator, merging every --merge-interval
       ─> summary.json ─> exit code (0 all done, 1 some failed or a path not scanned, 130 interrupted)
+    --serve: the status page is bound first and served around all of it (serve/)
 
 Everything here is sequencing; each step is owned by its module.
 """
@@ -15,6 +16,7 @@ import os
 import resource
 import shlex
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -85,6 +87,12 @@ class RunOptions:
     executor: str = "local"
     scheduler: str | None = None
     source_column: str | None = None  # add each record's relpath under this name (see added_columns)
+    # A processor given as an object (the Python API): `processor` is then its spec (shipping.py).
+    processor_object: Processor | None = None
+    shipped: bytes | None = None  # that processor by value, for workers that cannot import it
+    import_paths: tuple[str, ...] = ()
+    stop: Any = None  # a threading.Event: set from any thread, it stops the job as SIGINT would
+    serve: str | None = None  # [HOST:]PORT of the live status page and /metrics (serve/)
 
 
 @dataclass
@@ -147,6 +155,11 @@ def check_command_params(processor: Processor, params: dict[str, str]) -> None:
         command.check_command(params)
 
 
+def load_processor(options: RunOptions) -> Processor:
+    """The processor given as an object (the Python API), or the one -p names."""
+    return options.processor_object if options.processor_object is not None else load(options.processor)
+
+
 def run_identity(options: RunOptions, processor: Processor) -> dict[str, Any]:
     """What makes results comparable: a different identity means different output."""
     code = fingerprint(options.processor, processor)
@@ -183,6 +196,7 @@ class _Job:
     identity: dict[str, Any]
     run_id: int
     forkserver: ForkServer | None = None  # started before the ledger was made (see _open_job)
+    board: Any = None  # --serve: serve.board.LiveBoard, which every coordinator of the job publishes to
     started: float = field(default_factory=time.monotonic)
     wall_started: float = field(default_factory=time.time)
 
@@ -200,7 +214,7 @@ def _open_job(options: RunOptions, command: str, *, early_forkserver: bool = Fal
         raise UsageError("--keep-results and --reprocess exclude each other: --reprocess redoes every task, "
                          "--keep-results keeps the done ones")
     check_out_is_not_data_dir(options.data_dir, options.out)
-    processor = load(options.processor)  # before OUT exists: a typo in -p leaves nothing behind
+    processor = load_processor(options)  # before OUT exists: a typo in -p leaves nothing behind
     check_command_params(processor, options.params)
     if options.executor == "dask":
         from crawlproc.executors.dask import check_available
@@ -235,6 +249,7 @@ def _opened_ledger(options: RunOptions, command: str, processor: Processor,
         _log_verdict(ledger.settle_identity(identity, reprocess=options.reprocess,
                                             keep_results=options.keep_results), options.out, identity)
         _recover(options.out, ledger)
+        ledger.record_scan_settings(scan_settings(options))
         if options.retry_failed:
             logger.info("--retry-failed: {} back to pending", plural(ledger.retry(include_done=False), "failed task"))
         logger.debug("{} {} -> {}: processor {} v{}, {} workers", command, options.data_dir, options.out,
@@ -263,8 +278,21 @@ def _log_verdict(verdict: Verdict, out: Path, identity: dict[str, Any]) -> None:
                      identity[PYTHON_KEY])
 
 
+@contextmanager
+def _serving(options: RunOptions, command: str) -> Iterator[Any]:
+    """--serve: the status page, bound before anything else and served until the job ends."""
+    if options.serve is None:
+        yield None
+        return
+    from crawlproc.serve import serving_run
+
+    with serving_run(options.serve, options.out, command) as board:
+        yield board
+
+
 def run_job(options: RunOptions, *, on_progress: Callable[[dict], None] | None = None) -> RunOutcome:
-    with _open_job(options, "run", early_forkserver=True) as job:
+    with _serving(options, "run") as board, _open_job(options, "run", early_forkserver=True) as job:
+        job.board = board
         source = Scan(job.ledger, os.fsencode(options.data_dir), scan_options(options), log_skip,
                       claim_new=True, list_helpers=list_helpers(job), on_problem=problem_logger(options.out))
         pool = make_pool(job, on_progress, forkserver=job.forkserver)
@@ -295,7 +323,8 @@ def watch_job(
     """Catch up like `run`, then follow file events until SIGINT/SIGTERM; merge; exit 0."""
     from crawlproc.watch import Watcher
 
-    with _open_job(options, "watch") as job:
+    with _serving(options, "watch") as board, _open_job(options, "watch") as job:
+        job.board = board
         watcher = Watcher(
             job.ledger, os.fsencode(options.data_dir), scan_options(options), settle=settle,
             rescan_interval=rescan_interval, out_relpath=_relpath_inside(options.out, options.data_dir),
@@ -410,9 +439,15 @@ def list_helpers(job: _Job) -> int:
     None for a new OUT: every file is work there, the workers keep the cores busy
     and listing in helpers would only add the cost of sending the listings over.
     """
-    if job.ledger.created:
-        return 0
+    if job.ledger.created or threading.active_count() > 1:
+        return 0  # a fork copies only this thread: a lock another thread held would stay held
     return max(1, min(job.options.workers, os.cpu_count() or 1, 4))
+
+
+def scan_settings(options: RunOptions) -> dict[str, Any]:
+    """What decides which files of DATA_DIR become tasks, kept in the ledger for `explain`."""
+    return {"include": list(options.include), "exclude": list(options.exclude),
+            "follow_symlinks": options.follow_symlinks}
 
 
 def scan_options(options: RunOptions) -> ScanOptions:
@@ -435,6 +470,8 @@ def worker_config(options: RunOptions, identity: dict[str, Any]) -> WorkerConfig
         source_column=columns.get("source"),
         offset_column=columns.get("offset"),
         identity=identity_text(identity),
+        shipped=options.shipped,
+        import_paths=options.import_paths,
     )
 
 
@@ -458,15 +495,33 @@ def make_pool(job: _Job, on_progress: Callable[[dict], None] | None, *,
     )
     if options.executor != "local":  # status and the page show the cluster
         hooks["run_info"] = _with_executor(hooks.get("run_info"), executor)
+    if options.stop is not None:
+        on_progress = _stopped_by(options.stop, lambda: coordinator, on_progress)
+    if job.board is not None:
+        on_progress = job.board.progress_hook(on_progress)
     coordinator = Coordinator(job.ledger, executor, coordinator_options, run_id=job.run_id,
                               on_progress=on_progress, out_hint=out_hint(options.out), **hooks)
     stopping.append(coordinator)
+    if job.board is not None:
+        job.board.follow(coordinator)
     return coordinator
 
 
 def _with_executor(run_info: Callable[[], dict] | None, executor: Any) -> Callable[[], dict]:
     """The run's info for its `runs` row, with the executor's description added."""
     return lambda: {**(run_info() if run_info else {}), "executor": executor.describe()}
+
+
+def _stopped_by(stop: Any, coordinator: Callable[[], Coordinator],
+                on_progress: Callable[[dict], None] | None) -> Callable[[dict], None]:
+    """Progress that also asks the coordinator to stop once `stop` is set (it reports progress
+    after every loop turn, at least every TICK_SECONDS): a run in a thread has no Ctrl-C."""
+    def report(stats: dict) -> None:
+        if stop.is_set():
+            coordinator().request_stop("stop requested")
+        if on_progress is not None:
+            on_progress(stats)
+    return report
 
 
 def _merge(job: _Job, *, publish_if_damaged: bool = True) -> MergeOutcome:

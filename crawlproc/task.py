@@ -1,19 +1,75 @@
 """`Task`: what a processor sees — one input file, or one byte range of it.
 
-A range owns the lines that *start* inside it. `lines()` therefore skips a
-partial first line (unless the range starts at 0 or right after a newline) and
-reads past the range's end to finish its last line, so that whatever the
-ranges of a file are, every line is yielded by exactly one task.
+A range owns the lines that *start* inside it: `owned_span` is the one
+definition of that rule. It skips a partial first line (unless the range starts
+at 0 or right after a newline) and reads past the range's end to finish its last
+line, so that whatever the ranges of a file are, every line belongs to exactly
+one task. `lines()` yields those lines one by one; `line_buffer()` gives them as
+one buffer (a view of the file mapped in memory, not a copy), for parsers such
+as pyarrow or polars that take a whole buffer at once.
 """
 
 from __future__ import annotations
 
 import io
+import mmap
 import os
 from collections.abc import Iterator, Mapping
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 _READ_BLOCK = 1 << 16
+_MAP_AT_LEAST = 1 << 20   # smaller spans are read into memory: a mapping costs more than the copy
+
+
+class Span(NamedTuple):
+    """Bytes [start, end) of a file: the lines a task owns."""
+
+    start: int
+    end: int
+
+
+def owned_span(f: BinaryIO, offset: int | None, length: int | None, size: int) -> Span:
+    """The lines that start in [offset, offset + length) of the open file `f` of `size` bytes.
+
+    A whole file (offset None) owns everything. The file position is left anywhere.
+    """
+    if offset is None:
+        return Span(0, size)
+    start = _line_start_at_or_after(f, offset)
+    limit = offset + (length or 0)
+    if start >= limit or start >= size:
+        return Span(start, start)
+    return Span(start, _line_start_at_or_after(f, limit) if limit < size else size)
+
+
+class LoadedSpan(NamedTuple):
+    """Bytes holding a task's lines: `data[span.start:span.end]`; `data[0]` is at file offset `base`."""
+
+    data: bytes | mmap.mmap
+    span: Span
+    base: int
+
+
+def load_span(path: str, offset: int | None, length: int | None) -> LoadedSpan:
+    """The bytes of the lines a task owns. A small span is read (a mapping costs more than
+    the copy); a larger one is the whole file, mapped read-only."""
+    with open(path, "rb", buffering=0) as f:
+        start, end = owned_span(f, offset, length, os.fstat(f.fileno()).st_size)
+        if end - start < _MAP_AT_LEAST:
+            f.seek(start)
+            data = f.read(end - start)
+            return LoadedSpan(data, Span(0, len(data)), start)
+        return LoadedSpan(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), Span(start, end), 0)
+
+
+def _line_start_at_or_after(f: BinaryIO, pos: int) -> int:
+    """The first position >= pos where a line starts (or the end of the file)."""
+    if pos == 0:
+        return 0
+    f.seek(pos - 1)
+    if f.read(1) == b"\n":
+        return pos
+    return pos + len(f.readline())  # the tail of the line that started before pos
 
 
 class Task:
@@ -21,10 +77,12 @@ class Task:
 
     `path` is absolute, `relpath` is POSIX and relative to DATA_DIR (non-UTF-8
     bytes are kept via surrogateescape: `os.fsencode(task.relpath)` gives them
-    back). `offset`/`length` are None for a whole file.
+    back). `offset`/`length` are None for a whole file. `context` is what the
+    processor's setup hook gave this worker process, `preloaded` what its
+    preload hook loaded before the workers forked (None without such hooks).
     """
 
-    __slots__ = ("id", "path", "relpath", "offset", "length", "params")
+    __slots__ = ("id", "path", "relpath", "offset", "length", "params", "context", "preloaded")
 
     def __init__(
         self,
@@ -34,6 +92,8 @@ class Task:
         offset: int | None = None,
         length: int | None = None,
         params: Mapping[str, str] | None = None,
+        context: Any = None,
+        preloaded: Any = None,
     ) -> None:
         self.id = id
         self.path = path
@@ -41,6 +101,8 @@ class Task:
         self.offset = offset
         self.length = length
         self.params: Mapping[str, str] = params or {}
+        self.context = context
+        self.preloaded = preloaded
 
     def __fspath__(self) -> str:
         return self.path
@@ -80,29 +142,37 @@ class Task:
             return raw
         return (line.decode(encoding, errors) for line in raw)
 
+    def span(self) -> Span:
+        """Where the task's own lines are in the file: `Span(start, end)` (see `owned_span`)."""
+        with open(self.path, "rb", buffering=0) as f:
+            return owned_span(f, self.offset, self.length, os.fstat(f.fileno()).st_size)
+
+    def line_buffer(self) -> memoryview:
+        """The task's own lines (exactly those `lines()` yields) as one read-only buffer.
+
+        A large span is a view of the file mapped in memory, so no byte is
+        copied: hand it to `pyarrow.py_buffer()`, `pyarrow.BufferReader()`,
+        `polars.read_csv()`, `bytes()`... The mapping lives as long as the view
+        (or buffers made from it) does. A file truncated while mapped makes the
+        worker die with SIGBUS: that attempt fails, as any crash does.
+        """
+        data, (start, end), _ = load_span(self.path, self.offset, self.length)
+        return memoryview(data)[start:end]
+
     def _raw_lines(self) -> Iterator[bytes]:
         with open(self.path, "rb", buffering=_READ_BLOCK) as f:
             if not self.is_range:
                 yield from f
                 return
-            end = self.offset + self.length
-            pos = self._first_line_start(f)
+            start, end = owned_span(f, self.offset, self.length, os.fstat(f.fileno()).st_size)
+            f.seek(start)
+            pos = start
             while pos < end:
                 line = f.readline()
                 if not line:
                     return
                 yield line
                 pos += len(line)
-
-    def _first_line_start(self, f: BinaryIO) -> int:
-        """Seek `f` to the first line that starts at or after `offset`; return its position."""
-        if self.offset == 0:
-            return 0
-        f.seek(self.offset - 1)
-        if f.read(1) == b"\n":
-            return self.offset
-        partial = f.readline()  # the tail of a line owned by the previous range
-        return self.offset + len(partial)
 
 
 class _RangeReader(io.RawIOBase):

@@ -135,6 +135,7 @@ class PathFilter:
     def __init__(self, include: Sequence[str], exclude: Sequence[str]) -> None:
         self._include = _compile(include)
         self._exclude = _compile(exclude)
+        self._patterns = (tuple(include), tuple(exclude))
 
     def wants_file(self, relpath: str, name: str) -> bool:
         if self._exclude and _matches(self._exclude, relpath, name):
@@ -156,6 +157,22 @@ class PathFilter:
         if parent and self.excludes_any_part(parent):
             return False
         return self.wants_file(os.fsdecode(relpath), os.fsdecode(name))
+
+
+    def rule_against(self, relpath: bytes) -> str | None:
+        """Why a walk would not yield this file, for people: the --exclude pattern that matches
+        it or one of its folders, or no --include pattern matching it; None if it is selected."""
+        include, exclude = self._patterns
+        parts = os.fsdecode(relpath).split("/")
+        for depth in range(1, len(parts) + 1):
+            sub, name = "/".join(parts[:depth]), parts[depth - 1]
+            for pattern in exclude:
+                if _matches(_compile([pattern]), sub, name):
+                    what = f"its folder {sub}/" if depth < len(parts) else "it"
+                    return f"--exclude {pattern!r} matches {what}"
+        if self._include and not _matches(self._include, "/".join(parts), parts[-1]):
+            return f"no --include pattern matches it ({', '.join(map(repr, include))})"
+        return None
 
 
 def _compile(patterns: Sequence[str]) -> tuple[re.Pattern | None, re.Pattern | None] | None:
@@ -366,11 +383,11 @@ class _Walk:
             return DIR, st
         if stat.S_ISREG(st.st_mode):
             return FILE, st
-        self._skip("special_files", relpath, f"not a regular file ({_kind_name(st.st_mode)}); skipped")
+        self._skip("special_files", relpath, f"not a regular file ({kind_name(st.st_mode)}); skipped")
         return None, None
 
 
-def _kind_name(mode: int) -> str:
+def kind_name(mode: int) -> str:
     for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
                        (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
         if test(mode):

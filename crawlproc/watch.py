@@ -53,6 +53,7 @@ class _Candidate:
     mtime_ns: int
     stable_since: float
     ready: bool  # closed after writing, or renamed in: no need to wait for --settle
+    seen_at: float = 0.0  # wall time of its first event: how far behind the watcher is (info)
 
 
 class _EventHandler:
@@ -183,7 +184,8 @@ class Watcher:
 
     def info(self) -> dict[str, Any]:
         return {**self.stats, "queue_depth": len(self._candidates) + self._events.qsize(),
-                "scanning": bool(self._scans)}
+                "scanning": bool(self._scans),
+                "oldest_queued_at": min((c.seen_at for c in self._candidates.values()), default=None)}
 
     # -- events (observer thread) ---------------------------------------------------
     def relpath_of(self, path: bytes | str) -> bytes | None:
@@ -282,7 +284,7 @@ class Watcher:
         now = self.monotonic()
         candidate = self._candidates.get(relpath)
         if candidate is None:
-            candidate = self._candidates[relpath] = _Candidate(-1, -1, now, ready)
+            candidate = self._candidates[relpath] = _Candidate(-1, -1, now, ready, self.wall())
         candidate.ready = candidate.ready or ready
         if entry is not None:
             candidate.size, candidate.mtime_ns = entry.size, entry.mtime_ns

@@ -12,6 +12,10 @@ slot, so the coordinator can blame exactly that task if the worker dies or runs
 past --timeout, without any message. A processor exception fails only its own
 task. The worker leads its own process group (a timeout kills whatever it
 started too) and exits by itself once the coordinator's pipe closes.
+
+A worker runs its processor's setup hook once when it starts, hands what it
+gave to each task (`task.context`, with `task.preloaded` from the forkserver),
+and its teardown when it retires or is told to stop (processors/hooks.py).
 """
 
 from __future__ import annotations
@@ -67,6 +71,8 @@ class WorkerConfig:
     source_column: str | None = None  # --source-column: each record gets its task's relpath under it
     offset_column: str | None = None  # and (with --chunk-size) its byte offset under this one
     identity: str = ""  # the run's identity (results.identity_text), written into each trailer
+    shipped: bytes | None = None  # the processor by value (processors/shipping.py), when not importable
+    import_paths: tuple[str, ...] = ()  # the coordinator's sys.path, for a processor given as an object
 
 
 @dataclass(frozen=True)
@@ -87,16 +93,20 @@ class BatchReport:
     retiring: bool = False
     write_error: str | None = None
     where: str | None = None  # the Dask worker that ran it (None: this machine)
+    setup_error: str | None = None  # the processor's preload or setup failed here: nothing ran
 
 
 class Worker:
     """Runs batches in the current process; `run_batch` is one unit of work."""
 
     def __init__(self, config: WorkerConfig, slot: Any = None) -> None:
-        from crawlproc.processors.base import load
+        from crawlproc.processors.hooks import WorkerHooks
+        from crawlproc.processors.shipping import load_for_worker
 
         self.config = config
-        self.processor = load(config.processor)
+        self.processor = load_for_worker(config.processor, config.shipped, config.import_paths)
+        self.hooks = WorkerHooks(self.processor, config.params)
+        self.setup_error = self.hooks.start()  # once per worker process, before any task
         self.slot = slot if slot is not None else [0, 0]
         self.out = Path(config.out)
         self.pid = os.getpid()
@@ -105,6 +115,9 @@ class Worker:
         self._trailer = TrailerWriter(config.identity, self.pid)
 
     def run_batch(self, batch: WorkBatch) -> BatchReport:
+        if self.setup_error is not None:  # every task back, unpenalised; the run stops (exit 2)
+            outcomes = [(t[0], RETURNED, None, 0.0) for t in batch.tasks]
+            return BatchReport(batch.batch_id, self.pid, outcomes, retiring=True, setup_error=self.setup_error)
         chunks: list[bytes] = []
         outcomes: list[tuple] = []
         written = 0
@@ -130,7 +143,8 @@ class Worker:
         task_id, path_bytes, offset, length, size, mtime_ns = spec[:6]
         path = os.fsdecode(self.config.data_dir + b"/" + path_bytes)
         task = Task(task_id, path, relpath_for_processors(path_bytes),
-                    offset if length is not None else None, length, self.config.params)
+                    offset if length is not None else None, length, self.config.params,
+                    self.hooks.context, self.hooks.preloaded)
         self.slot[1] = time.monotonic_ns()
         self.slot[0] = task_id
         started = time.perf_counter()
@@ -147,6 +161,10 @@ class Worker:
         if outcome[1] != DONE:
             data = b""
         return outcome, data, retiring or self._over_memory()
+
+    def close(self) -> None:
+        """The processor's teardown, when the worker retires or is told to stop."""
+        self.hooks.close()
 
     def _source_of(self, task: Task) -> dict[str, Any] | None:
         """The fields --source-column puts in front of each record of `task`."""
@@ -247,6 +265,7 @@ def worker_main(config: WorkerConfig, conn: Any, slot: Any) -> None:
         conn.send(report)
         if report.retiring:
             break
+    worker.close()
     # Return without closing `conn`: the inbox thread would take its own closed
     # pipe for a dead coordinator. The process exit closes it.
 

@@ -46,17 +46,23 @@ says they are complete with the same parameters):
            and sum/min/max of ``amount`` only, and of every numeric column
            (id and amount: what csv-stats computes); (b) ``crawlproc run DATA
            -o NEW -w W -p csv-stats --param group_by=category --no-progress
-           -q``. Reports rows/s and crawlproc's rows/s over each loop's
-           (target >= 1.8x). Checks: crawlproc's summary.json ``reduced``
-           equals the exact per-category totals kept by the generator (amount
-           sums compared exactly: csv-stats gives the correctly rounded exact
-           sum), and each loop's totals equal crawlproc's (the loops' running
-           float sums within a relative 1e-9). Run only when named.
+           -q``; (c) the same groups by polars (``scan_csv().group_by()``,
+           POLARS_MAX_THREADS=W) and DuckDB (``read_csv() GROUP BY``, W
+           threads), both from the ``bench`` extra. (b) and (c) run 5 times
+           each, taking turns (1 with --quick, N with --repeat N); medians.
+           Reports rows/s and crawlproc's rows/s over each loop's (target >=
+           1.8x), and crawlproc's wall over polars' (target <= 1.5x) and over
+           DuckDB's (target <= 1.0x). Checks: every crawlproc run's
+           summary.json ``reduced`` equals the exact per-category totals kept
+           by the generator (amount sums compared exactly: csv-stats gives the
+           correctly rounded exact sum), and the loops', polars' and DuckDB's
+           totals equal crawlproc's (their float sums within a relative 1e-9).
+           Run only when named.
   bigfile  one generated CSV file of 13 million rows (~0.93 GB), same columns;
-           the same two loops against crawlproc csv-stats with
-           ``--chunk-size 32MB`` (target >= 1.7x); side rows: ``wc -l``
-           against ``crawlproc -p linecount --chunk-size 32MB``. Run only
-           when named.
+           the same loops, polars and DuckDB against crawlproc csv-stats with
+           ``--chunk-size 32MB`` (targets: >= 1.7x the loops' rows/s, <= 1.5x
+           polars' wall); side rows: ``wc -l`` against ``crawlproc -p
+           linecount --chunk-size 32MB``. Run only when named.
   faults   on tiny's and typical's data: crawlproc's first run with default
            options against ``--timeout 60 --max-memory-per-child 1GB``
            (limits that never trigger; target within 5%), and the cost of a
@@ -958,6 +964,8 @@ class CsvWorkload:
     chunk_size: str | None  # crawlproc --chunk-size
     target: float  # crawlproc rows/s over the single-process loop's, at least
     wc_side: bool  # side rows: crawlproc -p linecount vs wc -l
+    polars_target: float = 1.5  # crawlproc wall / polars wall, at most
+    duckdb_target: float | None = None  # crawlproc wall / DuckDB wall, at most
 
     @property
     def rows(self) -> int:
@@ -980,7 +988,7 @@ class CsvWorkload:
 
 
 CSV_WORKLOADS = {
-    "csv": CsvWorkload("csv", 200, 50_000, 50_000, None, target=1.8, wc_side=False),
+    "csv": CsvWorkload("csv", 200, 50_000, 50_000, None, target=1.8, wc_side=False, duckdb_target=1.0),
     "bigfile": CsvWorkload("bigfile", 1, 13_000_000, 250_000, "32MB", target=1.7, wc_side=True),
 }
 
@@ -1153,21 +1161,28 @@ def finish_row(row: RateRow) -> RateRow:
     return row
 
 
+def timed_into(row: RateRow, cmd: list[str], log: Path, unit: str, args, problems: list[str],
+               label: str | None = None, env: dict | None = None) -> bool:
+    """One timed run added to ``row`` (its wall, or the failure); whether it succeeded."""
+    _, wall = timed_once(label or row.run, cmd, log, row.count, unit, args.timeout, env=env)
+    if wall is None:
+        row.failed = True
+        row.note = f"FAILED, log {log}"
+        problems.append(f"FAILED: {row.run}: $ {shlex.join(cmd)}")
+        return False
+    row.walls.append(wall)
+    return True
+
+
 def repeat_rate(label: str, make_cmd, tag: str, run_dir: Path, count: int, unit: str, args,
                 problems: list[str]) -> tuple[RateRow, str]:
     """``make_cmd(suffix)`` --repeat times into new outputs; the row has the median wall time."""
     row, suffix = RateRow(label, count=count), ""
     for i in range(args.repeat):
         suffix = f"-{i + 1}" if args.repeat > 1 else ""
-        cmd = make_cmd(suffix)
-        _, wall = timed_once(label + suffix.replace("-", " #"), cmd, run_dir / f"{tag}{suffix}.log",
-                             count, unit, args.timeout)
-        if wall is None:
-            row.failed = True
-            row.note = f"FAILED, log {run_dir / f'{tag}{suffix}.log'}"
-            problems.append(f"FAILED: {label}: $ {shlex.join(cmd)}")
+        if not timed_into(row, make_cmd(suffix), run_dir / f"{tag}{suffix}.log", unit, args, problems,
+                          label=label + suffix.replace("-", " #")):
             break
-        row.walls.append(wall)
     return finish_row(row), suffix
 
 
@@ -1212,6 +1227,7 @@ class CsvReport:
     rows: list[RateRow] = dataclasses.field(default_factory=list)  # loops, then crawlproc
     crawlproc: RateRow | None = None
     side: list[RateRow] = dataclasses.field(default_factory=list)
+    engines: list[RateRow] = dataclasses.field(default_factory=list)  # polars, DuckDB
     checks: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
     problems: list[str] = dataclasses.field(default_factory=list)
@@ -1243,9 +1259,15 @@ class CsvReport:
             md.append("")
         for r in self.rows:
             ratio = self.speedup(r)
-            if ratio is not None:
+            if ratio is not None and r not in self.engines:
                 md.append(f"- crawlproc vs {r.run}: {ratio:.2f}x the rows/s (target >= {cwl.target}x): "
                           f"{verdict(ratio >= cwl.target)}")
+        cp = self.crawlproc
+        for r, target in zip(self.engines, (cwl.polars_target, cwl.duckdb_target)):
+            if cp is not None and cp.wall and r.wall:
+                wall_ratio = cp.wall / r.wall
+                goal = f" (target <= {target}x): {verdict(wall_ratio <= target)}" if target else ""
+                md.append(f"- crawlproc wall / {r.run} wall: {wall_ratio:.2f}x{goal}")
         md += [f"- {c}" for c in self.checks]
         md += [f"- {n}" for n in self.notes]
         md += [f"- **{p}**" for p in self.problems]
@@ -1255,6 +1277,62 @@ class CsvReport:
 
 CSV_LOOPS = [("amount", "single-process csv loop: amount only", ("amount",)),
              ("all", "single-process csv loop: all numeric columns (id, amount)", ("id", "amount"))]
+
+
+def engine_commands(data: Path, run_dir: Path, workers: int) -> list[tuple]:
+    """polars and DuckDB over the same files, with as many threads as crawlproc has workers."""
+    work = [sys.executable, str(SCRIPTS / "bench_work.py")]
+    polars_env = {**os.environ, "POLARS_MAX_THREADS": str(workers)}
+    return [
+        (f"polars scan_csv().group_by(), {workers} threads",
+         lambda suffix: [*work, "polars", str(data), str(run_dir / f"polars{suffix}.json")], "polars", polars_env),
+        (f"DuckDB read_csv() GROUP BY, {workers} threads",
+         lambda suffix: [*work, "duckdb", str(data), str(run_dir / f"duckdb{suffix}.json"), str(workers)],
+         "duckdb", None),
+    ]
+
+
+def interleaved_rates(tools: list[tuple], run_dir: Path, count: int, times: int, args,
+                      problems: list[str]) -> list[tuple[RateRow, list[str]]]:
+    """Each tool (label, make_cmd(suffix), tag, env) run `times` times, one after the other in
+    turn, so that a busy moment of the machine falls on all of them; rows with median walls and
+    the suffixes of each tool's successful runs."""
+    rows = [(RateRow(label, count=count), []) for label, *_ in tools]
+    for i in range(times):
+        for (label, make_cmd, tag, env), (row, suffixes) in zip(tools, rows):
+            if row.failed:
+                continue
+            suffix = f"-{i + 1}"
+            if timed_into(row, make_cmd(suffix), run_dir / f"{tag}{suffix}.log", "rows", args, problems,
+                          label=f"{label} #{i + 1}", env=env):
+                suffixes.append(suffix)
+    return [(finish_row(row), suffixes) for row, suffixes in rows]
+
+
+def check_csv_runs(cwl: CsvWorkload, truth: dict, outs: list[Path], row: RateRow, rep: CsvReport) -> dict:
+    """Every crawlproc run's reduced totals against the generator's exact ones; the last run's groups."""
+    groups: dict = {}
+    for n, out in enumerate(outs, 1):
+        summary = read_summary(out)
+        reduced = summary.get("reduced") or {}
+        expect = {"files": cwl.files, "rows": cwl.rows, "malformed": 0, "group_by": "category"}
+        wrong = {k: reduced.get(k) for k, v in expect.items() if reduced.get(k) != v}
+        if wrong:
+            rep.problems.append(f"MISMATCH {cwl.name} run {n}: crawlproc reduced {wrong}, expected "
+                                f"{ {k: expect[k] for k in wrong} }")
+        groups = reduced.get("groups") or {}
+        bad, _ = compare_groups(groups, truth, ("id", "amount"), exact_sums=True)
+        if bad:
+            rep.problems.append(f"MISMATCH {cwl.name} run {n}: crawlproc reduced totals differ from the "
+                                f"generator's exact totals: {'; '.join(bad[:5])}")
+    elapsed = summary.get("timings", {}).get("elapsed_s")
+    row.note = "; ".join(filter(None, [row.note, f"last summary elapsed_s {elapsed}", fmt_counts(summary),
+                                       f"{reduced.get('tasks')} tasks"]))
+    if not any(p.startswith(f"MISMATCH {cwl.name} run") for p in rep.problems):
+        rep.checks.append(f"crawlproc `reduced` == the generator's exact totals for all {len(truth)} categories, "
+                          f"in each of the {len(outs)} runs (rows; id and amount count/sum/min/max; amount sum "
+                          "compared exactly: csv-stats gives the correctly rounded exact sum): OK")
+    return groups
 
 
 def bench_csv(cwl: CsvWorkload, bench_dir: Path, run_root: Path, args) -> CsvReport:
@@ -1295,30 +1373,22 @@ def bench_csv(cwl: CsvWorkload, bench_dir: Path, run_root: Path, args) -> CsvRep
 
     rep.command = shlex.join(["crawlproc", *cp_cmd("")[1:]]).replace(str(data), "DATA").replace(
         str(run_dir / "crawlproc-out"), "NEW")
-    row, suffix = repeat_rate(f"crawlproc csv-stats, {args.workers} workers", cp_cmd, "crawlproc", run_dir,
-                              cwl.rows, "rows", args, rep.problems)
-    rep.rows.append(row)
-    if not row.failed:
-        rep.crawlproc = row
-        summary = read_summary(run_dir / f"crawlproc-out{suffix}")
-        reduced = summary.get("reduced") or {}
-        elapsed = summary.get("timings", {}).get("elapsed_s")
-        row.note = "; ".join(filter(None, [row.note, f"summary elapsed_s {elapsed}", fmt_counts(summary),
-                                           f"{reduced.get('tasks')} tasks"]))
-        expect = {"files": cwl.files, "rows": cwl.rows, "malformed": 0, "group_by": "category"}
-        wrong = {k: reduced.get(k) for k, v in expect.items() if reduced.get(k) != v}
-        if wrong:
-            rep.problems.append(f"MISMATCH {cwl.name}: crawlproc reduced {wrong}, expected "
-                                f"{ {k: expect[k] for k in wrong} }")
-        groups = reduced.get("groups") or {}
-        bad, _ = compare_groups(groups, truth, ("id", "amount"), exact_sums=True)
-        if bad:
-            rep.problems.append(f"MISMATCH {cwl.name}: crawlproc reduced totals differ from the generator's "
-                                f"exact totals: {'; '.join(bad[:5])}")
-        else:
-            rep.checks.append(f"crawlproc `reduced` == the generator's exact totals for all {len(truth)} categories "
-                              "(rows; id and amount count/sum/min/max; amount sum compared exactly: csv-stats "
-                              "gives the correctly rounded exact sum): OK")
+    engines = engine_commands(data, run_dir, args.workers)
+    times = args.repeat if args.repeat > 1 else (1 if args.quick else 5)
+    rows = interleaved_rates([(f"crawlproc csv-stats, {args.workers} workers", cp_cmd, "crawlproc", None),
+                              *engines], run_dir, cwl.rows, times, args, rep.problems)
+    (cp_row, cp_suffixes), *engine_rows = rows
+    rep.rows.append(cp_row)
+    groups = {}
+    if not cp_row.failed:
+        rep.crawlproc = cp_row
+        groups = check_csv_runs(cwl, truth, [run_dir / f"crawlproc-out{s}" for s in cp_suffixes], cp_row, rep)
+    for (row, suffixes), (_, _, tag, _) in zip(engine_rows, engines):
+        rep.rows.append(row)
+        rep.engines.append(row)
+        if not row.failed and groups:
+            loops[tag] = (row.run, ("id", "amount"), json.loads((run_dir / f"{tag}{suffixes[-1]}.json").read_text()))
+    if groups:
         for mode, (label, columns, got) in loops.items():
             bad, worst = compare_groups(got, groups, columns, exact_sums=False)
             if bad:
@@ -1326,7 +1396,7 @@ def bench_csv(cwl: CsvWorkload, bench_dir: Path, run_root: Path, args) -> CsvRep
             else:
                 rep.checks.append(f"{label} == crawlproc per category: rows, count/min/max of "
                                   f"{', '.join(columns)}" + (", id sum" if "id" in columns else "")
-                                  + " identical; amount sum (running float sum in the loop) within "
+                                  + " identical; amount sum (a float sum there) within "
                                   f"{worst:.1e} relative (tolerance {CSV_SUM_RTOL:g}): OK")
     if cwl.wc_side:
         bench_csv_side(cwl, data, run_dir, exe, args, rep)

@@ -410,3 +410,22 @@ def test_local_cluster_of_our_own(tmp_path):
     assert_no_leftovers(out)
     wait_until(lambda: not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
                60, "the dead run's Dask processes to end")
+
+
+def test_the_status_page_shows_the_cluster(tmp_path, cluster):
+    from test_serve import Gates, Served, status_json
+
+    gates = Gates(tmp_path)
+    run = Served(tmp_path, *gates.run_args("--retries", "0", "--serve", "0", *dask_args(cluster)), name="run")
+    try:
+        executor = wait_until(lambda: ((status_json(run.url)["live"] or {}).get("executor") or {}).get("threads"),
+                              60, "the cluster on the status page")
+        live = status_json(run.url)["live"]
+        assert live["executor"] == {"executor": "dask", "scheduler": cluster.scheduler_address,
+                                    "workers": 2, "threads": executor}
+        assert live["workers"] == []  # its tasks run in processes on the Dask workers, not here
+        gates.first.touch()
+        gates.last.touch()
+        assert run.finish() == 1  # the <script> file failed
+    finally:
+        run.kill()

@@ -79,3 +79,67 @@ def test_merge_command_writes_another_format(data, tmp_path):
     result = run_cli("merge", "-o", str(out), "--format", "csv")
     assert result.returncode == 0, result.stderr
     assert (out / "merged.csv").read_text().splitlines()[0] == "path,lines,words,bytes"
+
+
+# -- Parquet, streamed -------------------------------------------------------------------
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_parquet_streams_blocks_into_row_groups_and_widens(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    import crawlproc.parquet as parquet_mod
+
+    monkeypatch.setattr(parquet_mod, "BLOCK_BYTES", 64)  # a few records per block
+    records = [{"path": f"f{i}", "n": i, "s": {"a": i}} for i in range(20)]
+    records += [{"path": "late", "n": 2.5, "s": {"a": 1, "b": "x"}, "new": [1, 2]},  # widen n, s; add new
+                {"path": "when", "n": 3, "stamp": "2024-01-01T00:00:00"}]  # a string stays a string
+    target = tmp_path / "out.parquet"
+    parquet_mod.write_parquet(write_jsonl(tmp_path / "m.jsonl", records), target, lambda n: f"task of {n}")
+    parquet = pq.ParquetFile(target)
+    assert parquet.metadata.num_row_groups > 1
+    rows = parquet.read().to_pylist()
+    assert [r["path"] for r in rows] == [r["path"] for r in records]
+    assert parquet.schema_arrow.field("n").type == "double" and rows[3]["n"] == 3.0 and rows[20]["n"] == 2.5
+    assert rows[0]["s"] == {"a": 0, "b": None} and rows[20]["s"] == {"a": 1, "b": "x"}
+    assert rows[0]["new"] is None and rows[20]["new"] == [1, 2]
+    assert rows[21]["stamp"] == "2024-01-01T00:00:00" and rows[21]["s"] is None
+
+
+def test_parquet_of_no_records(tmp_path):
+    import pyarrow.parquet as pq
+
+    from crawlproc.parquet import write_parquet
+
+    target = tmp_path / "out.parquet"
+    write_parquet(write_jsonl(tmp_path / "m.jsonl", []), target, str)
+    assert pq.read_table(target).num_rows == 0
+
+
+def test_parquet_record_that_does_not_fit_names_its_task(tmp_path):
+    data = make_tree(tmp_path / "data", {"a.txt": "1\n", "b.txt": "x\n", "c.txt": "3\n"})
+    proc = tmp_path / "proc.py"
+    proc.write_text("def kind(task):\n"
+                    "    text = task.read_bytes().strip().decode()\n"
+                    "    return {'path': task.relpath, 'v': int(text) if text.isdigit() else {'text': text}}\n")
+    out = tmp_path / "out"
+    result = run_cli("run", str(data), "-o", str(out), "-p", f"{proc}:kind", "-w", "1", "-q", "--format", "parquet")
+    assert result.returncode == 2, result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert "cannot write Parquet: record 2 (task" in message and "b.txt)" in message, message
+    assert "use --format jsonl or csv" in message
+    assert not (out / "merged.parquet").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".merged")]  # no temp left
+
+
+def test_parquet_conflict_in_a_later_block_names_that_record(tmp_path, monkeypatch):
+    import crawlproc.parquet as parquet_mod
+
+    monkeypatch.setattr(parquet_mod, "BLOCK_BYTES", 64)
+    records = [{"v": i} for i in range(30)] + [{"v": "text"}] + [{"v": 1}] * 5
+    with pytest.raises(parquet_mod.ParquetSchemaError, match=r"record 31 \(the task of record 30\)"):
+        parquet_mod.write_parquet(write_jsonl(tmp_path / "m.jsonl", records), tmp_path / "out.parquet",
+                                  lambda n: f"the task of record {n}")

@@ -585,3 +585,27 @@ def test_a_rolled_back_claim_does_not_leave_the_flag_unwritten(ledger):
     assert ledger.meta()[RUNNING_FLAG] == "0" and states(ledger) == {"a": "pending", "b": "pending"}
     claim(ledger, limit=1)
     assert ledger.meta()[RUNNING_FLAG] == "1"  # written again with the claim that stuck
+
+
+def test_what_the_status_page_reads(ledger):
+    scan(ledger, [row("a", mtime_ns=5_000_000_000), row("b"), row("c"), row("d", mtime_ns=2_000_000_000),
+                  row("e", mtime_ns=3_000_000_000)])
+    rows = {r[1]: r for r in claim(ledger)}
+    with ledger.transaction() as conn:
+        ledger.mark_done(conn, [(1, 0, 0, 0, 9, 0.003, 100.0, rows[b"a"][0]),
+                                (1, 0, 0, 0, 9, 2.0, 100.0, rows[b"b"][0])])
+        ledger.mark_failed_attempt(conn, rows[b"c"][0], "boom", "tb", 9, None)  # failed for good
+        ledger.mark_failed_attempt(conn, rows[b"d"][0], "again", "tb", 9, time.time() + 100)  # retrying
+        ledger.hand_back(conn, [rows[b"e"][0]])
+    totals = ledger.page_totals((0.01, 1.0, 5.0))
+    assert totals.duration_buckets == (1, 1, 2) and totals.durations_counted == 2
+    assert totals.durations_sum == pytest.approx(2.003)
+    assert totals.retried_attempts == 1  # d's failed attempt will be tried again; c's last one will not
+    assert totals.oldest_pending_mtime_ns == 2_000_000_000  # d, older than e
+    latest = ledger.latest_failures(10)
+    assert [(f["relpath"], f["state"], f["error"]) for f in latest] == [("d", "retrying", "again"),
+                                                                        ("c", "failed", "boom")]
+    assert ledger.latest_failures(1) == latest[:1]
+    assert ledger.running_tasks(10) == []
+    claim(ledger)
+    assert [t["relpath"] for t in ledger.running_tasks(10)] == ["e"]  # d waits for its retry time

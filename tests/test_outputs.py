@@ -60,7 +60,7 @@ def test_output_dash_writes_only_the_records_to_stdout(data, tmp_path, noisy):
     published = (out / "merged.jsonl").read_text()
     assert result.stdout == published  # nothing else: no log line, no summary, no processor print
     assert [r["path"] for r in records(result.stdout)] == ["a.txt", "b/c.txt", "own.txt"]
-    assert "noise from a.txt" in result.stderr and "DEBUG" in result.stderr
+    assert "noise from a.txt" in result.stderr and "DEBUG" in result.stderr, result.stderr
     assert "3 done, 0 failed, 0 gone of 3 tasks" in result.stderr
     assert f"merged output: {out}/merged.jsonl (records on stdout)" in result.stderr
     again = crawl(data, out, "-p", noisy, "--output", "-")  # a no-op rerun writes them all again

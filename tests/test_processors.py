@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import crawlproc.processors.command as command_mod
-import crawlproc.processors.csv_stats as csv_mod
+import crawlproc.processors.csv_read as csv_read
 from conftest import REPO, make_tree, run_cli
 from crawlproc.errors import ProcessorLoadError, TaskFailed, UsageError
 from crawlproc.processors import BUILTINS, describe_builtins
@@ -72,9 +72,8 @@ def assert_same(a, b):
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks of a few bytes, so that every file spans many blocks; exact sums folded often."""
-    monkeypatch.setattr(csv_mod, "BLOCK_SIZE", 37)
-    monkeypatch.setattr(csv_mod, "_FOLD", 3)
+    """Blocks of a few bytes, so that every file spans many blocks (and a long row, several)."""
+    monkeypatch.setattr(csv_read, "BLOCK_SIZE", 37)
 
 
 # -- a reference csv-stats: the csv module row by row, exact sums with Fraction ----------
@@ -373,8 +372,8 @@ def test_csv_stats_exact_sums_over_wide_ranges(tmp_path, monkeypatch, signs):
     path = tmp_path / "wide.csv"
     path.write_text("v,k\n" + "".join(f"{v},{i % 3}\n" for i, v in enumerate(values)))
     exact = float(sum(Fraction(float(v)) for v in values))
-    for fold in (1, 4096):
-        monkeypatch.setattr(csv_mod, "_FOLD", fold)
+    for block_size in (64, 1 << 16):  # rows summed in many blocks, or in one
+        monkeypatch.setattr(csv_read, "BLOCK_SIZE", block_size)
         assert reduce_csv([whole(path)])["columns"]["v"]["sum"] == exact
         assert reduce_csv(ranged(path, list(range(999, 100000, 1999))))["columns"]["v"]["sum"] == exact
         assert_same(comparable(reduce_csv([whole(path, group_by="k")])), reference(path, "k"))
@@ -441,7 +440,7 @@ def test_csv_stats_block_size_does_not_change_the_record(tmp_path, monkeypatch):
     path.write_bytes(_csv_corpus()["plain.csv"] + _csv_corpus()["quoted.csv"].split(b"\n", 1)[1])
     records = []
     for size in (1, 10, 64, 4096, 1 << 16):
-        monkeypatch.setattr(csv_mod, "BLOCK_SIZE", size)
+        monkeypatch.setattr(csv_read, "BLOCK_SIZE", size)
         records.append(csv_stats(whole(path, group_by="category")))
     for record in records[1:]:
         assert_same(record, records[0])
@@ -733,3 +732,188 @@ def test_plugin_through_the_cli(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["reduced"] == {"words": 4}
     assert summary["processor"] == "wordy" and summary["processor_version"] == "3"
+
+
+# -- the README's processors on Arrow and polars ------------------------------------------
+
+def readme_example(name: str) -> str:
+    """The README's python block that starts with `# NAME`."""
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    return next(block for block in blocks if block.startswith(f"# {name}\n"))
+
+
+@pytest.mark.parametrize("example", ["by_category.py", "by_category_polars.py"])
+def test_readme_buffer_processors_run_and_agree_with_csv_stats(tmp_path, example):
+    if "polars" in example:
+        pytest.importorskip("polars")
+    data = make_tree(tmp_path / "data", {"a.csv": "id,amount,category\n1,2.5,books\n2,4,toys\n3,1.5,books\n",
+                                         "b/c.csv": "id,amount,category\n4,10,toys\n"})
+    (tmp_path / example).write_text(readme_example(example))
+    out = tmp_path / "out"
+    result = run_cli("run", str(data), "-o", str(out), "-p", f"{tmp_path / example}:amount_by_category",
+                     "-w", "2", "-q")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (out / "merged.jsonl").read_text().splitlines()]
+    assert [(r["path"], r["category"], r["amount_sum"]) for r in rows] == [
+        ("a.csv", "books", 4.0), ("a.csv", "toys", 4.0), ("b/c.csv", "toys", 10)]
+
+
+def test_jsonl_count_blocks_with_and_without_invalid_lines(tmp_path, monkeypatch):
+    import crawlproc.processors.jsonl_count as jsonl_mod
+
+    monkeypatch.setattr(jsonl_mod, "BLOCK", 40)  # many blocks: most all valid, a few not
+    good = b'{"a": 1}\n[1, 2]\n\n"s"\r\n  NaN  \n'
+    content = b"\xef\xbb\xbf" + good * 20 + b"1 2\n" + good * 5 + b"{\n" + b'{"x": "\xe9"}\n' + good
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(content)
+    record = jsonl_count(whole(path))
+    assert (record["records"], record["invalid"], record["blank"]) == (4 * 26, 3, 26)
+    assert [s["offset"] for s in record["invalid_samples"]] == [
+        content.index(b"1 2\n"), content.index(b"{\n"), content.index(b'{"x"')]
+    monkeypatch.setattr(jsonl_mod, "BLOCK", 1 << 20)  # one block
+    assert jsonl_count(whole(path)) == record
+
+
+# -- linecount --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"one", b"a b\tc\n\x0bd\x0ce  f\r\ng\n\n", b" lead\n trail \n",
+                                     bytes(range(256)) * 3])
+def test_linecount_counts_like_split_in_blocks_and_ranges(tmp_path, monkeypatch, content):
+    import crawlproc.processors.linecount as linecount_mod
+    from crawlproc.processors.linecount import linecount, totals
+
+    path = tmp_path / "t.txt"
+    path.write_bytes(content)
+    lines = content.count(b"\n") + (1 if content and not content.endswith(b"\n") else 0)
+    expected = {"path": "t.txt", "lines": lines, "words": len(content.split()), "bytes": len(content)}
+    for block in (1, 3, 1 << 20):  # a word or a line across blocks
+        monkeypatch.setattr(linecount_mod, "BLOCK", block)
+        assert linecount(whole(path)) == expected
+        for cuts in cut_sets(len(content))[:6] if content else []:
+            got = totals(linecount(t) for t in ranged(path, cuts))
+            assert (got["lines"], got["words"], got["bytes"]) == (lines, expected["words"], len(content))
+
+
+# -- csv-stats' numbers on Arrow: the same values as Python's rules --------------------------
+
+# values only the Python path sums exactly (an overflow to inf, integers past 2**53, near the float range's end)
+_PYTHON_PATH = ["1e999", "-1e999", "9007199254740993", "-9007199254740993", "1" * 30, "1.5e300"]
+
+
+def _fuzz_values(rng: random.Random, n: int, python_path: bool) -> list[str]:
+    """Strings near the edge of a decimal literal: number characters, spaces, signs, letters."""
+    alphabet = "0123456789+-.eE \t" + "x_naif\u0661"
+    specials = ["0x1f", "1_000", "nan", "inf", "-Infinity", "5e-324", "-0", "+0.0", ".5", "5.", "+", "-", ".", "e5",
+                "1e", " 7 ", "\t-3.25\t", "2.2250738585072014e-308", "\u0661\u0662", "0.1", "00012", "+12"]
+    specials += _PYTHON_PATH if python_path else []
+    values = []
+    for _ in range(n):
+        roll = rng.random()
+        if roll < 0.3:
+            values.append(rng.choice(specials))
+        elif roll < 0.6:
+            # up to 4 characters ("9e99" at most) keep to the Arrow path; 8 reach overflows ("1e999")
+            values.append("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 8 if python_path else 4))))
+        elif roll < 0.8:
+            values.append(repr(rng.uniform(-1e6, 1e6)))
+        else:
+            values.append(str(rng.randint(-10**6, 10**6)))
+    return values
+
+
+@pytest.mark.parametrize("python_path", [False, True], ids=["arrow", "arrow+python"])
+@pytest.mark.parametrize("seed", range(3))
+def test_csv_stats_arrow_numbers_follow_the_decimal_literal_rules(tmp_path, monkeypatch, seed, python_path):
+    import crawlproc.processors.csv_numbers as numbers_mod
+
+    if not python_path:
+        def unexpected(*args):
+            raise AssertionError("the Python path was taken")
+        monkeypatch.setattr(numbers_mod, "_python_stats", unexpected)
+    rng = random.Random(seed)
+    values = _fuzz_values(rng, 3000, python_path)
+    path = tmp_path / "fuzz.csv"
+    lines = [f"k,v,w\n"] + [f"g{rng.randrange(4)},{v.replace(',', '')},{rng.choice(values)}\n" for v in values]
+    path.write_text("".join(line for line in lines if '"' not in line))
+    assert_same(comparable(reduce_csv([whole(path)])), reference(path))
+    assert_same(comparable(reduce_csv([whole(path, group_by="k")])), reference(path, "k"))
+
+
+def test_csv_stats_integer_and_decimal_columns_per_group(tmp_path):
+    # a group whose values are all integer literals sums to an int, beside groups of decimals;
+    # integers past 2**53 beside decimals are exact (the Python path)
+    path = tmp_path / "g.csv"
+    path.write_text("k,v\n" + "a,1\na,2.50\nb,3\nb,+4\nc,1.0\nd,9007199254740993\nd,0.5\n" * 3)
+    record = csv_stats(whole(path, group_by="k"))
+    assert record["groups"]["b"]["columns"]["v"] == {"count": 6, "sum": 21, "min": 3, "max": 4}
+    assert record["groups"]["c"]["columns"]["v"] == {"count": 3, "sum": 3.0, "min": 1.0, "max": 1.0}
+    assert record["groups"]["d"]["columns"]["v"]["sum"] == float(3 * (Fraction(9007199254740993) + Fraction(1, 2)))
+    assert_same(comparable(csv_totals([json_roundtrip(record)])), reference(path, "k"))
+
+
+def test_csv_stats_keys_that_are_not_utf8_merge_as_people_read_them(tmp_path):
+    path = tmp_path / "k.csv"
+    path.write_bytes(b"k,v\n\xff,1\n\xfe,2\nok,3\n,4\n")
+    groups = csv_stats(whole(path, group_by="k"))["groups"]
+    assert list(groups) == ["", "ok", "\ufffd"]
+    assert groups["\ufffd"] == {"rows": 2, "columns": {"v": {"count": 2, "sum": 3, "min": 1, "max": 2}}}
+    assert groups[""]["rows"] == 1
+    assert_same(comparable(csv_totals([json_roundtrip(csv_stats(whole(path, group_by="k")))])),
+                reference(path, "k"))
+
+
+def test_csv_stats_reads_a_task_with_a_lone_cr_as_the_csv_module_does(tmp_path):
+    path = tmp_path / "cr.csv"
+    content = b'a,b\n1,"x\ry"\n2\r3,4\n5,6\r\n'
+    path.write_bytes(content)
+    record = csv_stats(whole(path))
+    assert (record["rows"], record["malformed"]) == (2, 1)
+    assert record["malformed_samples"][0]["offset"] == content.index(b"2\r3")
+    assert_same(comparable(csv_totals([json_roundtrip(record)])), reference(path))
+
+
+def test_csv_stats_malformed_rows_beside_bytes_that_are_not_utf8(tmp_path, capfd):
+    # pyarrow hands a malformed row to its handler as text: such a task is read without it
+    path = tmp_path / "latin.csv"
+    content = b"a,b\n1,\xe9\n2\n3,4,5\n\xe9,6\n"
+    path.write_bytes(content)
+    record = csv_stats(whole(path))
+    assert (record["rows"], record["malformed"]) == (2, 2)
+    assert [s["offset"] for s in record["malformed_samples"]] == [content.index(b"2\n"), content.index(b"3,4,5")]
+    assert_same(comparable(csv_totals([json_roundtrip(record)])), reference(path))
+    assert capfd.readouterr().err == ""
+
+
+def test_csv_stats_a_malformed_record_over_two_lines_is_located_at_its_first(tmp_path):
+    # with quotes, Arrow's records are not lines: the row's text is found where a line starts
+    path = tmp_path / "q.csv"
+    path.write_bytes(b'a,b\n1,"x\n"y,z\n2,3\n1,"x\n"y,z\n')
+    record = csv_stats(whole(path))
+    assert (record["rows"], record["malformed"]) == (1, 2)
+    assert [(s["offset"], s["line"], s["error"]) for s in record["malformed_samples"]] == [
+        (4, 2, "3 fields, expected 2"), (18, 5, "3 fields, expected 2")]
+
+
+# -- imports: heavy imports made once, by the workers' forkserver ---------------------------
+
+def test_loading_csv_stats_does_not_import_pyarrow():
+    code = ("import sys\nfrom crawlproc.processors.base import load\nproc = load('csv-stats')\n"
+            "print(sorted(proc.imports), 'pyarrow' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.stdout.split("]")[-1].strip() == "False", result.stdout + result.stderr
+    assert "crawlproc.processors.csv_numbers" in result.stdout
+
+
+@pytest.mark.parametrize("imports", [True, False])
+def test_the_forkserver_imports_what_a_processor_imports(tmp_path, imports):
+    data = make_tree(tmp_path / "data", {"a.txt": "x\n"})
+    proc = tmp_path / "proc.py"
+    proc.write_text("import sys\nfrom crawlproc import processor\n\n"
+                    f"@processor(version='1', imports={['colorsys'] if imports else []!r})\n"
+                    "def seen(task):\n"
+                    "    return {'path': task.relpath, 'preloaded': 'colorsys' in sys.modules}\n")
+    out = tmp_path / "out"
+    result = run_cli("run", str(data), "-o", str(out), "-p", f"{proc}:seen", "-w", "1", "-q")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "merged.jsonl").read_text())["preloaded"] is imports

@@ -207,3 +207,38 @@ def test_fspath_of_a_range_is_the_file(tmp_path):
     task = ranged(path, 4, 4)
     assert os.fspath(task) == str(path)
     assert "f" in repr(task) and "4" in repr(task)
+
+
+# -- one buffer of the task's lines -------------------------------------------------------
+
+@pytest.mark.parametrize("mapped", [False, True], ids=["read", "mapped"])
+@pytest.mark.parametrize("name", sorted(CONTENTS))
+def test_line_buffer_holds_exactly_the_lines_of_the_range(tmp_path, monkeypatch, name, mapped):
+    import crawlproc.task as task_mod
+
+    monkeypatch.setattr(task_mod, "_MAP_AT_LEAST", 1 if mapped else 1 << 30)
+    data = CONTENTS[name]
+    path = write(tmp_path, name, data)
+    assert whole(path).line_buffer() == data
+    rng = random.Random(f"buffer-{name}")
+    for _ in range(100):
+        for offset, length in splits(len(data), rng):
+            task = ranged(path, offset, length)
+            buffer = task.line_buffer()
+            assert isinstance(buffer, memoryview) and buffer.readonly
+            assert buffer == b"".join(task.lines(binary=True)), (offset, length)
+
+
+def test_line_buffer_of_a_big_range_is_a_mapping_not_a_copy(tmp_path):
+    import mmap
+
+    data = b"".join(b"row %07d\n" % i for i in range(300_000))  # 3.3 MB
+    path = write(tmp_path, "big", data)
+    offset = len(data) // 3
+    buffer = ranged(path, offset, len(data) // 3).line_buffer()
+    assert isinstance(buffer.obj, mmap.mmap)
+    start = data.index(b"\n", offset - 1) + 1
+    assert bytes(buffer[:12]) == data[start:start + 12]
+    import pyarrow as pa
+
+    assert pa.py_buffer(buffer).size == len(buffer)  # zero-copy into Arrow

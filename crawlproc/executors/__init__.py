@@ -12,6 +12,8 @@ crawlproc worker process, and ends in exactly one of two events:
 - a `BatchReport` from the worker (each task done, failed, changed, gone or returned), or
 - a `BatchLost`: its worker died or was killed, so it will never report. The task that was
   running (read from the worker's slot) is blamed with the reason; the others go back.
+A report that says the processor's preload or setup hook failed stops the run (see
+`stop_if_setup_failed`).
 The coordinator alone turns events into ledger writes.
 """
 
@@ -105,6 +107,18 @@ class Executor(Protocol):
 
     def describe(self) -> dict[str, Any]:
         """For progress and status: what runs the batches (workers, threads, addresses)."""
+
+
+def stop_if_setup_failed(events: list[Event]) -> list[Event]:
+    """The events, unless a worker could not set its processor up: then ProcessorSetupError, which
+    stops the run at its start (exit 2) rather than charge every task. Its tasks were not run and
+    go back when the coordinator shuts down."""
+    for event in events:
+        if type(event) is BatchReport and event.setup_error is not None:
+            from crawlproc.errors import ProcessorSetupError
+
+            raise ProcessorSetupError(event.setup_error)
+    return events
 
 
 def make_executor(name: str, config: Any, limits: WorkerLimits, **kwargs: Any) -> Executor:

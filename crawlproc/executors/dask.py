@@ -36,7 +36,7 @@ from typing import Any
 from loguru import logger
 
 from crawlproc.errors import CrawlprocError, UsageError
-from crawlproc.executors import BatchLost, Event, Opening, WorkerLimits
+from crawlproc.executors import BatchLost, Event, Opening, WorkerLimits, stop_if_setup_failed
 from crawlproc.executors.remote import RemoteJob, SharedPathsMissing, run_batch, stop_job, warm_up
 from crawlproc.results import TEMP_SUFFIX
 from crawlproc.worker import BatchReport, WorkBatch, WorkerConfig
@@ -192,7 +192,7 @@ class DaskExecutor:
             try:
                 future = self._done.get_nowait()
             except queue.Empty:
-                return events
+                return stop_if_setup_failed(events)
             event = self._event_of(future)
             if event is not None:
                 events.append(event)
@@ -316,8 +316,10 @@ def _local_cluster(address: str) -> Any:
     if n < 1:
         raise UsageError(f"--scheduler {address!r}: N must be at least 1")
     # Workers forked from here start in a fraction of a second, where spawned ones would each
-    # import Dask again (~0.7 s of CPU); a fork cannot keep OUT's lock (see children.py).
-    dask.config.set({"distributed.worker.multiprocessing-method": "fork"})
+    # import Dask again (~0.7 s of CPU); a fork cannot keep OUT's lock (see children.py). Only
+    # while no other thread runs (a notebook has several): a fork copies the locks they hold.
+    if threading.active_count() == 1:
+        dask.config.set({"distributed.worker.multiprocessing-method": "fork"})
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
                             silence_logs=logging.ERROR)

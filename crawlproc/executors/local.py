@@ -22,7 +22,7 @@ from typing import Any
 from loguru import logger
 
 from crawlproc.errors import CrawlprocError
-from crawlproc.executors import BatchLost, Event, Opening, WorkerLimits
+from crawlproc.executors import BatchLost, Event, Opening, WorkerLimits, stop_if_setup_failed
 from crawlproc.processes import ForkServer, WorkerHandle, WorkerStartCancelled, describe_death, kill_group
 from crawlproc.supervision import TaskLimits
 from crawlproc.worker import BatchReport, WorkBatch, WorkerConfig
@@ -116,7 +116,7 @@ class LocalExecutor:
                 self._collect(worker)
         self.task_limits.enforce(self.workers)
         events, self._events = self._events, []
-        return events
+        return stop_if_setup_failed(events)
 
     def next_check(self) -> float | None:
         return self.task_limits.next_check(w for w in self.workers if w.inflight)
@@ -228,5 +228,8 @@ class LocalExecutor:
         return events
 
     def describe(self) -> dict[str, Any]:
+        """`current`: (pid, task id or 0 between tasks, its start in monotonic ns) per worker,
+        read from the slots (for the status page)."""
         return {"executor": self.name, "workers": len(self.workers),
-                "worker_pids": [w.pid for w in self.workers]}
+                "worker_pids": [w.pid for w in self.workers],
+                "current": [(w.pid, w.slot[0], w.slot[1]) for w in self.workers]}

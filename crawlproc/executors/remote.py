@@ -277,9 +277,7 @@ class BatchRunner:
         if kill:
             for worker in running:  # their batches come back from _run_on, unblamed
                 kill_group(worker.pid)
-        for worker in idle:
-            if kill:
-                kill_group(worker.pid)
+        for worker in idle:  # told to end, as locally: each runs its processor's teardown first
             self._retire(worker)
         self.forkserver.close()
         return len(idle)

@@ -6,6 +6,13 @@
     @words.reducer
     def total(records): ...          # all records, in merge order -> dict
 
+    @words.preload
+    def table(params): ...           # once, before the workers fork -> task.preloaded (shared)
+
+    @words.setup
+    def connection(params, preloaded): ...   # once per worker -> task.context; code after a
+                                             # `yield` is its teardown (see hooks.py)
+
 A processor is named on the command line by a built-in name, by
 `package.module:function`, or by `path/to/file.py:function`; `load()` turns
 that spec into a `Processor` in whichever process needs it (the coordinator for
@@ -19,7 +26,7 @@ import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, overload
 
 from crawlproc.errors import ProcessorLoadError
@@ -30,10 +37,15 @@ UNVERSIONED = "unversioned"
 class Processor:
     """A processor function with its version and optional reducer."""
 
-    def __init__(self, func: Callable[..., Any], version: str = UNVERSIONED) -> None:
+    def __init__(self, func: Callable[..., Any], version: str = UNVERSIONED, imports: Iterable[str] = ()) -> None:
         self.func = func
         self.version = str(version)
+        # modules that the function imports when it runs, and that the workers' forkserver
+        # imports once for all of them: loading the processor (the coordinator does) stays light
+        self.imports = tuple(imports)
         self.reduce: Callable[[Iterable[dict]], Any] | None = None
+        self.setup_hook: Callable[[Mapping[str, str], Any], Any] | None = None
+        self.preload_hook: Callable[[Mapping[str, str]], Any] | None = None
         self.__doc__ = func.__doc__
         self.__name__ = getattr(func, "__name__", "processor")
         self.__wrapped__ = func
@@ -46,6 +58,21 @@ class Processor:
         self.reduce = func
         return func
 
+    def setup(self, func: Callable[[Mapping[str, str], Any], Any]) -> Callable[[Mapping[str, str], Any], Any]:
+        """Decorator: `func(params, preloaded)` runs once in each worker process, before its first
+        task; what it returns is `task.context` there. A generator function yields it instead, and
+        the code after its `yield` is the teardown, run when the worker retires or stops. If it
+        raises, the run stops at its start (exit 2) instead of failing every task."""
+        self.setup_hook = func
+        return func
+
+    def preload(self, func: Callable[[Mapping[str, str]], Any]) -> Callable[[Mapping[str, str]], Any]:
+        """Decorator: `func(params)` runs once before the workers are forked, in the process they
+        fork from; what it returns is `task.preloaded` in every worker (and setup's second
+        argument). Workers share its memory copy-on-write: treat it as read-only."""
+        self.preload_hook = func
+        return func
+
     @property
     def summary_line(self) -> str:
         doc = (self.__doc__ or "").strip()
@@ -55,18 +82,21 @@ class Processor:
 @overload
 def processor(func: Callable[..., Any], /) -> Processor: ...
 @overload
-def processor(*, version: str = ...) -> Callable[[Callable[..., Any]], Processor]: ...
+def processor(*, version: str = ..., imports: Iterable[str] = ...) -> Callable[[Callable[..., Any]], Processor]: ...
 
 
-def processor(func: Callable[..., Any] | None = None, /, *, version: str = "1") -> Any:
+def processor(func: Callable[..., Any] | None = None, /, *, version: str = "1", imports: Iterable[str] = ()) -> Any:
     """Declare a processor; use as `@processor` or `@processor(version="2")`.
 
     Bump `version` when the function's output changes: an existing OUT made by
-    another version is refused unless the run passes `--reprocess`.
+    another version is refused unless the run passes `--reprocess`. `imports`
+    names modules the function imports inside (heavy ones, such as pyarrow):
+    the workers' forkserver imports them once, and loading the processor does not.
+    (Data to share between workers is a preload hook: see `Processor.preload`.)
     """
     if func is not None:
         return Processor(func, version)
-    return lambda f: Processor(f, version)
+    return lambda f: Processor(f, version, imports)
 
 
 def normalise_spec(spec: str) -> str:

@@ -6,7 +6,7 @@
         the function ─┬─ code object: bytecode, constants, names, flags; nested code objects too
                       │   (inner functions, lambdas, comprehensions)
                       ├─ default arguments, closure cells
-                      ├─ the reducer, hashed the same way
+                      ├─ the reducer, and the setup and preload hooks if any, hashed the same way
                       └─ the globals its code loads by name that are functions, classes or
                          processors of its own module, transitively (a class by its bases and
                          methods); another module's function or class counts by its name only
@@ -116,6 +116,11 @@ class _CodeHasher:
         self.reference(proc.func)
         self.put("reducer")
         self.reference(proc.reduce)
+        for hook in ("setup", "preload"):  # only when there is one: older digests stay valid
+            func = getattr(proc, f"{hook}_hook", None)
+            if func is not None:
+                self.put(hook)
+                self.reference(func)
 
     # -- what a name refers to ----------------------------------------------------------------
     def reference(self, obj: Any) -> None:

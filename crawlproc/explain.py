@@ -1,0 +1,275 @@
+"""`crawlproc explain PATH`: why one file was or was not processed, from OUT's ledger and the tree now.
+
+    PATH ─> its relpath under OUT's DATA_DIR (absolute; else relative to the current folder when
+            that lies under DATA_DIR; else relative to DATA_DIR, as `status` and `failures` print)
+      ├─ tasks in the ledger: state, attempts, last error; for a done one when it was done, by
+      │   which run and worker, and whether the file changed since (size, mtime against the tree)
+      └─ no task: the first rule a scan applies that leaves it out, checked as a scan checks it
+          (walk.PathFilter, the walk's symlink and special-file rules, OUT folders, watch's temp
+          names), or "not scanned yet"
+
+A PATH that is not under DATA_DIR is a UsageError (exit 2). Read-only: the ledger is opened
+read-only and the tree is only stat'ed.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import stat
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crawlproc.errors import UsageError
+from crawlproc.ledger import Ledger
+from crawlproc.listing import holds_crawlproc_ledger
+from crawlproc.report import read_ledger
+from crawlproc.task import relpath_for_people
+from crawlproc.walk import SKIP_KINDS, PathFilter, kind_name
+
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+@dataclass
+class Explanation:
+    path: str  # as given
+    relpath: str  # under DATA_DIR, for people
+    data_dir: str
+    out: str
+    on_disk: dict[str, Any]  # {"kind": file|folder|symlink|FIFO|...|missing, "size", "mtime_ns"}
+    tasks: list[dict[str, Any]] = field(default_factory=list)  # ledger rows, each with "run" and "changed_since"
+    why_no_task: str | None = None  # the rule that leaves it out, when it has no task
+    lines: list[str] = field(default_factory=list)  # the whole story, for people
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def explain(path: str, out: Path) -> Explanation:
+    ledger = read_ledger(out)
+    try:
+        meta = ledger.meta()
+        data_dir = meta.get("data_dir")
+        if not data_dir:
+            raise UsageError(f"OUT {out} has no run yet: nothing to explain")
+        relpath = relpath_under(path, data_dir, out)
+        full = os.path.join(os.fsencode(data_dir), relpath)
+        on_disk = _on_disk(full)
+        found = Explanation(path, relpath_for_people(relpath), data_dir, str(out), on_disk)
+        found.tasks = [_with_history(ledger, task, on_disk) for task in ledger.tasks_of(relpath)]
+        if found.tasks:
+            found.lines = _task_lines(found, out)
+        else:
+            found.why_no_task = _why_no_task(ledger, relpath, os.fsencode(data_dir), on_disk, out)
+            found.lines = [f"{found.relpath}: no task in {out}", f"  {found.why_no_task}"]
+        return found
+    finally:
+        ledger.close()
+
+
+# -- where PATH is -------------------------------------------------------------------------------
+
+def relpath_under(path: str, data_dir: str, out: Path) -> bytes:
+    """PATH as a relpath under DATA_DIR (bytes); UsageError when it is not under it."""
+    root = os.fsencode(data_dir)
+    given = os.fsencode(path)
+    candidates = [given] if os.path.isabs(given) else [os.path.abspath(given), os.path.join(root, given)]
+    if not os.path.isabs(given) and not _inside(os.path.abspath(given), root):
+        candidates.reverse()  # relative to the current folder only where that is under DATA_DIR
+    for candidate in candidates:
+        for spelled in _spellings(candidate):
+            if _inside(spelled, root) and spelled != root:
+                return os.path.relpath(spelled, root).replace(os.sep.encode(), b"/")
+    raise UsageError(f"{path} is not under DATA_DIR {data_dir} of OUT {out}; give a path inside it "
+                     f"(absolute, or relative to it as `crawlproc failures -o {shlex.quote(str(out))}` prints them)")
+
+
+def _spellings(path: bytes) -> list[bytes]:
+    """The path as written, and with its folder's links resolved (DATA_DIR is kept resolved)."""
+    plain = os.path.normpath(path)
+    return [plain, os.path.join(os.path.realpath(os.path.dirname(plain)), os.path.basename(plain))]
+
+
+def _inside(path: bytes, root: bytes) -> bool:
+    return path == root or path.startswith(root.rstrip(b"/") + b"/")
+
+
+def _on_disk(full: bytes) -> dict[str, Any]:
+    try:
+        st = os.lstat(full)
+    except FileNotFoundError:
+        return {"kind": "missing", "size": None, "mtime_ns": None}
+    except OSError as exc:
+        return {"kind": f"unreadable ({exc.strerror})", "size": None, "mtime_ns": None}
+    if stat.S_ISREG(st.st_mode):
+        kind = "file"
+    elif stat.S_ISDIR(st.st_mode):
+        kind = "folder"
+    elif stat.S_ISLNK(st.st_mode):
+        kind = "symlink"
+    else:
+        kind = kind_name(st.st_mode)
+    return {"kind": kind, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+# -- a file with tasks -----------------------------------------------------------------------------
+
+def _with_history(ledger: Ledger, task: dict[str, Any], on_disk: dict[str, Any]) -> dict[str, Any]:
+    run = ledger.run_at(task["finished_at"]) if task["finished_at"] else None
+    changed = None
+    if on_disk["kind"] == "file" or (on_disk["kind"] == "symlink" and on_disk["size"] is not None):
+        changed = _current_stat(on_disk) != (task["size"], task["mtime_ns"])
+    return {**task, "run": run and {k: run[k] for k in ("id", "command", "pid", "started", "finished")},
+            "changed_since": changed}
+
+
+def _current_stat(on_disk: dict[str, Any]) -> tuple[int, int]:
+    return on_disk["size"], on_disk["mtime_ns"]
+
+
+def _task_lines(found: Explanation, out: Path) -> list[str]:
+    quoted_out = shlex.quote(str(out))
+    lines = [f"{found.relpath}: {len(found.tasks)} task{'s' if len(found.tasks) > 1 else ''} in {out}"]
+    for task in found.tasks:
+        where = "" if task["length"] is None else f" bytes {task['offset']}-{task['offset'] + task['length']}"
+        lines.append(f"  task {task['id']}{where}: {task['state']}, {task['attempts']} attempt"
+                     f"{'' if task['attempts'] == 1 else 's'}")
+        lines += [f"    {line}" for line in _state_lines(task, found, quoted_out)]
+    return lines
+
+
+def _state_lines(task: dict[str, Any], found: Explanation, quoted_out: str) -> list[str]:
+    state, lines = task["state"], []
+    if state == "done":
+        run = task["run"]
+        by = f" by run {run['id']} ({run['command']}, pid {run['pid']})" if run else ""
+        lines.append(f"done {_when(task['finished_at'])}{by}, worker pid {task['worker_pid']}, "
+                     f"in {task['elapsed_s'] or 0:.3f}s; its records are in result batch {task['batch_id']}")
+    elif state == "failed":
+        lines.append(f"failed: {task['error']}")
+        lines.append(f"to process it again: crawlproc retry -o {quoted_out} {shlex.quote(found.relpath)}")
+    elif state == "pending":
+        if task["error"]:
+            lines.append(f"last attempt failed: {task['error']}")
+        due = task["not_before"] or 0
+        lines.append(f"waits for a retry, not before {_when(due)}" if due > time.time()
+                     else "waits for the next run")
+    elif state == "running":
+        lines.append("being processed by the run going now, or left running by a run that stopped "
+                     f"(see crawlproc status -o {quoted_out})")
+    elif state == "gone":
+        lines.append("its file was not found by the last scan (deleted, or no longer selected by "
+                     "--include/--exclude): its records left the output")
+    if task["changed_since"]:
+        lines.append(f"the file changed since (size {task['size']} -> {found.on_disk['size']}, or its mtime): "
+                     "the next run processes it again")
+    elif task["changed_since"] is None and state != "gone":
+        kind = found.on_disk["kind"]
+        lines.append("the file is no longer in DATA_DIR: the next scan drops its records from the output"
+                     if kind == "missing" else f"it is a {kind} now, no longer a regular file")
+    return lines
+
+
+def _when(timestamp: float | None) -> str:
+    return "at an unknown time" if not timestamp else time.strftime(TIME_FORMAT, time.localtime(timestamp))
+
+
+# -- a file without a task: the first rule of a scan that leaves it out ---------------------------------
+
+def _why_no_task(ledger: Ledger, relpath: bytes, root: bytes, on_disk: dict[str, Any], out: Path) -> str:
+    settings = ledger.scan_settings()
+    last = ledger.last_run()
+    checks = (  # in the order a walk applies them: an entry's kind and links before any pattern
+        lambda: _folder_problem(ledger, relpath),
+        lambda: _link_on_the_way(relpath, root, settings),
+        lambda: _not_a_regular_file(relpath, root, on_disk, settings),
+        lambda: _by_patterns(relpath, settings),
+        lambda: _in_an_out(relpath, root, out),
+        lambda: _temp_name(relpath, last),
+    )
+    for check in checks:
+        reason = check()
+        if reason:
+            return reason
+    if on_disk["kind"] == "missing":
+        return "no such file under DATA_DIR now, and no scan ever recorded one there"
+    if on_disk["kind"] == "folder":
+        return "it is a folder: explain a file inside it"
+    return "not scanned yet: the next run (or watch's next event or rescan) records it"
+
+
+def _folder_problem(ledger: Ledger, relpath: bytes) -> str | None:
+    shown = relpath_for_people(relpath)
+    for problem in ledger.scan_problems():
+        folder = problem["relpath"]
+        if folder in ("./", shown) or (folder.endswith("/") and shown.startswith(folder)):
+            return f"the last scan could not read {folder}: {problem['error']}"
+    return None
+
+
+def _in_an_out(relpath: bytes, root: bytes, out: Path) -> str | None:
+    """Inside this OUT, or inside any folder holding a crawlproc ledger: never input."""
+    parts = relpath.split(b"/")
+    ours = os.path.realpath(out)
+    for depth in range(1, len(parts)):
+        folder = os.path.join(root, *parts[:depth])
+        if os.path.realpath(folder) == os.fsencode(ours) or holds_crawlproc_ledger(folder):
+            return (f"it is inside {relpath_for_people(b'/'.join(parts[:depth]))}/, a folder holding a crawlproc "
+                    "ledger (an OUT): never input")
+    return None
+
+
+def _link_on_the_way(relpath: bytes, root: bytes, settings: dict[str, Any] | None) -> str | None:
+    """A folder of its path, or the file itself, that is a symlink the walk would not go through."""
+    follow = bool(settings and settings.get("follow_symlinks"))
+    parts = relpath.split(b"/")
+    real_root = os.path.realpath(root)
+    for depth in range(1, len(parts) + 1):
+        here = os.path.join(root, *parts[:depth])
+        if not os.path.islink(here):
+            continue
+        shown = relpath_for_people(b"/".join(parts[:depth]))
+        what = "it is a symlink" if depth == len(parts) else f"its folder {shown}/ is a symlink"
+        target = os.path.realpath(here)
+        if not follow:
+            return f"{what}, {SKIP_KINDS['symlinks'][2]}"
+        if not _inside(target, real_root):
+            return f"{what} {SKIP_KINDS['links_outside'][2]} ({os.fsdecode(target)})"
+        if not os.path.exists(here):
+            return f"{what} {SKIP_KINDS['broken_links'][2]}"
+    return None
+
+
+def _by_patterns(relpath: bytes, settings: dict[str, Any] | None) -> str | None:
+    if settings is None:
+        return None
+    rule = PathFilter(settings.get("include", ()), settings.get("exclude", ())).rule_against(relpath)
+    return f"left out by the last run's patterns: {rule}" if rule else None
+
+
+def _temp_name(relpath: bytes, last_run: dict[str, Any] | None) -> str | None:
+    from crawlproc.watch import TEMP_NAME_PATTERNS
+
+    if not last_run or last_run["command"] != "watch":
+        return None
+    for pattern in TEMP_NAME_PATTERNS:
+        if PathFilter((), (pattern,)).rule_against(relpath):
+            return (f"a temp name ({pattern}, or in such a folder): watch waits for it to be renamed to its "
+                    "final name (`crawlproc run` takes it as it is)")
+    return None
+
+
+def _not_a_regular_file(relpath: bytes, root: bytes, on_disk: dict[str, Any],
+                        settings: dict[str, Any] | None) -> str | None:
+    kind = on_disk["kind"]
+    if kind in ("file", "folder", "missing", "symlink"):
+        if kind == "symlink" and os.path.exists(os.path.join(root, relpath)):
+            target = os.stat(os.path.join(root, relpath))
+            if not stat.S_ISREG(target.st_mode) and not stat.S_ISDIR(target.st_mode):
+                return f"it links to a {kind_name(target.st_mode)}: {SKIP_KINDS['special_files'][2]} are skipped"
+        return None
+    if kind.startswith("unreadable"):
+        return f"it cannot be read: {kind}"
+    return f"it is a {kind}, not a regular file: {SKIP_KINDS['special_files'][2]} are skipped"

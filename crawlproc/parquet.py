@@ -1,0 +1,174 @@
+"""The merged records as one Parquet file, streamed: memory stays bounded however many records.
+
+    merged JSON lines ──blocks of BLOCK_BYTES──> pass 1: each block's types (pyarrow.json),
+        unified into one schema ──> pass 2: each block read again with that schema
+        ──> pyarrow.parquet.ParquetWriter, a row group or more per block
+
+Both passes parse in C++ (pyarrow.json); Python's json reads only a block that
+Arrow refuses (a name that is not UTF-8 comes back from JSON as a lone surrogate,
+which is written as the text `\\udcXX`, as Arrow strings must be UTF-8).
+
+The schema holds every field of every record. Widening, when records differ:
+a field a record lacks is null; integers in a field where other records have
+floats become floats; a struct gets the fields of all its records. A field
+whose values have kinds that do not mix (a number in one record, a string or an
+object in another) is a `ParquetSchemaError` naming the first record, and its
+task, that does not fit. Strings stay strings (pyarrow.json would read some as
+timestamps).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.json as pj
+import pyarrow.parquet as pq
+
+from crawlproc.errors import CrawlprocError
+
+BLOCK_BYTES = 8 << 20     # JSON lines parsed at once: a block's table (a row group) is all that is held
+_TIME_TYPES = (pa.types.is_timestamp, pa.types.is_date, pa.types.is_time)
+
+
+class ParquetSchemaError(CrawlprocError):
+    """A merged record does not fit the Parquet schema of the others."""
+
+
+def write_parquet(merged_jsonl: Path, target: Path, describe_record: Callable[[int], str]) -> None:
+    """`merged_jsonl`'s records into the Parquet file `target`; `describe_record(n)` names the
+    task of the n-th record (from 0) for an error message."""
+    schema = _unified_schema(merged_jsonl, describe_record)
+    if not schema.names:  # no records
+        pq.write_table(pa.table({}), target)
+        return
+    with pq.ParquetWriter(target, schema) as writer:
+        first = 0
+        for block in _blocks(merged_jsonl):
+            table = _block_table(block, schema, first, describe_record)
+            writer.write_table(table)
+            first += table.num_rows
+
+
+def _blocks(path: Path) -> Iterator[bytes]:
+    """Whole lines, about BLOCK_BYTES at a time."""
+    with open(path, "rb") as f:
+        while block := f.read(BLOCK_BYTES):
+            if not block.endswith(b"\n"):
+                block += f.readline()
+            yield block
+
+
+def _unified_schema(path: Path, describe_record: Callable[[int], str]) -> pa.Schema:
+    schema: pa.Schema | None = None
+    first = 0
+    for block in _blocks(path):
+        try:
+            table = pj.read_json(pa.BufferReader(block), read_options=_read_options(block))
+            types, rows = _strings_for_times(table.schema), table.num_rows
+        except pa.ArrowInvalid:
+            records = _python_records(block)
+            types, rows = _python_schema(records, first, describe_record), len(records)
+        try:
+            schema = _unify(schema, types, first, describe_record)
+        except ParquetSchemaError:  # name the very record
+            _python_schema(_python_records(block), first, describe_record, start=schema)
+            raise
+        first += rows
+    return schema if schema is not None else pa.schema([])
+
+
+def _block_table(block: bytes, schema: pa.Schema, first: int, describe_record: Callable[[int], str]) -> pa.Table:
+    try:
+        return pj.read_json(pa.BufferReader(block), read_options=_read_options(block),
+                            parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="error"))
+    except pa.ArrowInvalid:
+        records = _python_records(block)
+    try:
+        return pa.Table.from_pylist(records, schema=schema)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        for n, record in enumerate(records):  # find the one to name
+            try:
+                pa.Table.from_pylist([record], schema=schema)
+            except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
+                raise ParquetSchemaError(_does_not_fit(first + n, describe_record, exc, False)) from None
+        raise
+
+
+def _read_options(block: bytes) -> pj.ReadOptions:
+    return pj.ReadOptions(use_threads=False, block_size=len(block) + 1)
+
+
+def _python_records(block: bytes) -> list[dict]:
+    return [_valid_utf8(record) for record in json.loads(b"[" + b",".join(block.splitlines()) + b"]")]
+
+
+def _python_schema(records: list[dict], first: int, describe_record: Callable[[int], str],
+                   start: pa.Schema | None = None) -> pa.Schema:
+    """The types of `records`, or a ParquetSchemaError naming the first that does not fit
+    the others (and `start`)."""
+    try:
+        if start is None:
+            return pa.Table.from_pylist(records).schema
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        pass
+    schema = start
+    for n, record in enumerate(records):
+        try:
+            types = pa.Table.from_pylist([record]).schema
+        except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
+            raise ParquetSchemaError(_does_not_fit(first + n, describe_record, exc, False)) from None
+        schema = _unify(schema, types, first + n, describe_record, approximate=False)
+    return schema
+
+
+def _unify(schema: pa.Schema | None, types: pa.Schema, first: int, describe_record: Callable[[int], str],
+           approximate: bool = True) -> pa.Schema:
+    """The schema of both; `types` are those of the records from number `first` on (of that one
+    alone unless `approximate`)."""
+    if schema is None:
+        return types
+    try:
+        return pa.unify_schemas([schema, types], promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise ParquetSchemaError(_does_not_fit(first, describe_record, exc, approximate)) from None
+
+
+def _does_not_fit(index: int, describe_record: Callable[[int], str], exc: Exception, approximate: bool) -> str:
+    where = f"the records from number {index + 1:,} on" if approximate else f"record {index + 1:,}"
+    return (f"cannot write Parquet: {where} ({describe_record(index)}) do not fit the types of the "
+            f"records before: {str(exc).splitlines()[0]}; use --format jsonl or csv")
+
+
+def _strings_for_times(schema: pa.Schema) -> pa.Schema:
+    """pyarrow.json reads ISO-looking strings as timestamps; the records hold strings."""
+    return pa.schema([field.with_type(_string_for_time(field.type)) for field in schema])
+
+
+def _string_for_time(kind: pa.DataType) -> pa.DataType:
+    if any(test(kind) for test in _TIME_TYPES):
+        return pa.string()
+    if pa.types.is_struct(kind):
+        return pa.struct([kind.field(i).with_type(_string_for_time(kind.field(i).type))
+                          for i in range(kind.num_fields)])
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return pa.list_(kind.value_field.with_type(_string_for_time(kind.value_type)))
+    return kind
+
+
+def _valid_utf8(value: Any) -> Any:
+    """Lone surrogates (from non-UTF-8 names) written as \\udcXX, as Arrow strings must be UTF-8."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_valid_utf8(k): _valid_utf8(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_valid_utf8(v) for v in value]
+    return value

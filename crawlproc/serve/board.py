@@ -1,0 +1,108 @@
+"""Where the status page's live fields come from: the run itself, or the ledger alone.
+
+    LiveBoard   (--serve)          coordinator's on_progress ──at most every PUBLISH_SECONDS──>
+                                   Coordinator.live_view() ──> snapshot swapped whole
+    LedgerBoard (crawlproc serve)  built on request from `status` and the ledger's running tasks
+
+A snapshot is a read-only mapping that is never changed once published: the
+server's threads read whichever one is current, without a lock, and the
+coordinator pays one clock read per turn between publications.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+from loguru import logger
+
+PUBLISH_SECONDS = 0.5
+HISTORY_POINTS = 600  # past this, every other point is dropped: the chart spans the whole run
+
+
+class History:
+    """(wall time, tasks processed) points for the files/s chart, thinned as they grow."""
+
+    def __init__(self, limit: int = HISTORY_POINTS) -> None:
+        self.limit = limit
+        self._points: list[tuple[float, int]] = []
+
+    def add(self, at: float, processed: int) -> tuple[tuple[float, int], ...]:
+        """Add a point; returns all of them, as a tuple the caller may keep."""
+        if len(self._points) >= self.limit:
+            self._points = self._points[-1::-2][::-1]  # every other point, the newest kept
+        self._points.append((round(at, 3), processed))
+        return tuple(self._points)
+
+
+class LiveBoard:
+    """The coordinator's side of `--serve`: wraps the run's progress hook and publishes."""
+
+    def __init__(self, command: str, *, every: float = PUBLISH_SECONDS,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+        self.command = command  # "run" or "watch"
+        self.every, self.clock, self.wall = every, clock, wall
+        self.current: Mapping[str, Any] | None = None
+        self._coordinator: Any = None
+        self._history = History()
+        self._next = 0.0
+        self._failed_once = False
+
+    def follow(self, coordinator: Any) -> None:
+        """Publish this coordinator's view from now on (a job may run several in turn)."""
+        self._coordinator = coordinator
+        self._next = 0.0
+
+    def progress_hook(self, on_progress: Callable[[dict], None] | None) -> Callable[[dict], None]:
+        """`on_progress` (if any), then a new snapshot when one is due or the run is finishing."""
+        def hook(stats: dict) -> None:
+            if on_progress is not None:
+                on_progress(stats)
+            if self.clock() >= self._next or stats.get("final"):
+                self.publish(final=bool(stats.get("final")))
+        return hook
+
+    def publish(self, *, final: bool = False) -> None:
+        """Swap in a fresh snapshot. A failure here is logged once and never stops the run."""
+        self._next = self.clock() + self.every
+        if self._coordinator is None:
+            return
+        try:
+            view = self._coordinator.live_view()
+            at = self.wall()
+            history = self._history.add(at, view["done"] + view["failed"])
+            self.current = MappingProxyType({**view, "source": self.command, "at": at, "final": final,
+                                             "history": history})
+        except Exception as exc:  # the page is a bystander: the run goes on without it
+            if not self._failed_once:
+                self._failed_once = True
+                logger.warning("the status page could not be updated: {!r}", exc)
+
+    def snapshot(self, status: Mapping[str, Any], running: list[dict]) -> Mapping[str, Any] | None:
+        return self.current
+
+
+class LedgerBoard:
+    """`crawlproc serve`: a snapshot made from what `status` reads and the running tasks."""
+
+    def __init__(self, *, wall: Callable[[], float] = time.time) -> None:
+        self.wall = wall
+        self._history = History()
+        self._lock = threading.Lock()  # request threads add history points
+
+    def snapshot(self, status: Mapping[str, Any], running: list[dict]) -> Mapping[str, Any]:
+        run = status.get("last_run") or {}
+        counts = status["counts"]
+        done, failed = run.get("done", 0), run.get("failed", 0)
+        with self._lock:
+            history = self._history.add(self.wall(), done + failed)
+        return MappingProxyType({
+            "source": "ledger", "at": self.wall(), "final": run.get("state") != "going",
+            "done": done, "failed": failed, "retried": None, "running": counts["running"],
+            "scanned": None, "scan_finished": None, "pending_left": counts["pending"], "stopping": False,
+            "executor": None, "workers": [{"pid": None, "running_s": None, **task} for task in running],
+            "watch": run.get("watch"), "history": history,
+        })

@@ -1,0 +1,165 @@
+"""What /status.json says (and /metrics reads): `status --json`, the live snapshot, the latest failures.
+
+    StatusView.document()
+        status      report.status_data(OUT): what `crawlproc status --json` prints   ┐ cached: read again
+        ledger      Ledger.page_totals, latest_failures, running_tasks               ┘ after max(1 s, 10x their cost)
+        live        the board's snapshot + worker RSS (/proc), recent files/s, ETA, ages
+
+The ledger is read on connections of this module's own, read-only, only when a
+client asks and the cache is stale, so a page left open costs the run a pass
+over the table every second or so, and a big ledger proportionally less often.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Generic, NamedTuple, TypeVar
+
+from crawlproc.errors import CrawlprocError
+
+T = TypeVar("T")
+
+MIN_REFRESH_SECONDS = 1.0
+REFRESH_COST_FACTOR = 10  # a read that took t seconds is reused for 10 t: at most ~10% of a core
+RATE_WINDOW_SECONDS = 30.0  # files/s is the rate over this last stretch of the history
+FAILURES_SHOWN = 20
+RUNNING_SHOWN = 50  # tasks listed as running by `crawlproc serve` (it knows no workers)
+DURATION_BOUNDS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+STATES = ("pending", "running", "done", "failed", "gone")
+
+
+class Cached(Generic[T]):
+    """A value read again only once it is older than a while that grows with its cost."""
+
+    def __init__(self, read: Callable[[], T], *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.read, self.clock = read, clock
+        self._lock = threading.Lock()
+        self._value: T | None = None
+        self._fresh_until = 0.0
+
+    def get(self) -> T:
+        with self._lock:  # one reader at a time; the others wait for its answer
+            if self.clock() >= self._fresh_until:
+                started = self.clock()
+                self._value = self.read()
+                cost = self.clock() - started
+                self._fresh_until = self.clock() + max(MIN_REFRESH_SECONDS, REFRESH_COST_FACTOR * cost)
+            return self._value
+
+
+class LedgerReads(NamedTuple):
+    """What the page reads from the ledger beyond `status` (Ledger.page_totals and friends)."""
+
+    duration_buckets: tuple[int, ...]
+    durations_counted: int
+    durations_sum: float
+    retried_attempts: int
+    oldest_pending_mtime_ns: int | None
+    latest_failures: list[dict[str, Any]]
+    running: list[dict[str, Any]]
+
+
+NO_LEDGER_YET = LedgerReads(tuple(0 for _ in DURATION_BOUNDS), 0, 0.0, 0, None, [], [])
+
+
+class StatusView:
+    """The document behind /status.json and /metrics, for one OUT and one board."""
+
+    def __init__(self, out: Path, board: Any, *, wall: Callable[[], float] = time.time) -> None:
+        self.out, self.board, self.wall = out, board, wall
+        self._status = Cached(self._read_status)
+        self._ledger = Cached(self._read_ledger)
+
+    def document(self) -> dict[str, Any]:
+        status = self._status.get()
+        reads = self._ledger.get()
+        snapshot = self.board.snapshot(status, reads.running)
+        return {**status, "live": self._live(snapshot, status, reads), "latest_failures": reads.latest_failures,
+                "task_durations": {"bounds": list(DURATION_BOUNDS), "cumulative": list(reads.duration_buckets),
+                                   "count": reads.durations_counted, "sum": reads.durations_sum},
+                "retried_attempts": reads.retried_attempts}
+
+    # -- the ledger ------------------------------------------------------------------
+    def _read_status(self) -> dict[str, Any]:
+        from crawlproc.report import status_data
+
+        try:
+            return status_data(self.out)
+        except CrawlprocError:  # a run's OUT before its ledger exists
+            return {"out": str(self.out), "counts": dict.fromkeys(STATES, 0), "total": 0, "scan_problems": [],
+                    "last_run": None, "running_pid": None}
+
+    def _read_ledger(self) -> LedgerReads:
+        from crawlproc.ledger import LEDGER_NAME, Ledger
+
+        try:
+            ledger = Ledger(self.out / LEDGER_NAME, readonly=True)
+        except CrawlprocError:
+            return NO_LEDGER_YET
+        try:
+            totals = ledger.page_totals(DURATION_BOUNDS)
+            return LedgerReads(*totals, ledger.latest_failures(FAILURES_SHOWN), ledger.running_tasks(RUNNING_SHOWN))
+        finally:
+            ledger.close()
+
+    # -- live fields -----------------------------------------------------------------------
+    def _live(self, snapshot: Mapping[str, Any] | None, status: Mapping[str, Any],
+              reads: LedgerReads) -> dict[str, Any] | None:
+        if snapshot is None:  # the run has not published yet
+            return None
+        now = self.wall()
+        live = {key: value for key, value in snapshot.items() if key not in ("history", "workers", "watch")}
+        live["history"] = [list(point) for point in snapshot["history"]]
+        live["workers"] = [{**worker, "rss_bytes": _rss(worker["pid"])} for worker in snapshot["workers"]]
+        live["files_per_s"] = recent_rate(snapshot["history"])
+        live["eta_s"] = eta_seconds(live["files_per_s"], _tasks_left(snapshot, status))
+        live["oldest_pending_age_s"] = (None if reads.oldest_pending_mtime_ns is None
+                                        else max(0.0, now - reads.oldest_pending_mtime_ns / 1e9))
+        watch = snapshot.get("watch")
+        if watch is not None:
+            queued = watch.get("oldest_queued_at")
+            watch = {**watch, "lag_s": max(0.0, now - queued) if queued else 0.0}
+        live["watch"] = watch
+        if live["retried"] is None:  # `crawlproc serve`: the ledger's count over all runs
+            live["retried"] = reads.retried_attempts
+        return live
+
+
+def _tasks_left(snapshot: Mapping[str, Any], status: Mapping[str, Any]) -> int | None:
+    """Tasks still to process, once they are all known (a `run` still scanning: None)."""
+    if snapshot["source"] == "run" and not snapshot["scan_finished"]:
+        return None
+    counts = status["counts"]
+    return counts["pending"] + counts["running"]
+
+
+def recent_rate(history: tuple[tuple[float, int], ...], window: float = RATE_WINDOW_SECONDS) -> float | None:
+    """Tasks per second over the last `window` seconds of the history (None: too little of it)."""
+    if len(history) < 2:
+        return None
+    last_at, last = history[-1]
+    first_at, first = next(((at, n) for at, n in history if at >= last_at - window), history[-2])
+    if last_at <= first_at:
+        first_at, first = history[-2]
+    span = last_at - first_at
+    return round((last - first) / span, 2) if span > 0 else None
+
+
+def eta_seconds(rate: float | None, left: int | None) -> float | None:
+    """Seconds until the tasks left are processed at `rate` (None: not known yet)."""
+    if left == 0:
+        return 0.0
+    if left is None or not rate or rate <= 0:
+        return None
+    return round(left / rate, 1)
+
+
+def _rss(pid: int | None) -> int | None:
+    if pid is None:
+        return None
+    from crawlproc.supervision import rss_bytes
+
+    return rss_bytes(pid)

@@ -1,0 +1,133 @@
+"""`crawlproc explain PATH`: a file's tasks and history, or the rule that left it out; run as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import threading
+from pathlib import Path
+
+import pytest
+
+import crawlproc
+from conftest import make_tree, run_cli
+from test_run import PICKY_PROCESSOR, write_processor
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    data = make_tree(tmp_path / "data", {"a.txt": "one two\n", "logs/x.log": "x\n", "keep/b.txt": "b\n",
+                                         "bad1.txt": "?\n", "big.txt": "line\n" * 100})
+    os.mkfifo(data / "fifo")
+    os.symlink(data / "a.txt", data / "link.txt")
+    os.symlink("/etc", data / "outside")
+    return data
+
+
+def explain(*args: str, cwd: Path | None = None) -> tuple[int, str, str]:
+    result = run_cli("explain", *args, cwd=cwd)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.returncode, result.stdout, result.stderr
+
+
+def as_json(path: str, out: Path, cwd: Path | None = None) -> dict:
+    code, stdout, stderr = explain(path, "-o", str(out), "--json", cwd=cwd)
+    assert code == 0, stderr
+    return json.loads(stdout)
+
+
+def run(data: Path, out: Path, **options) -> crawlproc.api.Outcome:
+    return crawlproc.run(data, out=out, workers=1, quiet=True, **options)
+
+
+def test_a_done_file_says_when_by_which_run_and_whether_it_changed(tree, tmp_path):
+    out = tmp_path / "out"
+    run(tree, out)
+    found = as_json(str(tree / "a.txt"), out)
+    (task,) = found["tasks"]
+    assert found["relpath"] == "a.txt" and task["state"] == "done" and task["attempts"] == 1
+    assert task["run"]["id"] == 1 and task["run"]["command"] == "run" and task["worker_pid"] > 0
+    assert task["changed_since"] is False
+    (tree / "a.txt").write_text("one two three\n")
+    changed = as_json("a.txt", out, cwd=tmp_path)  # relative to DATA_DIR: not a file of the current folder
+    assert changed["tasks"][0]["changed_since"] is True
+    code, text, _ = explain("a.txt", "-o", str(out), cwd=tree)  # relative to the current folder
+    assert code == 0 and "done" in text and "by run 1 (run" in text and "changed since" in text
+
+
+def test_a_failed_file_gives_its_error_and_a_retry_that_runs_as_printed(tree, tmp_path):
+    out = tmp_path / "my out"
+    picky = f"{write_processor(tmp_path, 'picky', PICKY_PROCESSOR)}:picky"
+    os.environ["PICKY_FAIL"] = "1"  # the test process runs the coordinator; workers inherit it
+    try:
+        outcome = run(tree, out, processor=picky, retries=1, retry_delay=0)
+    finally:
+        del os.environ["PICKY_FAIL"]
+    assert outcome.exit_code == 1
+    code, text, _ = explain(str(tree / "bad1.txt"), "-o", str(out))
+    assert code == 0 and "failed, 2 attempts" in text and "ValueError('picky cannot read bad1.txt')" in text
+    hint = next(line for line in text.splitlines() if "to process it again: " in line).split(": ", 1)[1]
+    argv = shlex.split(hint)
+    assert argv[:2] == ["crawlproc", "retry"]
+    retried = run_cli(*argv[1:])
+    assert retried.returncode == 0, retried.stderr
+    assert as_json("bad1.txt", out)["tasks"][0]["state"] == "pending"
+
+
+def test_a_file_without_a_task_names_the_rule_that_left_it_out(tree, tmp_path):
+    out = tmp_path / "out"
+    run(tree, out, exclude=["logs"], include=["*.txt", "*.log"])
+    (tree / "new.txt").write_text("new\n")
+    (tree / "notes.md").write_text("n\n")
+    nested = tree / "old-out"
+    run(tree / "keep", nested)  # an OUT inside DATA_DIR: never input
+    (nested / "note.txt").write_text("n\n")
+    reasons = {path: as_json(str(tree / path), out)["why_no_task"] for path in
+               ("logs/x.log", "notes.md", "fifo", "link.txt", "new.txt", "gone.txt", "old-out/note.txt")}
+    assert reasons["logs/x.log"] == "left out by the last run's patterns: --exclude 'logs' matches its folder logs/"
+    assert reasons["notes.md"] == "left out by the last run's patterns: no --include pattern matches it ('*.txt', '*.log')"
+    assert reasons["fifo"].startswith("it is a FIFO, not a regular file")
+    assert reasons["link.txt"] == "it is a symlink, not followed without --follow-symlinks"
+    assert reasons["new.txt"].startswith("not scanned yet")
+    assert reasons["gone.txt"].startswith("no such file under DATA_DIR")
+    assert reasons["old-out/note.txt"].startswith("it is inside old-out/, a folder holding a crawlproc ledger")
+
+
+def test_a_link_out_of_data_dir_is_named_when_links_are_followed(tree, tmp_path):
+    out = tmp_path / "out"
+    run(tree, out, follow_symlinks=True)
+    assert as_json(str(tree / "link.txt"), out)["tasks"][0]["state"] == "done"
+    reason = as_json(str(tree / "outside" / "hostname"), out)["why_no_task"]
+    assert reason.startswith("its folder outside/ is a symlink leading out of DATA_DIR")
+
+
+def test_a_temp_name_in_watch_mode(tree, tmp_path):
+    out = tmp_path / "out"
+    (tree / "upload.part").write_text("half\n")
+    stop = threading.Event()
+    stop.set()  # the catch-up records what it finds, then the watch ends
+    assert crawlproc.watch(tree, out=out, workers=1, quiet=True, settle=0, stop=stop).exit_code == 0
+    reason = as_json("upload.part", out)["why_no_task"]
+    assert reason.startswith("a temp name (*.part")
+
+
+def test_chunks_and_gone_files(tree, tmp_path):
+    out = tmp_path / "out"
+    run(tree, out, chunk_size=128)
+    tasks = as_json("big.txt", out)["tasks"]
+    assert len(tasks) == 4 and [t["offset"] for t in tasks] == [0, 128, 256, 384]
+    (tree / "big.txt").unlink()
+    run(tree, out, chunk_size=128)
+    code, text, _ = explain("big.txt", "-o", str(out))
+    assert code == 0 and "4 tasks" in text and text.count(": gone,") == 4 and "left the output" in text
+
+
+def test_a_path_outside_data_dir_is_one_line_exit_2(tree, tmp_path):
+    out = tmp_path / "out"
+    run(tree, out)
+    code, stdout, stderr = explain(str(tmp_path / "elsewhere.txt"), "-o", str(out))
+    assert code == 2 and stdout == "" and len(stderr.splitlines()) == 1
+    assert f"is not under DATA_DIR {os.path.realpath(tree)}" in stderr
+    code, _, stderr = explain("a.txt", "-o", str(tmp_path / "missing"))
+    assert code == 2 and len(stderr.splitlines()) == 1 and "does not exist" in stderr

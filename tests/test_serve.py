@@ -1,0 +1,490 @@
+"""The status page, /status.json, /healthz and /metrics, served by a run (`--serve`) and by
+`crawlproc serve`, read by real clients: urllib, prometheus_client's parser, raw sockets.
+(The browser test is in test_serve_browser.py.)
+
+Runs use tests/gated_processor.py, whose tasks wait at gates the test opens: what a test
+looks at is a state the run holds until the test lets it go on, never a guessed moment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import REPO, make_tree, run_cli, wait_until
+
+GATED = f"{REPO / 'tests' / 'gated_processor.py'}:gated"
+SCRIPT_NAME = "<script>alert(1)</script>.txt"  # a folder `<script>alert(1)<` holding `script>.txt`
+FILES = 12  # plain files; with SCRIPT_NAME (fails) and last.txt (waits at the last gate): 14 tasks
+RUN_TIMEOUT = 120
+URL_TIMEOUT = 60
+HTTP_TIMEOUT = 10
+
+
+class Served:
+    """A crawlproc subprocess serving the page (`run/watch --serve 0` or `serve --port 0`);
+    its URL is read from its stderr, where it says which port it took."""
+
+    def __init__(self, tmp_path: Path, *args: str, name: str) -> None:
+        self.stderr_path = tmp_path / f"{name}.stderr"
+        with open(self.stderr_path, "wb") as stderr:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "crawlproc", *args], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                start_new_session=True)
+        self.url = wait_until(self._url, URL_TIMEOUT, f"the URL in the stderr of crawlproc {' '.join(args)}")
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def _url(self) -> str | None:
+        if self.proc.poll() is not None:
+            pytest.fail(f"crawlproc exited with {self.proc.returncode} before serving:\n{self.stderr}")
+        found = re.search(r"http://localhost:\d+/", self.stderr)
+        return found.group(0) if found else None
+
+    def finish(self) -> int:
+        try:
+            return self.proc.wait(timeout=RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"crawlproc did not finish within {RUN_TIMEOUT}s:\n{self.stderr[-3000:]}")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        return self.finish()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=RUN_TIMEOUT)
+
+
+@pytest.fixture
+def served(tmp_path):
+    """Start Served processes; any still running at the end is killed with its group."""
+    started: list[Served] = []
+
+    def start(*args: str, name: str = "crawlproc") -> Served:
+        started.append(Served(tmp_path, *args, name=f"{name}-{len(started)}"))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.kill()
+
+
+class Gates:
+    """The gated tree of a test, and the two gates its tasks wait at."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.data = make_tree(tmp_path / "data", {**{f"a{i:02}.txt": f"line {i}\n" for i in range(FILES)},
+                                                  "last.txt": "the end\n", SCRIPT_NAME: "x\n"})
+        self.out = tmp_path / "out"
+        self.first, self.last = tmp_path / "gate", tmp_path / "last-gate"
+
+    def run_args(self, *extra: str) -> list[str]:
+        return ["run", str(self.data), "-o", str(self.out), "-p", GATED, "--param", f"gate={self.first}",
+                "--param", f"last_gate={self.last}", "--batch-size", "1", "-w", "2", "--no-progress", *extra]
+
+
+@pytest.fixture
+def gates(tmp_path) -> Gates:
+    return Gates(tmp_path)
+
+
+def get(url: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def status_json(url: str) -> dict:
+    status, _, body = get(url + "status.json")
+    assert status == 200
+    return json.loads(body)
+
+
+def status_cli(out: Path) -> dict:
+    result = run_cli("status", "-o", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def metrics(url: str) -> dict[str, float]:
+    """Every sample of /metrics, parsed by prometheus_client: 'name{label="v"}' -> value."""
+    status, headers, body = get(url + "metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+# -- a run serving its page ------------------------------------------------------------------
+
+def test_metrics_follow_a_run_and_parse_as_prometheus_text(gates, served):
+    run = served(*gates.run_args("--retries", "1", "--retry-delay", "0", "--serve", "0"), name="run")
+    before = wait_until(lambda: (lambda s: s if s["crawlproc_run_going"] == 1 and "crawlproc_workers" in s
+                                 else None)(metrics(run.url)), URL_TIMEOUT, "the run's first snapshot")
+    assert before["crawlproc_tasks_done_total"] == 0 and before['crawlproc_tasks{state="done"}'] == 0
+    gates.first.touch()
+    # All but last.txt done (it waits at the last gate), and the <script> file failed once and is
+    # tried again (maybe queued behind last.txt on its worker: its second failure may wait).
+    wait_until(lambda: (lambda s: s["crawlproc_tasks_done_total"] == FILES and s["crawlproc_tasks_retried_total"] == 1)(
+        metrics(run.url)), RUN_TIMEOUT, "12 done and a retry")
+    samples = wait_until(lambda: (lambda s, counts: s if all(s[f'crawlproc_tasks{{state="{k}"}}'] == v
+                                                             for k, v in counts.items()) else None)(
+        metrics(run.url), status_cli(gates.out)["counts"]), URL_TIMEOUT, "the ledger's counts in /metrics")
+    assert samples['crawlproc_tasks{state="done"}'] == FILES and samples["crawlproc_tasks_running"] >= 1
+    buckets = [v for k, v in samples.items() if k.startswith("crawlproc_task_duration_seconds_bucket")]
+    assert buckets == sorted(buckets) and buckets[-1] == samples["crawlproc_task_duration_seconds_count"] == FILES
+    assert samples["crawlproc_task_duration_seconds_sum"] > 0
+    assert samples["crawlproc_workers"] == 2 and "crawlproc_files_per_second" in samples
+    gates.last.touch()
+    assert run.finish() == 1  # one task failed
+
+    after = served("serve", "-o", str(gates.out), "--port", "0", name="serve")
+    samples = metrics(after.url)
+    assert samples["crawlproc_tasks_done_total"] == FILES + 1 and samples["crawlproc_tasks_failed_total"] == 1
+    assert samples["crawlproc_tasks_retried_total"] == 1  # from the ledger: the failed task's second attempt
+    assert samples['crawlproc_tasks{state="done"}'] == FILES + 1 and samples["crawlproc_run_going"] == 0
+    assert "crawlproc_oldest_pending_age_seconds" not in samples  # nothing pending: no made-up age
+    assert after.stop() == 0
+
+
+def test_status_json_is_status_and_the_live_run(gates, served):
+    run = served(*gates.run_args("--retries", "0", "--serve", "0"), name="run")
+    busy = wait_until(lambda: [w for w in (status_json(run.url)["live"] or {}).get("workers", []) if w["relpath"]],
+                      URL_TIMEOUT, "workers on their first tasks")
+    assert all(w["pid"] > 0 and w["rss_bytes"] > 0 and w["running_s"] >= 0 for w in busy)
+    gates.first.touch()
+    document = wait_until(lambda: (lambda d: d if d["counts"]["done"] == FILES and d["counts"]["failed"] == 1
+                                   else None)(status_json(run.url)), RUN_TIMEOUT, "12 done and 1 failed")
+    status = status_cli(gates.out)
+    assert {key: document[key] for key in ("out", "counts", "total", "data_dir", "processor", "running_pid")} == \
+           {key: status[key] for key in ("out", "counts", "total", "data_dir", "processor", "running_pid")}
+    assert set(status) <= set(document)
+    assert [w["relpath"] for w in document["live"]["workers"] if w["relpath"]] == ["last.txt"]
+    assert document["latest_failures"][0]["relpath"] == SCRIPT_NAME
+    assert "ValueError" in document["latest_failures"][0]["error"]
+    assert document["live"]["source"] == "run" and document["live"]["history"]
+    gates.last.touch()
+    assert run.finish() == 1
+
+
+def test_read_only_and_nothing_from_elsewhere(tmp_path, served):
+    data = make_tree(tmp_path / "data", {"a.txt": "one\n", "b.txt": "two\n"})
+    out = tmp_path / "out"
+    assert run_cli("run", str(data), "-o", str(out), "--no-progress").returncode == 0
+    server = served("serve", "-o", str(out), "--port", "0", name="serve")
+    for method in ("POST", "PUT", "DELETE", "PATCH"):
+        status, headers, _ = get(server.url + "status.json", method)
+        assert status == 405 and headers["Allow"] == "GET, HEAD", method
+    assert get(server.url + "results/")[0] == 404
+    assert get(server.url + "../ledger.db")[0] == 404
+    assert get(server.url + "healthz")[2] == b"ok\n"
+    status, headers, page = get(server.url)
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    policy = headers["Content-Security-Policy"]
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy and "unsafe" not in policy
+    assert not re.search(rb"(src|href)\s*=\s*[\"']?\s*(https?:)?//", page)  # no address elsewhere
+    assert json.loads(get(server.url + "status.json")[2])["counts"] == status_cli(out)["counts"]
+    assert server.stop() == 0
+
+
+# -- errors a user can cause -----------------------------------------------------------------
+
+def test_a_port_in_use_is_one_line_and_exit_2(tmp_path):
+    data = make_tree(tmp_path / "data", {"a.txt": "one\n"})
+    out = tmp_path / "out"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("run", str(data), "-o", str(out), "--serve", str(port))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0], result.stderr
+    assert f"crawlproc run {data} -o {out} --serve=0" in lines[0]  # the same command, any free port
+    assert not out.exists()  # refused before anything was written
+
+
+def test_serve_command_port_in_use(tmp_path):
+    data = make_tree(tmp_path / "data", {"a.txt": "one\n"})
+    out = tmp_path / "out"
+    assert run_cli("run", str(data), "-o", str(out), "--no-progress").returncode == 0
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", "-o", str(out), "--port", str(port))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"crawlproc serve -o {out} --port=0" in result.stderr
+
+
+HIDE_PROMETHEUS_CLIENT = """
+import sys
+
+class HidePrometheusClient:  # as if it were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "prometheus_client":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, HidePrometheusClient())
+"""
+
+
+def test_without_prometheus_client_serve_is_one_line_naming_the_extra(tmp_path):
+    data = make_tree(tmp_path / "data", {"a.txt": "one\n"})
+    hidden = make_tree(tmp_path / "hide", {"sitecustomize.py": HIDE_PROMETHEUS_CLIENT})
+    env = {"PYTHONPATH": os.pathsep.join([str(hidden), os.environ.get("PYTHONPATH", "")])}
+    result = run_cli("run", str(data), "-o", str(tmp_path / "out"), "--serve", "0", env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "crawlproc: the status page and /metrics need prometheus_client: pip install 'crawlproc[serve]'"]
+    result = run_cli("serve", "-o", str(tmp_path / "out"), env=env)
+    assert result.returncode == 2 and "crawlproc[serve]" in result.stderr
+
+
+@pytest.mark.parametrize("value", ["nonsense", "host:", "80000", ":8080"])
+def test_a_bad_serve_address_is_a_usage_error(tmp_path, value):
+    result = run_cli("run", str(tmp_path), "-o", str(tmp_path / "out"), "--serve", value)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "--serve" in result.stderr and "[HOST:]PORT" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_of_a_folder_without_ledger_says_so(tmp_path):
+    result = run_cli("serve", "-o", str(tmp_path / "nowhere"), "--port", "0")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"crawlproc: OUT {tmp_path / 'nowhere'} does not exist"]
+
+
+# -- a slow client never stalls the run --------------------------------------------------------
+
+def test_stuck_clients_never_stall_the_run(gates, served):
+    from crawlproc.serve.server import MAX_CLIENTS
+
+    run = served(*gates.run_args("--retries", "0", "--serve", "0"), name="run")
+    port = int(run.url.rsplit(":", 1)[1].strip("/"))
+    stuck = []
+    try:
+        for _ in range(MAX_CLIENTS - 1):  # each holds a request thread until its timeout
+            stuck.append(socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT))
+            stuck[-1].sendall(b"GET /status.json HTTP/1.1\r\n")  # and never ends its request
+        assert get(run.url + "healthz")[2] == b"ok\n"  # one slot is left, and it answers
+        for _ in range(3 * MAX_CLIENTS):  # now more than the server will take
+            stuck.append(socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT))
+            stuck[-1].sendall(b"GET / HTTP/1.1\r\n")
+        gates.first.touch()
+        gates.last.touch()
+        assert run.finish() == 1  # the run went through to its end (the <script> file failed)
+    finally:
+        for connection in stuck:
+            connection.close()
+    assert status_cli(gates.out)["counts"]["done"] == FILES + 1
+
+
+# -- watch -----------------------------------------------------------------------------------
+
+def test_watch_shows_its_queue_and_lag(tmp_path, served):
+    data = make_tree(tmp_path / "data", {"a.txt": "one\n"})
+    os.utime(data / "a.txt", (0, 0))  # settled long ago: the catch-up processes it
+    watch = served("watch", str(data), "-o", str(tmp_path / "out"), "--settle", "300", "--no-progress",
+                   "--serve", "0", name="watch")
+    wait_until(lambda: status_json(watch.url)["counts"]["done"] == 1, RUN_TIMEOUT, "the catch-up")
+    with open(data / "growing.txt", "w") as growing:  # open: no close event, so it waits to settle
+        growing.write("still writing\n")
+        growing.flush()
+        live = wait_until(lambda: (lambda live: live if live["watch"]["queue_depth"] == 1 and
+                                   live["watch"]["lag_s"] > 0 else None)(status_json(watch.url)["live"]),
+                          URL_TIMEOUT, "the open file in the watcher's queue")
+        assert live["source"] == "watch"
+        samples = metrics(watch.url)
+        assert samples["crawlproc_watch_queue_depth"] == 1 and samples["crawlproc_watcher_lag_seconds"] > 0
+    # Closed after writing: it settles at once and becomes a task.
+    wait_until(lambda: status_json(watch.url)["counts"]["done"] == 2, RUN_TIMEOUT, "growing.txt processed")
+    assert wait_until(lambda: status_json(watch.url)["live"]["watch"]["queue_depth"] == 0, URL_TIMEOUT,
+                      "an empty queue")
+    assert watch.stop() == 0
+
+
+# -- pieces, in-process --------------------------------------------------------------------------
+
+def test_parse_address():
+    from crawlproc.errors import UsageError
+    from crawlproc.serve import Address, parse_address
+
+    assert parse_address("8080") == Address("127.0.0.1", 8080)
+    assert parse_address("0") == Address("127.0.0.1", 0)
+    assert parse_address("0.0.0.0:9000") == Address("0.0.0.0", 9000)
+    assert parse_address("[::1]:9000") == Address("::1", 9000)
+    assert str(Address("::1", 9000)) == "[::1]:9000"
+    for bad in ("", "x", "65536", "host:", ":80", "1.2.3.4:port"):
+        with pytest.raises(UsageError):
+            parse_address(bad)
+
+
+def test_live_board_publishes_at_most_every_half_second_and_keeps_the_run_going():
+    from crawlproc.serve.board import LiveBoard
+
+    class Coordinator:  # what the board asks of a coordinator: its live view
+        done = 0
+
+        def live_view(self) -> dict:
+            if self.done < 0:
+                raise RuntimeError("broken view")
+            return {"done": self.done, "failed": 0}
+
+    clock = [100.0]
+    board = LiveBoard("run", every=0.5, clock=lambda: clock[0], wall=lambda: clock[0] + 1e9)
+    coordinator = Coordinator()
+    board.follow(coordinator)
+    seen = []
+    hook = board.progress_hook(seen.append)
+    for turn in range(10):  # ten turns within 0.45 s: one snapshot
+        clock[0] = 100.0 + turn * 0.05
+        coordinator.done = turn
+        hook({"final": False})
+    assert len(seen) == 10 and board.current["done"] == 0
+    clock[0] = 100.5
+    hook({})
+    assert board.current["done"] == 9 and len(board.current["history"]) == 2
+    snapshot = board.current
+    with pytest.raises(TypeError):
+        snapshot["done"] = 1  # read-only: the server's threads read it without a lock
+    coordinator.done = -1
+    clock[0] += 1
+    hook({"final": True})  # a broken view is logged once; the run's hook carries on
+    assert board.current is snapshot and len(seen) == 12
+
+
+def test_history_thins_and_rate_follows_the_recent_stretch():
+    from crawlproc.serve.board import History
+    from crawlproc.serve.view import eta_seconds, recent_rate
+
+    history = History(limit=8)
+    for second in range(20):
+        points = history.add(float(second), 10 * second)
+    assert len(points) <= 8 and points[-1] == (19.0, 190) and points == tuple(sorted(points))
+    assert recent_rate(points) == 10.0
+    assert recent_rate(((0.0, 0), (100.0, 0), (110.0, 50))) == 5.0  # the last 30 s only
+    assert recent_rate(((5.0, 3),)) is None
+    assert eta_seconds(10.0, 100) == 10.0 and eta_seconds(None, 5) is None and eta_seconds(0.0, 0) == 0.0
+
+
+def test_the_reducer_still_forks_while_the_page_is_served():
+    from crawlproc.children import fork_safe_thread, threads_unsafe_for_fork
+
+    release = threading.Event()
+    server_like = fork_safe_thread(release.wait, (RUN_TIMEOUT,), "test-serve")
+    other = threading.Thread(target=release.wait, args=(RUN_TIMEOUT,), daemon=True)
+    server_like.start()
+    other.start()
+    try:
+        unsafe = threads_unsafe_for_fork()  # (threads other tests left behind may be there too)
+        assert server_like not in unsafe
+        assert other in unsafe  # any other thread may hold a lock a child would need
+        assert threading.current_thread() not in unsafe
+    finally:
+        release.set()
+    server_like.join(HTTP_TIMEOUT)
+    other.join(HTTP_TIMEOUT)
+
+
+# -- in a real browser -----------------------------------------------------------------------------
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+BROWSER_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--window-size=1280,1000")
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Debian Chromium driven by selenium, with a fresh profile."""
+    if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
+        pytest.skip(f"needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}); scripts/test "
+                    "installs them with apt-get when it runs as root")
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (*BROWSER_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(URL_TIMEOUT)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def shown_counts(driver) -> dict[str, int] | None:
+    """The counts the page shows, as numbers (None while it shows none yet)."""
+    from selenium.webdriver.common.by import By
+
+    texts = {state: driver.find_element(By.ID, f"count-{state}").text
+             for state in ("pending", "running", "done", "failed", "gone")}
+    if any(not text.replace(",", "").isdigit() for text in texts.values()):
+        return None
+    return {state: int(text.replace(",", "")) for state, text in texts.items()}
+
+
+def test_the_page_in_a_browser_follows_the_run_and_ends_as_status_says(gates, served, browser, tmp_path):
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.webdriver.common.by import By
+
+    run = served(*gates.run_args("--retries", "0", "--serve", "0"), name="run")
+    browser.get(run.url)
+    # Held at the first gate: nothing done, and the workers show the tasks they wait in.
+    first = wait_until(lambda: shown_counts(browser), URL_TIMEOUT, "counts on the page")
+    assert first["done"] == 0 and first["failed"] == 0
+    wait_until(lambda: ".txt" in browser.find_element(By.ID, "workers").text, URL_TIMEOUT, "a worker's task")
+    gates.first.touch()
+    # Held at the last gate: the counts shown have moved on, and are what `status --json` says.
+    wait_until(lambda: (shown_counts(browser) or {}).get("done") == FILES, RUN_TIMEOUT, "12 done on the page")
+    wait_until(lambda: shown_counts(browser) == status_cli(gates.out)["counts"], URL_TIMEOUT,
+               "the page's counts to be status --json's")
+    # (read in one script: the page redraws its tables each second)
+    wait_until(lambda: SCRIPT_NAME in browser.execute_script(
+        "return [...document.querySelectorAll('#failures td.path')].map((td) => td.textContent)"),
+        URL_TIMEOUT, "the failed file, shown as text")
+    assert "ValueError" in browser.find_element(By.ID, "failures").text
+    assert len(browser.find_elements(By.TAG_NAME, "script")) == 1  # the file's name made no element
+    with pytest.raises(NoAlertPresentException):
+        browser.switch_to.alert.text
+    screenshot = tmp_path / "status-page.png"
+    assert browser.save_screenshot(str(screenshot))
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    gates.last.touch()
+    assert run.finish() == 1
+    wait_until(lambda: browser.find_element(By.ID, "state").text == "disconnected", URL_TIMEOUT,
+               "the page to see the run end")
+
+    # The finished OUT, served from its ledger: the page ends where `status --json` does.
+    after = served("serve", "-o", str(gates.out), "--port", "0", name="serve")
+    browser.get(after.url)
+    final = status_cli(gates.out)["counts"]
+    assert final == {"pending": 0, "running": 0, "done": FILES + 1, "failed": 1, "gone": 0}
+    wait_until(lambda: shown_counts(browser) == final, URL_TIMEOUT, "the final counts on the page")
+    assert "finished (exit 1)" in browser.find_element(By.ID, "state").text
+    assert after.stop() == 0
