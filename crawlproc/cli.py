@@ -342,9 +342,13 @@ def run(ctx: click.Context, data_dir: Path, **kw: Any) -> None:
 @click.option("--merge-interval", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
               envvar=_env("merge_interval"),
               help="Seconds between refreshes of the merged output (the first comes once the catch-up is done).")
+@click.option("--poll", type=click.FloatRange(min=0, min_open=True), default=None, envvar=_env("poll"),
+              metavar="SECONDS",
+              help="Find changes by a scan every SECONDS, without file events (NFS, SMB, Lustre). "
+                   "Watch also falls back to it, with a warning, when the kernel refuses more watches.")
 @click.pass_context
 def watch(ctx: click.Context, data_dir: Path, settle: float, rescan_interval: float, merge_interval: float,
-          **kw: Any) -> None:
+          poll: float | None, **kw: Any) -> None:
     """Catch up like `run`, then process new and changed files as they arrive, until Ctrl-C.
 
     The merged output is published once the catch-up is processed, then every
@@ -360,7 +364,7 @@ def watch(ctx: click.Context, data_dir: Path, settle: float, rescan_interval: fl
                                  f"one moment to write it to stdout; read {merged}, or give --output FILE",
                                  param_hint="--output -")
     outcome = _with_progress(kw, lambda options, reporter: watch_job(
-        options, settle=settle, rescan_interval=rescan_interval, merge_interval=merge_interval,
+        options, settle=settle, rescan_interval=rescan_interval, merge_interval=merge_interval, poll=poll,
         on_progress=reporter), data_dir, watching=True)
     ctx.exit(outcome.exit_code)
 

@@ -17,11 +17,20 @@ overflow triggers one at once.
 OUT is never input: events inside our own OUT are dropped, and so are files
 and new folders inside any folder that holds a crawlproc ledger (looked up
 when the file would be recorded, so an OUT made while watching counts too).
+
+Polling (--poll SECONDS) replaces the observer with a full scan every SECONDS,
+for file systems that send no events (NFS, SMB, Lustre): the scans find new,
+changed and deleted files, and skip each folder whose listing still has the
+fingerprint the ledger recorded, so an unchanged tree costs one stat per file.
+Watch falls back to it by itself, with one WARNING, when DATA_DIR (or a mount
+inside it) is such a file system, or when the kernel refuses more inotify
+watches or instances (at the start, or later for a new folder).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import heapq
 import logging
 import os
@@ -45,6 +54,15 @@ if TYPE_CHECKING:
 # such names wait until they are renamed to their final name.
 TEMP_NAME_PATTERNS = ("*.tmp", "*.part", ".*")
 MAX_EVENTS_PER_STEP = 5000
+DEFAULT_POLL_SECONDS = 10.0  # when watch falls back to polling by itself
+# File systems whose changes made elsewhere (another client, another node) reach no inotify
+# watch here: mount types as /proc/self/mountinfo names them ("fuse.sshfs" counts as fuse).
+# A local FUSE file system (fuse-overlayfs...) does send events: only network ones are named.
+NO_EVENT_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "ceph", "cephfs", "glusterfs", "gpfs", "beegfs",
+    "9p", "afs", "ocfs2", "gfs2", "vboxsf", "virtiofs", "sshfs", "s3fs", "rclone", "gcsfuse",
+})
+MOUNTINFO = "/proc/self/mountinfo"
 
 
 @dataclass
@@ -83,16 +101,22 @@ class _EventHandler:
             self.w.post("dir_gone" if is_dir else "gone", src)
 
 
-class _OverflowSpy(logging.Handler):
-    """watchdog reports a lost-events overflow only as a log record: listen for it."""
+class _WatchdogSpy(logging.Handler):
+    """watchdog reports a lost-events overflow, and a folder it could not watch (no inotify
+    watch left for a new folder), only as log records: listen for them."""
 
-    def __init__(self, flag: threading.Event) -> None:
+    def __init__(self, overflow: threading.Event) -> None:
         super().__init__(logging.WARNING)
-        self.flag = flag
+        self.overflow = overflow
+        self.unwatched: str | None = None  # the first folder it could not watch
 
     def emit(self, record: logging.LogRecord) -> None:
-        if "overflow" in record.getMessage().lower():
-            self.flag.set()
+        message = record.getMessage()
+        if "overflow" in message.lower():
+            self.overflow.set()
+        elif message.startswith("Unable to watch") and self.unwatched is None:
+            path = record.args[0] if isinstance(record.args, tuple) and record.args else None
+            self.unwatched = os.fsdecode(path) if isinstance(path, (bytes, str)) else message
 
 
 class Watcher:
@@ -109,6 +133,7 @@ class Watcher:
         out_relpath: bytes | None,
         on_skip: Callable[[bytes, str], None],
         on_problem: ProblemReporter | None = None,
+        poll: float | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -137,7 +162,14 @@ class Watcher:
         self.wakeup_fd, self._wake_w = os.pipe()
         os.set_blocking(self.wakeup_fd, False)
         os.set_blocking(self._wake_w, False)
-        self._observer = self._start_observer()
+        self.poll: float | None = None  # seconds between polling scans, once polling
+        self._observer: Any = None
+        self._spy: _WatchdogSpy | None = None
+        if poll is not None:
+            self._start_polling(poll)
+            logger.info("polling {} every {:g}s (--poll): no file events are used", os.fsdecode(self.data_dir), poll)
+        else:
+            self._observe_or_poll()
         self._start_scan(b"")  # catch up, exactly like `run` (events meanwhile are queued)
         self._catch_up = self._scans[0]
 
@@ -156,6 +188,7 @@ class Watcher:
 
     def step(self, max_files: int) -> int:
         self._drain_wakeups()
+        self._check_observer()
         if self._overflow.is_set():
             self._overflow.clear()
             logger.warning("file events were lost (inotify queue overflow); rescanning {}", os.fsdecode(self.data_dir))
@@ -175,15 +208,13 @@ class Watcher:
 
     def stop(self) -> None:
         self._stopped = True
-        self._observer.stop()
-        self._observer.join(timeout=5)
-        logging.getLogger("watchdog").removeHandler(self._spy)
+        self._stop_observer()
         os.close(self.wakeup_fd)
         os.close(self._wake_w)
 
     def info(self) -> dict[str, Any]:
         return {**self.stats, "queue_depth": len(self._candidates) + self._events.qsize(),
-                "scanning": bool(self._scans)}
+                "scanning": bool(self._scans), "poll_seconds": self.poll}
 
     # -- events (observer thread) ---------------------------------------------------
     def relpath_of(self, path: bytes | str) -> bytes | None:
@@ -216,18 +247,67 @@ class Watcher:
         )
         from watchdog.observers import Observer
 
-        self._spy = _OverflowSpy(self._overflow)
+        self._spy = _WatchdogSpy(self._overflow)
         logging.getLogger("watchdog").addHandler(self._spy)
         observer = Observer()
+        observer.daemon = True
+        self._observer = observer  # before it starts: a failed start is stopped and unhooked too
         observer.schedule(
             _EventHandler(self), self.data_dir, recursive=True,
             # Not opened/closed-without-writing: our own workers reading files would echo back.
             event_filter=[FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent,
                           FileDeletedEvent, DirCreatedEvent, DirMovedEvent, DirDeletedEvent],
         )
-        observer.daemon = True
         observer.start()
         return observer
+
+    def _stop_observer(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            if self._observer.is_alive():
+                self._observer.join(timeout=5)
+            self._observer = None
+        if self._spy is not None:
+            logging.getLogger("watchdog").removeHandler(self._spy)
+            self._spy = None
+
+    # -- polling, where file events cannot be had --------------------------------------
+    def _observe_or_poll(self) -> None:
+        """Start the observer, or poll when events would not come (said once, as a WARNING)."""
+        no_events = no_events_filesystem(self.data_dir)
+        if no_events is not None:
+            self._fall_back(no_events)
+            return
+        try:
+            self._start_observer()
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EMFILE):
+                raise
+            self._stop_observer()
+            self._fall_back(_refused(exc.errno))
+
+    def _check_observer(self) -> None:
+        """Fall back to polling when the observer stopped seeing part of the tree."""
+        if self._observer is None:
+            return
+        if self._spy is not None and self._spy.unwatched is not None:
+            self._fall_back(f"{_refused(errno.ENOSPC)}; {self._spy.unwatched} is not watched")
+        elif not all(emitter.is_alive() for emitter in self._observer.emitters):
+            self._fall_back("the file-event thread stopped")
+        else:
+            return
+        self._start_scan(b"")  # what the unwatched folders got meanwhile
+
+    def _fall_back(self, reason: str) -> None:
+        self._stop_observer()
+        self._start_polling(DEFAULT_POLL_SECONDS)
+        logger.warning("{}: watching {} by scanning it every {:g}s instead of by file events (give "
+                       "--poll SECONDS to choose the interval)", reason, os.fsdecode(self.data_dir), self.poll)
+
+    def _start_polling(self, seconds: float) -> None:
+        self.poll = seconds
+        self.rescan_interval = seconds
+        self._next_rescan = min(self._next_rescan, self.monotonic() + seconds)
 
     # -- events (coordinator) -------------------------------------------------------------
     def _drain_wakeups(self) -> None:
@@ -392,3 +472,51 @@ class Watcher:
                 self.skipped = skipped
         return scan.files - before
 
+
+
+def no_events_filesystem(path: bytes, mountinfo: str = MOUNTINFO) -> str | None:
+    """Why inotify would miss changes under `path`, or None: the file system of `path`, or of a
+    mount inside it, sends no events for changes made elsewhere (NFS, SMB, Lustre, FUSE...)."""
+    try:
+        with open(mountinfo, "rb") as f:
+            mounts = [_mount_of(line) for line in f]
+    except OSError:
+        return None
+    real = os.path.realpath(path)
+    holding = max((m for m in mounts if m and _is_under(real, m[0])), key=lambda m: len(m[0]), default=None)
+    inside = [m for m in mounts if m and m[0] != real and _is_under(m[0], real)]
+    for point, fstype in ([holding] if holding else []) + inside:
+        if fstype in NO_EVENT_FILESYSTEMS or fstype.removeprefix("fuse.") in NO_EVENT_FILESYSTEMS:
+            where = f"{os.fsdecode(path)}" if holding and point == holding[0] else \
+                f"{os.fsdecode(point)} inside {os.fsdecode(path)}"
+            return f"{where} is on {fstype}, which sends no file events for changes made elsewhere"
+    return None
+
+
+def _mount_of(line: bytes) -> tuple[bytes, str] | None:
+    """(mount point, file system type) of one /proc/self/mountinfo line."""
+    fields = line.split()
+    try:
+        separator = fields.index(b"-")
+        point, fstype = fields[4], fields[separator + 1]
+    except (ValueError, IndexError):
+        return None
+    # Spaces and the like are octal escapes there (\040).
+    return point.decode("unicode_escape").encode("latin-1"), fstype.decode("ascii", "replace")
+
+
+def _is_under(path: bytes, folder: bytes) -> bool:
+    return path == folder or path.startswith(folder.rstrip(b"/") + b"/")
+
+
+def _refused(error: int) -> str:
+    """The kernel refused an inotify watch (ENOSPC) or instance (EMFILE): which limit, and the
+    command that doubles it."""
+    what = "instances" if error == errno.EMFILE else "watches"
+    setting = f"fs.inotify.max_user_{what}"
+    try:
+        with open(f"/proc/sys/{setting.replace('.', '/')}", encoding="ascii") as f:
+            raise_it = f"; sysctl -w {setting}={2 * int(f.read())} raises it"
+    except (OSError, ValueError):
+        raise_it = ""
+    return f"the kernel refuses more inotify {what} ({setting} reached{raise_it})"
