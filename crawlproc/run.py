@@ -243,7 +243,16 @@ def _opened_ledger(options: RunOptions, command: str, processor: Processor,
         yield _Job(options, ledger, processor, identity, ledger.start_run(command, os.getpid()), forkserver)
     finally:
         ledger.close()
-        note_closed(ledger.path)  # the next start then skips the thorough check
+        _note_closed(ledger.path)
+
+
+def _note_closed(path: Path) -> None:
+    """Stamp the closed ledger, so the next start skips the thorough check. On a full disk the
+    stamp is left out (the next start checks in full): the error that ended the job is the news."""
+    try:
+        note_closed(path)
+    except OSError as exc:
+        logger.debug("{}: not stamped as closed ({})", path, exc.strerror)
 
 
 def _log_verdict(verdict: Verdict, out: Path, identity: dict[str, Any]) -> None:
