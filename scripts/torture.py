@@ -7,7 +7,8 @@
          `crawlproc retry --all` and go on (the same OUT, redone)
       ─> one final uninterrupted `run`
       ─> checks: merged.jsonl byte-identical to the clean run's, every file exactly once,
-         every task done, PRAGMA integrity_check, no temp files, no orphaned processes,
+         every task done, PRAGMA integrity_check, no temp files, no result file that no done
+         task refers to, no orphaned processes,
          no unexpected exit code (3 = the lock outlived its holder, 2 = the run gave up),
          no hang (a run that goes on HANG_SLACK seconds past its expected time)
 
@@ -128,8 +129,10 @@ def workers_of(pid: int) -> list[psutil.Process]:
 
 
 def dask_workers_of(pid: int) -> list[psutil.Process]:
-    """Live Dask worker processes of a run's LocalCluster: children of the coordinator forked
-    by its nannies, told from listing helpers and the reducer's child by their threads."""
+    """Live Dask worker processes of a run's LocalCluster that run batches: children of the
+    coordinator forked by its nannies, with a crawlproc forkserver of their own (listing helpers
+    and the reducer's child have none). A kill while the cluster starts is another matter: the
+    run then stops with "Nanny failed to start" (reported, not tortured here)."""
     try:
         children = psutil.Process(pid).children()
     except psutil.NoSuchProcess:
@@ -137,7 +140,8 @@ def dask_workers_of(pid: int) -> list[psutil.Process]:
     found = []
     for child in children:
         try:
-            if "forkserver" not in " ".join(child.cmdline()) and child.num_threads() >= 3 and _alive(child):
+            if ("forkserver" not in " ".join(child.cmdline()) and child.num_threads() >= 3 and child.children()
+                    and _alive(child)):
                 found.append(child)
         except psutil.Error:
             continue
@@ -360,6 +364,13 @@ def check(out: Path, relpaths: list[str], clean: bytes) -> tuple[dict, list[str]
     finally:
         conn.close()
     temps = [str(p.relative_to(out)) for p in out.rglob(".*") if p.name.endswith(".tmp")]
+    conn = sqlite3.connect(f"file:{out / 'ledger.db'}?mode=ro", uri=True)
+    try:
+        referenced = {b for (b,) in conn.execute("SELECT DISTINCT batch_id FROM tasks WHERE state = 'done'")}
+    finally:
+        conn.close()
+    orphaned = sorted(str(p.relative_to(out)) for p in (out / "results").rglob("*.jsonl")
+                      if not p.name.startswith(".") and int(p.stem) not in referenced)
     facts = {
         "identical": merged == clean,
         "records": sum(paths.values()),
@@ -370,11 +381,12 @@ def check(out: Path, relpaths: list[str], clean: bytes) -> tuple[dict, list[str]
         "ledger_not_done": sorted(expected - set(ledger_paths)),
         "integrity": integrity,
         "temp_files": temps,
+        "orphaned_results": orphaned,
     }
     problems = []
     if not facts["identical"]:
         problems.append("merged.jsonl differs from the clean run's")
-    for key in ("lost", "duplicated", "unexpected", "ledger_not_done", "temp_files"):
+    for key in ("lost", "duplicated", "unexpected", "ledger_not_done", "temp_files", "orphaned_results"):
         if facts[key]:
             problems.append(f"{key}: {len(facts[key])} (first: {facts[key][:5]})")
     if states.get("done", 0) != len(expected) or sum(states.values()) != len(expected):
@@ -432,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"files: {len(relpaths)}, records: {facts['records']}, lost: {len(facts['lost'])}, "
               f"duplicated: {len(facts['duplicated'])}")
         print(f"ledger: {facts['states']}; PRAGMA integrity_check: {facts['integrity']}")
-        print(f"temp files left: {len(facts['temp_files'])}")
+        print(f"temp files left: {len(facts['temp_files'])}; orphaned result files: "
+              f"{len(facts['orphaned_results'])}")
         print(f"duration: {time.monotonic() - began:.1f}s")
         if problems:
             print("FAILED:")
@@ -451,10 +464,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_histories(args: argparse.Namespace) -> int:
     """--hypothesis: the state machine of tests/test_histories.py with `--examples` examples."""
-    env = {**os.environ, "CRAWLPROC_HISTORY_EXAMPLES": str(args.examples),
-           "CRAWLPROC_HISTORY_SEED": str(args.seed)}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "test_histories.py"),
-               "-k", "generated", "--hypothesis-show-statistics"]
+    env = {**os.environ, "CRAWLPROC_HISTORY_EXAMPLES": str(args.examples)}
+    command = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+               str(REPO / "tests" / "test_histories.py"), "-k", "generated", f"--hypothesis-seed={args.seed}"]
     if args.verbose:
         command.append("--hypothesis-verbosity=verbose")
     return subprocess.call(command, env=env, cwd=REPO)
