@@ -380,6 +380,7 @@ class Coordinator:
             "failed": self.tally.failed,
             "pending_left": self.sizer.pending_left,
             "running": len(self._claimed),
+            "executor": self.executor.describe(),
         }
 
     def _heartbeat(self) -> None:

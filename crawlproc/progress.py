@@ -12,6 +12,7 @@ from typing import Any
 from loguru import logger
 
 from crawlproc import logs
+from crawlproc.words import plural
 
 LOG_EVERY_SECONDS = 5.0
 DRAW_EVERY_SECONDS = 0.1
@@ -56,8 +57,14 @@ class ProgressReporter:
 
     def _source_text(self, stats: dict) -> str:
         if self.watching:
-            return f"watching, {stats['scanned']} files recorded"
-        return "scan finished" if stats["scan_finished"] else f"scanning, {stats['scanned']} files so far"
+            text = f"watching, {plural(stats['scanned'], 'file')} recorded"
+        else:
+            text = "scan finished" if stats["scan_finished"] else f"scanning, {plural(stats['scanned'], 'file')} so far"
+        executor = stats.get("executor") or {}
+        if executor.get("executor") == "dask":
+            text += (f"; Dask: {plural(executor.get('workers', 0), 'worker')}, "
+                     f"{plural(executor.get('threads', 0), 'thread')}")
+        return text
 
     def close(self) -> None:
         if self._bar:

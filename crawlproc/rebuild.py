@@ -278,7 +278,8 @@ def lost_ledger_hint(out: Path) -> str | None:
 
 
 def rerun_command(out: Path, identity: Mapping[str, Any]) -> str:
-    """`crawlproc run DATA_DIR -o OUT` with the processor, params and chunk size of `identity`, shell-quoted."""
+    """The `crawlproc run` command line for OUT, with the data dir, processor, params and chunk size of
+    `identity`, shell-quoted."""
     args = ["crawlproc", "run", str(identity["data_dir"]), "-o", str(out)]
     params = dict(identity.get("params") or {})
     processor = identity.get("processor") or DEFAULT_PROCESSOR

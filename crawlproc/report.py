@@ -116,7 +116,9 @@ def status_data(out: Path) -> dict[str, Any]:
         elapsed = max(end - last["started"], 1e-9)
         data["last_run"] = {k: last[k] for k in ("id", "command", "pid", "started", "updated", "finished",
                                                   "exit_code", "done", "failed")}
-        data["last_run"]["watch"] = json.loads(last["info"]) if last["info"] else None
+        info = json.loads(last["info"]) if last["info"] else {}
+        data["last_run"]["watch"] = info if "watching_since" in info else None
+        data["last_run"]["executor"] = info.get("executor")
         data["last_run"]["state"] = _run_state(last, pid)
         if data["last_run"]["state"] == ENDED_ABRUPTLY:  # its running tasks wait for the next start
             data["requeued_at_next_start"] = counts["running"]
@@ -166,6 +168,8 @@ def _last_run_lines(run: dict[str, Any], data: dict[str, Any]) -> list[str]:
         lines.append(f"  finished {_when(run['finished'])} with exit code {run['exit_code']}")
     elif run["state"] == GOING:
         lines.append(f"  still going (pid {data['running_pid']})")
+        if run["executor"]:
+            lines.append(_executor_line(run["executor"]))
         if run["watch"]:
             lines += _watch_lines(run["watch"])
     else:
@@ -177,6 +181,12 @@ def _last_run_lines(run: dict[str, Any], data: dict[str, Any]) -> list[str]:
             if data["run_command"]:
                 lines.append(f"  {data['run_command']}")
     return lines
+
+
+def _executor_line(executor: dict[str, Any]) -> str:
+    """Where the batches run, for a run that is not local (a Dask cluster)."""
+    return (f"  on {executor['executor']} at {executor.get('scheduler')}: {plural(executor.get('workers', 0), 'worker')}, "
+            f"{plural(executor.get('threads', 0), 'thread')}")
 
 
 def _when(timestamp: float | None) -> str:

@@ -228,7 +228,7 @@ def _opened_ledger(options: RunOptions, command: str, processor: Processor,
     logs.add_file_sink(options.out)
     identity = run_identity(options, processor)
     rebuilt = rebuild_if_lost(options.out, identity, reprocess=options.reprocess,
-                              accept_changed=(CODE_KEY, PYTHON_KEY) if options.keep_results else ())
+                              accept_changed=frozenset({CODE_KEY, PYTHON_KEY}) if options.keep_results else frozenset())
     if rebuilt:
         logger.warning(rebuilt)
     ledger = Ledger(options.out / LEDGER_NAME, durable=options.durable)
@@ -482,10 +482,17 @@ def make_pool(job: _Job, on_progress: Callable[[dict], None] | None, *,
         policy=RetryPolicy(options.retries, options.retry_delay, options.max_failures),
         batch_size=options.batch_size,
     )
+    if options.executor != "local":  # status and the page show the cluster
+        hooks["run_info"] = _with_executor(hooks.get("run_info"), executor)
     coordinator = Coordinator(job.ledger, executor, coordinator_options, run_id=job.run_id,
                               on_progress=on_progress, out_hint=out_hint(options.out), **hooks)
     stopping.append(coordinator)
     return coordinator
+
+
+def _with_executor(run_info: Callable[[], dict] | None, executor: Any) -> Callable[[], dict]:
+    """The run's info for its `runs` row, with the executor's description added."""
+    return lambda: {**(run_info() if run_info else {}), "executor": executor.describe()}
 
 
 def _merge(job: _Job, *, publish_if_damaged: bool = True) -> MergeOutcome:
