@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
+from crawlproc.fsevents import no_events_filesystem, refused
 from crawlproc.listing import holds_crawlproc_ledger
 from crawlproc.scanner import Scan, task_rows
 from crawlproc.walk import FileEntry, PathFilter, ProblemReporter, ScanOptions
@@ -55,14 +56,6 @@ if TYPE_CHECKING:
 TEMP_NAME_PATTERNS = ("*.tmp", "*.part", ".*")
 MAX_EVENTS_PER_STEP = 5000
 DEFAULT_POLL_SECONDS = 10.0  # when watch falls back to polling by itself
-# File systems whose changes made elsewhere (another client, another node) reach no inotify
-# watch here: mount types as /proc/self/mountinfo names them ("fuse.sshfs" counts as fuse).
-# A local FUSE file system (fuse-overlayfs...) does send events: only network ones are named.
-NO_EVENT_FILESYSTEMS = frozenset({
-    "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "ceph", "cephfs", "glusterfs", "gpfs", "beegfs",
-    "9p", "afs", "ocfs2", "gfs2", "vboxsf", "virtiofs", "sshfs", "s3fs", "rclone", "gcsfuse",
-})
-MOUNTINFO = "/proc/self/mountinfo"
 
 
 @dataclass
@@ -234,7 +227,7 @@ class Watcher:
         except (BlockingIOError, OSError):
             pass  # the pipe is full (the pool will wake anyway) or closed (stopping)
 
-    def _start_observer(self) -> Any:
+    def _start_observer(self) -> None:
         from watchdog.events import (
             DirCreatedEvent,
             DirDeletedEvent,
@@ -259,7 +252,6 @@ class Watcher:
                           FileDeletedEvent, DirCreatedEvent, DirMovedEvent, DirDeletedEvent],
         )
         observer.start()
-        return observer
 
     def _stop_observer(self) -> None:
         if self._observer is not None:
@@ -284,14 +276,14 @@ class Watcher:
             if exc.errno not in (errno.ENOSPC, errno.EMFILE):
                 raise
             self._stop_observer()
-            self._fall_back(_refused(exc.errno))
+            self._fall_back(refused(exc.errno))
 
     def _check_observer(self) -> None:
         """Fall back to polling when the observer stopped seeing part of the tree."""
         if self._observer is None:
             return
         if self._spy is not None and self._spy.unwatched is not None:
-            self._fall_back(f"{_refused(errno.ENOSPC)}; {self._spy.unwatched} is not watched")
+            self._fall_back(f"{refused(errno.ENOSPC)}; {self._spy.unwatched} is not watched")
         elif not all(emitter.is_alive() for emitter in self._observer.emitters):
             self._fall_back("the file-event thread stopped")
         else:
@@ -473,50 +465,3 @@ class Watcher:
         return scan.files - before
 
 
-
-def no_events_filesystem(path: bytes, mountinfo: str = MOUNTINFO) -> str | None:
-    """Why inotify would miss changes under `path`, or None: the file system of `path`, or of a
-    mount inside it, sends no events for changes made elsewhere (NFS, SMB, Lustre, FUSE...)."""
-    try:
-        with open(mountinfo, "rb") as f:
-            mounts = [_mount_of(line) for line in f]
-    except OSError:
-        return None
-    real = os.path.realpath(path)
-    holding = max((m for m in mounts if m and _is_under(real, m[0])), key=lambda m: len(m[0]), default=None)
-    inside = [m for m in mounts if m and m[0] != real and _is_under(m[0], real)]
-    for point, fstype in ([holding] if holding else []) + inside:
-        if fstype in NO_EVENT_FILESYSTEMS or fstype.removeprefix("fuse.") in NO_EVENT_FILESYSTEMS:
-            where = f"{os.fsdecode(path)}" if holding and point == holding[0] else \
-                f"{os.fsdecode(point)} inside {os.fsdecode(path)}"
-            return f"{where} is on {fstype}, which sends no file events for changes made elsewhere"
-    return None
-
-
-def _mount_of(line: bytes) -> tuple[bytes, str] | None:
-    """(mount point, file system type) of one /proc/self/mountinfo line."""
-    fields = line.split()
-    try:
-        separator = fields.index(b"-")
-        point, fstype = fields[4], fields[separator + 1]
-    except (ValueError, IndexError):
-        return None
-    # Spaces and the like are octal escapes there (\040).
-    return point.decode("unicode_escape").encode("latin-1"), fstype.decode("ascii", "replace")
-
-
-def _is_under(path: bytes, folder: bytes) -> bool:
-    return path == folder or path.startswith(folder.rstrip(b"/") + b"/")
-
-
-def _refused(error: int) -> str:
-    """The kernel refused an inotify watch (ENOSPC) or instance (EMFILE): which limit, and the
-    command that doubles it."""
-    what = "instances" if error == errno.EMFILE else "watches"
-    setting = f"fs.inotify.max_user_{what}"
-    try:
-        with open(f"/proc/sys/{setting.replace('.', '/')}", encoding="ascii") as f:
-            raise_it = f"; sysctl -w {setting}={2 * int(f.read())} raises it"
-    except (OSError, ValueError):
-        raise_it = ""
-    return f"the kernel refuses more inotify {what} ({setting} reached{raise_it})"

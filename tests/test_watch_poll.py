@@ -21,7 +21,7 @@ import pytest
 from conftest import make_tree
 from test_watch import DEADLINE, Watch, all_done, proc_spec, query, state_of, wait_until  # noqa: F401
 
-from crawlproc.watch import no_events_filesystem
+from crawlproc.fsevents import no_events_filesystem
 
 POLL = "0.3"
 OLD = 1_600_000_000  # an mtime long past: a file with it is settled at once
