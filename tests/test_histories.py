@@ -13,8 +13,9 @@
 
 Every kill moment is chosen by Hypothesis (a phase and a delay), so an example
 replays the same history; every wait has a deadline. CI runs a few examples
-(HISTORY_EXAMPLES); `scripts/torture --hypothesis --examples N` runs long
-searches. Histories a search found are kept as plain tests at the bottom.
+(CRAWLPROC_HISTORY_EXAMPLES, 8 by default); `scripts/torture --hypothesis
+--examples N` runs long searches. Histories a search found are kept as plain
+tests at the bottom.
 """
 
 from __future__ import annotations
@@ -394,3 +395,5 @@ def test_generated_histories():
 
 
 # -- histories a search found, kept as plain tests --------------------------------------------------
+# (none yet: a failing history is shrunk by Hypothesis, and its steps go here as a plain test that
+# calls the rules above in order, with the drawn values written out)
