@@ -55,7 +55,8 @@ def run(data_dir: str | _os.PathLike[str], **options: Any) -> Outcome:
 def watch(data_dir: str | _os.PathLike[str], **options: Any) -> Outcome:
     """Catch up like `run`, then process new and changed files as they arrive, until SIGINT or
     SIGTERM (on the main thread) or until `stop` (a threading.Event) is set; merge; return the
-    Outcome. Takes run's keywords and `settle`, `rescan_interval`, `merge_interval`."""
+    Outcome. Takes run's keywords and `settle`, `rescan_interval`, `merge_interval`, and `poll`
+    (seconds between polling scans instead of file events, for NFS, SMB, Lustre)."""
     from crawlproc.api import watch as watch_job
 
     return watch_job(data_dir, **options)

@@ -109,7 +109,8 @@ def _run_with_progress(options: Any, values: Mapping[str, Any], watching: bool) 
     try:
         if watching:
             return watch_job(options, settle=values["settle"], rescan_interval=values["rescan_interval"],
-                             merge_interval=values["merge_interval"], on_progress=reporter)
+                             merge_interval=values["merge_interval"], poll=values["poll"],
+                             on_progress=reporter)
         return run_job(options, on_progress=reporter)
     finally:
         reporter.close()

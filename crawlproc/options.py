@@ -279,6 +279,7 @@ WATCH_OPTIONS: dict[str, Option] = {
     "settle": Option(2.0, number_above(0, inclusive=True)),
     "rescan_interval": Option(300.0, number_above(0, inclusive=False)),
     "merge_interval": Option(30.0, number_above(0, inclusive=False)),
+    "poll": Option(None, optional(number_above(0, inclusive=False))),
 }
 
 # Keywords of the Python API only (no command-line option): a threading.Event that stops the job

@@ -3,7 +3,8 @@
     check DATA_DIR, OUT (not DATA_DIR, no links inside) ─> lock OUT ─> (rebuild a lost ledger) ─> open ledger
       ─> check identity ─> recover
       run:   scan ∥ coordinator ─> merge (done results crc-checked; damaged ones redone first)
-      watch: catch-up scan ∥ coordinator, merge, then file events ∥ coordinator, merging every --merge-interval
+      watch: catch-up scan ∥ coordinator, merge, then file events (or --poll scans) ∥ coordinator,
+             merging every --merge-interval; systemd told READY, STATUS, WATCHDOG, STOPPING (notify.py)
       ─> summary.json ─> exit code (0 all done, 1 some failed or a path not scanned, 130 interrupted)
     --serve: the status page is bound first and served around all of it (serve/)
 
@@ -257,7 +258,16 @@ def _opened_ledger(options: RunOptions, command: str, processor: Processor,
         yield _Job(options, ledger, processor, identity, ledger.start_run(command, os.getpid()), forkserver)
     finally:
         ledger.close()
-        note_closed(ledger.path)  # the next start then skips the thorough check
+        _note_closed(ledger.path)
+
+
+def _note_closed(path: Path) -> None:
+    """Stamp the closed ledger, so the next start skips the thorough check. On a full disk the
+    stamp is left out (the next start checks in full): the error that ended the job is the news."""
+    try:
+        note_closed(path)
+    except OSError as exc:
+        logger.debug("{}: not stamped as closed ({})", path, exc.strerror)
 
 
 def _log_verdict(verdict: Verdict, out: Path, identity: dict[str, Any]) -> None:
@@ -318,9 +328,10 @@ def run_job(options: RunOptions, *, on_progress: Callable[[dict], None] | None =
 
 def watch_job(
     options: RunOptions, *, settle: float, rescan_interval: float, merge_interval: float,
-    on_progress: Callable[[dict], None] | None = None,
+    poll: float | None = None, on_progress: Callable[[dict], None] | None = None,
 ) -> RunOutcome:
-    """Catch up like `run`, then follow file events until SIGINT/SIGTERM; merge; exit 0."""
+    """Catch up like `run`, then follow file events (or poll) until SIGINT/SIGTERM; merge; exit 0."""
+    from crawlproc.notify import ServiceNotifier
     from crawlproc.watch import Watcher
 
     with _serving(options, "watch") as board, _open_job(options, "watch") as job:
@@ -328,10 +339,16 @@ def watch_job(
         watcher = Watcher(
             job.ledger, os.fsencode(options.data_dir), scan_options(options), settle=settle,
             rescan_interval=rescan_interval, out_relpath=_relpath_inside(options.out, options.data_dir),
-            on_skip=log_skip, on_problem=problem_logger(options.out),
+            on_skip=log_skip, on_problem=problem_logger(options.out), poll=poll,
         )
         merger = _PeriodicMerge(job, merge_interval, watcher)
-        pool = make_pool(job, on_progress, on_turn=merger.maybe_merge, run_info=watcher.info)
+        service = ServiceNotifier()
+
+        def on_turn() -> None:
+            merger.maybe_merge()
+            service.tick(merger.caught_up, lambda: _service_status(pool, watcher))
+
+        pool = make_pool(job, on_progress, on_turn=on_turn, run_info=watcher.info)
         merger.pool = pool
         if options.executor != "local":
             pool.prepare_executor()
@@ -340,7 +357,9 @@ def watch_job(
             pool_result = pool.run(watcher)
         finally:
             watcher.stop()
+            service.stopping(f"stopping: {_service_status(pool, watcher)}")
         merged = merger.merge() if options.merge else None
+        service.close()
         exit_code = 0 if pool_result.stop_reason in (None, "interrupted") else 1
         return _finish(job, pool_result, merged, lambda counts: exit_code)
 
@@ -365,6 +384,12 @@ class _PeriodicMerge:
         self._next = time.monotonic() + self.interval
         self.merge()
 
+    def caught_up(self) -> bool:
+        """The catch-up is processed, and merged if merging (systemd's READY=1 then)."""
+        if self.job.options.merge:
+            return self._next is not None
+        return self._caught_up()
+
     def _caught_up(self) -> bool:
         """The catch-up scan is over and none of the tasks it recorded is left to process now
         (a retry that is not due yet does not hold the first merge back)."""
@@ -383,6 +408,14 @@ class _PeriodicMerge:
         write_summary(self.job.options.out, self.job.ledger, self.job.processor, self.job.identity, merged,
                       _timings(self.job, self.pool.result if self.pool else Tally()))
         return merged
+
+
+def _service_status(pool: Coordinator, watcher: Watcher) -> str:
+    """systemd's STATUS= line: this run's counts and what waits."""
+    stats, info = pool.stats(), watcher.info()
+    how = f"polling every {info['poll_seconds']:g}s" if info["poll_seconds"] else "watching"
+    return (f"{how}: {stats['done']} done, {stats['failed']} failed, {stats['running']} running, "
+            f"{info['queue_depth']} waiting to settle{', scanning' if info['scanning'] else ''}")
 
 
 def _finish(job: _Job, pool_result: Tally, merged: MergeOutcome | None,

@@ -58,9 +58,9 @@ class Scan:
     `hold_back` lets watch mode keep files still being written out of the
     ledger for now (not taken for deleted).
 
-    A full scan that holds nothing back also records a fingerprint for each
-    folder of files only, in the same transaction as the slice that covered
-    the whole folder. The next scan skips a folder whose listing has the
+    A full scan also records a fingerprint for each folder of files only
+    (none held back), in the same transaction as the slice that covered the
+    whole folder. The next scan skips a folder whose listing has the
     recorded fingerprint: the ledger already holds exactly what its files
     would plan. So a no-op rerun reads no task rows for such folders.
 
@@ -93,10 +93,11 @@ class Scan:
         self.claimed: list[tuple] = []
         self._unreadable: list[bytes] = []
         self.full = not start
-        # A partial scan leaves unseen tasks alone, and held-back files are not in the
-        # ledger yet: either way the ledger need not match the folder, so no fingerprints.
+        # A partial scan leaves unseen tasks alone, so the ledger need not match the folder:
+        # no fingerprints. Held-back files are not in the ledger yet: their folders get
+        # none (see _Slice.add), the others do, so watch's rescans and polls skip them too.
         # A dry run lists every folder: the retried tasks of unchanged ones count too.
-        self._fingerprints = self.full and hold_back is None and preview is None
+        self._fingerprints = self.full and preview is None
         known = ledger.known_folders(_plan(options)) if self._fingerprints else None
         # Helpers list folders ahead of the walk (see listing.py): worth it on a big tree only,
         # which is what HelperLister waits to see before starting any.
@@ -159,7 +160,8 @@ class Scan:
                     self._reconcile(slice_, item.relpath + b"\0")  # just after it
                     break
             elif kind is FolderDone:
-                if self._lo is None or self._lo <= item.prefix:  # the whole folder is in this slice
+                # The whole folder is in this slice, and none of its files waits to settle.
+                if (self._lo is None or self._lo <= item.prefix) and item.prefix not in slice_.held_in:
                     slice_.folders.append((item.prefix, item.fingerprint, item.files))
                 if seen >= max_files:
                     self._reconcile(slice_, folder_end(item.prefix))
@@ -264,12 +266,13 @@ class _Slice:
     by Scan.step directly.
     """
 
-    __slots__ = ("plain", "rows", "held", "folders", "_files", "_last")
+    __slots__ = ("plain", "rows", "held", "held_in", "folders", "_files", "_last")
 
     def __init__(self, plain: bool) -> None:
         self.plain = plain
         self.rows: list[tuple] = []  # (path_bytes, offset, length, size, mtime_ns)
         self.held: list[bytes] = []
+        self.held_in: set[bytes] = set()  # folders ('x/', '' for the top) holding a held-back file
         self.folders: list[tuple] = []  # (prefix, fingerprint, files)
         self._files = 0
         self._last: bytes | None = None  # the last relpath added, held back or not
@@ -278,6 +281,7 @@ class _Slice:
         self._last = entry.relpath
         if hold_back is not None and hold_back(entry):
             self.held.append(entry.relpath)
+            self.held_in.add(entry.relpath[:entry.relpath.rfind(b"/") + 1])
             return
         self._files += 1
         self.rows.extend(task_rows(entry, chunk_size))

@@ -17,11 +17,20 @@ overflow triggers one at once.
 OUT is never input: events inside our own OUT are dropped, and so are files
 and new folders inside any folder that holds a crawlproc ledger (looked up
 when the file would be recorded, so an OUT made while watching counts too).
+
+Polling (--poll SECONDS) replaces the observer with a full scan every SECONDS,
+for file systems that send no events (NFS, SMB, Lustre): the scans find new,
+changed and deleted files, and skip each folder whose listing still has the
+fingerprint the ledger recorded, so an unchanged tree costs one stat per file.
+Watch falls back to it by itself, with one WARNING, when DATA_DIR (or a mount
+inside it) is such a file system, or when the kernel refuses more inotify
+watches or instances (at the start, or later for a new folder).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import heapq
 import logging
 import os
@@ -34,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
+from crawlproc.fsevents import no_events_filesystem, refused
 from crawlproc.listing import holds_crawlproc_ledger
 from crawlproc.scanner import Scan, task_rows
 from crawlproc.walk import FileEntry, PathFilter, ProblemReporter, ScanOptions
@@ -45,6 +55,7 @@ if TYPE_CHECKING:
 # such names wait until they are renamed to their final name.
 TEMP_NAME_PATTERNS = ("*.tmp", "*.part", ".*")
 MAX_EVENTS_PER_STEP = 5000
+DEFAULT_POLL_SECONDS = 10.0  # when watch falls back to polling by itself
 
 
 @dataclass
@@ -84,16 +95,22 @@ class _EventHandler:
             self.w.post("dir_gone" if is_dir else "gone", src)
 
 
-class _OverflowSpy(logging.Handler):
-    """watchdog reports a lost-events overflow only as a log record: listen for it."""
+class _WatchdogSpy(logging.Handler):
+    """watchdog reports a lost-events overflow, and a folder it could not watch (no inotify
+    watch left for a new folder), only as log records: listen for them."""
 
-    def __init__(self, flag: threading.Event) -> None:
+    def __init__(self, overflow: threading.Event) -> None:
         super().__init__(logging.WARNING)
-        self.flag = flag
+        self.overflow = overflow
+        self.unwatched: str | None = None  # the first folder it could not watch
 
     def emit(self, record: logging.LogRecord) -> None:
-        if "overflow" in record.getMessage().lower():
-            self.flag.set()
+        message = record.getMessage()
+        if "overflow" in message.lower():
+            self.overflow.set()
+        elif message.startswith("Unable to watch") and self.unwatched is None:
+            path = record.args[0] if isinstance(record.args, tuple) and record.args else None
+            self.unwatched = os.fsdecode(path) if isinstance(path, (bytes, str)) else message
 
 
 class Watcher:
@@ -110,6 +127,7 @@ class Watcher:
         out_relpath: bytes | None,
         on_skip: Callable[[bytes, str], None],
         on_problem: ProblemReporter | None = None,
+        poll: float | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -138,7 +156,14 @@ class Watcher:
         self.wakeup_fd, self._wake_w = os.pipe()
         os.set_blocking(self.wakeup_fd, False)
         os.set_blocking(self._wake_w, False)
-        self._observer = self._start_observer()
+        self.poll: float | None = None  # seconds between polling scans, once polling
+        self._observer: Any = None
+        self._spy: _WatchdogSpy | None = None
+        if poll is not None:
+            self._start_polling(poll)
+            logger.info("polling {} every {:g}s (--poll): no file events are used", os.fsdecode(self.data_dir), poll)
+        else:
+            self._observe_or_poll()
         self._start_scan(b"")  # catch up, exactly like `run` (events meanwhile are queued)
         self._catch_up = self._scans[0]
 
@@ -157,6 +182,7 @@ class Watcher:
 
     def step(self, max_files: int) -> int:
         self._drain_wakeups()
+        self._check_observer()
         if self._overflow.is_set():
             self._overflow.clear()
             logger.warning("file events were lost (inotify queue overflow); rescanning {}", os.fsdecode(self.data_dir))
@@ -176,15 +202,13 @@ class Watcher:
 
     def stop(self) -> None:
         self._stopped = True
-        self._observer.stop()
-        self._observer.join(timeout=5)
-        logging.getLogger("watchdog").removeHandler(self._spy)
+        self._stop_observer()
         os.close(self.wakeup_fd)
         os.close(self._wake_w)
 
     def info(self) -> dict[str, Any]:
         return {**self.stats, "queue_depth": len(self._candidates) + self._events.qsize(),
-                "scanning": bool(self._scans),
+                "scanning": bool(self._scans), "poll_seconds": self.poll,
                 "oldest_queued_at": min((c.seen_at for c in self._candidates.values()), default=None)}
 
     # -- events (observer thread) ---------------------------------------------------
@@ -205,7 +229,7 @@ class Watcher:
         except (BlockingIOError, OSError):
             pass  # the pipe is full (the pool will wake anyway) or closed (stopping)
 
-    def _start_observer(self) -> Any:
+    def _start_observer(self) -> None:
         from watchdog.events import (
             DirCreatedEvent,
             DirDeletedEvent,
@@ -218,18 +242,66 @@ class Watcher:
         )
         from watchdog.observers import Observer
 
-        self._spy = _OverflowSpy(self._overflow)
+        self._spy = _WatchdogSpy(self._overflow)
         logging.getLogger("watchdog").addHandler(self._spy)
         observer = Observer()
+        observer.daemon = True
+        self._observer = observer  # before it starts: a failed start is stopped and unhooked too
         observer.schedule(
             _EventHandler(self), self.data_dir, recursive=True,
             # Not opened/closed-without-writing: our own workers reading files would echo back.
             event_filter=[FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent,
                           FileDeletedEvent, DirCreatedEvent, DirMovedEvent, DirDeletedEvent],
         )
-        observer.daemon = True
         observer.start()
-        return observer
+
+    def _stop_observer(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            if self._observer.is_alive():
+                self._observer.join(timeout=5)
+            self._observer = None
+        if self._spy is not None:
+            logging.getLogger("watchdog").removeHandler(self._spy)
+            self._spy = None
+
+    # -- polling, where file events cannot be had --------------------------------------
+    def _observe_or_poll(self) -> None:
+        """Start the observer, or poll when events would not come (said once, as a WARNING)."""
+        no_events = no_events_filesystem(self.data_dir)
+        if no_events is not None:
+            self._fall_back(no_events)
+            return
+        try:
+            self._start_observer()
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EMFILE):
+                raise
+            self._stop_observer()
+            self._fall_back(refused(exc.errno))
+
+    def _check_observer(self) -> None:
+        """Fall back to polling when the observer stopped seeing part of the tree."""
+        if self._observer is None:
+            return
+        if self._spy is not None and self._spy.unwatched is not None:
+            self._fall_back(f"{refused(errno.ENOSPC)}; {self._spy.unwatched} is not watched")
+        elif not all(emitter.is_alive() for emitter in self._observer.emitters):
+            self._fall_back("the file-event thread stopped")
+        else:
+            return
+        self._start_scan(b"")  # what the unwatched folders got meanwhile
+
+    def _fall_back(self, reason: str) -> None:
+        self._stop_observer()
+        self._start_polling(DEFAULT_POLL_SECONDS)
+        logger.warning("{}: watching {} by scanning it every {:g}s instead of by file events (give "
+                       "--poll SECONDS to choose the interval)", reason, os.fsdecode(self.data_dir), self.poll)
+
+    def _start_polling(self, seconds: float) -> None:
+        self.poll = seconds
+        self.rescan_interval = seconds
+        self._next_rescan = min(self._next_rescan, self.monotonic() + seconds)
 
     # -- events (coordinator) -------------------------------------------------------------
     def _drain_wakeups(self) -> None:
@@ -393,4 +465,5 @@ class Watcher:
             if scan.full:
                 self.skipped = skipped
         return scan.files - before
+
 

@@ -162,6 +162,17 @@ def workers(coordinator: int) -> list[psutil.Process]:
         return []
 
 
+def kill_a_worker(coordinator: int) -> bool:
+    """SIGKILL one live worker of the run; False when there was none to kill."""
+    for victim in workers(coordinator):
+        try:
+            victim.kill()
+            return True
+        except psutil.NoSuchProcess:
+            continue
+    return False
+
+
 def _kill_tree(pid: int) -> None:
     """Clean up after a failed test: the run and everything it started."""
     procs = descendants(pid)
@@ -456,14 +467,14 @@ def test_kill9_of_a_worker_retries_its_task(tmp_path, slow_tree):
     proc = start_run(data, out, "-p", SLOW, "-w", "2", "--batch-size", "3", env=env_with(**SLOW_ENV))
     try:
         wait_until(lambda: done_count(out) >= 6 or proc.poll() is not None, 30, "some tasks to be done")
-        victims = wait_until(lambda: workers(proc.pid) or proc.poll() is not None, 10, "a worker")
-        assert proc.poll() is None, "the run ended before a worker could be killed"
-        victim = victims[0]
-        # status and failures answer while the run goes on
+        # Kill as soon as a worker is seen: one that exits meanwhile (it recycled) is not one to kill.
+        outcome = wait_until(lambda: "killed" if kill_a_worker(proc.pid) else "ended" if proc.poll() is not None
+                             else None, 10, "a worker to kill")
+        assert outcome == "killed", "the run ended before a worker could be killed"
+        # status answers while the run goes on (retrying the killed worker's task)
         status = run_cli("status", "-o", str(out), "--json", timeout=30)
         assert status.returncode == 0, status.stderr
         assert json.loads(status.stdout)["total"] == SLOW_FILES
-        victim.kill()
         code, err = finish(proc)
     finally:
         if proc.poll() is None:

@@ -81,12 +81,14 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
 
 
 class Watch:
-    """A `crawlproc watch` subprocess; its stdout and stderr go to files in tmp_path."""
+    """A `crawlproc watch` subprocess; its stdout and stderr go to files in tmp_path.
+
+    `prefix` goes before the command (a wrapper that execs it, keeping its pid)."""
 
     count = 0
 
     def __init__(self, data: Path, out: Path, processor: str, *args: str, sleep: float = 0.0,
-                 settle: str = SETTLE) -> None:
+                 settle: str = SETTLE, prefix: tuple[str, ...] = ()) -> None:
         Watch.count += 1
         self.out = out
         logs = data.parent  # beside DATA_DIR, never inside it
@@ -95,7 +97,7 @@ class Watch:
         self.stdout_path = logs / f"watch-{Watch.count}.stdout"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "default",
                "WATCH_TEST_LOG": str(self.log), "WATCH_TEST_SLEEP": str(sleep)}
-        cmd = [sys.executable, "-m", "crawlproc", "watch", str(data), "-o", str(out), "-w", "2",
+        cmd = [*prefix, sys.executable, "-m", "crawlproc", "watch", str(data), "-o", str(out), "-w", "2",
                "-p", processor, "--no-progress", "--settle", settle, "--merge-interval", MERGE_INTERVAL, *args]
         with open(self.stdout_path, "wb") as stdout, open(self.stderr_path, "wb") as stderr:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,

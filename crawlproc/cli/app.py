@@ -75,8 +75,9 @@ def _usage_message(exc: click.UsageError) -> str:
 
 
 def _ledger_failure(exc: sqlite3.DatabaseError, out: Path | None) -> click.ClickException:
-    if "full" in str(exc):
-        failure = click.ClickException(f"OUT's disk is full ({exc}); free some space and run again to resume")
+    if "full" in str(exc):  # SQLITE_FULL: the ledger could not grow
+        where = f"the disk holding OUT {shlex.quote(str(out))}" if out is not None else "OUT's disk"
+        failure = click.ClickException(f"{where} is full ({exc}); free some space and run again to resume")
         failure.exit_code = 1
         return failure
     ledger = f" {shlex.quote(str(out / 'ledger.db'))}" if out is not None else ""

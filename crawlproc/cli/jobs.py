@@ -55,6 +55,9 @@ def run(ctx: click.Context, data_dir: Path, **kw: Any) -> None:
 @click.option("--merge-interval", type=str, default=default_of("merge_interval"), show_default=True,
               envvar=env_name("merge_interval"), callback=checked, metavar="SECONDS",
               help="Seconds between refreshes of the merged output (the first comes once the catch-up is done).")
+@click.option("--poll", type=str, default=None, envvar=env_name("poll"), callback=checked, metavar="SECONDS",
+              help="Find changes by a scan every SECONDS, without file events (NFS, SMB, Lustre). "
+                   "Watch also falls back to it, with a warning, when the kernel refuses more watches.")
 @click.pass_context
 def watch(ctx: click.Context, data_dir: Path, **kw: Any) -> None:
     """Catch up like `run`, then process new and changed files as they arrive, until Ctrl-C.
