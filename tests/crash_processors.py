@@ -10,7 +10,7 @@ otherwise returns an ordinary record, so one tree can hold both kinds:
     spawn*          starts a child process whose argv carries the file's content
                     as a marker, then hangs (the child must die with the worker)
     leak*           keeps 300 MB of touched memory in a module global
-    grab*           touches $CRASHY_GRAB_MB (400) MB, holds it for up to 60 s, then returns normally
+    grab*           touches $CRASHY_GRAB_MB (400) MB, holds it for $CRASHY_GRAB_SECONDS (60) s, then returns normally
                     (for --max-memory-per-task: only a kill stops it early)
     raise*          raises ValueError (unless CRASHY_NO_RAISE=1 in the environment)
     sysexit*        raises SystemExit(5)
@@ -82,7 +82,7 @@ def crashy(task) -> dict:
 def _grab_and_hold(size: int) -> None:
     block = bytearray(size)
     block[::4096] = b"\x01" * len(range(0, size, 4096))  # touch every page: real RSS
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + float(os.environ.get("CRASHY_GRAB_SECONDS", "60"))
     while time.monotonic() < deadline:
         time.sleep(0.05)
     del block

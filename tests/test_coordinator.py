@@ -46,7 +46,8 @@ def test_memory_per_task_kills_the_task_alone(tmp_path):
 def test_memory_per_task_off_lets_the_task_finish(tmp_path):
     data = make_tree(tmp_path / "data", {"grab.bin": "x\n"})
     out = tmp_path / "out"
-    result = crawl(data, out, "-p", CRASHY, "-w", "1", env={"CRASHY_GRAB_MB": "50"},
+    # Held 3 s: many samples of the worker's memory (every 0.1 s or so), none of them a reason to kill.
+    result = crawl(data, out, "-p", CRASHY, "-w", "1", env={"CRASHY_GRAB_MB": "50", "CRASHY_GRAB_SECONDS": "3"},
                    *["--max-memory-per-task", "1GB"])
     assert result.returncode == 0, result.stderr
 
