@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import zlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from loguru import logger
 from crawlproc.ledger import Ledger
 from crawlproc.processors.base import Processor
 from crawlproc.reduction import Reduction, records_in
-from crawlproc.results import ResultReader, checksum, result_path, write_atomic
+from crawlproc.results import ResultReader, result_path, write_atomic
 
 SUMMARY_NAME = "summary.json"
 LAST_MERGE_KEY = "last_merge"
@@ -161,23 +162,66 @@ def _copy_done_ranges(
     """Append each done task's crc-checked records to `sink_path` (and hand them to `also_to`).
 
     Returns (bytes, tasks, damaged task ids, {batch id: bytes of its file the tasks use}).
+
+    This loop runs once per task, so it is kept tight: a batch's tasks follow merge order and
+    lie back to back in its result file, so each such run of ranges is written as one slice
+    (every task's crc is still checked on its own).
     """
     reader = ResultReader(out)
+    crc32 = zlib.crc32
     damaged: list[int] = []
     batches: dict[int, int] = {}
     tasks = written = 0
+    current: int | None = None
+    data: memoryview | None = None  # the current result file, whole (None: missing, or read by ranges)
+    loaded = False
+    run_start = run_end = 0  # the ranges of `data` checked but not yet written
+
+    def write_run() -> None:
+        if run_end > run_start:
+            sink.write(data[run_start:run_end])
+            if batches.get(current, -1) < run_end:
+                batches[current] = run_end
+
     try:
         with _Sink(sink_path, also_to) as sink:
             for task_id, batch_id, offset, length, crc in ledger.done_in_merge_order():
-                data = reader.read(batch_id, offset, length) if length else b""
-                if data is None or checksum(data) != crc:
+                end = offset + (length or 0)
+                if batch_id != current:
+                    write_run()
+                    current, run_start, run_end = batch_id, 0, 0
+                    data, loaded = None, False
+                if not length:  # no records (the file may not even exist)
+                    if crc != 0:
+                        damaged.append(task_id)
+                        continue
+                    if batches.get(batch_id, -1) < end:
+                        batches[batch_id] = end
+                    tasks += 1
+                    continue
+                if not loaded:
+                    data, loaded = reader.whole(batch_id), True
+                if data is None:  # a file too big to hold, or missing: range by range
+                    chunk = reader.read(batch_id, offset, length)
+                    if chunk is None or crc32(chunk) != crc:
+                        damaged.append(task_id)
+                        continue
+                    sink.write(chunk)
+                    written += length
+                    tasks += 1
+                    if batches.get(batch_id, -1) < end:
+                        batches[batch_id] = end
+                    continue
+                if end > len(data) or crc32(data[offset:end]) != crc:
                     damaged.append(task_id)
                     continue
-                sink.write(data)
-                written += len(data)
+                if offset != run_end:
+                    write_run()
+                    run_start = offset
+                run_end = end
+                written += length
                 tasks += 1
-                if batches.get(batch_id, -1) < offset + length:
-                    batches[batch_id] = offset + length
+            write_run()
     finally:
         reader.close()
     return written, tasks, damaged, batches

@@ -160,6 +160,7 @@ class ResultReader:
         self._batch_id: int | None = None
         self._data = b""
         self._big: BinaryIO | None = None
+        self._missing = False
 
     def read(self, batch_id: int, offset: int, length: int) -> bytes | None:
         """The bytes of one range, or None when the file is missing or too short."""
@@ -172,12 +173,21 @@ class ResultReader:
             return None
         return self._data[offset:offset + length]
 
+    def whole(self, batch_id: int) -> memoryview | None:
+        """The whole result file, or None when it is missing or too big to hold (then `read`)."""
+        if batch_id != self._batch_id:
+            self._switch_to(batch_id)
+        if self._big is not None or self._missing:
+            return None
+        return memoryview(self._data)
+
     def _switch_to(self, batch_id: int) -> None:
         self.close()
         self._batch_id = batch_id
         try:
             f = open(result_path(self._out, batch_id), "rb")
         except FileNotFoundError:
+            self._missing = True
             return
         if os.fstat(f.fileno()).st_size > self.WHOLE_FILE_BYTES:
             self._big = f
@@ -190,6 +200,7 @@ class ResultReader:
             self._big.close()
             self._big = None
         self._data = b""
+        self._missing = False
         self._batch_id = None
 
 

@@ -150,6 +150,7 @@ class Watcher:
         self._candidates: dict[bytes, _Candidate] = {}
         self._due: list[tuple[float, bytes]] = []  # heap of (monotonic due time, relpath)
         self._scans: list[Scan] = []
+        self._scan_started: dict[int, float] = {}  # id(scan) -> monotonic start, for the debug log
         self._next_rescan = monotonic() + rescan_interval
         self._overflow = threading.Event()
         self._stopped = False
@@ -440,8 +441,10 @@ class Watcher:
             if any(scan.full for scan in self._scans):
                 return  # a full scan is already under way
             self.stats["rescans"] += 1
-        self._scans.append(Scan(self.ledger, self.data_dir, self.scan_options, self.on_skip,
-                                start=start, hold_back=self._hold_back, on_problem=self.on_problem))
+        scan = Scan(self.ledger, self.data_dir, self.scan_options, self.on_skip,
+                    start=start, hold_back=self._hold_back, on_problem=self.on_problem)
+        self._scans.append(scan)
+        self._scan_started[id(scan)] = self.monotonic()
 
     def _hold_back(self, entry: FileEntry) -> bool:
         """A scan in watch mode must not hand out a file that may still be written."""
@@ -458,6 +461,9 @@ class Watcher:
         scan.step(max_files)
         if scan.finished:
             self._scans.pop(0)
+            started = self._scan_started.pop(id(scan))
+            logger.debug("{} of {} done in {:.3f}s: {} files", "rescan" if scan.full else "partial scan",
+                         os.fsdecode(self.data_dir), self.monotonic() - started, scan.files)
             skipped = scan.findings.skipped_counts()
             news = scan.full and skipped != self.skipped  # a rescan that skipped the same says nothing
             for line in scan.outcome_lines(skipped=news):

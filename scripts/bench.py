@@ -16,6 +16,19 @@ says they are complete with the same parameters):
            the figure of interest is crawlproc's coordinator peak RSS
            (target < 150 MB). Run only when named.
 
+  watch-scale  (a) ``crawlproc watch`` on a tree of 100,000 folders (100 x 1,000, one small
+           file each): the time from the command's start to systemd's READY=1 (the
+           catch-up processed and merged; the bench plays the NOTIFY_SOCKET) and the
+           coordinator's RSS then, with inotify watching every folder; (b) ``watch --poll
+           5`` on tiny's 100,000 files once caught up: the coordinator's CPU seconds per
+           poll of the unchanged tree (over 30 s) and each poll's wall time (its debug
+           log). Run only when named.
+
+  serve    tiny's data, crawlproc's first run without and with ``--serve 127.0.0.1:PORT`` while a
+           client fetches /, /status.json and /metrics every second, interleaved, 5 runs of
+           each (N with --repeat N); medians (target: with at most 1.03x without). Run only
+           when named.
+
   dask-scale  scale's 1,000,000 files through ``crawlproc run --executor dask`` on a scheduler
            and W worker processes (1 thread each) started apart: the coordinator's peak RSS
            (target < 200 MB), the time from the command's start to the first task done
@@ -115,6 +128,7 @@ import multiprocessing
 import os
 import platform
 import random
+import re
 import select
 import shlex
 import shutil
@@ -123,6 +137,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -191,7 +206,7 @@ WORKLOADS = {
 }
 DEFAULT_WORKLOADS = ["tiny", "typical"]
 # see bench_watch(), bench_csv(), bench_faults(), bench_dask_scale()
-SPECIAL_WORKLOADS = ["watch", "csv", "bigfile", "faults", "dask-scale"]
+SPECIAL_WORKLOADS = ["watch", "watch-scale", "csv", "bigfile", "faults", "serve", "dask-scale"]
 RERUN_TARGET = 0.10  # a no-op rerun, as a share of the first run
 
 
@@ -1603,6 +1618,305 @@ def bench_faults(bench_dir: Path, run_root: Path, args) -> FaultsReport:
     return rep
 
 
+# --- watch-scale: watch on 100,000 folders, and polls of an unchanged tree ---------------
+
+WATCH_FOLDERS = (100, 1000)  # fan-out of watch-scale's tree: 100,000 leaf folders
+POLL_SECONDS = 5.0
+POLL_SPAN = 30.0  # seconds of polling measured
+
+
+@dataclasses.dataclass
+class WatchScaleReport:
+    folders: int = 0
+    start_s: float | None = None
+    start_rss_mb: float | None = None
+    poll_files: int = 0
+    poll_cpu_s: float | None = None
+    poll_walls: list[float] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+    def markdown(self, workers: int) -> list[str]:
+        def fmt(value, spec=".2f"):
+            return "-" if value is None else format(value, spec)
+
+        walls = sorted(self.poll_walls)
+        median = statistics.median(walls) if walls else None
+        md = [f"## watch-scale: watch on {self.folders:,} folders, and polls of an unchanged tree, "
+              f"workers {workers}", "",
+              "| measure | value |", "|---|---:|",
+              f"| {self.folders:,} folders: command start to READY=1 (catch-up processed and merged), s "
+              f"| {fmt(self.start_s)} |",
+              f"| {self.folders:,} folders: coordinator RSS at READY=1, MB | {fmt(self.start_rss_mb, '.0f')} |",
+              f"| --poll {POLL_SECONDS:g} on {self.poll_files:,} unchanged files: coordinator CPU per poll, s "
+              f"| {fmt(self.poll_cpu_s, '.3f')} |",
+              f"| the same: wall of one poll (median of {len(walls)}), s | {fmt(median, '.3f')} |", ""]
+        md += [f"- {n}" for n in self.notes]
+        md += [f"- **{p}**" for p in self.problems]
+        md.append("")
+        return md
+
+
+class NotifySocket:
+    """A stand-in for systemd: the datagram socket named by NOTIFY_SOCKET, and what came on it."""
+
+    def __init__(self, path: Path) -> None:
+        import socket
+
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+
+    def wait_for(self, message: str, timeout: float, proc: subprocess.Popen) -> float | None:
+        """perf_counter time when `message` (e.g. READY=1) came, or None."""
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline and proc.poll() is None:
+            try:
+                data = self.sock.recv(65536).decode(errors="replace")
+            except OSError:
+                continue
+            if message in data.splitlines():
+                return time.perf_counter()
+        return None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def ensure_folder_tree(bench_dir: Path) -> tuple[Path, float | None]:
+    """100,000 leaf folders with one 10-byte file each (generated once, like the others)."""
+    outer, inner = WATCH_FOLDERS
+    root = bench_dir / f"data-folders-{outer * inner}"
+    marker = root / ".complete"
+    if marker.exists():
+        return root, None
+    if root.exists():
+        shutil.rmtree(root)
+    t0 = time.perf_counter()
+    for i in range(outer):
+        for j in range(inner):
+            folder = root / f"a{i:03d}" / f"b{j:04d}"
+            folder.mkdir(parents=True)
+            (folder / "f.txt").write_bytes(b"one line\n")
+    marker.write_text("done\n")
+    return root, time.perf_counter() - t0
+
+
+def stop_watch(proc: subprocess.Popen, problems: list[str], what: str) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        rc = proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        problems.append(f"FAILED watch-scale {what}: watch did not stop within 300 s of SIGINT")
+        return
+    if rc != 0:
+        problems.append(f"FAILED watch-scale {what}: watch exited {rc}")
+
+
+def bench_watch_scale(bench_dir: Path, run_root: Path, args) -> WatchScaleReport:
+    import psutil
+
+    rep = WatchScaleReport()
+    print("\n[watch-scale] watch on 100,000 folders; polls of an unchanged tree", flush=True)
+    exe = crawlproc_exe()
+    if exe is None:
+        rep.problems.append("FAILED: crawlproc executable not found")
+        return rep
+    run_dir = run_root / "watch-scale"
+    run_dir.mkdir(parents=True)
+    data, gen_s = ensure_folder_tree(bench_dir)
+    rep.folders = math.prod(WATCH_FOLDERS)
+    n, warm_s = warm_up(data, args.workers)
+    rep.notes.append(f"folder tree {data}: " + ("reused" if gen_s is None else f"generated in {gen_s:.1f} s")
+                     + f"; warm-up: {n:,} files in {warm_s:.1f} s; "
+                     f"fs.inotify.max_user_watches {Path('/proc/sys/fs/inotify/max_user_watches').read_text().strip()}")
+    print(f"  {rep.notes[-1]}", flush=True)
+
+    # (a) start time and RSS on 100,000 folders
+    notify = NotifySocket(run_dir / "notify.sock")
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify.path)}
+    cmd = [exe, "watch", str(data), "-o", str(run_dir / "folders-out"), "-w", str(args.workers),
+           "--no-progress", "-q"]
+    with open(run_dir / "folders.log", "wb") as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        ready = notify.wait_for("READY=1", args.timeout, proc)
+        if ready is None:
+            rep.problems.append(f"FAILED watch-scale: no READY=1 from $ {shlex.join(cmd)}")
+        else:
+            rep.start_s = ready - t0
+            rep.start_rss_mb = psutil.Process(proc.pid).memory_info().rss / 2**20
+            print(f"  READY=1 after {rep.start_s:.2f} s, coordinator RSS {rep.start_rss_mb:.0f} MB", flush=True)
+        stop_watch(proc, rep.problems, "folders")
+    notify.close()
+
+    # (b) the cost of polling an unchanged 100,000-file tree
+    wl = WORKLOADS["tiny"].shrink(10) if args.quick else WORKLOADS["tiny"]
+    tiny, _ = ensure_data(bench_dir, wl)
+    rep.poll_files, _ = warm_up(tiny, args.workers)
+    notify = NotifySocket(run_dir / "poll.sock")
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify.path)}
+    out = run_dir / "poll-out"
+    log_path = run_dir / "poll.log"
+    cmd = [exe, "watch", str(tiny), "-o", str(out), "-w", str(args.workers), "--poll", f"{POLL_SECONDS:g}",
+           "--no-progress", "-vv", "--log-json"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        if notify.wait_for("READY=1", args.timeout, proc) is None:
+            rep.problems.append(f"FAILED watch-scale: no READY=1 from $ {shlex.join(cmd)}")
+        else:
+            coordinator = psutil.Process(proc.pid)
+            time.sleep(POLL_SECONDS)  # the first poll after the catch-up
+            before = coordinator.cpu_times()
+            t0 = time.perf_counter()
+            time.sleep(POLL_SPAN)
+            after = coordinator.cpu_times()
+            polls = (time.perf_counter() - t0) / POLL_SECONDS
+            rep.poll_cpu_s = (after.user + after.system - before.user - before.system) / polls
+            print(f"  --poll {POLL_SECONDS:g}: {rep.poll_cpu_s:.3f} CPU s per poll", flush=True)
+        stop_watch(proc, rep.problems, "poll")
+    notify.close()
+    rep.poll_walls = poll_walls(log_path)
+    rep.notes.append(f"poll walls from the coordinator's debug log ('rescan ... done in'): "
+                     + (", ".join(f"{w:.3f}" for w in rep.poll_walls) or "none found"))
+    for p in rep.problems:
+        print(f"  !!! {p}", flush=True)
+    return rep
+
+
+def poll_walls(log_path: Path) -> list[float]:
+    """The wall time of each poll after the catch-up, as the coordinator logged it."""
+    walls = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        try:
+            message = json.loads(line).get("message", "")
+        except ValueError:
+            continue
+        match = re.search(r"rescan of .* done in ([0-9.]+)s", message)
+        if match:
+            walls.append(float(match.group(1)))
+    return walls[1:]  # the first is the catch-up
+
+
+# --- serve: the status page's cost to the run it serves ------------------------------
+
+SERVE_TARGET = 1.03  # wall with --serve (watched) / wall without, at most
+SERVE_PATHS = ("/", "/status.json", "/metrics")
+
+
+class PagePoller(threading.Thread):
+    """A watcher of the status page: every second, the page, /status.json and /metrics, as a
+    browser tab and a Prometheus scrape would; connection errors (the run not listening yet,
+    or gone) are skipped."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.stopped = threading.Event()
+        self.fetches = 0
+
+    def run(self) -> None:
+        import urllib.request
+
+        while not self.stopped.wait(1.0):
+            for path in SERVE_PATHS:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as reply:
+                        reply.read()
+                    self.fetches += 1
+                except OSError:
+                    pass
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclasses.dataclass
+class ServeReport:
+    times: int = 1
+    files: int = 0
+    rows: list[RateRow] = dataclasses.field(default_factory=list)
+    fetches: int = 0
+    notes: list[str] = dataclasses.field(default_factory=list)
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+    def markdown(self, workers: int) -> list[str]:
+        md = [f"## serve: the status page's cost, tiny ({self.files:,} files, linecount), workers {workers}", "",
+              f"First runs interleaved (without, with, without, ...), {self.times} of each; median wall. With "
+              f"`--serve`, a client fetches {', '.join(SERVE_PATHS)} every second throughout "
+              f"({self.fetches} fetches answered in all).", "",
+              "| run | wall s | files/s | vs without | note |", "|---|---:|---:|---:|---|"]
+        base = self.rows[0].wall if self.rows else None
+        for row in self.rows:
+            ratio = f"{row.wall / base:.3f}x" if row.wall and base else ""
+            md.append(f"| {row.run} | {row.fmt_wall()} | {row.rate()} | {ratio} | {row.note} |")
+        md.append("")
+        if len(self.rows) == 2 and self.rows[1].wall and base:
+            ratio = self.rows[1].wall / base
+            md.append(f"- with --serve, watched: {ratio:.3f}x the wall without (target <= {SERVE_TARGET}x): "
+                      f"{verdict(ratio <= SERVE_TARGET)}")
+        md += [f"- {n}" for n in self.notes]
+        md += [f"- **{p}**" for p in self.problems]
+        md.append("")
+        return md
+
+
+def bench_serve(bench_dir: Path, run_root: Path, args) -> ServeReport:
+    times = args.repeat if args.repeat > 1 else (1 if args.quick else 5)
+    rep = ServeReport(times=times)
+    print("\n[serve] the status page's cost to the run", flush=True)
+    exe = crawlproc_exe()
+    if exe is None:
+        rep.problems.append("FAILED: crawlproc executable not found")
+        return rep
+    run_dir = run_root / "serve"
+    run_dir.mkdir(parents=True)
+    wl = WORKLOADS["tiny"].shrink(10) if args.quick else WORKLOADS["tiny"]
+    data, gen_s = ensure_data(bench_dir, wl)
+    n, warm_s = warm_up(data, args.workers)
+    rep.files = n
+    rep.notes.append(f"tiny inputs {data}: " + ("reused" if gen_s is None else f"generated in {gen_s:.1f} s")
+                     + f"; page-cache warm-up: {n:,} files in {warm_s:.1f} s")
+    rows = [RateRow("crawlproc first run", count=n), RateRow("crawlproc first run --serve, watched", count=n)]
+    for i in range(times):
+        for k, row in enumerate(rows):
+            if row.failed:
+                continue
+            out = run_dir / f"serve-{k}-{i + 1}"
+            cmd = [exe, "run", str(data), "-o", str(out), "-w", str(args.workers), "-p", wl.processor,
+                   "--no-progress", "-q"]
+            poller = None
+            if k == 1:
+                poller = PagePoller(free_port())
+                cmd += ["--serve", f"127.0.0.1:{poller.port}"]
+                poller.start()
+            try:
+                ok = timed_into(row, cmd, run_dir / f"serve-{k}-{i + 1}.log", "files", args, rep.problems,
+                                label=f"{row.run} #{i + 1}")
+            finally:
+                if poller is not None:
+                    poller.stopped.set()
+                    poller.join(timeout=10)
+                    rep.fetches += poller.fetches
+            if ok and read_summary(out).get("counts", {}).get("done") != n:
+                rep.problems.append(f"MISMATCH serve {row.run}: {fmt_counts(read_summary(out))} for {n} files")
+    rep.rows = [finish_row(row) for row in rows]
+    if rep.fetches == 0:
+        rep.problems.append("FAILED serve: the page never answered a fetch")
+    for p in rep.problems:
+        print(f"  !!! {p}", flush=True)
+    return rep
+
+
 # --- dask-scale: a million files through a Dask cluster ------------------------------
 
 DASK_SCALE_TARGETS = {"rss_mb": 200.0, "first_result_s": 5.0, "scheduler_tasks": 300}
@@ -1892,6 +2206,12 @@ def main(argv: list[str]) -> int:
             continue
         if name == "faults":
             reports.append(bench_faults(root, run_root, args))
+            continue
+        if name == "watch-scale":
+            reports.append(bench_watch_scale(root, run_root, args))
+            continue
+        if name == "serve":
+            reports.append(bench_serve(root, run_root, args))
             continue
         if name == "dask-scale":
             reports.append(bench_dask_scale(root, run_root, args))

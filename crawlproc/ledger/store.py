@@ -125,35 +125,11 @@ class Store:
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _create_schema(self) -> None:
-        import sqlite_utils  # only needed once per OUT; keeps start-up light
-
-        db = sqlite_utils.Database(self.conn)
         with self.transaction():
-            db["meta"].create({"key": str, "value": str}, pk="key")
-            db["tasks"].create(
-                {
-                    "id": int, "relpath": str, "path_bytes": bytes, "offset": int, "length": int,
-                    "size": int, "mtime_ns": int, "state": str, "attempts": int, "error": str,
-                    "traceback": str, "not_before": float, "batch_id": int, "result_offset": int,
-                    "result_length": int, "result_crc": int, "worker_pid": int,
-                    "elapsed_s": float, "finished_at": float,
-                },
-                pk="id",
-                not_null={"relpath", "path_bytes", "offset", "size", "mtime_ns", "state", "attempts", "not_before"},
-                defaults={"offset": 0, "state": "pending", "attempts": 0, "not_before": 0},
-            )
-            db["tasks"].create_index(["path_bytes", "offset"], unique=True, index_name="tasks_key")
-            # The claim query walks only pending tasks, in merge order.
-            self.conn.execute(
-                'CREATE INDEX tasks_pending ON tasks (path_bytes, "offset") WHERE state = \'pending\''
-            )
+            for statement in _SCHEMA:
+                self.conn.execute(statement)
             _create_folders_table(self.conn)
             _create_scan_problems_table(self.conn)
-            db["runs"].create(
-                {"id": int, "command": str, "pid": int, "started": float, "updated": float,
-                 "finished": float, "exit_code": int, "done": int, "failed": int, "info": str},
-                pk="id",
-            )
             self.conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
             self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
@@ -250,6 +226,40 @@ def diagnose(path: Path, *, thorough: bool) -> str | None:
     finally:
         conn.close()
     return None
+
+
+# The ledger's main tables, as plain SQL: a newcomer reads the schema here in one look.
+_SCHEMA = (
+    'CREATE TABLE "meta" ("key" TEXT PRIMARY KEY, "value" TEXT)',
+    # One row per task: a file, or one --chunk-size byte range of it (offset, length).
+    # relpath is for people (undecodable bytes escaped); path_bytes is the real name.
+    # A done task's records are result_length bytes at result_offset of results/<batch_id>.
+    """CREATE TABLE "tasks" (
+        "id" INTEGER PRIMARY KEY,
+        "relpath" TEXT NOT NULL,
+        "path_bytes" BLOB NOT NULL,
+        "offset" INTEGER NOT NULL DEFAULT 0,
+        "length" INTEGER,
+        "size" INTEGER NOT NULL,
+        "mtime_ns" INTEGER NOT NULL,
+        "state" TEXT NOT NULL DEFAULT 'pending',
+        "attempts" INTEGER NOT NULL DEFAULT 0,
+        "error" TEXT,
+        "traceback" TEXT,
+        "not_before" REAL NOT NULL DEFAULT 0,
+        "batch_id" INTEGER,
+        "result_offset" INTEGER,
+        "result_length" INTEGER,
+        "result_crc" INTEGER,
+        "worker_pid" INTEGER,
+        "elapsed_s" REAL,
+        "finished_at" REAL)""",
+    'CREATE UNIQUE INDEX "tasks_key" ON "tasks" ("path_bytes", "offset")',
+    # The claim query walks only pending tasks, in merge order.
+    """CREATE INDEX tasks_pending ON tasks (path_bytes, "offset") WHERE state = 'pending'""",
+    """CREATE TABLE "runs" ("id" INTEGER PRIMARY KEY, "command" TEXT, "pid" INTEGER, "started" REAL,
+        "updated" REAL, "finished" REAL, "exit_code" INTEGER, "done" INTEGER, "failed" INTEGER, "info" TEXT)""",
+)
 
 
 def _create_scan_problems_table(conn: sqlite3.Connection) -> None:
