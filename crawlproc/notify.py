@@ -10,8 +10,9 @@
 
 Each message is one datagram on the AF_UNIX socket named by NOTIFY_SOCKET (a
 leading '@' is an abstract address). Without NOTIFY_SOCKET every call does
-nothing. A socket that went away (systemd restarted) never stops the watch: a
-failed send is logged once at DEBUG and forgotten.
+nothing. A socket that went away (systemd restarted) or that nobody reads (its
+queue full) never stops the watch: sends never block, and a failed or dropped
+send is logged once at DEBUG and forgotten.
 """
 
 from __future__ import annotations
@@ -76,7 +77,10 @@ class ServiceNotifier:
             return
         try:
             if self._socket is None:
-                self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # Non-blocking: a datagram to a full queue would otherwise wait for the reader,
+                # holding up the coordinator's loop (and the shutdown) for as long as it does not read.
+                self._socket = socket.socket(socket.AF_UNIX,
+                                             socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
             self._socket.sendto("\n".join(lines).encode("utf-8", "backslashreplace"), self.address)
         except OSError as exc:
             if not self._failed:

@@ -165,6 +165,10 @@ class Watcher:
             logger.info("polling {} every {:g}s (--poll): no file events are used", os.fsdecode(self.data_dir), poll)
         else:
             self._observe_or_poll()
+        # Files the catch-up found still being written are part of it: the first merge (and
+        # systemd's READY) waits until they settle, unless they change again after that.
+        self._catch_up_held: set[bytes] = set()
+        self._catch_up_settled_by = 0.0  # monotonic time by which those files had settled
         self._start_scan(b"")  # catch up, exactly like `run` (events meanwhile are queued)
         self._catch_up = self._scans[0]
 
@@ -198,8 +202,17 @@ class Watcher:
 
     @property
     def caught_up(self) -> bool:
-        """The catch-up scan, started with the watcher, is over."""
-        return self._catch_up.finished
+        """The catch-up scan, started with the watcher, is over, and the files it found still
+        being written are recorded (a file that changed again since is not waited for: one
+        written to all the time would hold the first merge back for ever)."""
+        if not self._catch_up.finished:
+            return False
+        if self._catch_up_held:
+            self._catch_up_held = {relpath for relpath in self._catch_up_held
+                                   if (candidate := self._candidates.get(relpath)) is not None
+                                   and (candidate.ready or
+                                        candidate.stable_since + self.settle <= self._catch_up_settled_by)}
+        return not self._catch_up_held
 
     def stop(self) -> None:
         self._stopped = True
@@ -451,6 +464,10 @@ class Watcher:
         if self.wall() - entry.mtime_ns / 1e9 >= self.settle:
             return False
         self._note_change(entry.relpath, ready=False, entry=entry)
+        if not self._catch_up.finished:
+            self._catch_up_held.add(entry.relpath)
+            due = self._candidates[entry.relpath].stable_since + self.settle
+            self._catch_up_settled_by = max(self._catch_up_settled_by, due)
         return True
 
     def _step_scans(self, max_files: int) -> int:

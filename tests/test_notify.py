@@ -171,3 +171,22 @@ def test_notifier_is_inert_without_a_socket_and_survives_one_that_went_away(tmp_
     gone.tick(lambda: True, lambda: "ok")  # a failed send is not an error for the watch
     gone.stopping("x")
     gone.close()
+
+
+def test_a_socket_nobody_reads_never_holds_up_the_watch(systemd):
+    """A datagram to a full queue would wait for a reader: the notifier's sends must not."""
+    import threading
+
+    notifier = ServiceNotifier({"NOTIFY_SOCKET": systemd.address})
+    sent = threading.Event()
+
+    def flood() -> None:
+        for i in range(5000):  # far more than a socket's queue holds (systemd reads; this one never does)
+            notifier.send(f"STATUS=message {i}")
+        notifier.stopping("done")
+        sent.set()
+
+    threading.Thread(target=flood, daemon=True).start()
+    assert sent.wait(DEADLINE), "a send blocked on the unread socket"
+    notifier.close()
+    assert systemd.sock.recv(4096).decode() == "STATUS=message 0"  # the first ones did arrive

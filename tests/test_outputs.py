@@ -179,6 +179,35 @@ def test_an_empty_source_column_name_is_refused(data, tmp_path):
 
 # -- watch publishes after its catch-up -------------------------------------------------------------
 
+def test_a_file_written_all_the_time_does_not_hold_the_first_merge_back(tmp_path, proc_spec):
+    """The catch-up waits for the files it found still being written, but only until they
+    could have settled: a log appended to all the time must not keep the first merge away."""
+    import threading
+
+    data = make_tree(tmp_path / "data", {f"f{i}.txt": f"file {i}\n" for i in range(5)})
+    out = tmp_path / "out"
+    stop = threading.Event()
+
+    def append_forever() -> None:
+        with open(data / "live.log", "a") as log:
+            while not stop.wait(0.1):  # always younger than --settle 1
+                log.write("one more line\n")
+                log.flush()
+
+    writer = threading.Thread(target=append_forever, daemon=True)
+    writer.start()
+    try:
+        with Watch(data, out, proc_spec, "--merge-interval", "3600", settle="1") as w:
+            wait_until(lambda: len(merged(out)) == 5, "the first merge, without the live log",
+                       timeout=WAIT_SECONDS, watch=w)
+            assert "live.log" not in merged(out)
+            stop.set()
+            assert w.stop() == 0
+    finally:
+        stop.set()
+        writer.join(timeout=10)
+
+
 def test_watch_publishes_right_after_the_catch_up(tmp_path, proc_spec):
     data = make_tree(tmp_path / "data", {f"d{i % 3}/f{i:02d}.txt": f"file {i}\n" for i in range(30)})
     out = tmp_path / "out"
