@@ -262,7 +262,10 @@ def worker_main(config: WorkerConfig, conn: Any, slot: Any) -> None:
     worker = Worker(config, slot)
     while (batch := inbox.get()) is not None:
         report = worker.run_batch(batch)
-        conn.send(report)
+        try:
+            conn.send(report)
+        except OSError:  # the coordinator died (kill -9) before its inbox thread saw it: no traceback
+            _coordinator_gone()
         if report.retiring:
             break
     worker.close()
@@ -279,4 +282,10 @@ def _read_inbox(conn: Any, inbox: queue.SimpleQueue) -> None:
             if message is None:
                 return
     except (EOFError, OSError):
-        os.killpg(0, signal.SIGKILL)  # ourselves and anything a processor started
+        _coordinator_gone()
+
+
+def _coordinator_gone() -> None:
+    """Nobody will record our work: stop at once, ourselves and anything a processor started
+    (its result file, if written, is an orphan the next run removes)."""
+    os.killpg(0, signal.SIGKILL)
