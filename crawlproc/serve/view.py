@@ -2,13 +2,13 @@
 
     StatusView.document()
         status      report.status_data(OUT): what `crawlproc status --json` prints   ┐ cached: read again
-        ledger      Ledger.page_totals, latest_failures, running_tasks               ┘ after max(2 s, 50x their cost)
+        ledger      Ledger.page_totals, latest_failures, running_tasks               ┘ after max(5 s, 100x their cost)
         live        the board's snapshot + worker RSS (/proc), recent files/s, ETA, ages
 
 The ledger is read on connections of this module's own, read-only, only when a
 client asks and the cache is stale, so a page left open costs the run a pass
-over the table every few seconds, and a big ledger proportionally less often:
-each read takes at most ~2% of a core. On a machine whose cores the workers
+over the table every five seconds, and a big ledger proportionally less often:
+each read takes at most ~1% of a core. On a machine whose cores the workers
 keep busy that is what a watched run pays (the live counters, rate and
 workers come from the coordinator's snapshot, fresh on every request).
 """
@@ -25,8 +25,8 @@ from crawlproc.errors import CrawlprocError
 
 T = TypeVar("T")
 
-MIN_REFRESH_SECONDS = 2.0
-REFRESH_COST_FACTOR = 50  # a read that took t seconds is reused for 50 t: at most ~2% of a core
+MIN_REFRESH_SECONDS = 5.0
+REFRESH_COST_FACTOR = 100  # a read that took t seconds is reused for 100 t: at most ~1% of a core
 RATE_WINDOW_SECONDS = 30.0  # files/s is the rate over this last stretch of the history
 FAILURES_SHOWN = 20
 RUNNING_SHOWN = 50  # tasks listed as running by `crawlproc serve` (it knows no workers)
