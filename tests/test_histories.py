@@ -110,10 +110,10 @@ def assert_session_ends(sid: int) -> None:
         time.sleep(0.02)
 
 
-def ledger_rows(out: Path, sql: str) -> list[tuple]:
+def ledger_rows(out: Path, sql: str, params: tuple = ()) -> list[tuple]:
     conn = sqlite3.connect(f"file:{out / 'ledger.db'}?mode=ro", uri=True, timeout=10)
     try:
-        return conn.execute(sql).fetchall()
+        return conn.execute(sql, params).fetchall()
     finally:
         conn.close()
 
@@ -131,10 +131,12 @@ def reached(proc: subprocess.Popen, test, deadline: float) -> bool:
 
 
 def tasks_running(out: Path, pid: int) -> bool:
-    """A task runs in one of this run's workers (a task a killed run left 'running' in the
-    ledger does not count: the new run may not even have started Python yet)."""
-    workers = {worker.pid for worker in workers_of(pid)}
-    return any(row[0] in workers for row in ledger_rows(out, "SELECT worker_pid FROM tasks WHERE state = 'running'"))
+    """Tasks run for this run. A killed run leaves its tasks 'running' in the ledger until the
+    next one starts: only once this run has its row (recorded after it requeued them) do the
+    running rows tell of its own work; before that, Python may not even have started."""
+    if not ledger_rows(out, "SELECT 1 FROM runs WHERE pid = ? LIMIT 1", (pid,)):
+        return False
+    return bool(ledger_rows(out, "SELECT 1 FROM tasks WHERE state = 'running' LIMIT 1"))
 
 
 def merging(out: Path, since: float) -> bool:
@@ -303,7 +305,8 @@ class Histories(RuleBasedStateMachine):
     def kill_a_worker(self, delay_ms):
         """SIGKILL one worker while tasks run; the run goes on and ends by itself."""
         proc = self._start()
-        if reached(proc, lambda: tasks_running(self.out, proc.pid), time.monotonic() + PHASE_TIMEOUT):
+        if reached(proc, lambda: tasks_running(self.out, proc.pid) and workers_of(proc.pid),
+                   time.monotonic() + PHASE_TIMEOUT):
             time.sleep(delay_ms / 1000)
             for worker in workers_of(proc.pid)[:1]:
                 try:
