@@ -320,6 +320,14 @@ def _local_cluster(address: str) -> Any:
     # while no other thread runs (a notebook has several): a fork copies the locks they hold.
     if threading.active_count() == 1:
         dask.config.set({"distributed.worker.multiprocessing-method": "fork"})
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
-        return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                            silence_logs=logging.ERROR)
+    for attempt in (1, 2):
+        try:
+            with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+                return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                                    silence_logs=logging.ERROR)
+        except Exception as exc:  # e.g. RuntimeError('Nanny failed to start.'): a worker died starting
+            if attempt == 2:
+                raise CrawlprocError(f"the local Dask cluster (--scheduler {address}) could not start: {exc}; "
+                                     "nothing is lost, run the same command again") from None
+            logger.warning("the local Dask cluster could not start ({}); starting it once more", exc)
+    raise AssertionError("unreachable")
