@@ -46,6 +46,7 @@ CONNECT_SECONDS = 10.0
 STOP_SECONDS = 5.0
 TOKEN_PREFIX = ".crawlproc-dask-"  # OUT/.crawlproc-dask-<token>.tmp: a temp file, so a dead run's is swept
 INSTALL_HINT = "pip install 'crawlproc[dask]'"
+CHECK_ATTEMPTS = 3  # start-up checks of the workers, while some die meanwhile
 LOCAL = "local"
 LOST_LIMIT = 5  # a task in this many lost batches is charged an attempt (it may be the cause)
 
@@ -134,8 +135,24 @@ class DaskExecutor:
         self._capacity = PER_THREAD * threads
 
     def _check_workers(self) -> None:
-        """Every Dask worker must see DATA_DIR and OUT at the same paths, before any claim."""
-        answers = self.client.run(warm_up, self.job, on_error="return")
+        """Every Dask worker must see DATA_DIR and OUT at the same paths, before any claim.
+
+        A worker that dies while it is asked (its connection closes) is no verdict on the
+        others: the check runs again on the workers there are then (its nanny may restart it)."""
+        from distributed.comm import CommClosedError
+
+        for _ in range(CHECK_ATTEMPTS):
+            answers = self.client.run(warm_up, self.job, on_error="return")
+            left = sorted(a for a, answer in answers.items() if isinstance(answer, CommClosedError))
+            if not left:
+                break
+            logger.warning("Dask worker {} left during the start-up check; checking the workers again",
+                           ", ".join(left))
+            self.client.wait_for_workers(1, timeout=60)
+            self._read_workers()
+        else:
+            raise CrawlprocError(f"Dask workers keep leaving during the start-up check ({', '.join(left)}); "
+                                 "nothing is lost, run the same command again once the cluster is steady")
         for address, answer in sorted(answers.items()):
             if isinstance(answer, BaseException):
                 raise UsageError(f"Dask worker {address} cannot run crawlproc: {answer!r} "
