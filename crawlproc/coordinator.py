@@ -91,6 +91,9 @@ class Coordinator:
         self.on_turn = on_turn or (lambda: None)
         self.run_info = run_info
         self.now = now
+        # Set by whoever wants each batch's done-task times (the status page's histogram);
+        # None costs the loop nothing.
+        self.on_done_times: Callable[[list[float]], None] | None = None
         self.tally = Tally()
         self.outcomes = Outcomes(ledger, options.policy, self.tally, now=now, out_hint=out_hint)
         self.sizer = BatchSizer(executor.target_batch_seconds, executor.parallelism, options.batch_size)
@@ -272,6 +275,8 @@ class Coordinator:
         self._batches.pop(report.batch_id)
         elapsed = self.outcomes.apply_report(conn, report, self._claimed)
         self.sizer.learn(elapsed)
+        if self.on_done_times is not None:
+            self.on_done_times(elapsed)
         logger.debug("batch {}: {} tasks in {:.3f}s by worker {}", report.batch_id, len(report.outcomes),
                      sum(outcome[3] for outcome in report.outcomes), report.pid)
 

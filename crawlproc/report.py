@@ -104,7 +104,7 @@ def _run_state(last: Mapping[str, Any], pid: int | None) -> str:
 def status_data(out: Path) -> dict[str, Any]:
     ledger = _open_readonly(out)
     try:
-        counts = ledger.counts()
+        counts = ledger.counts_for_people()
         meta = ledger.meta()
         last, pid = _last_run_and_holder(ledger, out)
         problems = ledger.scan_problems()

@@ -602,6 +602,9 @@ def test_what_the_status_page_reads(ledger):
     assert totals.durations_sum == pytest.approx(2.003)
     assert totals.retried_attempts == 1  # d's failed attempt will be tried again; c's last one will not
     assert totals.oldest_pending_mtime_ns == 2_000_000_000  # d, older than e
+    assert ledger.oldest_pending_mtime_ns() == 2_000_000_000  # the same, for a run's own page
+    assert ledger.counts_for_people() == ledger.counts() == {"pending": 2, "running": 0, "done": 2,
+                                                             "failed": 1, "gone": 0}
     latest = ledger.latest_failures(10)
     assert [(f["relpath"], f["state"], f["error"]) for f in latest] == [("d", "retrying", "again"),
                                                                         ("c", "failed", "boom")]

@@ -171,6 +171,30 @@ def test_metrics_follow_a_run_and_parse_as_prometheus_text(gates, served):
     assert after.stop() == 0
 
 
+def test_a_runs_task_times_are_its_own_and_serve_shows_the_ledgers(gates, served):
+    """/metrics of a run counts the times of the tasks it did (as its done counter does: a
+    Prometheus histogram never goes down while its process lives); `crawlproc serve` shows
+    every done task's in the ledger."""
+    gates.first.touch()
+    gates.last.touch()
+    assert run_cli(*gates.run_args()).returncode == 1  # the <script> file failed
+    gates.last.unlink()
+    (gates.data / "b-later.txt").write_text("new\n")  # before last-new.txt in every worker's queue
+    (gates.data / "last-new.txt").write_text("newer\n")  # waits at the last gate
+    run = served(*gates.run_args("--serve", "0"), name="rerun")
+    samples = wait_until(lambda: (lambda s: s if s["crawlproc_tasks_done_total"] == 1
+                                  and s['crawlproc_tasks{state="done"}'] == FILES + 2 else None)(metrics(run.url)),
+                         RUN_TIMEOUT, "b-later.txt done by the rerun, in the ledger's counts too")
+    assert samples["crawlproc_task_duration_seconds_count"] == 1
+    assert samples['crawlproc_task_duration_seconds_bucket{le="+Inf"}'] == 1
+    gates.last.touch()
+    assert run.finish() == 1  # the failed task is still failed
+
+    after = served("serve", "-o", str(gates.out), "--port", "0", name="serve")
+    assert metrics(after.url)["crawlproc_task_duration_seconds_count"] == FILES + 3
+    assert after.stop() == 0
+
+
 def test_status_json_is_status_and_the_live_run(gates, served):
     run = served(*gates.run_args("--retries", "0", "--serve", "0"), name="run")
     busy = wait_until(lambda: [w for w in (status_json(run.url)["live"] or {}).get("workers", []) if w["relpath"]],
@@ -390,6 +414,19 @@ def test_history_thins_and_rate_follows_the_recent_stretch():
     assert recent_rate(((0.0, 0), (100.0, 0), (110.0, 50))) == 5.0  # the last 30 s only
     assert recent_rate(((5.0, 3),)) is None
     assert eta_seconds(10.0, 100) == 10.0 and eta_seconds(None, 5) is None and eta_seconds(0.0, 0) == 0.0
+
+
+def test_the_run_counts_its_task_times_into_prometheus_buckets():
+    from crawlproc.serve.board import DurationHistogram
+
+    histogram = DurationHistogram((0.01, 1.0, 5.0))
+    assert histogram.read() == ((0, 0, 0), 0, 0.0)
+    histogram.add([0.003, 2.0, 0.01])  # "le": a time equal to a bound is in that bound's bucket
+    histogram.add([])
+    histogram.add([7.0])
+    durations = histogram.read()
+    assert durations.cumulative == (2, 2, 3) and durations.count == 4
+    assert durations.sum == pytest.approx(9.013)
 
 
 def test_the_reducer_still_forks_while_the_page_is_served():

@@ -1,12 +1,14 @@
 """/metrics: a prometheus_client Collector that reads the status view at scrape time.
 
-Nothing is counted on the run's hot path: each scrape turns the current
-snapshot and the (cached) ledger reads into metric families.
+Each scrape turns the current snapshot, the run's task-time histogram (counted
+only while a page is served: board.DurationHistogram) and the (cached) ledger
+reads into metric families.
 
     crawlproc_tasks_done_total, _failed_total, _retried_total   this run (`crawlproc serve`:
                                                                 the last run's row; retried: the ledger's)
     crawlproc_tasks{state}, crawlproc_tasks_pending, _running   the ledger's counts (running: live)
-    crawlproc_task_duration_seconds                             histogram of the done tasks' times
+    crawlproc_task_duration_seconds                             histogram of this run's done tasks' times
+                                                                (`crawlproc serve`: the ledger's done tasks)
     crawlproc_watcher_lag_seconds, crawlproc_watch_queue_depth  watch: the oldest file event not yet a task
     crawlproc_oldest_pending_age_seconds                        since the oldest pending file's mtime
     crawlproc_files_per_second, crawlproc_workers, crawlproc_run_going
@@ -59,7 +61,9 @@ def _run_counters(document: dict[str, Any], live: dict[str, Any]) -> Iterator[Me
 def _duration_histogram(durations: dict[str, Any]) -> Metric:
     buckets = [(_bound_text(bound), count) for bound, count in zip(durations["bounds"], durations["cumulative"])]
     buckets.append(("+Inf", durations["count"]))
-    return HistogramMetricFamily("crawlproc_task_duration_seconds", "Time the done tasks took in their worker.",
+    return HistogramMetricFamily("crawlproc_task_duration_seconds",
+                                 "Time the done tasks took in their worker "
+                                 "(this run's; crawlproc serve: the ledger's).",
                                  buckets=buckets, sum_value=durations["sum"])
 
 

@@ -2,15 +2,20 @@
 
     StatusView.document()
         status      report.status_data(OUT): what `crawlproc status --json` prints   ┐ cached: read again
-        ledger      Ledger.page_totals, latest_failures, running_tasks               ┘ after max(5 s, 100x their cost)
-        live        the board's snapshot + worker RSS (/proc), recent files/s, ETA, ages
+        ledger      latest failures, oldest pending mtime (+ for `crawlproc serve`:   │ after max(5 s, 100x
+                    task times, retries, running tasks: Ledger.page_totals)           ┘ their cost)
+        live        the board's snapshot + worker RSS (/proc), recent files/s, ETA, ages,
+                    and (--serve) the run's own task-time histogram, fresh on every request
 
 The ledger is read on connections of this module's own, read-only, only when a
 client asks and the cache is stale, so a page left open costs the run a pass
 over the table every five seconds, and a big ledger proportionally less often:
 each read takes at most ~1% of a core. On a machine whose cores the workers
-keep busy that is what a watched run pays (the live counters, rate and
-workers come from the coordinator's snapshot, fresh on every request).
+keep busy that is what a watched run pays, so a watched run's page reads from
+the ledger only what its coordinator does not know: the counts of every state
+(other runs' tasks too), the latest failures (earlier runs' too) and the oldest
+pending file. Its counters, rate, workers, retries and task times come from
+the coordinator (board.LiveBoard).
 """
 
 from __future__ import annotations
@@ -53,19 +58,30 @@ class Cached(Generic[T]):
             return self._value
 
 
-class LedgerReads(NamedTuple):
-    """What the page reads from the ledger beyond `status` (Ledger.page_totals and friends)."""
+class Durations(NamedTuple):
+    """Done tasks' times as a Prometheus histogram: cumulative counts per bound, count, sum."""
 
-    duration_buckets: tuple[int, ...]
-    durations_counted: int
-    durations_sum: float
-    retried_attempts: int
+    cumulative: tuple[int, ...]
+    count: int
+    sum: float
+
+
+NO_DURATIONS = Durations(tuple(0 for _ in DURATION_BOUNDS), 0, 0.0)
+
+
+class LedgerReads(NamedTuple):
+    """What the page reads from the ledger beyond `status`. Durations, retries and running
+    tasks only for a board that does not get them from the run (None, None, [] otherwise:
+    the live snapshot has this run's)."""
+
+    durations: Durations | None
+    retried_attempts: int | None  # failed attempts tried again, over the ledger's tasks
     oldest_pending_mtime_ns: int | None
     latest_failures: list[dict[str, Any]]
     running: list[dict[str, Any]]
 
 
-NO_LEDGER_YET = LedgerReads(tuple(0 for _ in DURATION_BOUNDS), 0, 0.0, 0, None, [], [])
+NO_LEDGER_YET = LedgerReads(NO_DURATIONS, 0, None, [], [])
 
 
 class StatusView:
@@ -80,9 +96,10 @@ class StatusView:
         status = self._status.get()
         reads = self._ledger.get()
         snapshot = self.board.snapshot(status, reads.running)
+        durations = self.board.durations() or reads.durations or NO_DURATIONS
         return {**status, "live": self._live(snapshot, status, reads), "latest_failures": reads.latest_failures,
-                "task_durations": {"bounds": list(DURATION_BOUNDS), "cumulative": list(reads.duration_buckets),
-                                   "count": reads.durations_counted, "sum": reads.durations_sum},
+                "task_durations": {"bounds": list(DURATION_BOUNDS), "cumulative": list(durations.cumulative),
+                                   "count": durations.count, "sum": durations.sum},
                 "retried_attempts": reads.retried_attempts}
 
     # -- the ledger ------------------------------------------------------------------
@@ -103,8 +120,13 @@ class StatusView:
         except CrawlprocError:
             return NO_LEDGER_YET
         try:
+            failures = ledger.latest_failures(FAILURES_SHOWN)
+            if self.board.from_the_run:  # no pass over the table for what the coordinator knows
+                return LedgerReads(None, None, ledger.oldest_pending_mtime_ns(), failures, [])
             totals = ledger.page_totals(DURATION_BOUNDS)
-            return LedgerReads(*totals, ledger.latest_failures(FAILURES_SHOWN), ledger.running_tasks(RUNNING_SHOWN))
+            durations = Durations(totals.duration_buckets, totals.durations_counted, totals.durations_sum)
+            return LedgerReads(durations, totals.retried_attempts, totals.oldest_pending_mtime_ns, failures,
+                               ledger.running_tasks(RUNNING_SHOWN))
         finally:
             ledger.close()
 
