@@ -429,6 +429,23 @@ def test_the_run_counts_its_task_times_into_prometheus_buckets():
     assert durations.sum == pytest.approx(9.013)
 
 
+def test_a_request_thread_yields_the_cpu_to_the_run():
+    from crawlproc.serve.server import PAGE_NICENESS, _yield_to_the_run
+
+    seen = []
+
+    def answer() -> None:
+        _yield_to_the_run()
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    thread = threading.Thread(target=answer)
+    thread.start()
+    thread.join(HTTP_TIMEOUT)
+    assert seen == [max(before, PAGE_NICENESS)]  # never a higher priority than the run's
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before  # that thread's alone
+
+
 def test_the_reducer_still_forks_while_the_page_is_served():
     from crawlproc.children import fork_safe_thread, threads_unsafe_for_fork
 
