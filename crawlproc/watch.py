@@ -149,8 +149,7 @@ class Watcher:
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._candidates: dict[bytes, _Candidate] = {}
         self._due: list[tuple[float, bytes]] = []  # heap of (monotonic due time, relpath)
-        self._scans: list[Scan] = []
-        self._scan_started: dict[int, float] = {}  # id(scan) -> monotonic start, for the debug log
+        self._scans: list[tuple[Scan, float]] = []  # each with its monotonic start, for the debug log
         self._next_rescan = monotonic() + rescan_interval
         self._overflow = threading.Event()
         self._stopped = False
@@ -170,7 +169,7 @@ class Watcher:
         self._catch_up_held: set[bytes] = set()
         self._catch_up_settled_by = 0.0  # monotonic time by which those files had settled
         self._start_scan(b"")  # catch up, exactly like `run` (events meanwhile are queued)
-        self._catch_up = self._scans[0]
+        self._catch_up = self._scans[0][0]
 
     # -- pool.WorkSource ----------------------------------------------------------
     @property
@@ -451,13 +450,12 @@ class Watcher:
     def _start_scan(self, start: bytes) -> None:
         if not start:
             self._next_rescan = self.monotonic() + self.rescan_interval
-            if any(scan.full for scan in self._scans):
+            if any(scan.full for scan, _ in self._scans):
                 return  # a full scan is already under way
             self.stats["rescans"] += 1
         scan = Scan(self.ledger, self.data_dir, self.scan_options, self.on_skip,
                     start=start, hold_back=self._hold_back, on_problem=self.on_problem)
-        self._scans.append(scan)
-        self._scan_started[id(scan)] = self.monotonic()
+        self._scans.append((scan, self.monotonic()))
 
     def _hold_back(self, entry: FileEntry) -> bool:
         """A scan in watch mode must not hand out a file that may still be written."""
@@ -473,12 +471,11 @@ class Watcher:
     def _step_scans(self, max_files: int) -> int:
         if not self._scans:
             return 0
-        scan = self._scans[0]
+        scan, started = self._scans[0]
         before = scan.files
         scan.step(max_files)
         if scan.finished:
             self._scans.pop(0)
-            started = self._scan_started.pop(id(scan))
             logger.debug("{} of {} done in {:.3f}s: {} files", "rescan" if scan.full else "partial scan",
                          os.fsdecode(self.data_dir), self.monotonic() - started, scan.files)
             skipped = scan.findings.skipped_counts()
