@@ -119,6 +119,7 @@ printed and written to <bench dir>/last-results.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -139,6 +140,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 SCRIPTS = Path(__file__).resolve().parent
@@ -289,6 +292,15 @@ def _read_size(item: tuple[str, str]) -> int:
         while block := f.read(16 * 1024 * 1024):  # big files (bigfile) in pieces
             size += len(block)
     return size
+
+
+def prepared_inputs(bench_dir: Path, wl: Workload, args) -> tuple[Path, int, str]:
+    """A workload's inputs (generated if missing), read once into the page cache: (folder,
+    files, a note saying whether they were reused and how long the warm-up took)."""
+    data, gen_s = ensure_data(bench_dir, wl)
+    n, warm_s = warm_up(data, args.workers)
+    made = "reused" if gen_s is None else f"generated in {gen_s:.1f} s"
+    return data, n, f"{wl.name} inputs {data}: {made}; page-cache warm-up: {n:,} files in {warm_s:.1f} s"
 
 
 def warm_up(data: Path, workers: int) -> tuple[int, float]:
@@ -1525,13 +1537,15 @@ def failures_json(exe: str, out: Path) -> list[dict]:
         return []
 
 
-def interleaved(variants: list[tuple[str, list[str], dict | None, tuple[int, ...]]], data: Path, tag: str,
-                run_dir: Path, exe: str, processor: str, n: int, times: int, args,
+def interleaved(variants: list[tuple[str, list[str] | Callable[[], AbstractContextManager], dict | None,
+                                     tuple[int, ...]]],
+                data: Path, tag: str, run_dir: Path, exe: str, processor: str, n: int, times: int, args,
                 problems: list[str]) -> list[tuple[RateRow, Path | None]]:
     """Run each variant ``times`` times, interleaved, each into a new OUT; rows with median walls.
 
-    A variant is (label, extra options, env, accepted exit codes). Returns each
-    row with the OUT of its last successful run.
+    A variant is (label, extra options, env, accepted exit codes); its extra options may
+    instead be a context manager factory that yields them and is held around each run (a
+    client of the status page). Returns each row with the OUT of its last successful run.
     """
     rows = [(RateRow(label, count=n), None) for label, *_ in variants]
     for i in range(times):
@@ -1540,10 +1554,11 @@ def interleaved(variants: list[tuple[str, list[str], dict | None, tuple[int, ...
             if row.failed:
                 continue
             out = run_dir / f"{tag}-{k}-{i + 1}"
-            cmd = [exe, "run", str(data), "-o", str(out), "-w", str(args.workers), "-p", processor, *extra,
-                   "--no-progress", "-q"]
-            _, wall = timed_once(f"{tag}: {label} #{i + 1}", cmd, run_dir / f"{tag}-{k}-{i + 1}.log", n, "files",
-                                 args.timeout, env=env, ok=ok)
+            with (extra() if callable(extra) else contextlib.nullcontext(extra)) as options:
+                cmd = [exe, "run", str(data), "-o", str(out), "-w", str(args.workers), "-p", processor, *options,
+                       "--no-progress", "-q"]
+                _, wall = timed_once(f"{tag}: {label} #{i + 1}", cmd, run_dir / f"{tag}-{k}-{i + 1}.log", n,
+                                     "files", args.timeout, env=env, ok=ok)
             if wall is None:
                 row.failed = True
                 row.note = f"FAILED, log {run_dir / f'{tag}-{k}-{i + 1}.log'}"
@@ -1567,11 +1582,9 @@ def bench_faults(bench_dir: Path, run_root: Path, args) -> FaultsReport:
     typical = None
     for name in ("tiny", "typical"):
         wl = WORKLOADS[name].shrink(10) if args.quick else WORKLOADS[name]
-        data, gen_s = ensure_data(bench_dir, wl)
-        n, warm_s = warm_up(data, args.workers)
-        rep.notes.append(f"{name} inputs {data}: " + ("reused" if gen_s is None else f"generated in {gen_s:.1f} s")
-                         + f"; page-cache warm-up: {n:,} files in {warm_s:.1f} s")
-        print(f"  {rep.notes[-1]}", flush=True)
+        data, n, note = prepared_inputs(bench_dir, wl, args)
+        rep.notes.append(note)
+        print(f"  {note}", flush=True)
         variants = [("default", [], None, (0,)), (" ".join(FAULT_LIMITS), FAULT_LIMITS, None, (0,))]
         results = interleaved(variants, data, name, run_dir, exe, wl.processor, n, times, args, rep.problems)
         for row, out in results:
@@ -1832,6 +1845,19 @@ class PagePoller(threading.Thread):
                     pass
 
 
+@contextlib.contextmanager
+def watched_page(rep: ServeReport) -> Iterator[list[str]]:
+    """A run's `--serve` options, with a client fetching the page while the run lasts."""
+    poller = PagePoller(free_port())
+    poller.start()
+    try:
+        yield ["--serve", f"127.0.0.1:{poller.port}"]
+    finally:
+        poller.stopped.set()
+        poller.join(timeout=10)
+        rep.fetches += poller.fetches
+
+
 def free_port() -> int:
     import socket
 
@@ -1881,35 +1907,15 @@ def bench_serve(bench_dir: Path, run_root: Path, args) -> ServeReport:
     run_dir = run_root / "serve"
     run_dir.mkdir(parents=True)
     wl = WORKLOADS["tiny"].shrink(10) if args.quick else WORKLOADS["tiny"]
-    data, gen_s = ensure_data(bench_dir, wl)
-    n, warm_s = warm_up(data, args.workers)
-    rep.files = n
-    rep.notes.append(f"tiny inputs {data}: " + ("reused" if gen_s is None else f"generated in {gen_s:.1f} s")
-                     + f"; page-cache warm-up: {n:,} files in {warm_s:.1f} s")
-    rows = [RateRow("crawlproc first run", count=n), RateRow("crawlproc first run --serve, watched", count=n)]
-    for i in range(times):
-        for k, row in enumerate(rows):
-            if row.failed:
-                continue
-            out = run_dir / f"serve-{k}-{i + 1}"
-            cmd = [exe, "run", str(data), "-o", str(out), "-w", str(args.workers), "-p", wl.processor,
-                   "--no-progress", "-q"]
-            poller = None
-            if k == 1:
-                poller = PagePoller(free_port())
-                cmd += ["--serve", f"127.0.0.1:{poller.port}"]
-                poller.start()
-            try:
-                ok = timed_into(row, cmd, run_dir / f"serve-{k}-{i + 1}.log", "files", args, rep.problems,
-                                label=f"{row.run} #{i + 1}")
-            finally:
-                if poller is not None:
-                    poller.stopped.set()
-                    poller.join(timeout=10)
-                    rep.fetches += poller.fetches
-            if ok and read_summary(out).get("counts", {}).get("done") != n:
-                rep.problems.append(f"MISMATCH serve {row.run}: {fmt_counts(read_summary(out))} for {n} files")
-    rep.rows = [finish_row(row) for row in rows]
+    data, rep.files, note = prepared_inputs(bench_dir, wl, args)
+    rep.notes.append(note)
+    variants = [("crawlproc first run", [], None, (0,)),
+                ("crawlproc first run --serve, watched", lambda: watched_page(rep), None, (0,))]
+    results = interleaved(variants, data, "serve", run_dir, exe, wl.processor, rep.files, times, args, rep.problems)
+    rep.rows = [row for row, _ in results]
+    for row, out in results:
+        if out is not None and read_summary(out).get("counts", {}).get("done") != rep.files:
+            rep.problems.append(f"MISMATCH serve {row.run}: {fmt_counts(read_summary(out))} for {rep.files} files")
     if rep.fetches == 0:
         rep.problems.append("FAILED serve: the page never answered a fetch")
     for p in rep.problems:

@@ -430,12 +430,12 @@ def test_the_run_counts_its_task_times_into_prometheus_buckets():
 
 
 def test_a_request_thread_yields_the_cpu_to_the_run():
-    from crawlproc.serve.server import PAGE_NICENESS, _yield_to_the_run
+    from crawlproc.serve.server import PAGE_NICENESS, yield_to_the_run
 
     seen = []
 
     def answer() -> None:
-        _yield_to_the_run()
+        yield_to_the_run()
         seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
 
     before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())

@@ -2,7 +2,7 @@
 
     coordinator turn ──on_progress──> LiveBoard (at most every ~0.5 s: Coordinator.live_view)
                                           │ snapshot: a read-only mapping, swapped whole
-    HTTP client ──> server thread ──> one thread per request (capped, with timeouts)
+    HTTP client ──> server thread ──> one thread per request (capped, with timeouts; both at nice 10)
                         │  /             page.html (inline CSS and JS, polls /status.json)
                         │  /status.json  StatusView: `status --json` + the snapshot + latest failures
                         │  /metrics      metrics.RunCollector, reading the same view at scrape time
