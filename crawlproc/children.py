@@ -12,13 +12,11 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import weakref
 from collections.abc import Callable
 from typing import Any
 
 
 _KEPT_FROM_CHILDREN: set[int] = set()  # descriptors no child may hold (see keep_from_children)
-_FORK_SAFE_THREADS: weakref.WeakSet = weakref.WeakSet()  # see fork_safe_thread
 
 
 def keep_from_children(fd: int) -> None:
@@ -45,25 +43,11 @@ def _close_kept_in_child() -> None:
 os.register_at_fork(after_in_child=_close_kept_in_child)
 
 
-def fork_safe_thread(target: Callable[..., None], args: tuple[Any, ...], name: str) -> threading.Thread:
-    """A daemon thread whose code takes no lock that a forked child of ours needs (the status
-    page's: sockets, its own ledger connection, JSON). It does not keep `forking_is_safe` false."""
-    thread = threading.Thread(target=target, args=args, name=name, daemon=True)
-    _FORK_SAFE_THREADS.add(thread)
-    return thread
-
-
 def forking_is_safe() -> bool:
-    """No other thread runs here, or only fork-safe ones: a fork cannot copy a lock held
-    mid-operation that the child would then wait on forever."""
-    return not threads_unsafe_for_fork()
-
-
-def threads_unsafe_for_fork() -> list[threading.Thread]:
-    """The threads other than this one that may hold a lock a forked child needs."""
-    current = threading.current_thread()
-    return [thread for thread in threading.enumerate()
-            if thread is not current and thread not in _FORK_SAFE_THREADS]
+    """No other thread runs here: a fork cannot copy a lock held mid-operation that the
+    child would then wait on forever (the status page of --serve runs in a process of its
+    own, and keeps no thread here)."""
+    return threading.active_count() == 1
 
 
 def fork_child(run: Callable[[int, int], None], *, close_others: bool = False) -> tuple[int, int, int] | None:
@@ -87,7 +71,7 @@ def fork_child(run: Callable[[int, int], None], *, close_others: bool = False) -
             os.close(to_child_w)
             os.close(from_child_r)
             if close_others:
-                _close_all_but(0, 1, 2, to_child_r, from_child_w)
+                close_all_but(0, 1, 2, to_child_r, from_child_w)
             run(to_child_r, from_child_w)
         finally:
             os._exit(0)
@@ -105,7 +89,7 @@ def flush_std_streams() -> None:
             pass
 
 
-def _close_all_but(*keep_fds: int) -> None:
+def close_all_but(*keep_fds: int) -> None:
     keep = sorted(set(keep_fds))
     for low, high in zip(keep, keep[1:] + [os.sysconf("SC_OPEN_MAX")]):
         os.closerange(low + 1, high)

@@ -330,6 +330,74 @@ def test_stuck_clients_never_stall_the_run(gates, served):
 
 # -- watch -----------------------------------------------------------------------------------
 
+def page_processes(coordinator_pid: int, url: str) -> list:
+    """The coordinator's children that listen on the page's port."""
+    import psutil
+
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
+    try:
+        children = psutil.Process(coordinator_pid).children()
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for child in children:
+        try:
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in child.net_connections("tcp")):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def test_the_page_has_a_process_of_its_own_that_ends_with_the_run(gates, served):
+    """No request, ledger read or import of the page runs in the coordinator: the page process
+    serves it, and ends when the run ends, even one killed with -9."""
+    import psutil
+
+    run = served(*gates.run_args("--serve", "0"), name="run")
+    assert status_json(run.url)["out"] == str(gates.out)
+    [page] = wait_until(lambda: page_processes(run.proc.pid, run.url), URL_TIMEOUT, "the page process")
+    coordinator_threads = psutil.Process(run.proc.pid).threads()
+    os.kill(run.proc.pid, signal.SIGKILL)  # the coordinator alone: its workers wait at the gate
+    run.proc.wait(timeout=RUN_TIMEOUT)
+
+    def page_ended() -> bool:
+        try:
+            return page.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_until(page_ended, RUN_TIMEOUT, "the page process to end with its coordinator")
+    assert len(coordinator_threads) == 1  # nothing of the page ran in the coordinator
+
+
+def test_a_process_with_other_threads_starts_the_page_as_a_new_interpreter(tmp_path):
+    """Forking a process with other threads could copy a held lock (a notebook using the API):
+    the page process is then a new interpreter, fed the same way."""
+    from crawlproc.serve import Address
+    from crawlproc.serve.page_process import PageProcess
+
+    release = threading.Event()
+    other = threading.Thread(target=release.wait, args=(RUN_TIMEOUT,), daemon=True)
+    other.start()
+    try:
+        page = PageProcess(Address("127.0.0.1", 0), tmp_path / "out")
+    finally:
+        release.set()
+    try:
+        assert page._process is not None  # not forked
+        assert wait_until(lambda: get(page.url + "healthz")[0] == 200, URL_TIMEOUT, "the page to answer")
+        snapshot = {"done": 7, "failed": 1, "retried": 0, "running": 0, "scanned": 8, "scan_finished": True,
+                    "pending_left": 0, "stopping": False, "executor": None, "workers": [], "watch": None,
+                    "source": "run", "at": 1e9, "final": False, "durations": [[1] * 12, 8, 0.5]}
+        page.send(snapshot)
+        live = wait_until(lambda: status_json(page.url)["live"], URL_TIMEOUT, "the snapshot on the page")
+        assert live["done"] == 7 and status_json(page.url)["task_durations"]["count"] == 8
+    finally:
+        page.close()
+    assert page._process.returncode == 0
+
+
 def test_watch_shows_its_queue_and_lag(tmp_path, served):
     data = make_tree(tmp_path / "data", {"a.txt": "one\n"})
     os.utime(data / "a.txt", (0, 0))  # settled long ago: the catch-up processes it
@@ -369,10 +437,11 @@ def test_parse_address():
 
 
 def test_live_board_publishes_at_most_every_half_second_and_keeps_the_run_going():
-    from crawlproc.serve.board import LiveBoard
+    from crawlproc.serve.board import LiveBoard, RelayedBoard
 
-    class Coordinator:  # what the board asks of a coordinator: its live view
+    class Coordinator:  # what the board asks of a coordinator: its live view, and its done times
         done = 0
+        on_done_times = None
 
         def live_view(self) -> dict:
             if self.done < 0:
@@ -380,7 +449,14 @@ def test_live_board_publishes_at_most_every_half_second_and_keeps_the_run_going(
             return {"done": self.done, "failed": 0}
 
     clock = [100.0]
-    board = LiveBoard("run", every=0.5, clock=lambda: clock[0], wall=lambda: clock[0] + 1e9)
+    page = RelayedBoard()
+    sent = []
+
+    def send(snapshot: dict) -> None:  # as the page process gets it: through JSON
+        sent.append(snapshot)
+        page.receive(json.loads(json.dumps(snapshot)))
+
+    board = LiveBoard("run", send, every=0.5, clock=lambda: clock[0], wall=lambda: clock[0] + 1e9)
     coordinator = Coordinator()
     board.follow(coordinator)
     seen = []
@@ -388,18 +464,20 @@ def test_live_board_publishes_at_most_every_half_second_and_keeps_the_run_going(
     for turn in range(10):  # ten turns within 0.45 s: one snapshot
         clock[0] = 100.0 + turn * 0.05
         coordinator.done = turn
+        coordinator.on_done_times([0.002] * turn)
         hook({"final": False})
-    assert len(seen) == 10 and board.current["done"] == 0
+    assert len(seen) == 10 and len(sent) == 1 and page.current["done"] == 0
     clock[0] = 100.5
     hook({})
-    assert board.current["done"] == 9 and len(board.current["history"]) == 2
-    snapshot = board.current
+    assert page.current["done"] == 9 and len(page.current["history"]) == 2
+    assert page.durations().count == 45 and page.durations().cumulative[-1] == 45
+    snapshot = page.current
     with pytest.raises(TypeError):
         snapshot["done"] = 1  # read-only: the server's threads read it without a lock
     coordinator.done = -1
     clock[0] += 1
     hook({"final": True})  # a broken view is logged once; the run's hook carries on
-    assert board.current is snapshot and len(seen) == 12
+    assert page.current is snapshot and len(seen) == 12
 
 
 def test_history_thins_and_rate_follows_the_recent_stretch():
@@ -427,42 +505,6 @@ def test_the_run_counts_its_task_times_into_prometheus_buckets():
     durations = histogram.read()
     assert durations.cumulative == (2, 2, 3) and durations.count == 4
     assert durations.sum == pytest.approx(9.013)
-
-
-def test_a_request_thread_yields_the_cpu_to_the_run():
-    from crawlproc.serve.server import PAGE_NICENESS, yield_to_the_run
-
-    seen = []
-
-    def answer() -> None:
-        yield_to_the_run()
-        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-
-    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    thread = threading.Thread(target=answer)
-    thread.start()
-    thread.join(HTTP_TIMEOUT)
-    assert seen == [max(before, PAGE_NICENESS)]  # never a higher priority than the run's
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before  # that thread's alone
-
-
-def test_the_reducer_still_forks_while_the_page_is_served():
-    from crawlproc.children import fork_safe_thread, threads_unsafe_for_fork
-
-    release = threading.Event()
-    server_like = fork_safe_thread(release.wait, (RUN_TIMEOUT,), "test-serve")
-    other = threading.Thread(target=release.wait, args=(RUN_TIMEOUT,), daemon=True)
-    server_like.start()
-    other.start()
-    try:
-        unsafe = threads_unsafe_for_fork()  # (threads other tests left behind may be there too)
-        assert server_like not in unsafe
-        assert other in unsafe  # any other thread may hold a lock a child would need
-        assert threading.current_thread() not in unsafe
-    finally:
-        release.set()
-    server_like.join(HTTP_TIMEOUT)
-    other.join(HTTP_TIMEOUT)
 
 
 # -- in a real browser -----------------------------------------------------------------------------

@@ -1,19 +1,23 @@
 """The live status page, /status.json, /healthz and Prometheus /metrics of a run or an OUT.
 
     coordinator turn ──on_progress──> LiveBoard (at most every ~0.5 s: Coordinator.live_view)
-                                          │ snapshot: a read-only mapping, swapped whole
-    HTTP client ──> server thread ──> one thread per request (capped, with timeouts; both at nice 10)
+                                          │ snapshot: one message, never waited for
+                                          v
+    page process (page_process.py)          RelayedBoard: the snapshot, swapped whole
+    HTTP client ──> server thread ──> one thread per request (capped, with timeouts)
                         │  /             page.html (inline CSS and JS, polls /status.json)
                         │  /status.json  StatusView: `status --json` + the snapshot + latest failures
                         │  /metrics      metrics.RunCollector, reading the same view at scrape time
                         │  /healthz      "ok"
                         └─ ledger reads: read-only, a connection of their own, cached a while
 
-`--serve` on `run`/`watch` serves from the coordinator's process (board.LiveBoard);
+`--serve` on `run`/`watch` binds the port in the coordinator and serves from a
+process of its own, fed by the coordinator (board.LiveBoard -> board.RelayedBoard):
+no request, ledger read or import of the page takes the run's CPU or its GIL.
 `crawlproc serve` serves any OUT, finished or running, from the ledger alone
-(board.LedgerBoard). The coordinator only swaps a reference: a slow or stuck
-client can never stall the run. Nothing here serves file contents, and
-nothing answers anything but GET and HEAD.
+(board.LedgerBoard), in its own process. A slow or stuck client can never stall
+the run. Nothing here serves file contents, and nothing answers anything but GET
+and HEAD.
 
 This module stays light (the CLI parses --serve with it): the server, the
 views and prometheus_client are imported only when serving.
@@ -68,23 +72,20 @@ def check_available() -> None:
 @contextmanager
 def serving_run(address: str, out: Path, command: str) -> Iterator[Any]:
     """`--serve` on `run`/`watch`: bound before the job starts (a port in use stops it before
-    anything is written), serving until the job ends. Yields the board the job's
-    coordinators publish to (board.LiveBoard)."""
+    anything is written), served by the page process until the job ends. Yields the board
+    the job's coordinators publish to (board.LiveBoard)."""
     check_available()
     from loguru import logger
 
     from crawlproc.serve.board import LiveBoard
-    from crawlproc.serve.server import StatusServer
-    from crawlproc.serve.view import StatusView
+    from crawlproc.serve.page_process import PageProcess
 
-    board = LiveBoard(command)
-    server = StatusServer(parse_address(address), StatusView(out, board))
-    server.start()
-    logger.info("status page: {} (also /status.json, /metrics, /healthz)", server.url)
+    page = PageProcess(parse_address(address), out)
+    logger.info("status page: {} (also /status.json, /metrics, /healthz)", page.url)
     try:
-        yield board
+        yield LiveBoard(command, page.send)
     finally:
-        server.close()
+        page.close()
 
 
 def serve_out(out: Path, address: Address, *, ready: Callable[[str], None]) -> None:
@@ -96,16 +97,17 @@ def serve_out(out: Path, address: Address, *, ready: Callable[[str], None]) -> N
 
     from crawlproc.report import status_data
     from crawlproc.serve.board import LedgerBoard
-    from crawlproc.serve.server import StatusServer
+    from crawlproc.serve.server import StatusServer, listening_socket, page_url
     from crawlproc.serve.view import StatusView
 
     status_data(out)  # no OUT, no ledger: the same one line as `crawlproc status`
-    server = StatusServer(address, StatusView(out, LedgerBoard()), option="--port")
+    sock, bound = listening_socket(address, "--port")
+    server = StatusServer(sock, StatusView(out, LedgerBoard()))
     stop = threading.Event()
     previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start()
-        ready(server.url)
+        ready(page_url(bound))
         while not stop.wait(1.0):
             pass
     finally:

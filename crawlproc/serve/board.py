@@ -1,13 +1,17 @@
 """Where the status page's live fields come from: the run itself, or the ledger alone.
 
-    LiveBoard   (--serve)          coordinator's on_progress ──at most every PUBLISH_SECONDS──>
-                                   Coordinator.live_view() ──> snapshot swapped whole
-                                   Coordinator.on_done_times ──> DurationHistogram (this run's tasks)
-    LedgerBoard (crawlproc serve)  built on request from `status` and the ledger's running tasks
+    LiveBoard    (--serve, in the coordinator)   coordinator's on_progress ──at most every
+                                                 PUBLISH_SECONDS──> Coordinator.live_view() +
+                                                 this run's DurationHistogram ──send──> the page
+                                                 process (page_process.py)
+    RelayedBoard (--serve, in the page process)  each snapshot received, swapped whole
+    LedgerBoard  (crawlproc serve)               built on request from `status` and the ledger's
+                                                 running tasks
 
 A snapshot is a read-only mapping that is never changed once published: the
-server's threads read whichever one is current, without a lock, and the
-coordinator pays one clock read per turn between publications.
+server's threads read whichever one is current, without a lock. The
+coordinator pays one clock read per turn between publications, and a send
+that never waits.
 """
 
 from __future__ import annotations
@@ -43,48 +47,39 @@ class History:
 
 
 class DurationHistogram:
-    """The times of the tasks a run has done, counted as its coordinator records them: the
-    page then needs no pass over the ledger for them. The coordinator's thread adds a
-    batch's times (sorted once, then one bisection per bound: a few microseconds a batch);
-    request threads read."""
+    """The times of the tasks a run has done, counted as its coordinator records them (in
+    its own thread): the page then needs no pass over the ledger for them. A batch's times
+    are sorted once, then one bisection per bound: a few microseconds a batch."""
 
     def __init__(self, bounds: Sequence[float] = DURATION_BOUNDS) -> None:
         self.bounds = tuple(bounds)
         self._at_most = [0] * len(self.bounds)  # tasks whose time is <= each bound: Prometheus' "le"
         self._count = 0
         self._sum = 0.0
-        self._lock = threading.Lock()
 
     def add(self, times: list[float]) -> None:
         if not times:
             return
         ordered = sorted(times)
-        with self._lock:
-            for i, bound in enumerate(self.bounds):
-                self._at_most[i] += bisect_right(ordered, bound)
-            self._count += len(ordered)
-            self._sum += sum(ordered)
+        for i, bound in enumerate(self.bounds):
+            self._at_most[i] += bisect_right(ordered, bound)
+        self._count += len(ordered)
+        self._sum += sum(ordered)
 
     def read(self) -> Durations:
-        with self._lock:
-            return Durations(tuple(self._at_most), self._count, self._sum)
+        return Durations(tuple(self._at_most), self._count, self._sum)
 
 
 class LiveBoard:
-    """The coordinator's side of `--serve`: wraps the run's progress hook and publishes.
+    """The coordinator's side of `--serve`: wraps the run's progress hook and sends snapshots
+    to the page process (`send` never waits: a page that is behind gets the next one)."""
 
-    The run knows its own retries, running tasks and task times, so the page reads
-    none of them from the ledger (`from_the_run`)."""
-
-    from_the_run = True
-
-    def __init__(self, command: str, *, every: float = PUBLISH_SECONDS,
+    def __init__(self, command: str, send: Callable[[dict], None], *, every: float = PUBLISH_SECONDS,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         self.command = command  # "run" or "watch"
+        self.send = send
         self.every, self.clock, self.wall = every, clock, wall
-        self.current: Mapping[str, Any] | None = None
         self._coordinator: Any = None
-        self._history = History()
         self._durations = DurationHistogram()
         self._next = 0.0
         self._failed_once = False
@@ -96,10 +91,6 @@ class LiveBoard:
         coordinator.on_done_times = self._durations.add
         self._next = 0.0
 
-    def durations(self) -> Durations:
-        """The times of the tasks the followed run has done so far."""
-        return self._durations.read()
-
     def progress_hook(self, on_progress: Callable[[dict], None] | None) -> Callable[[dict], None]:
         """`on_progress` (if any), then a new snapshot when one is due or the run is finishing."""
         def hook(stats: dict) -> None:
@@ -110,23 +101,45 @@ class LiveBoard:
         return hook
 
     def publish(self, *, final: bool = False) -> None:
-        """Swap in a fresh snapshot. A failure here is logged once and never stops the run."""
+        """Send a fresh snapshot. A failure here is logged once and never stops the run."""
         self._next = self.clock() + self.every
         if self._coordinator is None:
             return
         try:
-            view = self._coordinator.live_view()
-            at = self.wall()
-            history = self._history.add(at, view["done"] + view["failed"])
-            self.current = MappingProxyType({**view, "source": self.command, "at": at, "final": final,
-                                             "history": history})
+            self.send({**self._coordinator.live_view(), "source": self.command, "at": self.wall(), "final": final,
+                       "durations": self._durations.read()})
         except Exception as exc:  # the page is a bystander: the run goes on without it
             if not self._failed_once:
                 self._failed_once = True
                 logger.warning("the status page could not be updated: {!r}", exc)
 
+
+class RelayedBoard:
+    """The page process's side of `--serve`: the snapshots the run sends, swapped whole.
+
+    The run knows its own retries, running tasks and task times, so the page reads
+    none of them from the ledger (`from_the_run`)."""
+
+    from_the_run = True
+
+    def __init__(self) -> None:
+        self.current: Mapping[str, Any] | None = None
+        self._durations: Durations | None = None
+        self._history = History()
+
+    def receive(self, snapshot: dict[str, Any]) -> None:
+        """Take a snapshot the run sent (decoded JSON); the chart's history is kept here."""
+        cumulative, count, total = snapshot.pop("durations")
+        self._durations = Durations(tuple(cumulative), count, total)
+        snapshot["history"] = self._history.add(snapshot["at"], snapshot["done"] + snapshot["failed"])
+        self.current = MappingProxyType(snapshot)
+
     def snapshot(self, status: Mapping[str, Any], running: list[dict]) -> Mapping[str, Any] | None:
         return self.current
+
+    def durations(self) -> Durations | None:
+        """The times of the tasks the run has done so far (None: it has sent nothing yet)."""
+        return self._durations
 
 
 class LedgerBoard:

@@ -1,8 +1,8 @@
 """The HTTP side of the status page: routes, safety headers, one thread per request.
 
-Imported by the server's own thread once it runs at a low priority (server.py), so
-that neither `http.server` (and the email and HTML modules it brings) nor any
-request is paid for on the run's start-up path.
+Imported by the server's own thread (server.py), in the page process for
+--serve: the run never imports `http.server` (and the email and HTML modules it
+brings).
 
     GET|HEAD  /             page.html (Content-Security-Policy: its own inline code only)
               /status.json  StatusView.document()
@@ -26,8 +26,7 @@ from urllib.parse import urlsplit
 
 from loguru import logger
 
-from crawlproc.children import fork_safe_thread
-from crawlproc.serve.server import MAX_CLIENTS, REQUEST_TIMEOUT_SECONDS, yield_to_the_run
+from crawlproc.serve.server import MAX_CLIENTS, REQUEST_TIMEOUT_SECONDS
 from crawlproc.serve.view import StatusView
 
 PAGE_FILE = Path(__file__).with_name("page.html")
@@ -115,10 +114,10 @@ class PageHTTPServer(HTTPServer):
         if not self.slots.acquire(blocking=False):
             self.shutdown_request(request)
             return
-        fork_safe_thread(self._serve_one, (request, client_address), "crawlproc-serve-request").start()
+        threading.Thread(target=self._serve_one, args=(request, client_address), name="crawlproc-serve-request",
+                         daemon=True).start()
 
     def _serve_one(self, request: Any, client_address: Any) -> None:
-        yield_to_the_run()
         try:
             self.finish_request(request, client_address)
         except OSError:

@@ -1,19 +1,16 @@
-"""The status page's socket and threads: bound before the run, served at a low priority.
+"""The status page's socket and threads.
 
-    StatusServer(address)   binds and listens at once (a port in use is exit 2 before the
-                            job writes anything); nothing of HTTP is imported yet
-    start()                 one thread, at nice PAGE_NICENESS, imports handler.py and accepts
-                            (select on the socket and a wake-up pipe; close() wakes it at once)
+    listening_socket(address)   bound and listening at once: a port in use is exit 2 before
+                                the job writes anything (for --serve, in the coordinator,
+                                which then hands the socket to the page process)
+    StatusServer(socket, view)  start(): one thread imports handler.py and accepts (select on
+                                the socket and a wake-up pipe; close() wakes it at once)
         └─> one daemon thread per request (handler.PageHTTPServer), at most MAX_CLIENTS at a
-            time (more are closed at once), each socket with a REQUEST_TIMEOUT_SECONDS
-            timeout, each thread at nice PAGE_NICENESS too
+            time (more are closed at once), each socket with a REQUEST_TIMEOUT_SECONDS timeout
 
 Connections that come before the thread is ready wait in the listen queue. A
 stuck or slow client ties up one of those threads until its timeout, never the
-coordinator, which only swaps snapshots (board.py); on cores the run keeps busy
-the page waits for the run, not the reverse. These threads take no lock a forked
-child of the coordinator needs (children.fork_safe_thread), so the reducer still
-runs in its own child while the page is served.
+run: with --serve all of this runs in the page process (page_process.py).
 """
 
 from __future__ import annotations
@@ -26,39 +23,28 @@ import threading
 
 from loguru import logger
 
-from crawlproc.children import fork_safe_thread, forget_kept, keep_from_children
 from crawlproc.errors import AddressInUse, UsageError, WayOut
 from crawlproc.serve import DEFAULT_HOST, Address
 from crawlproc.serve.view import StatusView
 
 MAX_CLIENTS = 16
 REQUEST_TIMEOUT_SECONDS = 10.0
-PAGE_NICENESS = 10  # the page's threads run at this nice value: ~10% of a core the run wants
 
 
 class StatusServer:
-    """Bound at construction (a port in use is an error before anything runs); `start`, `close`."""
+    """Serves `view` on a listening socket: `start`, `close` (which closes the socket too)."""
 
-    def __init__(self, address: Address, view: StatusView, *, option: str = "--serve") -> None:
+    def __init__(self, sock: socket.socket, view: StatusView) -> None:
         self.view = view
-        self._socket = _listening_socket(address, option)
-        keep_from_children(self._socket.fileno())  # a forked child must not keep the port
-        self.address = Address(address.host, self._socket.getsockname()[1])
+        self._socket = sock
         self._wake_r, self._wake_w = os.pipe()
         self._thread: threading.Thread | None = None
 
-    @property
-    def url(self) -> str:
-        host = "localhost" if self.address.host in ("127.0.0.1", "::1") else self.address.host
-        shown = f"[{host}]" if ":" in host else host
-        return f"http://{shown}:{self.address.port}/"
-
     def start(self) -> None:
-        self._thread = fork_safe_thread(self._serve, (), "crawlproc-serve")
+        self._thread = threading.Thread(target=self._serve, name="crawlproc-serve", daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
-        yield_to_the_run()
         try:
             from crawlproc.serve.handler import PageHTTPServer
 
@@ -81,13 +67,19 @@ class StatusServer:
             os.write(self._wake_w, b"x")
             self._thread.join()
             self._thread = None
-        forget_kept(self._socket.fileno())
         self._socket.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
 
 
-def _listening_socket(address: Address, option: str) -> socket.socket:
+def page_url(address: Address) -> str:
+    host = "localhost" if address.host in ("127.0.0.1", "::1") else address.host
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{address.port}/"
+
+
+def listening_socket(address: Address, option: str) -> tuple[socket.socket, Address]:
+    """The socket, bound and listening, and its address (port 0: the one the system gave)."""
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -97,18 +89,7 @@ def _listening_socket(address: Address, option: str) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise _bind_error(address, exc, option) from None
-    return sock
-
-
-def yield_to_the_run() -> None:
-    """Lower this thread's priority (Linux schedules threads one by one: the nice value is the
-    thread's). On cores the run keeps busy, the page then waits for the CPU the run leaves,
-    rather than the run waiting for the page; on idle cores nothing changes."""
-    try:
-        thread = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, thread, max(PAGE_NICENESS, os.getpriority(os.PRIO_PROCESS, thread)))
-    except (AttributeError, OSError):  # not Linux, or not allowed: the answer comes as it would
-        pass
+    return sock, Address(address.host, sock.getsockname()[1])
 
 
 def _bind_error(address: Address, exc: OSError, option: str) -> UsageError:
