@@ -25,9 +25,9 @@ says they are complete with the same parameters):
            log). Run only when named.
 
   serve    tiny's data, crawlproc's first run without and with ``--serve 127.0.0.1:PORT`` while a
-           client fetches /, /status.json and /metrics every second, interleaved, 5 runs of
-           each (N with --repeat N); medians (target: with at most 1.03x without). Run only
-           when named.
+           client fetches /, /status.json and /metrics every second, interleaved (rounds
+           alternate which runs first), 5 runs of each (N with --repeat N); medians (target:
+           with at most 1.03x without), and each round's ratio. Run only when named.
 
   dask-scale  scale's 1,000,000 files through ``crawlproc run --executor dask`` on a scheduler
            and W worker processes (1 thread each) started apart: the coordinator's peak RSS
@@ -1488,7 +1488,7 @@ class FaultsReport:
 
     def markdown(self, workers: int) -> list[str]:
         md = [f"## faults: fault-tolerance options and worker deaths, workers {workers}", "",
-              f"Runs interleaved (default, limits, default, ...), {self.times} of each; median wall. "
+              f"Runs interleaved (default, limits; limits, default; ...), {self.times} of each; median wall. "
               f"Limits: `{' '.join(FAULT_LIMITS)}` (never trigger).", "",
               "| data | run | wall s | files/s | vs default | note |", "|---|---|---:|---:|---:|---|"]
         verdicts = []
@@ -1545,11 +1545,15 @@ def interleaved(variants: list[tuple[str, list[str] | Callable[[], AbstractConte
 
     A variant is (label, extra options, env, accepted exit codes); its extra options may
     instead be a context manager factory that yields them and is held around each run (a
-    client of the status page). Returns each row with the OUT of its last successful run.
+    client of the status page). Rounds alternate their order (A B, B A, A B, ...) so that
+    neither variant always runs right after the other: what a run leaves behind (dirty
+    pages written back, a warmer cache) falls on both alike. Returns each row with the OUT
+    of its last successful run; ``row.walls[i]`` is round i's wall.
     """
     rows = [(RateRow(label, count=n), None) for label, *_ in variants]
     for i in range(times):
-        for k, (label, extra, env, ok) in enumerate(variants):
+        order = list(enumerate(variants))
+        for k, (label, extra, env, ok) in (order if i % 2 == 0 else order[::-1]):
             row, _ = rows[k]
             if row.failed:
                 continue
@@ -1877,7 +1881,7 @@ class ServeReport:
 
     def markdown(self, workers: int) -> list[str]:
         md = [f"## serve: the status page's cost, tiny ({self.files:,} files, linecount), workers {workers}", "",
-              f"First runs interleaved (without, with, without, ...), {self.times} of each; median wall. With "
+              f"First runs interleaved (without, with; with, without; ...), {self.times} of each; median wall. With "
               f"`--serve`, a client fetches {', '.join(SERVE_PATHS)} every second throughout "
               f"({self.fetches} fetches answered in all).", "",
               "| run | wall s | files/s | vs without | note |", "|---|---:|---:|---:|---|"]
@@ -1890,10 +1894,21 @@ class ServeReport:
             ratio = self.rows[1].wall / base
             md.append(f"- with --serve, watched: {ratio:.3f}x the wall without (target <= {SERVE_TARGET}x): "
                       f"{verdict(ratio <= SERVE_TARGET)}")
+            paired = paired_ratios(self.rows[0], self.rows[1])
+            if paired:
+                md.append(f"- the same, round by round (each round's two runs back to back): median "
+                          f"{statistics.median(paired):.3f}x, rounds " + ", ".join(f"{r:.3f}" for r in paired))
         md += [f"- {n}" for n in self.notes]
         md += [f"- **{p}**" for p in self.problems]
         md.append("")
         return md
+
+
+def paired_ratios(base: RateRow, other: RateRow) -> list[float]:
+    """Each round's wall of `other` over that round's wall of `base` (rounds both finished)."""
+    if base.failed or other.failed:
+        return []
+    return [b / a for a, b in zip(base.walls, other.walls)]
 
 
 def bench_serve(bench_dir: Path, run_root: Path, args) -> ServeReport:
