@@ -398,6 +398,43 @@ def test_a_process_with_other_threads_starts_the_page_as_a_new_interpreter(tmp_p
     assert page._process.returncode == 0
 
 
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "no-pidfd"])
+def test_the_run_waits_for_its_page_process_to_end_and_no_longer(monkeypatch, pidfd):
+    """Closing the page waits for its process to end (no process is left behind), wakes as soon
+    as it has, and kills a page process that does not end in time; on a kernel without pidfd
+    too."""
+    from crawlproc.serve import page_process
+
+    if not pidfd:
+        def no_pidfd(pid: int) -> int:
+            raise OSError(38, "Function not implemented")
+        monkeypatch.setattr(page_process.os, "pidfd_open", no_pidfd)
+    end_r, ends = os.pipe()  # the child ends once our end is closed
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(ends)
+            os.read(end_r, 1)
+        finally:
+            os._exit(0)
+    os.close(end_r)
+    assert not page_process._wait_for_exit(pid, 0.05)  # still going
+    os.close(ends)
+    assert page_process._wait_for_exit(pid, RUN_TIMEOUT)
+    os.waitpid(pid, 0)
+
+    stuck = os.fork()
+    if stuck == 0:
+        try:
+            while True:
+                signal.pause()
+        finally:
+            os._exit(0)
+    page_process._reap(stuck, 0.05)  # not ending: killed, then reaped
+    with pytest.raises(ChildProcessError):
+        os.waitpid(stuck, os.WNOHANG)
+
+
 def test_watch_shows_its_queue_and_lag(tmp_path, served):
     data = make_tree(tmp_path / "data", {"a.txt": "one\n"})
     os.utime(data / "a.txt", (0, 0))  # settled long ago: the catch-up processes it

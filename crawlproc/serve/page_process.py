@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -111,14 +112,30 @@ def _fork_page(out: Path, listening: socket.socket, theirs: socket.socket, ours:
 
 
 def _reap(pid: int, timeout: float) -> None:
-    """Wait for the page process to end (it does once the pair is closed); kill it past `timeout`."""
-    deadline = time.monotonic() + timeout
-    while os.waitpid(pid, os.WNOHANG) == (0, 0):
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return
-        time.sleep(0.01)
+    """Wait for the page process to end (it does once the pair is closed); kill it past `timeout`.
+
+    The wait is on a pidfd, which wakes us the moment it ends: the run's own end waits for
+    this, and a poll every 10 ms cost a watched 100k-file run ~10 ms (a third of a percent)."""
+    if not _wait_for_exit(pid, timeout):
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
+def _wait_for_exit(pid: int, timeout: float) -> bool:
+    """Whether our child `pid` ended within `timeout` seconds (it is not reaped here)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # no pidfd (Linux before 5.3): poll
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+            time.sleep(0.002)
+        return False
+    try:
+        return bool(select.select([pidfd], [], [], timeout)[0])
+    finally:
+        os.close(pidfd)
 
 
 def serve_page(out: Path, listening: socket.socket, channel: socket.socket) -> None:
