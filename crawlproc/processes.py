@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_for
@@ -98,8 +98,9 @@ class WorkerProcess:
 class ForkServer:
     """The coordinator's side of crawlproc.forkserver: start it once, then ask it for workers."""
 
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, *, env: Mapping[str, str] | None = None) -> None:
         self.config = config
+        self.env = env  # the server's and so its workers' environment (None: ours)
         self._process: subprocess.Popen | None = None
         self._control: socket.socket | None = None
         self._slots: memoryview | None = None
@@ -121,7 +122,8 @@ class ForkServer:
             with _stop_signals_ignored():  # inherited across exec: the server never sees a Ctrl-C
                 self._process = subprocess.Popen(
                     [sys.executable, "-m", "crawlproc.forkserver", str(theirs.fileno())],
-                    pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)  # no worker reads our terminal
+                    pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,  # no worker reads our terminal
+                    env=self.env)
             socket.send_fds(ours, [b"setup".ljust(8)], [slots_fd, setup_fd])
         except BaseException:
             ours.close()
