@@ -150,6 +150,7 @@ class Coordinator:
         finally:
             self._shutdown()
             self._restore_signal_handlers(previous)
+        self._heartbeat(final=True)  # the row ends with this run's last counts and executor figures
         self.outcomes.closing_words()
         return self.tally
 
@@ -403,10 +404,11 @@ class Coordinator:
         return {**self.stats(), "retried": self.tally.retried, "stopping": self._stopping,
                 "executor": described, "workers": workers, "watch": self.run_info() if self.run_info else None}
 
-    def _heartbeat(self) -> None:
-        """Refresh this run's row (for `crawlproc status`) at most once a second, when it changed."""
+    def _heartbeat(self, *, final: bool = False) -> None:
+        """Refresh this run's row (for `crawlproc status`) at most once a second (and once at the
+        end), when it changed."""
         now = time.monotonic()
-        if self.run_id is None or now - self._last_run_update < RUN_UPDATE_SECONDS:
+        if self.run_id is None or (now - self._last_run_update < RUN_UPDATE_SECONDS and not final):
             return
         state = (self.tally.done, self.tally.failed, self.run_info() if self.run_info else None)
         if state != self._last_run_state:

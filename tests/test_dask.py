@@ -165,6 +165,23 @@ def test_output_matches_a_local_run(tmp_path, cluster, chunked):
         assert query_ledger(tmp_path / "dask", "SELECT count(*) FROM tasks WHERE length IS NOT NULL")[0][0] > 1
 
 
+def test_tiny_tasks_go_to_the_cluster_in_groups_of_batches(tmp_path, cluster):
+    """Batches of tiny tasks (here 5 of them, well under a millisecond) would each cost a scheduler
+    round trip: one Dask task runs a group of them, about 0.5 s of work, each batch with its own
+    result file; the output is a local run's."""
+    data = text_tree(tmp_path / "data", 600)
+    local = crawl(data, tmp_path / "local", "-w", "2", "--batch-size", "5")
+    remote = crawl(data, tmp_path / "dask", *dask_args(cluster), "--batch-size", "5")
+    assert local.returncode == remote.returncode == 0, remote.stderr
+    assert (tmp_path / "dask" / "merged.jsonl").read_bytes() == (tmp_path / "local" / "merged.jsonl").read_bytes()
+    batches = query_ledger(tmp_path / "dask", "SELECT count(DISTINCT batch_id) FROM tasks")[0][0]
+    assert batches >= 120
+    assert len(list((tmp_path / "dask" / "results").rglob("*.jsonl"))) == batches  # a result file per batch
+    dask_tasks = status_json(tmp_path / "dask")["last_run"]["executor"]["dask_tasks"]
+    assert 1 <= dask_tasks <= batches // 2, (dask_tasks, batches)
+    assert_no_leftovers(tmp_path / "dask")
+
+
 def test_reducer_summary_matches_a_local_run(tmp_path, cluster):
     data = text_tree(tmp_path / "data", 200)
     assert crawl(data, tmp_path / "local", "-w", "2").returncode == 0
@@ -467,7 +484,9 @@ def test_the_status_page_shows_the_cluster(tmp_path, cluster):
                               60, "the cluster on the status page")
         live = status_json(run.url)["live"]
         assert live["executor"] == {"executor": "dask", "scheduler": cluster.scheduler_address,
-                                    "workers": 2, "threads": executor}
+                                    "workers": 2, "threads": executor,
+                                    "dask_tasks": live["executor"]["dask_tasks"]}
+        assert live["executor"]["dask_tasks"] >= 1
         assert live["workers"] == []  # its tasks run in processes on the Dask workers, not here
         gates.first.touch()
         gates.last.touch()

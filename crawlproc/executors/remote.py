@@ -1,10 +1,10 @@
-"""What a Dask task runs on a Dask worker: one batch, in a crawlproc worker process there.
+"""What a Dask task runs on a Dask worker: a group of batches, each in a crawlproc worker process there.
 
     Dask worker process (one thread per Dask task slot)
-      run_batch(job, batch) ──> BatchRunner of this job ──pipe──> crawlproc worker process
+      run_batches(job, batches) ──> BatchRunner of this job ──pipe──> crawlproc worker process
            │  waits on the pipe + its sentinel, enforces       (forked by a crawlproc forkserver
            │  --timeout / --max-memory-per-task (TaskLimits)     started on this Dask worker; the
-           └─ returns one BatchReport                            same worker_main as locally)
+           └─ returns a BatchReport per batch                   same worker_main as locally)
 
 The batch does not run in the Dask worker's own thread: a thread cannot be
 killed (Dask has no task timeout), a segfault would take the Dask worker down,
@@ -74,10 +74,21 @@ def warm_up(job: RemoteJob) -> str | None:
     return problem
 
 
-def run_batch(job: RemoteJob, batch: WorkBatch) -> BatchReport:
-    """The Dask task: run one batch in a crawlproc worker process of this Dask worker."""
-    report = _runner(job).run(batch)
-    return replace(report, where=_dask_worker_address())
+def run_batches(job: RemoteJob, batches: tuple[WorkBatch, ...]) -> list[BatchReport]:
+    """The Dask task: the batches one after the other, each in a crawlproc worker process of
+    this Dask worker (recycled between batches as locally). Once the job is stopped
+    here (stop_job), the batches not yet run come back untouched, blaming nobody."""
+    runner = _runner(job)
+    where = _dask_worker_address()
+    reports = []
+    for batch in batches:
+        report = _untouched(batch) if runner.closed else runner.run(batch)
+        reports.append(replace(report, where=where))
+    return reports
+
+
+def _untouched(batch: WorkBatch) -> BatchReport:
+    return BatchReport(batch.batch_id, 0, [(task[0], RETURNED, None, 0.0) for task in batch.tasks])
 
 
 def _dask_worker_address() -> str | None:
@@ -85,7 +96,7 @@ def _dask_worker_address() -> str | None:
         from distributed import get_worker
 
         return get_worker().address
-    except (ImportError, ValueError):  # not in a Dask worker (a test calling run_batch directly)
+    except (ImportError, ValueError):  # not in a Dask worker (a test calling run_batches directly)
         return None
 
 
@@ -180,6 +191,11 @@ class BatchRunner:
     def prepare(self) -> None:
         with self._lock:
             self.forkserver.start()
+
+    @property
+    def closed(self) -> bool:
+        """Stopped (stop_job, or idle too long): it starts no process any more."""
+        return self._closed
 
     def idle_for(self) -> float:
         with self._lock:
