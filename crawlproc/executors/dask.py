@@ -48,7 +48,7 @@ from crawlproc.results import TEMP_SUFFIX
 from crawlproc.worker import BatchReport, WorkBatch, WorkerConfig
 
 PER_THREAD = 3  # Dask tasks in flight per Dask worker thread: one running, the next ones queued
-MAX_GROUP = 32  # batches in one Dask task, at most
+MAX_GROUP = 16  # batches in one Dask task, at most: 16 x 512 tiny tasks is ~0.2 s of work
 CONNECT_SECONDS = 10.0
 STOP_SECONDS = 5.0
 TOKEN_PREFIX = ".crawlproc-dask-"  # OUT/.crawlproc-dask-<token>.tmp: a temp file, so a dead run's is swept
@@ -173,8 +173,10 @@ class DaskExecutor:
 
     # -- batches ---------------------------------------------------------------------
     def openings(self) -> Iterator[Opening]:
-        group = self._group_size.batches
-        while len(self._futures) + len(self._unsent) < self._capacity * group:
+        """Room for batches while the Dask tasks in flight, counting the groups the unsent
+        batches will make, stay under the capacity (a group sent short still counts as one)."""
+        room = (self._capacity - len(self._groups)) * self._group_size.batches
+        while len(self._unsent) < room:
             yield Opening(None, self.limits.max_tasks_per_child)
 
     def assign(self, opening: Opening, batch: WorkBatch) -> None:
