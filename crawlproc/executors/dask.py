@@ -89,7 +89,7 @@ class DaskExecutor:
         self._futures: dict[int, Any] = {}  # batch id -> the future of its group, while in flight
         self._groups: dict[str, tuple[int, ...]] = {}  # a future's key -> the ids of its batches
         self._unsent: list[WorkBatch] = []
-        self._group_size = GroupSize(self.target_batch_seconds)
+        self._grouping = Grouping(self.target_batch_seconds)
         self._dask_tasks = 0  # submitted so far
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_lock = threading.Lock()  # callbacks never write to the pipe once it is closed
@@ -173,19 +173,22 @@ class DaskExecutor:
 
     # -- batches ---------------------------------------------------------------------
     def openings(self) -> Iterator[Opening]:
-        """Room for batches while the Dask tasks in flight, counting the groups the unsent
-        batches will make, stay under the capacity (a group sent short still counts as one)."""
-        room = (self._capacity - len(self._groups)) * self._group_size.batches
-        while len(self._unsent) < room:
-            yield Opening(None, self.limits.max_tasks_per_child)
+        """Room for batches while the Dask tasks in flight and the groups the unsent batches
+        make stay under the capacity, or the last of those groups can take one more batch."""
+        while True:
+            groups = self._grouping.split(self._unsent)
+            planned = len(self._groups) + len(groups)
+            if planned < self._capacity or (groups and planned == self._capacity
+                                            and self._grouping.can_grow(groups[-1])):
+                yield Opening(None, self.limits.max_tasks_per_child)
+            else:
+                return
 
     def assign(self, opening: Opening, batch: WorkBatch) -> None:
         self._unsent.append(batch)
 
     def dispatch(self) -> None:
-        group = self._group_size.batches
-        for start in range(0, len(self._unsent), group):
-            batches = tuple(self._unsent[start:start + group])
+        for batches in self._grouping.split(self._unsent):
             ids = tuple(batch.batch_id for batch in batches)
             key = f"crawlproc-{self.job.token}-{ids[0]}"  # batch ids are never reused: nor are keys
             future = self.client.submit(run_batches, self.job, batches, key=key, pure=False, retries=0)
@@ -241,7 +244,7 @@ class DaskExecutor:
         status = future.status
         if status == "finished":
             reports: list[BatchReport] = future.result()
-            self._group_size.learn(reports)
+            self._grouping.learn(reports)
             return list(reports)
         if status == "error":
             return [self._error_event(ids, future.exception())]
@@ -318,22 +321,44 @@ class DaskExecutor:
                 "threads": sum(self.workers.values()), "dask_tasks": self._dask_tasks}
 
 
-class GroupSize:
-    """How many batches one Dask task runs: as many as make about `target_seconds` of work,
-    from the batches' own task times (1 until the first reports tell)."""
+class Grouping:
+    """Which batches one Dask task runs, in claim order.
+
+    A batch of short tasks cut by --batch-size (tiny files: 512 of them make ~10 ms) joins
+    the group before it while the group's estimated work stays within `target_seconds`, at
+    most MAX_GROUP batches. A batch that is smaller than the largest so far goes alone: the
+    batches of a run's tail are made small on purpose so that every thread ends together.
+    Until the first reports tell how long a task takes, every batch goes alone."""
 
     def __init__(self, target_seconds: float, most: int = MAX_GROUP) -> None:
         self.target_seconds, self.most = target_seconds, most
-        self.batches = 1
-        self._batch_seconds: float | None = None
+        self.task_seconds: float | None = None
+        self.largest = 0  # tasks in the largest batch so far
 
     def learn(self, reports: list[BatchReport]) -> None:
-        ran = [sum(outcome[3] for outcome in report.outcomes) for report in reports if report.outcomes]
-        if not ran:
-            return
-        mean = sum(ran) / len(ran)
-        self._batch_seconds = mean if self._batch_seconds is None else 0.7 * self._batch_seconds + 0.3 * mean
-        self.batches = max(1, min(self.most, int(self.target_seconds / max(self._batch_seconds, 1e-6))))
+        times = [outcome[3] for report in reports for outcome in report.outcomes]
+        if times:
+            mean = sum(times) / len(times)
+            self.task_seconds = mean if self.task_seconds is None else 0.7 * self.task_seconds + 0.3 * mean
+
+    def split(self, batches: list[WorkBatch]) -> list[tuple[WorkBatch, ...]]:
+        groups: list[list[WorkBatch]] = []
+        for batch in batches:
+            self.largest = max(self.largest, len(batch.tasks))
+            if groups and self.can_grow(groups[-1], batch):
+                groups[-1].append(batch)
+            else:
+                groups.append([batch])
+        return [tuple(group) for group in groups]
+
+    def can_grow(self, group: list[WorkBatch] | tuple[WorkBatch, ...], batch: WorkBatch | None = None) -> bool:
+        """Can `batch` (by default: a batch of the largest size) join `group`?"""
+        if self.task_seconds is None or len(group) >= self.most:
+            return False
+        added = self.largest if batch is None else len(batch.tasks)
+        if any(len(member.tasks) < self.largest for member in group) or added < self.largest:
+            return False
+        return (sum(len(member.tasks) for member in group) + added) * self.task_seconds <= self.target_seconds
 
 
 class _ToLoguru(logging.Handler):
