@@ -502,17 +502,22 @@ def test_grouping_joins_only_short_full_batches_up_to_the_target():
     def batch(batch_id: int, tasks: int) -> WorkBatch:
         return WorkBatch(batch_id, tuple((batch_id * 1000 + i, b"f", 0, None, 1, 1) for i in range(tasks)))
 
+    def claimed(grouping: Grouping, batches: list[WorkBatch]) -> list[WorkBatch]:
+        for one in batches:  # as the executor's assign() notes each batch it gets
+            grouping.note(one)
+        return batches
+
     grouping = Grouping(0.5)
-    tiny = [batch(i, 512) for i in range(40)]
+    tiny = claimed(grouping, [batch(i, 512) for i in range(40)])
     assert [len(g) for g in grouping.split(tiny)] == [1] * 40  # task times unknown yet: alone
     grouping.learn([BatchReport(0, 1, [(i, "done", None, 0.00002) for i in range(512)])])
     sizes = [len(g) for g in grouping.split(tiny)]  # 512 x 20 us = 10 ms a batch
     assert sizes == [MAX_GROUP, MAX_GROUP, 40 - 2 * MAX_GROUP]
     assert [b.batch_id for g in grouping.split(tiny) for b in g] == list(range(40))  # claim order kept
-    tail = [batch(100 + i, 60) for i in range(4)]  # smaller than the largest so far: a tail
+    tail = claimed(grouping, [batch(100 + i, 60) for i in range(4)])  # smaller than the largest so far: a tail
     assert [len(g) for g in grouping.split(tiny[:3] + tail)] == [3, 1, 1, 1, 1]
     slow = Grouping(0.5)
     slow.learn([BatchReport(0, 1, [(i, "done", None, 0.002) for i in range(250)])])
-    assert [len(g) for g in slow.split([batch(i, 250) for i in range(6)])] == [1] * 6  # 0.5 s each already
-    assert [len(g) for g in slow.split([batch(i, 100) for i in range(6)])] == [1] * 6  # a smaller batch: alone
-    assert [len(g) for g in slow.split([batch(i, 300) for i in range(6)])] == [1] * 6  # over the target
+    assert [len(g) for g in slow.split(claimed(slow, [batch(i, 250) for i in range(6)]))] == [1] * 6  # 0.5 s each already
+    assert [len(g) for g in slow.split(claimed(slow, [batch(i, 100) for i in range(6)]))] == [1] * 6  # a smaller batch: alone
+    assert [len(g) for g in slow.split(claimed(slow, [batch(i, 300) for i in range(6)]))] == [1] * 6  # over the target

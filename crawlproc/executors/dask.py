@@ -86,8 +86,7 @@ class DaskExecutor:
         self.address: str | None = None
         self.workers: dict[str, int] = {}  # Dask worker address -> threads
         self._capacity = 0  # Dask tasks in flight, at most
-        self._futures: dict[int, Any] = {}  # batch id -> the future of its group, while in flight
-        self._groups: dict[str, tuple[int, ...]] = {}  # a future's key -> the ids of its batches
+        self._in_flight: dict[str, tuple[Any, tuple[int, ...]]] = {}  # a future's key -> it, its batch ids
         self._unsent: list[WorkBatch] = []
         self._grouping = Grouping(self.target_batch_seconds)
         self._dask_tasks = 0  # submitted so far
@@ -177,7 +176,7 @@ class DaskExecutor:
         make stay under the capacity, or the last of those groups can take one more batch."""
         while True:
             groups = self._grouping.split(self._unsent)
-            planned = len(self._groups) + len(groups)
+            planned = len(self._in_flight) + len(groups)
             if planned < self._capacity or (groups and planned == self._capacity
                                             and self._grouping.can_grow(groups[-1])):
                 yield Opening(None, self.limits.max_tasks_per_child)
@@ -185,6 +184,7 @@ class DaskExecutor:
                 return
 
     def assign(self, opening: Opening, batch: WorkBatch) -> None:
+        self._grouping.note(batch)
         self._unsent.append(batch)
 
     def dispatch(self) -> None:
@@ -193,9 +193,7 @@ class DaskExecutor:
             key = f"crawlproc-{self.job.token}-{ids[0]}"  # batch ids are never reused: nor are keys
             future = self.client.submit(run_batches, self.job, batches, key=key, pure=False, retries=0)
             self._dask_tasks += 1
-            self._groups[key] = ids
-            for batch_id in ids:
-                self._futures[batch_id] = future
+            self._in_flight[key] = (future, ids)
             future.add_done_callback(self._on_done)
         self._unsent.clear()
 
@@ -211,7 +209,7 @@ class DaskExecutor:
                 pass  # the pipe is full: the coordinator wakes anyway
 
     def in_flight(self) -> set[int]:
-        return set(self._futures)
+        return {batch_id for _, ids in self._in_flight.values() for batch_id in ids}
 
     # -- events ----------------------------------------------------------------------
     def waitables(self) -> list:
@@ -236,11 +234,9 @@ class DaskExecutor:
         return None  # --timeout and memory limits are enforced next to the worker (remote.py)
 
     def _events_of(self, future: Any) -> list[Event]:
-        ids = self._groups.pop(future.key, None)
+        _, ids = self._in_flight.pop(future.key, (None, None))
         if ids is None:
             return []  # not in flight any more (a late callback)
-        for batch_id in ids:
-            del self._futures[batch_id]
         status = future.status
         if status == "finished":
             reports: list[BatchReport] = future.result()
@@ -274,7 +270,7 @@ class DaskExecutor:
         if self.client is None:
             return
         try:
-            self.client.cancel(list({future.key: future for future in self._futures.values()}.values()), force=True)
+            self.client.cancel([future for future, _ in self._in_flight.values()], force=True)
             self.client.run(stop_job, self.job.token, on_error="return")
         except Exception as exc:  # the scheduler may be gone: nothing more to stop there
             logger.debug("could not stop the batches on the Dask cluster: {!r}", exc)
@@ -284,7 +280,7 @@ class DaskExecutor:
         events: list[Event] = []
         deadline = time.monotonic() + STOP_SECONDS
         try:
-            while self._futures and self.client is not None and self.client.status == "running":
+            while self._in_flight and self.client is not None and self.client.status == "running":
                 from multiprocessing.connection import wait as wait_for
 
                 left = deadline - time.monotonic()
@@ -333,7 +329,7 @@ class Grouping:
     def __init__(self, target_seconds: float, most: int = MAX_GROUP) -> None:
         self.target_seconds, self.most = target_seconds, most
         self.task_seconds: float | None = None
-        self.largest = 0  # tasks in the largest batch so far
+        self.largest = 0  # tasks in the largest batch claimed so far
 
     def learn(self, reports: list[BatchReport]) -> None:
         times = [outcome[3] for report in reports for outcome in report.outcomes]
@@ -341,10 +337,13 @@ class Grouping:
             mean = sum(times) / len(times)
             self.task_seconds = mean if self.task_seconds is None else 0.7 * self.task_seconds + 0.3 * mean
 
+    def note(self, batch: WorkBatch) -> None:
+        """A batch was claimed (it is the largest so far, or a smaller one)."""
+        self.largest = max(self.largest, len(batch.tasks))
+
     def split(self, batches: list[WorkBatch]) -> list[tuple[WorkBatch, ...]]:
         groups: list[list[WorkBatch]] = []
         for batch in batches:
-            self.largest = max(self.largest, len(batch.tasks))
             if groups and self.can_grow(groups[-1], batch):
                 groups[-1].append(batch)
             else:

@@ -151,6 +151,9 @@ def _reap_idle() -> None:
             return
 
 
+TRIM = "MALLOC_TRIM_THRESHOLD_"
+
+
 def worker_environment() -> dict[str, str]:
     """The environment of crawlproc's worker processes here: this Dask worker's, without the
     malloc trim threshold Dask's nanny sets for its own long-lived workers.
@@ -167,9 +170,8 @@ def worker_environment() -> dict[str, str]:
         dasks = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
     except ImportError:
         dasks = {}
-    for name in ("MALLOC_TRIM_THRESHOLD_",):
-        if name in dasks and env.get(name) == str(dasks[name]):
-            del env[name]
+    if TRIM in dasks and env.get(TRIM) == str(dasks[TRIM]):
+        del env[TRIM]
     return env
 
 
