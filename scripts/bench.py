@@ -657,13 +657,10 @@ def run_parallel(wl: Workload, data: Path, run_dir: Path, n: int, args, rep: Rep
 def bench_workload(wl: Workload, bench_dir: Path, run_root: Path, args) -> Report:
     rep = Report(wl)
     print(f"\n[{wl.name}] {wl.n_files:,} files", flush=True)
-    data, gen_s = ensure_data(bench_dir, wl)
-    rep.notes.append(f"inputs {data}: " + ("reused" if gen_s is None else f"generated in {gen_s:.1f} s"))
-    print(f"  {rep.notes[-1]}", flush=True)
-    n, warm_s = warm_up(data, args.workers)
+    data, n, note = prepared_inputs(bench_dir, wl, args)
     rep.n_files = n
-    rep.notes.append(f"page-cache warm-up: read {n:,} files in {warm_s:.1f} s")
-    print(f"  {rep.notes[-1]}", flush=True)
+    rep.notes.append(note)
+    print(f"  {note}", flush=True)
     if n != wl.n_files:
         rep.problems.append(f"MISMATCH {wl.name}: data tree has {n} files, expected {wl.n_files}")
 
@@ -1999,9 +1996,8 @@ def bench_dask_scale(bench_dir: Path, run_root: Path, args) -> DaskScaleReport:
     except ImportError:
         rep.problems.append("FAILED: Dask is not installed (pip install 'crawlproc[dask]')")
         return rep
-    data, _ = ensure_data(bench_dir, wl)
-    rep.n_files, warm_s = warm_up(data, args.workers)
-    rep.notes.append(f"inputs {data}; page-cache warm-up {warm_s:.1f} s")
+    data, rep.n_files, note = prepared_inputs(bench_dir, wl, args)
+    rep.notes.append(note)
     run_dir = run_root / "dask-scale"
     run_dir.mkdir(parents=True)
     procs: list[subprocess.Popen] = []
