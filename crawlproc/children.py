@@ -13,7 +13,6 @@ import os
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
 
 
 _KEPT_FROM_CHILDREN: set[int] = set()  # descriptors no child may hold (see keep_from_children)

@@ -26,7 +26,6 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from multiprocessing.connection import wait as wait_for
-from typing import Any
 
 from crawlproc.executors import WorkerLimits
 from crawlproc.processes import ForkServer, WorkerHandle, describe_death, kill_group
