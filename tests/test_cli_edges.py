@@ -13,6 +13,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -319,3 +320,62 @@ def test_status_after_kill9_says_the_run_ended_abruptly_and_what_goes_back(tmp_p
 def status_json(out: Path) -> dict | None:
     result = run_cli("status", "-o", str(out), "--json")
     return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+THREADED_PROCESSOR = '''
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+from crawlproc import processor
+
+
+def _note_after_the_run():
+    """Alive when the run ends: writes its note once summary.json is there."""
+    summary, deadline = Path(os.environ["SUMMARY"]), time.monotonic() + 60
+    while not summary.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    Path(os.environ["NOTE"]).write_text("written after the run")
+
+
+if Path(sys.argv[0]).name == "__main__.py":  # the coordinator only (python -m crawlproc)
+    threading.Thread(target=_note_after_the_run).start()  # the exit waits for it
+    threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()  # and not for this one
+
+
+@processor(version="1")
+def sizes(task):
+    return {"path": task.relpath, "size": len(task.read_bytes())}
+'''
+
+
+def test_the_exit_waits_for_a_thread_that_is_not_a_daemon_and_for_no_daemon(tmp_path):
+    """The CLI ends at once when only daemon threads are left (Dask's client leaves two),
+    but a thread of the program's own that is not a daemon still finishes first."""
+    data = make_tree(tmp_path / "data", {"a.txt": "one\n", "b.txt": "two\n"})
+    proc = write_processor(tmp_path, "threaded", THREADED_PROCESSOR)
+    out, note = tmp_path / "out", tmp_path / "note.txt"
+    result = run_cli("run", str(data), "-o", str(out), "-p", f"{proc}:sizes", "-q", "--no-progress",
+                     env={"SUMMARY": str(out / "summary.json"), "NOTE": str(note)})
+    assert result.returncode == 0, result.stderr
+    assert note.read_text() == "written after the run"
+
+
+def test_only_threads_that_are_not_daemons_hold_the_exit():
+    from crawlproc.cli.app import _threads_left
+
+    done = threading.Event()
+    daemon = threading.Thread(target=done.wait, daemon=True)
+    daemon.start()
+    try:
+        assert not _threads_left(threading)
+        worker = threading.Thread(target=done.wait)
+        worker.start()
+        assert _threads_left(threading)
+    finally:
+        done.set()
+    worker.join(timeout=WAIT_SECONDS)
+    daemon.join(timeout=WAIT_SECONDS)
+    assert not _threads_left(threading)

@@ -137,7 +137,8 @@ def _leave(code: Any) -> None:
     costs tens of milliseconds, a tenth of a no-op rerun, and does nothing a
     finished command needs: the ledger is closed by then. So the log sinks
     are closed, atexit handlers run and stdout/stderr are flushed here, and
-    the process ends at once. With another thread still running, a profiler
+    the process ends at once (Dask's client leaves daemon threads behind: ~0.1 s of
+    teardown after a run on Dask). With a non-daemon thread still running, a profiler
     or tracer watching (cProfile, coverage: they write their data after us),
     or an exit code Python would print, the usual exit does it all instead.
     """
@@ -145,7 +146,7 @@ def _leave(code: Any) -> None:
 
     threading = sys.modules.get("threading")
     run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)  # CPython's; elsewhere, the usual exit
-    if (not isinstance(code, int) and code is not None or (threading and threading.active_count() > 1)
+    if (not isinstance(code, int) and code is not None or (threading and _threads_left(threading))
             or sys.getprofile() is not None or sys.gettrace() is not None or run_exit_handlers is None):
         sys.exit(code)
     if "loguru" in sys.modules:
@@ -157,4 +158,11 @@ def _leave(code: Any) -> None:
     run_exit_handlers()
     flush_std_streams()
     os._exit(code or 0)
+
+
+def _threads_left(threading: Any) -> bool:
+    """A thread other than the main one that the usual exit would wait for. Daemon threads
+    (Dask's client keeps two after it closed) are stopped by that exit too, without waiting."""
+    main = threading.main_thread()
+    return any(not thread.daemon for thread in threading.enumerate() if thread is not main)
 
