@@ -73,12 +73,15 @@ def merge_results(
     same `output` and its result files are all still there (size checked, not
     checksums), the published output is kept as it is: a no-op rerun stays cheap.
     """
-    signature = [str(output), fmt, *ledger.done_signature()]
-    if reuse_unchanged and (previous := _previous_merge(ledger, output, signature, out)) is not None:
+    last = _last_merge_into(ledger, output) if reuse_unchanged else None
+    if last is not None and (previous := _unchanged(last, _signature(ledger, output, fmt), output, out)) is not None:
         return previous
     output.parent.mkdir(parents=True, exist_ok=True)
     temp = output.with_name(f".{output.name}.{os.getpid()}.jsonl.tmp")
-    reduction = Reduction(reducer) if reducer is not None else None
+    reduction = Reduction(reducer) if reducer is not None else None  # forks: before any thread starts
+    # The signature is remembered with the merge: its pass over the tasks runs on a connection and
+    # a thread of its own (sqlite leaves the GIL) while the copy runs, instead of before it.
+    ledger.count_ahead(unless_fresh=True)
     try:
         written, tasks, damaged, batches = _copy_done_ranges(
             ledger, out, temp, also_to=reduction.feed if reduction is not None else None)
@@ -94,8 +97,8 @@ def merge_results(
             reduction.close()
         if temp.exists():
             os.unlink(temp)
-    if not damaged:
-        _remember_merge(ledger, output, signature, reduced, batches)
+    if not damaged:  # nothing written since the copy: the signature is that of the tasks copied
+        _remember_merge(ledger, output, _signature(ledger, output, fmt), reduced, batches)
     return MergeOutcome(True, written, tasks, len(damaged), output, reduced, batches=batches)
 
 
@@ -114,8 +117,12 @@ def _remove_other_formats(out: Path, published: Path) -> None:
         logger.info("removed {}: a merged output of an earlier --format (now {})", stale, published)
 
 
-def _previous_merge(ledger: Ledger, output: Path, signature: list, out: Path) -> MergeOutcome | None:
-    """The last merge's outcome if it is still exactly what a new merge would publish."""
+def _signature(ledger: Ledger, output: Path, fmt: str) -> list:
+    return [str(output), fmt, *ledger.done_signature()]
+
+
+def _last_merge_into(ledger: Ledger, output: Path) -> dict | None:
+    """What the last merge remembered, if `output` is still the file it published."""
     stored = ledger.meta().get(LAST_MERGE_KEY)
     if stored is None:
         return None
@@ -124,7 +131,12 @@ def _previous_merge(ledger: Ledger, output: Path, signature: list, out: Path) ->
         st = output.stat()
     except FileNotFoundError:
         return None
-    if last["signature"] != signature or last["output_stat"] != [st.st_size, st.st_mtime_ns]:
+    return last if last["output_stat"] == [st.st_size, st.st_mtime_ns] else None
+
+
+def _unchanged(last: dict, signature: list, output: Path, out: Path) -> MergeOutcome | None:
+    """The last merge's outcome if it is still exactly what a new merge would publish."""
+    if last["signature"] != signature:
         return None
     if "batches" not in last:
         return None  # remembered by an older crawlproc: merge in full once
@@ -132,7 +144,7 @@ def _previous_merge(ledger: Ledger, output: Path, signature: list, out: Path) ->
     batches = {int(batch_id): needed for batch_id, needed in last["batches"].items()}
     if not _result_files_present(out, batches):
         return None  # a full merge finds which tasks lost their results, and requeues them
-    return MergeOutcome(True, st.st_size, signature[2], 0, output, last["reduced"], unchanged=True,
+    return MergeOutcome(True, last["output_stat"][0], signature[2], 0, output, last["reduced"], unchanged=True,
                         batches=batches)
 
 

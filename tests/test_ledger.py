@@ -554,6 +554,26 @@ def test_counts_taken_ahead_are_used_only_if_nothing_was_written_since(ledger):
     assert ledger.counts()["gone"] == 1
 
 
+def test_a_meta_write_keeps_the_counts_unless_another_connection_wrote_tasks(ledger):
+    """The end of a run writes the merge's signature between the merge and summary.json: the
+    counts taken for the merge serve the summary too, without another pass over the tasks."""
+    scan(ledger, [row("a"), row("b"), row("c")])
+    assert ledger.counts()["pending"] == 3
+    statements: list[str] = []
+    ledger.conn.set_trace_callback(statements.append)
+    ledger.set_meta({"some_key": "some value"})
+    assert ledger.counts()["pending"] == 3
+    assert not [sql for sql in statements if "FROM tasks" in sql], statements
+    other = Ledger(ledger.path)
+    try:
+        with other.transaction() as conn:
+            other.mark_paths_gone(conn, [b"a"], [])
+        ledger.set_meta({"some_key": "another value"})  # after a task changed elsewhere
+    finally:
+        other.close()
+    assert ledger.counts()["gone"] == 1
+
+
 def test_a_schema_1_ledger_is_upgraded_and_an_older_crawlproc_is_kept_out(tmp_path):
     led = Ledger(tmp_path / "ledger.db")
     scan(led, [row("a")])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import threading
@@ -13,7 +14,7 @@ from conftest import make_tree, wait_until
 from crawlproc.finalize import merge_results
 from crawlproc.ledger import Ledger
 from crawlproc.lock import OutLock
-from crawlproc.reduction import Reduction, records_in
+from crawlproc.reduction import PIPE_BYTES, Reduction, records_in
 from crawlproc.run import RunOptions, run_job
 
 RECORDS = [b'{"n": %d, "text": "line %d"}\n' % (i, i) for i in range(5000)]
@@ -117,6 +118,27 @@ def test_run_summary_has_the_reduced_totals(tmp_path: Path):
     assert merged.reduced == sum(range(50))
 
 
+def test_a_merge_reduces_in_a_child_and_the_next_finds_it_unchanged(tmp_path: Path):
+    """The merge's signature is counted in a thread beside the copy: the reducer's child is
+    forked before that thread starts, and the signature remembered is the one the next merge
+    takes, so that merge keeps the output."""
+    data = make_tree(tmp_path / "data", {f"f{i}.txt": "a b\n" * i for i in range(50)})
+    out, output = tmp_path / "out", tmp_path / "again.jsonl"
+    assert run_job(RunOptions(data_dir=data, out=out, workers=1, batch_size=7)).exit_code == 0
+
+    def where_and_lines(records):
+        return [os.getpid(), sum(r["lines"] for r in records)]
+
+    led = Ledger(out / "ledger.db")
+    try:
+        first = merge_results(led, out, output, reducer=where_and_lines, reuse_unchanged=True)
+        second = merge_results(led, out, output, reducer=where_and_lines, reuse_unchanged=True)
+    finally:
+        led.close()
+    assert first.reduced[0] != os.getpid() and first.reduced[1] == sum(range(50))
+    assert second.unchanged and second.reduced == first.reduced
+
+
 def test_the_child_does_not_hold_the_lock_on_out(tmp_path: Path):
     """A child still reducing after its coordinator was killed must not keep OUT locked."""
     with OutLock(tmp_path):
@@ -131,3 +153,28 @@ def test_the_child_does_not_hold_the_lock_on_out(tmp_path: Path):
             wait_until(lambda: lock not in child_fds(), 5, "the reducer's child to close the lock")
         finally:
             reduction.close()
+
+
+@pytest.mark.skipif(not hasattr(fcntl, "F_SETPIPE_SZ"), reason="pipes cannot be made bigger here")
+def test_a_whole_block_of_the_merge_reaches_the_child_before_it_reads_any(tmp_path):
+    """The merge writes a megabyte at a time: the pipe takes it at once, so the merge copies on
+    while the child parses, instead of the two taking turns 64 KB at a time."""
+    go = tmp_path / "go"
+    block = b"".join(RECORDS * 8)[:PIPE_BYTES]
+    block = block[:block.rindex(b"\n") + 1]
+
+    def counts_once_told(records):  # in the child: reads nothing before `go` exists
+        wait_until(go.exists, 60, "the go file")
+        return sum(1 for _ in records)
+
+    reduction = Reduction(counts_once_told)
+    try:
+        fed = threading.Thread(target=reduction.feed, args=(block,), daemon=True)
+        fed.start()
+        fed.join(timeout=30)
+        assert not fed.is_alive(), "the block did not fit in the pipe: the merge would wait on the child"
+        go.touch()
+        assert reduction.result(lambda: records_in(io.StringIO(block.decode()))) == block.count(b"\n")
+    finally:
+        go.touch()
+        reduction.close()

@@ -90,15 +90,15 @@ class Reading:
             self._totals = (version, *_unpack_totals(self.conn.execute(_STATE_TOTALS).fetchone()))
         return self._totals[1], self._totals[2]
 
-    def count_ahead(self) -> None:
+    def count_ahead(self, *, unless_fresh: bool = False) -> None:
         """Start that pass now, in a thread with a connection of its own.
 
         A rerun that turns out to have nothing to do ends by asking for it (the
         summary, the merge's signature): this way it is ready, counted while the
         scan waits on its listing helpers. Any write in between makes it stale,
-        and it is simply not used.
+        and it is simply not used. `unless_fresh`: no new pass while the last one holds.
         """
-        if self._counting is not None:
+        if self._counting is not None or (unless_fresh and self._fresh_totals() is not None):
             return
         version = self._totals_version()  # taken first: a commit after it makes the count stale
         box: list = []
