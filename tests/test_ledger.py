@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from crawlproc.errors import IdentityMismatch, LedgerError
-from crawlproc.ledger import RUNNING_FLAG, SCHEMA_VERSION, Ledger
+from crawlproc.ledger import RUNNING_FLAG, SCHEMA_VERSION, Ledger, diff_scan
 
 SPEC_COLUMNS = {"id", "relpath", "offset", "length", "size", "mtime_ns", "state", "attempts", "error"}
 FAR_FUTURE = 1e12
@@ -572,6 +572,15 @@ def test_a_meta_write_keeps_the_counts_unless_another_connection_wrote_tasks(led
     finally:
         other.close()
     assert ledger.counts()["gone"] == 1
+
+
+def test_diff_scan_of_a_range_with_nothing_recorded_writes_every_row_as_the_full_comparison_does():
+    rows = [row("a"), row("b", offset=0, length=5), row("b", offset=5, length=5), row("c")]
+    empty = diff_scan([], rows, held=[b"d"])
+    assert empty.changed == rows and not empty.unseen
+    other = (b"0", 0, None, 1, 1)  # something recorded elsewhere in the range: the full comparison
+    full = diff_scan([other], rows, held=[b"d"])
+    assert full.changed == empty.changed and full.unseen == {b"0"}
 
 
 def test_a_schema_1_ledger_is_upgraded_and_an_older_crawlproc_is_kept_out(tmp_path):

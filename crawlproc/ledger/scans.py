@@ -104,9 +104,12 @@ class Scans:
         new: list[tuple] = []
         if claim_new_into is not None and changed:
             known = self._paths_between(lo, hi)  # gone ones too: those go through the upsert
-            new = [row for row in changed if row[0] not in known]
-            if new:
-                changed = [row for row in changed if row[0] in known]
+            if not known:  # a first run: every file is new
+                new, changed = changed, []
+            else:
+                new = [row for row in changed if row[0] not in known]
+                if new:
+                    changed = [row for row in changed if row[0] in known]
         gone_list = _gone_to_mark(gone, keep_prefixes, keep) if mark_gone else []
         if gone_into is not None:
             gone_into.extend(gone_list)
@@ -355,6 +358,8 @@ def diff_scan(live: list[tuple], rows: list[tuple], held: Iterable[bytes] = ()) 
 
     Pure: what Ledger.reconcile writes and what a dry run reports both come from here.
     """
+    if not live:  # nothing recorded in the range (a first run): every row planned is to write
+        return ScanDiff(list(rows), set())
     existing = {(r[0], r[1]): r[2:] for r in live}
     changed_paths: set[bytes] = set()
     for row in rows:  # this loop runs once per file of a scan: keep it lean
