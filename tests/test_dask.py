@@ -429,6 +429,66 @@ def test_local_cluster_of_our_own(tmp_path):
                60, "the dead run's Dask processes to end")
 
 
+FORKED_WORKER = """
+import os, signal, sys, time
+from crawlproc.executors import lifeline
+
+lifeline.follow_me()
+pid = os.fork()
+if pid == 0:  # what a worker forked by our LocalCluster does as it starts, then nothing
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    lifeline.dask_setup(None)
+    while True:
+        time.sleep(60)
+print(pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_forked_worker_ends_with_the_coordinator_that_forked_it(tmp_path):
+    """The lifeline preload: a worker process forked from a coordinator ends when the
+    coordinator dies, whatever descriptors it holds (without the preload, this child would
+    sleep forever: nothing else tells it)."""
+    coordinator = subprocess.Popen([sys.executable, "-c", FORKED_WORKER], stdout=subprocess.PIPE, text=True,
+                                   cwd=REPO)
+    worker = None
+    try:
+        worker = psutil.Process(int(coordinator.stdout.readline()))
+        assert worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE
+        coordinator.kill()
+        coordinator.communicate(timeout=30)
+        wait_until(lambda: not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE, 30,
+                   "the forked worker to end with its coordinator")
+    finally:
+        for process in (coordinator, worker):
+            try:
+                process.kill()
+            except (ProcessLookupError, psutil.Error, AttributeError):
+                pass
+
+
+OWN_CLUSTER_THREADS = """
+import json, threading
+from crawlproc.executors.dask import _local_cluster
+from distributed import Client
+
+cluster = _local_cluster("local:1")
+with Client(cluster.scheduler_address, set_as_default=False) as client:
+    names = client.run(lambda: sorted(t.name for t in threading.enumerate()))
+cluster.close()
+print(json.dumps(list(names.values())))
+"""
+
+
+def test_the_workers_of_our_own_cluster_carry_the_lifeline(tmp_path):
+    """`--scheduler local`'s workers run the lifeline preload (see the test above for what it does)."""
+    proc = subprocess.run([sys.executable, "-c", OWN_CLUSTER_THREADS], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (threads,) = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "crawlproc-lifeline" in threads, threads
+
+
 ENV_PROCESSOR = """
 import os
 from crawlproc import processor

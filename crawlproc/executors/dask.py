@@ -42,7 +42,7 @@ from typing import Any
 from loguru import logger
 
 from crawlproc.errors import CrawlprocError, UsageError
-from crawlproc.executors import BatchLost, Event, Opening, WorkerLimits, stop_if_setup_failed
+from crawlproc.executors import BatchLost, Event, Opening, WorkerLimits, lifeline, stop_if_setup_failed
 from crawlproc.executors.remote import RemoteJob, SharedPathsMissing, run_batches, stop_job, warm_up
 from crawlproc.results import TEMP_SUFFIX
 from crawlproc.worker import BatchReport, WorkBatch, WorkerConfig
@@ -413,11 +413,12 @@ def _local_cluster(address: str) -> Any:
     # while no other thread runs (a notebook has several): a fork copies the locks they hold.
     if threading.active_count() == 1:
         dask.config.set({"distributed.worker.multiprocessing-method": "fork"})
+        lifeline.follow_me()  # a forked worker may hold what keeps another alive: see lifeline.py
     for attempt in (1, 2):
         try:
             with dask.config.set(OWN_CLUSTER_CONFIG):
                 return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                                    silence_logs=logging.ERROR)
+                                    silence_logs=logging.ERROR, preload=[lifeline.__name__])
         except Exception as exc:  # e.g. RuntimeError('Nanny failed to start.'): a worker died starting
             if attempt == 2:
                 raise CrawlprocError(f"the local Dask cluster (--scheduler {address}) could not start: {exc}; "
