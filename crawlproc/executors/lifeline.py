@@ -61,5 +61,7 @@ def _exit_with(coordinator: int) -> None:
     # A coordinator that died before the pidfd was opened gave its children (this process)
     # to another parent, and its pid may be another process's by now: then end at once.
     if os.getppid() == coordinator:
-        select.select([pidfd], [], [])
+        waiting = select.poll()  # not select(): a descriptor above 1023 is fine here
+        waiting.register(pidfd, select.POLLIN)
+        waiting.poll()
     os._exit(EXIT_CODE)
