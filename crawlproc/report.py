@@ -102,14 +102,20 @@ def _run_state(last: Mapping[str, Any], pid: int | None) -> str:
 
 
 def status_data(out: Path) -> dict[str, Any]:
+    """What `crawlproc status --json` prints."""
     ledger = _open_readonly(out)
     try:
-        counts = ledger.counts_for_people()
-        meta = ledger.meta()
-        last, pid = _last_run_and_holder(ledger, out)
-        problems = ledger.scan_problems()
+        return status_from(ledger, out, ledger.counts_for_people())
     finally:
         ledger.close()
+
+
+def status_from(ledger: Ledger, out: Path, counts: dict[str, int]) -> dict[str, Any]:
+    """status_data, from OUT's ledger open already and its counts (the status page reads
+    them in a pass that also tells it more: Ledger.counts_for_the_page)."""
+    meta = ledger.meta()
+    last, pid = _last_run_and_holder(ledger, out)
+    problems = ledger.scan_problems()
     data: dict[str, Any] = {
         "out": str(out), "counts": counts, "total": sum(counts.values()), "scan_problems": problems,
         "data_dir": meta.get("data_dir"), "processor": meta.get("processor"),

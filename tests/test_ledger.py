@@ -619,6 +619,7 @@ def test_a_rolled_back_claim_does_not_leave_the_flag_unwritten(ledger):
 def test_what_the_status_page_reads(ledger):
     scan(ledger, [row("a", mtime_ns=5_000_000_000), row("b"), row("c"), row("d", mtime_ns=2_000_000_000),
                   row("e", mtime_ns=3_000_000_000)])
+    assert ledger.counts_for_the_page().failures == 0
     rows = {r[1]: r for r in claim(ledger)}
     with ledger.transaction() as conn:
         ledger.mark_done(conn, [(1, 0, 0, 0, 9, 0.003, 100.0, rows[b"a"][0]),
@@ -630,13 +631,14 @@ def test_what_the_status_page_reads(ledger):
     assert totals.duration_buckets == (1, 1, 2) and totals.durations_counted == 2
     assert totals.durations_sum == pytest.approx(2.003)
     assert totals.retried_attempts == 1  # d's failed attempt will be tried again; c's last one will not
-    assert totals.oldest_pending_mtime_ns == 2_000_000_000  # d, older than e
-    assert ledger.oldest_pending_mtime_ns() == 2_000_000_000  # the same, for a run's own page
-    assert ledger.counts_for_people() == ledger.counts() == {"pending": 2, "running": 0, "done": 2,
-                                                             "failed": 1, "gone": 0}
+    tasks = ledger.counts_for_the_page()
+    assert tasks.counts == ledger.counts_for_people() == ledger.counts() == {"pending": 2, "running": 0, "done": 2,
+                                                                             "failed": 1, "gone": 0}
+    assert tasks.oldest_pending_mtime_ns == 2_000_000_000  # d, older than e
     latest = ledger.latest_failures(10)
     assert [(f["relpath"], f["state"], f["error"]) for f in latest] == [("d", "retrying", "again"),
                                                                         ("c", "failed", "boom")]
+    assert tasks.failures == len(latest)  # the page asks for the list only when there is one
     assert ledger.latest_failures(1) == latest[:1]
     assert ledger.running_tasks(10) == []
     claim(ledger)

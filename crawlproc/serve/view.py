@@ -1,21 +1,23 @@
 """What /status.json says (and /metrics reads): `status --json`, the live snapshot, the latest failures.
 
     StatusView.document()
-        status      report.status_data(OUT): what `crawlproc status --json` prints   ┐ cached: read again
-        ledger      latest failures, oldest pending mtime (+ for `crawlproc serve`:   │ after max(5 s, 100x
-                    task times, retries, running tasks: Ledger.page_totals)           ┘ their cost)
+        status      what `crawlproc status --json` prints (report.status_from),   ┐ one read, cached:
+                    its counts from Ledger.counts_for_the_page                    │ read again after
+        ledger      the latest failures (only if that pass counted some), the     │ max(5 s, 100x its
+                    oldest pending mtime (+ for `crawlproc serve`: task times,    │ cost)
+                    retries, running tasks: Ledger.page_totals)                   ┘
         live        the board's snapshot + worker RSS (/proc), recent files/s, ETA, ages,
                     and (--serve) the run's own task-time histogram, fresh on every request
 
-The ledger is read on connections of this module's own, read-only, only when a
+The ledger is read on a connection of this module's own, read-only, only when a
 client asks and the cache is stale, so a page left open costs the run a pass
 over the table every five seconds, and a big ledger proportionally less often:
 each read takes at most ~1% of a core. On a machine whose cores the workers
 keep busy that is what a watched run pays, so a watched run's page reads from
-the ledger only what its coordinator does not know: the counts of every state
-(other runs' tasks too), the latest failures (earlier runs' too) and the oldest
-pending file. Its counters, rate, workers, retries and task times come from
-the coordinator (board.LiveBoard).
+the ledger only what its coordinator does not know, in one pass: the counts of
+every state (other runs' tasks too), whether there are failures to list
+(earlier runs' too) and the oldest pending file. Its counters, rate, workers,
+retries and task times come from the coordinator (board.LiveBoard).
 """
 
 from __future__ import annotations
@@ -70,10 +72,11 @@ NO_DURATIONS = Durations(tuple(0 for _ in DURATION_BOUNDS), 0, 0.0)
 
 
 class LedgerReads(NamedTuple):
-    """What the page reads from the ledger beyond `status`. Durations, retries and running
+    """What the page reads from the ledger: `status`, and more. Durations, retries and running
     tasks only for a board that does not get them from the run (None, None, [] otherwise:
     the live snapshot has this run's)."""
 
+    status: dict[str, Any]
     durations: Durations | None
     retried_attempts: int | None  # failed attempts tried again, over the ledger's tasks
     oldest_pending_mtime_ns: int | None
@@ -81,20 +84,16 @@ class LedgerReads(NamedTuple):
     running: list[dict[str, Any]]
 
 
-NO_LEDGER_YET = LedgerReads(NO_DURATIONS, 0, None, [], [])
-
-
 class StatusView:
     """The document behind /status.json and /metrics, for one OUT and one board."""
 
     def __init__(self, out: Path, board: Any, *, wall: Callable[[], float] = time.time) -> None:
         self.out, self.board, self.wall = out, board, wall
-        self._status = Cached(self._read_status)
         self._ledger = Cached(self._read_ledger)
 
     def document(self) -> dict[str, Any]:
-        status = self._status.get()
         reads = self._ledger.get()
+        status = reads.status
         snapshot = self.board.snapshot(status, reads.running)
         durations = self.board.durations() or reads.durations or NO_DURATIONS
         return {**status, "live": self._live(snapshot, status, reads), "latest_failures": reads.latest_failures,
@@ -103,29 +102,24 @@ class StatusView:
                 "retried_attempts": reads.retried_attempts}
 
     # -- the ledger ------------------------------------------------------------------
-    def _read_status(self) -> dict[str, Any]:
-        from crawlproc.report import status_data
-
-        try:
-            return status_data(self.out)
-        except CrawlprocError:  # a run's OUT before its ledger exists
-            return {"out": str(self.out), "counts": dict.fromkeys(STATES, 0), "total": 0, "scan_problems": [],
-                    "last_run": None, "running_pid": None}
-
     def _read_ledger(self) -> LedgerReads:
-        from crawlproc.ledger import LEDGER_NAME, Ledger
+        from crawlproc.report import read_ledger, status_from
 
         try:
-            ledger = Ledger(self.out / LEDGER_NAME, readonly=True)
-        except CrawlprocError:
-            return NO_LEDGER_YET
+            ledger = read_ledger(self.out)
+        except CrawlprocError:  # a run's OUT before its ledger exists
+            status = {"out": str(self.out), "counts": dict.fromkeys(STATES, 0), "total": 0, "scan_problems": [],
+                      "last_run": None, "running_pid": None}
+            return LedgerReads(status, NO_DURATIONS, 0, None, [], [])
         try:
-            failures = ledger.latest_failures(FAILURES_SHOWN)
-            if self.board.from_the_run:  # no pass over the table for what the coordinator knows
-                return LedgerReads(None, None, ledger.oldest_pending_mtime_ns(), failures, [])
+            tasks = ledger.counts_for_the_page()
+            status = status_from(ledger, self.out, tasks.counts)
+            failures = ledger.latest_failures(FAILURES_SHOWN) if tasks.failures else []
+            if self.board.from_the_run:  # no more passes over the table for what the coordinator knows
+                return LedgerReads(status, None, None, tasks.oldest_pending_mtime_ns, failures, [])
             totals = ledger.page_totals(DURATION_BOUNDS)
             durations = Durations(totals.duration_buckets, totals.durations_counted, totals.durations_sum)
-            return LedgerReads(durations, totals.retried_attempts, totals.oldest_pending_mtime_ns, failures,
+            return LedgerReads(status, durations, totals.retried_attempts, tasks.oldest_pending_mtime_ns, failures,
                                ledger.running_tasks(RUNNING_SHOWN))
         finally:
             ledger.close()
