@@ -44,7 +44,7 @@ class PageCounts(NamedTuple):
     """The tasks as the status page tells them (Ledger.counts_for_the_page)."""
 
     counts: dict[str, int]  # tasks per state
-    failures: int  # rows latest_failures lists: none, and the page asks for no list
+    failures: int  # how many rows latest_failures would list (0: the page does not ask for them)
     oldest_pending_mtime_ns: int | None  # the oldest mtime among pending tasks
 
 
