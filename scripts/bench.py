@@ -59,7 +59,9 @@ says they are complete with the same parameters):
            and sum/min/max of ``amount`` only, and of every numeric column
            (id and amount: what csv-stats computes); (b) ``crawlproc run DATA
            -o NEW -w W -p csv-stats --param group_by=category --no-progress
-           -q``; (c) the same groups by polars (``scan_csv().group_by()``,
+           -q``, and the same with ``--param columns=id,amount`` (the columns
+           polars and DuckDB are asked for; the others are then not
+           converted); (c) the same groups by polars (``scan_csv().group_by()``,
            POLARS_MAX_THREADS=W) and DuckDB (``read_csv() GROUP BY``, W
            threads), both from the ``bench`` extra. (b) and (c) run 5 times
            each, taking turns (1 with --quick, N with --repeat N); medians.
@@ -1250,6 +1252,7 @@ class CsvReport:
     command: str = ""
     rows: list[RateRow] = dataclasses.field(default_factory=list)  # loops, then crawlproc
     crawlproc: RateRow | None = None
+    crawlproc_columns: RateRow | None = None  # told the columns to aggregate, as polars and DuckDB are
     side: list[RateRow] = dataclasses.field(default_factory=list)
     engines: list[RateRow] = dataclasses.field(default_factory=list)  # polars, DuckDB
     checks: list[str] = dataclasses.field(default_factory=list)
@@ -1258,7 +1261,7 @@ class CsvReport:
 
     def speedup(self, loop: RateRow) -> float | None:
         cp = self.crawlproc
-        if cp is None or cp.wall is None or loop.wall is None or loop is cp:
+        if cp is None or cp.wall is None or loop.wall is None or loop in (cp, self.crawlproc_columns):
             return None
         return loop.wall / cp.wall  # same rows: ratio of rows/s
 
@@ -1286,12 +1289,12 @@ class CsvReport:
             if ratio is not None and r not in self.engines:
                 md.append(f"- crawlproc vs {r.run}: {ratio:.2f}x the rows/s (target >= {cwl.target}x): "
                           f"{verdict(ratio >= cwl.target)}")
-        cp = self.crawlproc
-        for r, target in zip(self.engines, (cwl.polars_target, cwl.duckdb_target)):
-            if cp is not None and cp.wall and r.wall:
-                wall_ratio = cp.wall / r.wall
-                goal = f" (target <= {target}x): {verdict(wall_ratio <= target)}" if target else ""
-                md.append(f"- crawlproc wall / {r.run} wall: {wall_ratio:.2f}x{goal}")
+        for cp, which in ((self.crawlproc, "crawlproc"), (self.crawlproc_columns, f"crawlproc {CSV_COLUMNS}")):
+            for r, target in zip(self.engines, (cwl.polars_target, cwl.duckdb_target)):
+                if cp is not None and cp.wall and r.wall:
+                    wall_ratio = cp.wall / r.wall
+                    goal = f" (target <= {target}x): {verdict(wall_ratio <= target)}" if target else ""
+                    md.append(f"- {which} wall / {r.run} wall: {wall_ratio:.2f}x{goal}")
         md += [f"- {c}" for c in self.checks]
         md += [f"- {n}" for n in self.notes]
         md += [f"- **{p}**" for p in self.problems]
@@ -1299,6 +1302,7 @@ class CsvReport:
         return md
 
 
+CSV_COLUMNS = "columns=id,amount"   # the columns polars and DuckDB aggregate, told to csv-stats too
 CSV_LOOPS = [("amount", "single-process csv loop: amount only", ("amount",)),
              ("all", "single-process csv loop: all numeric columns (id, amount)", ("id", "amount"))]
 
@@ -1353,7 +1357,7 @@ def check_csv_runs(cwl: CsvWorkload, truth: dict, outs: list[Path], row: RateRow
     row.note = "; ".join(filter(None, [row.note, f"last summary elapsed_s {elapsed}", fmt_counts(summary),
                                        f"{reduced.get('tasks')} tasks"]))
     if not any(p.startswith(f"MISMATCH {cwl.name} run") for p in rep.problems):
-        rep.checks.append(f"crawlproc `reduced` == the generator's exact totals for all {len(truth)} categories, "
+        rep.checks.append(f"`reduced` of {row.run} == the generator's exact totals for all {len(truth)} categories, "
                           f"in each of the {len(outs)} runs (rows; id and amount count/sum/min/max; amount sum "
                           "compared exactly: csv-stats gives the correctly rounded exact sum): OK")
     return groups
@@ -1391,19 +1395,27 @@ def bench_csv(cwl: CsvWorkload, bench_dir: Path, run_root: Path, args) -> CsvRep
 
     chunk = ["--chunk-size", cwl.chunk_size] if cwl.chunk_size else []
 
-    def cp_cmd(suffix: str) -> list[str]:
-        return [exe, "run", str(data), "-o", str(run_dir / f"crawlproc-out{suffix}"), "-w", str(args.workers),
-                "-p", "csv-stats", "--param", "group_by=category", *chunk, "--no-progress", "-q"]
+    def cp_cmd(suffix: str, name: str = "crawlproc-out", extra: tuple[str, ...] = ()) -> list[str]:
+        return [exe, "run", str(data), "-o", str(run_dir / f"{name}{suffix}"), "-w", str(args.workers),
+                "-p", "csv-stats", "--param", "group_by=category", *extra, *chunk, "--no-progress", "-q"]
+
+    def cp_columns_cmd(suffix: str) -> list[str]:
+        return cp_cmd(suffix, "crawlproc-columns-out", ("--param", CSV_COLUMNS))
 
     rep.command = shlex.join(["crawlproc", *cp_cmd("")[1:]]).replace(str(data), "DATA").replace(
         str(run_dir / "crawlproc-out"), "NEW")
     engines = engine_commands(data, run_dir, args.workers)
     times = args.repeat if args.repeat > 1 else (1 if args.quick else 5)
     rows = interleaved_rates([(f"crawlproc csv-stats, {args.workers} workers", cp_cmd, "crawlproc", None),
+                              (f"crawlproc csv-stats --param {CSV_COLUMNS}, {args.workers} workers",
+                               cp_columns_cmd, "crawlproc-columns", None),
                               *engines], run_dir, cwl.rows, times, args, rep.problems)
-    (cp_row, cp_suffixes), *engine_rows = rows
-    rep.rows.append(cp_row)
+    (cp_row, cp_suffixes), (cols_row, cols_suffixes), *engine_rows = rows
+    rep.rows += [cp_row, cols_row]
     groups = {}
+    if not cols_row.failed:
+        rep.crawlproc_columns = cols_row
+        check_csv_runs(cwl, truth, [run_dir / f"crawlproc-columns-out{s}" for s in cols_suffixes], cols_row, rep)
     if not cp_row.failed:
         rep.crawlproc = cp_row
         groups = check_csv_runs(cwl, truth, [run_dir / f"crawlproc-out{s}" for s in cp_suffixes], cp_row, rep)

@@ -851,6 +851,86 @@ def test_csv_stats_integer_and_decimal_columns_per_group(tmp_path):
     assert_same(comparable(csv_totals([json_roundtrip(record)])), reference(path, "k"))
 
 
+# -- numbers read as numbers by the parser, or as text: the same records ------------------
+
+def _typed_corpus() -> dict[str, str]:
+    """Columns that the first rows show as int64 or float64, and that later rows may not fit."""
+    rng = random.Random(5)
+    clean = "id,amount,k\n" + "".join(f"{i},{rng.randrange(1, 10**7) / 100:.2f},{'abc'[i % 3]}\n"
+                                       for i in range(400))
+    late = lambda value: clean + f"401,{value},a\n402,2.5,b\n"  # noqa: E731
+    return {
+        "clean": clean,
+        "hex-int": clean.replace("\n7,", "\n0x1f,"),                 # Arrow reads 0x1f as 31; it is text
+        "nan": late("nan"), "inf": late("inf"), "overflow": late("1e400"),
+        "text-later": late("n/a"),
+        "int-literal-later": late("12"),                             # 12 beside 12.00: only the text tells
+        "integral-group": clean + "".join(f"{500 + i},{v},z\n" for i, v in enumerate(["5.0", "7", "1e2"])),
+        "big-ints": "id,k\n" + "".join(f"{2**53 + i},{'ab'[i % 2]}\n" for i in range(50)),
+        "big-floats": "v,k\n1.5,a\n" + "".join(f"{2.0**60 * (i + 1)!r},{'ab'[i % 2]}\n" for i in range(50)),
+        "spaces": "id,amount,k\n" + "".join(f" {i} ,\t{i / 8}, k{i % 2}\n" for i in range(100)),
+        "zeros": "id,amount,k\n" + "0,0.0,a\n-0,-0.0,b\n" * 20,
+        "int-then-float": "id,k\n" + "".join(f"{i},a\n" for i in range(300)) + "2.5,b\n",
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_typed_corpus()))
+@pytest.mark.parametrize("group_by", [None, "k"])
+def test_csv_stats_typed_columns_give_the_records_of_text_columns(tmp_path, monkeypatch, name, group_by):
+    path = tmp_path / f"{name}.csv"
+    path.write_text(_typed_corpus()[name])
+    params = {"group_by": group_by} if group_by else {}
+    monkeypatch.setattr(csv_read, "TYPE_SAMPLE", 256)  # the later rows are past the sample
+    typed = [csv_stats(t) for t in [whole(path, **params), *ranged(path, [300, 1200, 3000], **params)]]
+    monkeypatch.setattr(csv_read.Rows, "_number_types", lambda self, count_bad: {})
+    text = [csv_stats(t) for t in [whole(path, **params), *ranged(path, [300, 1200, 3000], **params)]]
+    for a, b in zip(typed, text):
+        assert_same(a, b)
+    assert_same(comparable(csv_totals([json_roundtrip(typed[0])])), reference(path, group_by))
+
+
+def test_csv_stats_reads_clean_numeric_columns_as_numbers_in_one_pass(tmp_path, monkeypatch):
+    path = tmp_path / "clean.csv"
+    path.write_text(_typed_corpus()["clean"])
+    reads = []
+    real = csv_read.Rows._arrow_tables
+
+    def spy(self, block_size, count_bad, types=None):
+        reads.append({name: str(t) for name, t in (types or {}).items()})
+        return real(self, block_size, count_bad, types)
+
+    monkeypatch.setattr(csv_read.Rows, "_arrow_tables", spy)
+    record = csv_stats(whole(path, group_by="k"))
+    assert reads == [{"id": "int64", "amount": "double", "k": "string"}]
+    assert record["groups"]["a"]["columns"]["id"]["min"] == 0
+    # 0x in the task: the integer column is read as text, the decimals still as numbers
+    path.write_text(_typed_corpus()["hex-int"])
+    reads.clear()
+    csv_stats(whole(path, group_by="k"))
+    assert reads == [{"id": "string", "amount": "double", "k": "string"}]
+
+
+def test_csv_stats_columns_param_keeps_to_the_columns_named(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_text("id,user,amount,k,note\n1,ann,2.5,a,7\n2,bob,3,b,x\n3,cy,4.25,a,9\n")
+    everything = csv_stats(whole(path, group_by="k"))
+    some = csv_stats(whole(path, group_by="k", columns="amount, id"))
+    assert some["rows"] == everything["rows"] == 3
+    for name, group in everything["groups"].items():
+        assert some["groups"][name]["columns"] == {c: group["columns"][c] for c in ("id", "amount")}
+    assert list(csv_stats(whole(path, columns="note"))["columns"]) == ["note"]
+    # ranges, and a task that the csv module reads (a lone CR), agree
+    assert_same(reduce_csv(ranged(path, [10, 25], group_by="k", columns="amount,id"))["groups"],
+                csv_totals([json_roundtrip(some)])["groups"])
+    cr = tmp_path / "cr.csv"
+    cr.write_bytes(b"a,b,c\n1,x\ry,3\n4,5,6\n")
+    by_csv_module = csv_stats(whole(cr, columns="c"))
+    assert by_csv_module["columns"] == {"c": csv_stats(whole(cr))["columns"]["c"]}
+    assert (by_csv_module["rows"], by_csv_module["malformed"]) == (1, 1)
+    with pytest.raises(TaskFailed, match=r"columns \['nope'\] are not in the header"):
+        csv_stats(whole(path, columns="id,nope"))
+
+
 def test_csv_stats_keys_that_are_not_utf8_merge_as_people_read_them(tmp_path):
     path = tmp_path / "k.csv"
     path.write_bytes(b"k,v\n\xff,1\n\xfe,2\nok,3\n,4\n")

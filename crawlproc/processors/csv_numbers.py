@@ -3,6 +3,10 @@
     string columns ──a value made of number characters only──> float64 (Arrow's
     parser takes exactly the decimal literals) ──> per column: which values are
     integer literals, and the levels of an exact sum
+    int64 columns (read as such by csv_read) ──> float64, all integer literals
+    float64 columns ──> which values are integral: a group whose every value is
+    integral raises NeedsText (`5` and `5.0` read the same; only the text says
+    which is an integer literal), as do a NaN, an infinity or a value past 2**53
         ──one group_by(key).aggregate()──> per group: rows, and per column
           count, min, max, level sums ──> {key: (rows, {column: Partial})}
 
@@ -28,8 +32,10 @@ import re
 from typing import Any, NamedTuple
 
 import pyarrow as pa
+import pyarrow.acero  # noqa: F401  Table.group_by runs on it: imported here, by the forkserver, not by each worker
 import pyarrow.compute as pc
 
+from crawlproc.processors.csv_read import NeedsText
 from crawlproc.processors.exact import ColumnStats, float_units
 
 NUMBER_CHARS = " \t\n\x0b\x0c\r0123456789+-.eE"   # the only characters a numeric value holds
@@ -62,20 +68,22 @@ class _Column(NamedTuple):
     int_flags: pa.Array | None  # int8 1 for an integer literal; None when all or none are
     all_ints: bool
     levels: list[pa.Array]
+    integral_only: bool = False  # int_flags mark integral values (the column was read as floats)
 
 
 BlockStats = dict[Any, tuple[int, dict[int, Partial]]]   # key (bytes, or None) -> rows, partials
 
 
-def block_stats(table: pa.Table, key: str | None, columns: list[int]) -> BlockStats:
-    """Rows per group and each numeric column's partials, for a table of string columns."""
+def block_stats(table: pa.Table, key: str | None, columns: dict[int, str]) -> BlockStats:
+    """Rows per group and the partials of each of `columns` (index in the header: name) that
+    holds numbers, for a table of string, int64 or float64 columns."""
     keys = table[key].cast(pa.binary()) if key is not None else None
     arrays: dict[str, Any] = {"__key": keys} if keys is not None else {"__rows": pa.nulls(table.num_rows)}
     aggregates: list[tuple] = [(next(iter(arrays)), "count", pc.CountOptions(mode="all"))]
     prepared: list[_Column] = []
     slow: BlockStats = {}
-    for j in columns:
-        column = _prepare(j, table.column(j).combine_chunks())
+    for j, name in columns.items():
+        column = _prepare(j, table.column(name).combine_chunks())
         if column is None:
             continue
         if isinstance(column, pa.Array):  # values the Arrow path cannot sum exactly
@@ -112,14 +120,51 @@ def _partial(column: _Column, row: dict, rows: int) -> Partial | None:
     bounds = row[f"v{j}_min_max"]
     units = sum(float_units(row[f"l{j}_{n}_sum"] or 0.0) for n in range(len(column.levels)))
     all_ints = column.all_ints or (column.int_flags is not None and row[f"i{j}_sum"] == count)
+    if all_ints and column.integral_only:
+        raise NeedsText(f"column {j}: a group of integral values, integer literals or not")
     if all_ints:
         return Partial(count, units, int(bounds["min"]), int(bounds["max"]), False)
     return Partial(count, units, bounds["min"], bounds["max"], True)
 
 
-def _prepare(j: int, strings: pa.Array) -> _Column | pa.Array | None:
+def _prepare(j: int, column: pa.Array) -> _Column | pa.Array | None:
     """The column's numbers, ready to aggregate; None if it has none; its literals (strings,
     null where not numeric) when they need the Python path."""
+    if column.type == pa.int64():
+        return _from_integers(j, column)
+    if column.type == pa.float64():
+        return _from_floats(j, column)
+    return _from_text(j, column)
+
+
+def _from_integers(j: int, ints: pa.Array) -> _Column | pa.Array | None:
+    if ints.null_count == len(ints):
+        return None
+    bounds = pc.min_max(ints).as_py()
+    largest = max(-bounds["min"], bounds["max"])
+    if largest >= _EXACT_INT:  # not exact as floats: the Python path, from the digits
+        return pc.cast(ints, pa.string())
+    values = pc.cast(ints, pa.float64())
+    return _Column(j, values, None, True, _levels(values, largest, 0) if largest else [])
+
+
+def _from_floats(j: int, values: pa.Array) -> _Column | None:
+    if values.null_count == len(values):
+        return None
+    bounds = pc.min_max(values).as_py()
+    largest = max(-bounds["min"], bounds["max"])
+    if not math.isfinite(pc.sum(values).as_py()) or largest >= _EXACT_INT:
+        # "nan" and "inf" are text to csv-stats; and an integer literal past 2**53 was rounded
+        raise NeedsText(f"column {j}: a value that is not finite, or an integral one past 2**53")
+    integral = pc.equal(pc.floor(values), values)
+    int_flags = pc.cast(integral, pa.int8()) if pc.any(integral).as_py() else None
+    if not largest:
+        return _Column(j, values, int_flags, False, [], integral_only=True)
+    finest = _exponent(math.ulp(bounds["min"] if bounds["min"] > 0 else _smallest_nonzero(values)))
+    return _Column(j, values, int_flags, False, _levels(values, largest, finest), integral_only=True)
+
+
+def _from_text(j: int, strings: pa.Array) -> _Column | pa.Array | None:
     # an integer column costs one trim: every value made of digits and signs
     all_ints = _starts_like_integers(strings) and _all_empty(pc.ascii_ltrim(strings, characters=_INT_CHARS))
     if not all_ints:

@@ -28,11 +28,14 @@ Rules:
   (`sum == math.fsum(sum_parts)`); the reducer uses it so that totals over all
   files and chunks are exactly the sums of a single pass (exact.py).
 - `--param delimiter=;` (or `tab`) picks another field delimiter.
+- `--param columns=id,amount` keeps to those columns (header names): the others
+  are not converted at all, which makes a wide file's task faster.
 - With --chunk-size a quoted field holding a newline, split by a chunk
   boundary, is not supported (whole files are fine).
 
-How: the task's lines are parsed by pyarrow.csv into string columns
-(csv_read.py) and aggregated with one Arrow group_by per block of rows
+How: the task's lines are parsed by pyarrow.csv, the columns that its first
+rows hold as numbers straight into int64 or float64, the others into strings
+(csv_read.py), and aggregated with one Arrow group_by per block of rows
 (csv_numbers.py); Python only sees each block's groups.
 """
 
@@ -86,6 +89,18 @@ def _delimiter(params: Any) -> str:
     return value
 
 
+def _wanted_columns(params: Any, header: list[str]) -> set[int] | None:
+    """The header positions of `--param columns=a,b` (None: every column)."""
+    value = params.get("columns")
+    if not value:
+        return None
+    wanted = [name.strip() for name in value.split(",") if name.strip()]
+    missing = [name for name in wanted if name not in header]
+    if missing:
+        raise TaskFailed(f"csv-stats: columns {missing!r} are not in the header {header!r}")
+    return {header.index(name) for name in wanted}
+
+
 # -- the processor --------------------------------------------------------------
 
 class _Group:
@@ -133,9 +148,11 @@ def csv_stats(task: Task) -> dict:
     if at_top:  # the header is not a row
         cut = data.find(b"\n", span.start, span.end)
         span = Span(span.end if cut == -1 else cut + 1, span.end)
-    rows = Rows(data, span, names, delimiter)
     key = names[group_index] if group_index is not None else None
-    numeric = [j for j in range(len(names)) if j != group_index]
+    wanted = _wanted_columns(task.params, header)
+    numeric = {j: name for j, name in enumerate(names) if j != group_index and (wanted is None or j in wanted)}
+    only = None if wanted is None else [*([key] if key is not None else []), *numeric.values()]
+    rows = Rows(data, span, names, delimiter, text=[key] if key is not None else [], only=only)
     groups: dict[str | None, _Group] = {}
     for block in rows.collect(lambda table: block_stats(table, key, numeric)):
         for raw, (n, partials) in block.items():
