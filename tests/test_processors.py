@@ -985,6 +985,37 @@ def test_loading_csv_stats_does_not_import_pyarrow():
     assert "crawlproc.processors.csv_numbers" in result.stdout
 
 
+@pytest.mark.parametrize("group_by", [None, "category"])
+def test_csv_stats_group_by_plan_gives_what_table_group_by_gives(tmp_path, monkeypatch, group_by):
+    import crawlproc.processors.csv_numbers as numbers_mod
+
+    path = tmp_path / "plain.csv"
+    path.write_bytes(_csv_corpus()["plain.csv"])
+    params = {"group_by": group_by} if group_by else {}
+    ours = csv_stats(whole(path, **params))
+    monkeypatch.setattr(numbers_mod, "Declaration", None)  # as with a pyarrow that moved pyarrow._acero
+    assert_same(csv_stats(whole(path, **params)), ours)
+
+
+def test_csv_stats_imports_neither_pandas_nor_pyarrow_dataset(tmp_path):
+    # pyarrow imports pandas (when installed: the test extras install it) with pyarrow.dataset and
+    # at the first Python value it turns into an Arrow scalar: ~0.2 s before a worker can start
+    path = tmp_path / "mixed.csv"
+    path.write_text("id,amount,k,note\n" + "".join(f"{i},{i / 8},{'ab'[i % 2]},{' 7 ' if i % 5 else 'x'}\n"
+                                                    for i in range(300)) + "9,1.0,b,2\n9,,a,0.5\n")
+    code = textwrap.dedent(f"""
+        import sys
+        from crawlproc.processors.csv_stats import csv_stats
+        from crawlproc.task import Task
+        for params in ({{}}, {{"group_by": "k"}}, {{"group_by": "k", "columns": "amount"}}):
+            record = csv_stats(Task(1, {str(path)!r}, "mixed.csv", params=params))
+        print(sorted(m for m in ("pandas", "pyarrow.dataset", "pyarrow.acero") if m in sys.modules), record["rows"])
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.stdout.split() == ["[]", "302"], result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("imports", [True, False])
 def test_the_forkserver_imports_what_a_processor_imports(tmp_path, imports):
     data = make_tree(tmp_path / "data", {"a.txt": "x\n"})

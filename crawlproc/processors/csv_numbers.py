@@ -29,11 +29,20 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from typing import Any, NamedTuple
 
 import pyarrow as pa
-import pyarrow.acero  # noqa: F401  Table.group_by runs on it: imported here, by the forkserver, not by each worker
 import pyarrow.compute as pc
+
+# No pandas in a csv-stats worker: when pandas is installed, pyarrow imports it (~0.2 s, before
+# the first worker can start) on importing pyarrow.acero (it imports pyarrow.dataset) and on
+# turning a Python value into an Arrow scalar. So the group-by plan is built the way
+# Table.group_by builds it, from pyarrow's Acero classes, and constants come from _constant().
+try:
+    from pyarrow._acero import AggregateNodeOptions, Declaration, TableSourceNodeOptions
+except ImportError:  # a pyarrow that moved them: Table.group_by, pandas or not
+    Declaration = None
 
 from crawlproc.processors.csv_read import NeedsText
 from crawlproc.processors.exact import ColumnStats, float_units
@@ -47,7 +56,7 @@ _is_int = re.compile(f"{_WS}[-+]?[0-9]+{_WS}").fullmatch
 _EXACT_INT = 2.0 ** 53     # integer literals below this are exact as floats
 _LARGEST_EXPONENT = 1000   # values past 2**this take the Python path (level constants would overflow)
 _INT_CHARS = "0123456789+-"   # all an integer literal holds (once it parses as a number)
-_NULL = pa.scalar(None, pa.string())
+_NULL = pa.nulls(1, pa.string())[0]
 
 
 class Partial(NamedTuple):
@@ -100,9 +109,8 @@ def block_stats(table: pa.Table, key: str | None, columns: dict[int, str]) -> Bl
         for n, level in enumerate(column.levels):
             arrays[f"l{j}_{n}"] = level
             aggregates.append((f"l{j}_{n}", "sum"))
-    grouped = pa.table(arrays).group_by(["__key"] if keys is not None else [], use_threads=False)
     out: BlockStats = {}
-    for row in grouped.aggregate(aggregates).to_pylist():
+    for row in _group_by(pa.table(arrays), ["__key"] if keys is not None else [], aggregates).to_pylist():
         group = row.get("__key")
         rows = row.get("__key_count", row.get("__rows_count"))
         partials = {c.index: p for c in prepared if (p := _partial(c, row, rows)) is not None}
@@ -110,6 +118,24 @@ def block_stats(table: pa.Table, key: str | None, columns: dict[int, str]) -> Bl
     for group, (_, partials) in slow.items():
         out[group][1].update(partials)
     return out
+
+
+def _group_by(table: pa.Table, keys: list[str], aggregates: list[tuple]) -> pa.Table:
+    """`table.group_by(keys).aggregate(aggregates)`, one thread, without pyarrow.acero."""
+    if Declaration is None:
+        return table.group_by(keys, use_threads=False).aggregate(aggregates)
+    prefix = "hash_" if keys else ""
+    named = [([target], prefix + func, options[0] if options else None, f"{target}_{func}")
+             for target, func, *options in aggregates]
+    plan = Declaration.from_sequence([Declaration("table_source", TableSourceNodeOptions(table)),
+                                      Declaration("aggregate", AggregateNodeOptions(named, keys=keys))])
+    return plan.to_table(use_threads=False)
+
+
+def _constant(value: float, type_: pa.DataType) -> pa.Scalar:
+    """An int32 or float64 Arrow scalar, made from its bytes rather than by pa.scalar()."""
+    layout = {pa.int32(): "=i", pa.float64(): "=d"}[type_]
+    return pa.Array.from_buffers(type_, 1, [None, pa.py_buffer(struct.pack(layout, value))])[0]
 
 
 def _partial(column: _Column, row: dict, rows: int) -> Partial | None:
@@ -173,7 +199,7 @@ def _from_text(j: int, strings: pa.Array) -> _Column | pa.Array | None:
         if not found:
             return None
         if found < len(strings) - strings.null_count:
-            strings = pc.if_else(pc.equal(pc.binary_length(trimmed), 0), strings, _NULL)
+            strings = pc.if_else(pc.equal(pc.binary_length(trimmed), _constant(0, pa.int32())), strings, _NULL)
     try:
         values = pc.cast(strings, pa.float64())
     except pa.ArrowInvalid:  # some value only looks numeric ("1.2.3", "-", " 7 ")
@@ -208,7 +234,7 @@ def _empty(strings: pa.Array) -> int:
     lengths = pc.binary_length(strings)
     if (pc.min(lengths).as_py() or 0) > 0:
         return 0
-    return pc.sum(pc.equal(lengths, 0)).as_py() or 0
+    return pc.sum(pc.equal(lengths, _constant(0, pa.int32()))).as_py() or 0
 
 
 def _all_empty(strings: pa.Array) -> bool:
@@ -232,7 +258,7 @@ def _integer_literals(strings: pa.Array, values: pa.Array) -> tuple[pa.Array | N
         return None, False, 0.0
     if not _empty(pc.ascii_ltrim(pc.filter(strings, integral), characters=_INT_CHARS)):
         return None, False, 0.0
-    digits_only = pc.equal(pc.binary_length(pc.ascii_ltrim(strings, characters=_INT_CHARS)), 0)
+    digits_only = pc.equal(pc.binary_length(pc.ascii_ltrim(strings, characters=_INT_CHARS)), _constant(0, pa.int32()))
     largest = pc.max(pc.abs(pc.filter(values, digits_only))).as_py()
     if pc.sum(digits_only).as_py() == len(values) - values.null_count:
         return None, True, largest
@@ -241,7 +267,8 @@ def _integer_literals(strings: pa.Array, values: pa.Array) -> tuple[pa.Array | N
 
 def _smallest_nonzero(values: pa.Array) -> float:
     magnitudes = pc.abs(values)
-    return pc.min(pc.if_else(pc.equal(magnitudes, 0.0), None, magnitudes)).as_py()
+    zero = pc.equal(magnitudes, _constant(0.0, pa.float64()))
+    return pc.min(pc.if_else(zero, pa.nulls(1, pa.float64())[0], magnitudes)).as_py()
 
 
 def _exponent(power_of_two: float) -> int:
@@ -261,7 +288,7 @@ def _levels(values: pa.Array, largest: float, finest: int) -> list[pa.Array]:
     grid = math.frexp(largest)[1] + spare - 51   # |x| < 2**(grid + 51 - spare)
     levels, rest = [], values
     while grid > finest:
-        magic = 1.5 * 2.0 ** (52 + grid)
+        magic = _constant(1.5 * 2.0 ** (52 + grid), pa.float64())
         level = pc.subtract(pc.add(rest, magic), magic)
         levels.append(level)
         rest = pc.subtract(rest, level)
