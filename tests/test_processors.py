@@ -29,7 +29,7 @@ from crawlproc.processors.base import load, normalise_spec
 from crawlproc.processors.command import CommandFailed, build_argv, check_template, run_command
 from crawlproc.processors.csv_stats import csv_stats, csv_totals
 from crawlproc.processors.jsonl_count import jsonl_count, jsonl_totals
-from crawlproc.task import Task
+from crawlproc.task import Span, Task
 
 
 # -- helpers --------------------------------------------------------------------
@@ -871,6 +871,7 @@ def _typed_corpus() -> dict[str, str]:
         "spaces": "id,amount,k\n" + "".join(f" {i} ,\t{i / 8}, k{i % 2}\n" for i in range(100)),
         "zeros": "id,amount,k\n" + "0,0.0,a\n-0,-0.0,b\n" * 20,
         "int-then-float": "id,k\n" + "".join(f"{i},a\n" for i in range(300)) + "2.5,b\n",
+        "words-and-digits": "flag,k\n" + "true,a\n1,b\nfalse,a\n0,b\n" * 10,  # not a bool column
     }
 
 
@@ -880,34 +881,35 @@ def test_csv_stats_typed_columns_give_the_records_of_text_columns(tmp_path, monk
     path = tmp_path / f"{name}.csv"
     path.write_text(_typed_corpus()[name])
     params = {"group_by": group_by} if group_by else {}
-    monkeypatch.setattr(csv_read, "TYPE_SAMPLE", 256)  # the later rows are past the sample
+    monkeypatch.setattr(csv_read, "BLOCK_SIZE", 256)  # the later rows are past the first block
     typed = [csv_stats(t) for t in [whole(path, **params), *ranged(path, [300, 1200, 3000], **params)]]
-    monkeypatch.setattr(csv_read.Rows, "_number_types", lambda self, count_bad: {})
+    as_text = csv_read.Rows._arrow_tables
+    monkeypatch.setattr(csv_read.Rows, "_arrow_tables",
+                        lambda self, block_size, count_bad, infer=False: as_text(self, block_size, count_bad))
     text = [csv_stats(t) for t in [whole(path, **params), *ranged(path, [300, 1200, 3000], **params)]]
     for a, b in zip(typed, text):
         assert_same(a, b)
     assert_same(comparable(csv_totals([json_roundtrip(typed[0])])), reference(path, group_by))
 
 
-def test_csv_stats_reads_clean_numeric_columns_as_numbers_in_one_pass(tmp_path, monkeypatch):
-    path = tmp_path / "clean.csv"
-    path.write_text(_typed_corpus()["clean"])
-    reads = []
-    real = csv_read.Rows._arrow_tables
+def test_csv_stats_reads_clean_numeric_columns_as_numbers_in_one_pass(tmp_path):
+    def read(content: str, **how) -> list[dict]:
+        data = content.encode()
+        names = content.split("\n", 1)[0].split(",")
+        rows = csv_read.Rows(data, Span(data.index(b"\n") + 1, len(data)), names, ",", **how)
+        return rows.collect(lambda table: {f.name: str(f.type) for f in table.schema})
 
-    def spy(self, block_size, count_bad, types=None):
-        reads.append({name: str(t) for name, t in (types or {}).items()})
-        return real(self, block_size, count_bad, types)
-
-    monkeypatch.setattr(csv_read.Rows, "_arrow_tables", spy)
-    record = csv_stats(whole(path, group_by="k"))
-    assert reads == [{"id": "int64", "amount": "double", "k": "string"}]
-    assert record["groups"]["a"]["columns"]["id"]["min"] == 0
-    # 0x in the task: the integer column is read as text, the decimals still as numbers
-    path.write_text(_typed_corpus()["hex-int"])
-    reads.clear()
-    csv_stats(whole(path, group_by="k"))
-    assert reads == [{"id": "string", "amount": "double", "k": "string"}]
+    clean = _typed_corpus()["clean"]
+    assert read(clean, text=["k"]) == [{"id": "int64", "amount": "double", "k": "string"}]
+    assert read(clean, text=["k"], only=["amount", "k"]) == [{"amount": "double", "k": "string"}]
+    # 0x in the task: read again, every column a string
+    assert read(_typed_corpus()["hex-int"], text=["k"]) == [{"id": "string", "amount": "string", "k": "string"}]
+    # dates and timestamps, and words for booleans, are never numbers; 1 and 0 are
+    when = "d,t,b,n\n2024-01-02,2024-01-02T03:04:05Z,true,1\n2024-02-03,2024-02-03T00:00:00Z,false,0\n"
+    assert read(when) == [{"d": "date32[day]", "t": "timestamp[s, tz=UTC]", "b": "bool", "n": "int64"}]
+    path = tmp_path / "when.csv"
+    path.write_text(when)
+    assert csv_stats(whole(path))["columns"] == {"n": {"count": 2, "sum": 1, "min": 0, "max": 1}}
 
 
 def test_csv_stats_columns_param_keeps_to_the_columns_named(tmp_path):

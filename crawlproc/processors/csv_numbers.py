@@ -3,7 +3,7 @@
     string columns ──a value made of number characters only──> float64 (Arrow's
     parser takes exactly the decimal literals) ──> per column: which values are
     integer literals, and the levels of an exact sum
-    int64 columns (read as such by csv_read) ──> float64, all integer literals
+    int64 columns (as csv_read's Arrow inferred them) ──> float64, all integer literals
     float64 columns ──> which values are integral: a group whose every value is
     integral raises NeedsText (`5` and `5.0` read the same; only the text says
     which is an integer literal), as do a NaN, an infinity or a value past 2**53
@@ -160,7 +160,9 @@ def _prepare(j: int, column: pa.Array) -> _Column | pa.Array | None:
         return _from_integers(j, column)
     if column.type == pa.float64():
         return _from_floats(j, column)
-    return _from_text(j, column)
+    if column.type == pa.string():
+        return _from_text(j, column)
+    return None  # all empty (null), true/false, dates, times, timestamps: none is a decimal literal
 
 
 def _from_integers(j: int, ints: pa.Array) -> _Column | pa.Array | None:

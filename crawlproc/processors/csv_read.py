@@ -2,11 +2,11 @@
 
     the task's lines (task.load_span: mapped, not copied; the header line left out)
         ──pyarrow.csv.open_csv, in blocks of BLOCK_SIZE──> Table ──fold──> kept
-          first with the columns that the task's first rows hold as numbers read as
-          int64 or float64 (parsing text into numbers once, in the parser, is the
-          fast path), every other column a string;
-          again with every column a string when a value does not fit its column's
-          type, or when the fold raises NeedsText (it cannot tell `5` from `5.0`)
+          first with the column types Arrow infers from the first block (numbers
+          parsed once, in the parser, is the fast path), the `text` columns strings;
+          again with every column a string when a later value does not fit its
+          column's type, when the task holds `0x` and a column is int64, or when
+          the fold raises NeedsText (it cannot tell `5` from `5.0`)
           a row of another width: invalid_row_handler counts it (and keeps a few for samples)
         a lone CR, or what Arrow will not parse ──> the csv module, row by row, then one Table
 
@@ -35,10 +35,8 @@ import pyarrow.csv as pcsv
 from crawlproc.task import Span
 
 BLOCK_SIZE = 4 << 20      # bytes Arrow parses at once: a block's columns stay in the CPU caches (16 MB: 5-8% slower)
-TYPE_SAMPLE = 64 << 10    # bytes of a task's first rows that decide which columns are read as numbers
 MAX_SAMPLES = 5           # malformed rows described per task
 _LONE_CR = re.compile(rb"\r(?!\n)")
-_NUMBER_TYPES = (pa.int64(), pa.float64())
 T = TypeVar("T")
 
 
@@ -57,15 +55,14 @@ class Sample(NamedTuple):
 
 
 class Rows:
-    """The rows of `data[span]` in tables (of strings, and of numbers where the first rows show
-    numbers), with the malformed ones counted."""
+    """The rows of `data[span]` in tables (of the types Arrow infers, or of strings), with the
+    malformed ones counted."""
 
     def __init__(self, data: bytes, span: Span, names: list[str], delimiter: str,
                  text: Collection[str] = (), only: Collection[str] | None = None) -> None:
         self.data, self.span, self.names, self.delimiter = data, span, names, delimiter
         self.text = text          # columns always read as strings (a group key)
         self.only = only          # the columns the tables hold (None: all); Arrow converts no other
-        self._quoted: bool | None = None   # whether the span holds a quote: found once, when needed
         self.malformed = 0
         self.samples: list[Sample] = []
 
@@ -83,9 +80,8 @@ class Rows:
             count_bad = _is_utf8(memoryview(self.data)[start:end])
             # a record longer than a block, or a parse error: once more as one block, then the csv module
             whole = [lambda: self._arrow_tables(end - start + 1, count_bad)] if end - start > BLOCK_SIZE else []
-            attempts[:0] = [lambda: self._arrow_tables(BLOCK_SIZE, count_bad), *whole]
-            if types := self._number_types(count_bad):
-                attempts.insert(0, lambda: self._arrow_tables(BLOCK_SIZE, count_bad, types))
+            attempts[:0] = [lambda: self._arrow_tables(BLOCK_SIZE, count_bad, infer=True),
+                            lambda: self._arrow_tables(BLOCK_SIZE, count_bad), *whole]
         for attempt in attempts[:-1]:
             try:
                 return [fold(table) for table in attempt()]
@@ -94,27 +90,6 @@ class Rows:
         return [fold(table) for table in attempts[-1]()]
 
     # -- Arrow
-
-    def _number_types(self, count_bad: bool) -> dict[str, pa.DataType]:
-        """int64 or float64 for each column that Arrow infers as such from the task's first
-        TYPE_SAMPLE bytes, string for the others; {} when no column is numeric there."""
-        start, end = self.span
-        cut = self.data.rfind(b"\n", start, min(end, start + TYPE_SAMPLE))
-        if cut == -1:
-            return {}
-        try:
-            sample = pcsv.read_csv(
-                pa.BufferReader(memoryview(self.data)[start:cut + 1]),
-                read_options=pcsv.ReadOptions(column_names=self.names, use_threads=False),
-                parse_options=self._parse_options(count_bad, lambda row: "skip"),
-                convert_options=self._convert_options({name: pa.string() for name in self.text}, self.only))
-        except pa.ArrowInvalid:
-            return {}
-        types = {f.name: f.type if f.type in _NUMBER_TYPES else pa.string() for f in sample.schema}
-        if pa.int64() in types.values() and self._holds_hex_prefix():
-            # Arrow reads 0x1f as an integer; to csv-stats it is text
-            types = {name: pa.string() if t == pa.int64() else t for name, t in types.items()}
-        return types if any(t in _NUMBER_TYPES for t in types.values()) else {}
 
     def _holds_hex_prefix(self, look_at: int = 64) -> bool:
         """Whether `0x` or `0X` occurs in the span. An x is rare: the first `look_at` of each
@@ -133,31 +108,33 @@ class Rows:
                     return True
         return False
 
-    def _arrow_tables(self, block_size: int, count_bad: bool,
-                      types: dict[str, pa.DataType] | None = None) -> Iterator[pa.Table]:
+    def _arrow_tables(self, block_size: int, count_bad: bool, infer: bool = False) -> Iterator[pa.Table]:
+        """Tables of the span's rows: every column a string, or (`infer`) of the types Arrow
+        infers from the first block, but for the `text` columns."""
         start, end = self.span
         self.malformed, self.samples = 0, []
+        text = self.text if infer else self.names
         reader = pcsv.open_csv(
             pa.BufferReader(memoryview(self.data)[start:end]),
             read_options=pcsv.ReadOptions(column_names=self.names, block_size=block_size, use_threads=False),
-            parse_options=self._parse_options(count_bad, self._bad_row),
-            convert_options=self._convert_options(types or {name: pa.string() for name in self.names}, self.only),
+            parse_options=self._parse_options(count_bad),
+            convert_options=pcsv.ConvertOptions(
+                column_types={name: pa.string() for name in text}, include_columns=self.only,
+                # only an empty value is null ("NA" and "nan" are text, as to the csv module),
+                # and only words are booleans: 1 and 0 are numbers
+                null_values=[""], strings_can_be_null=True, check_utf8=False,
+                true_values=["true", "True", "TRUE"], false_values=["false", "False", "FALSE"]),
         )
+        if infer and pa.int64() in reader.schema.types and self._holds_hex_prefix():
+            raise NeedsText("0x in the task: Arrow reads 0x1f as the integer 31, csv-stats as text")
         for batch in reader:
             if batch.num_rows:
                 yield pa.Table.from_batches([batch])
 
-    def _parse_options(self, count_bad: bool, on_bad_row: Callable) -> pcsv.ParseOptions:
-        if self._quoted is None:
-            self._quoted = self.data.find(b'"', *self.span) != -1
-        return pcsv.ParseOptions(delimiter=self.delimiter, newlines_in_values=self._quoted,
-                                 invalid_row_handler=on_bad_row if count_bad else None)
-
-    @staticmethod
-    def _convert_options(types: dict[str, pa.DataType], only: Collection[str] | None) -> pcsv.ConvertOptions:
-        # only an empty value is null: "NA" or "nan" is text, as to the csv module
-        return pcsv.ConvertOptions(column_types=types, check_utf8=False, strings_can_be_null=True,
-                                   null_values=[""], include_columns=list(only) if only is not None else None)
+    def _parse_options(self, count_bad: bool) -> pcsv.ParseOptions:
+        quoted = self.data.find(b'"', *self.span) != -1
+        return pcsv.ParseOptions(delimiter=self.delimiter, newlines_in_values=quoted,
+                                 invalid_row_handler=self._bad_row if count_bad else None)
 
     def _bad_row(self, row: pcsv.InvalidRow) -> str:
         error = f"{row.actual_columns} fields, expected {row.expected_columns}"
