@@ -19,6 +19,8 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import crawlproc.processors.command as command_mod
 import crawlproc.processors.csv_read as csv_read
@@ -134,8 +136,12 @@ def reference(path: Path, group_by: str | None = None, delimiter: str = ",") -> 
         out = {}
         for name, c in cols.items():
             if c["float"]:
-                out[name] = {"count": c["count"], "sum": float(c["sum"]), "min": float(c["min"]) + 0.0,
+                out[name] = {"count": c["count"], "sum": None, "min": float(c["min"]) + 0.0,
                              "max": float(c["max"]) + 0.0}
+                try:
+                    out[name]["sum"] = float(c["sum"])
+                except OverflowError:  # past the float range: no sum, and a flag that says so
+                    out[name]["overflow"] = True
             else:
                 out[name] = {"count": c["count"], "sum": int(c["sum"]), "min": c["min"], "max": c["max"]}
         return out
@@ -890,6 +896,49 @@ def test_csv_stats_typed_columns_give_the_records_of_text_columns(tmp_path, monk
     for a, b in zip(typed, text):
         assert_same(a, b)
     assert_same(comparable(csv_totals([json_roundtrip(typed[0])])), reference(path, group_by))
+
+
+_CELLS = {  # what a numeric column of an export holds, and what spoils it
+    "int": lambda draw: str(draw(st.integers(-10**12, 10**12))),
+    "big int": lambda draw: str(draw(st.integers(2**53 - 3, 2**64))),
+    "decimal": lambda draw: f"{draw(st.integers(-10**9, 10**9)) / 100:.2f}",
+    "float": lambda draw: repr(draw(st.floats(allow_nan=False, allow_infinity=False))),
+    "exponent": lambda draw: f"{draw(st.integers(1, 99))}e{draw(st.integers(-30, 30))}",
+    "integral": lambda draw: f"{draw(st.integers(-99, 99))}.0",
+    "spaced": lambda draw: f" {draw(st.integers(0, 99))} ",
+    "empty": lambda draw: "",
+    "hex": lambda draw: f"{draw(st.sampled_from(['0x', '0X']))}{draw(st.integers(0, 255)):x}",  # an int to Arrow
+    "word": lambda draw: draw(st.sampled_from(["n/a", "nan", "inf", "-Infinity", "true", "1e999", "-"])),
+}
+
+
+@st.composite
+def _numeric_csv(draw) -> str:
+    kinds = [draw(st.lists(st.sampled_from(sorted(_CELLS)), min_size=1, max_size=3)) for _ in range(2)]
+    spoil_at = draw(st.integers(0, 40))   # where a cell of another kind appears, if one does
+    rows = []
+    for i in range(draw(st.integers(1, 60))):
+        cells = [_CELLS[draw(st.sampled_from(k if i != spoil_at else sorted(_CELLS)))](draw) for k in kinds]
+        rows.append(",".join([*cells, draw(st.sampled_from(["a", "b", "c"]))]))
+    return "x,y,k\n" + "\n".join(rows) + "\n"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(content=_numeric_csv(), block_size=st.sampled_from([64, 1 << 20]))
+def test_csv_stats_typed_read_equals_text_read_on_generated_columns(content, block_size):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder, pytest.MonkeyPatch.context() as monkeypatch:
+        path = Path(folder) / "g.csv"
+        path.write_text(content)
+        monkeypatch.setattr(csv_read, "BLOCK_SIZE", block_size)
+        typed = [csv_stats(whole(path, **p)) for p in ({}, {"group_by": "k"})]
+        as_text = csv_read.Rows._arrow_tables
+        monkeypatch.setattr(csv_read.Rows, "_arrow_tables",
+                            lambda self, size, count_bad, infer=False: as_text(self, size, count_bad))
+        for params, record in zip(({}, {"group_by": "k"}), typed):
+            assert_same(record, csv_stats(whole(path, **params)))
+        assert_same(comparable(csv_totals([json_roundtrip(typed[1])])), reference(path, "k"))
 
 
 def test_csv_stats_reads_clean_numeric_columns_as_numbers_in_one_pass(tmp_path):
