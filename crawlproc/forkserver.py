@@ -12,9 +12,11 @@ straight to `worker_main`; everything it needs was imported once, here, and
 frozen out of the cyclic GC's way (a collection would touch, and so copy, every
 inherited page).
 
-Run as `python -m crawlproc.forkserver FD` by processes.ForkServer, which sends
-the WorkerConfig and the modules to import first (in a memfd: a processor sent by
-value may not fit in one message). Before it forks any worker, it runs the
+Run as `python -m crawlproc.forkserver FD [MODULE,...]` by processes.ForkServer,
+which sends the WorkerConfig and the modules to import first (in a memfd: a
+processor sent by value may not fit in one message). The MODULEs, given when
+the server is started before the job is set up (processes.start_early), are
+imported while it waits for that. Before it forks any worker, it runs the
 processor's preload hook, whose data the workers then share. SIGINT and SIGTERM are
 ignored: it shares the coordinator's process group, and stopping is the
 coordinator's job. It exits when the coordinator's end of the control socket
@@ -44,6 +46,7 @@ def main() -> None:
         signal.signal(signum, signal.SIG_IGN)
     with socket.socket(fileno=int(sys.argv[1])) as control:
         control.set_inheritable(False)
+        _import_ahead(filter(None, sys.argv[2].split(",")) if len(sys.argv) > 2 else ())
         message, fds, _, _ = socket.recv_fds(control, REQUEST_BYTES, 2)
         if not message or len(fds) != 2:
             return
@@ -56,6 +59,17 @@ def main() -> None:
         os.close(fds[0])
         gc.freeze()  # after the preload hook: its data stays in pages no collection writes to
         _Server(control, config, slots).serve()
+
+
+def _import_ahead(names) -> None:
+    """What the coordinator expects the processor to need, imported before the setup says what it
+    needs (processes.start_early); the setup's imports then find them done. A module that fails
+    here is imported again then, and its error reported the usual way."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception:
+            pass
 
 
 def _prepare_processor(config) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 
 from conftest import wait_until
 
+from crawlproc import processes
 from crawlproc.processes import ForkServer, WorkerStartCancelled, describe_death
 from crawlproc.worker import WorkBatch, WorkerConfig
 
@@ -136,3 +139,74 @@ def test_closing_stops_the_server_and_running_workers_notice_the_coordinator_is_
     assert not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
     worker.conn.close()  # the coordinator's end: the worker stops by itself
     wait_until(lambda: ended(worker.pid), DEADLINE, "the worker to stop")
+
+
+# -- a head start: the server started before the job is set up ------------------------------
+
+def test_a_server_started_early_imports_ahead_and_the_job_takes_it_over(server, tmp_path, monkeypatch):
+    marker = tmp_path / "ahead.txt"
+    (tmp_path / "ahead_module.py").write_text(
+        f"import os\nopen({str(marker)!r} + '.tmp', 'w').write(str(os.getpid()))\n"
+        f"os.rename({str(marker)!r} + '.tmp', {str(marker)!r})\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    processes.start_early(["no_such_module_here", "ahead_module"])  # one that fails is skipped
+    early = processes._early_server[0]  # noqa: SLF001 - the test needs the real process
+    wait_until(marker.exists, DEADLINE, "the early server's imports")
+    assert int(marker.read_text()) == early.pid
+    server.start()
+    assert server._process is early and processes._early_server is None  # noqa: SLF001
+    test_a_worker_runs_a_batch_and_its_clean_exit_is_reported(server)
+
+
+def test_an_early_server_that_no_job_takes_over_is_ended(tmp_path):
+    processes.start_early(["json"])
+    early = processes._early_server[0]  # noqa: SLF001
+    other = ForkServer(WorkerConfig(data_dir=os.fsencode(tmp_path), out=str(tmp_path / "out"),
+                                    processor="linecount", params={}), env=dict(os.environ))
+    other.start()  # its own environment: a server of its own, not the early one
+    try:
+        assert other._process is not early and processes._early_server[0] is early  # noqa: SLF001
+        processes.end_early()
+        assert early.returncode is not None and processes._early_server is None  # noqa: SLF001
+        processes.end_early()  # nothing left to end
+    finally:
+        other.close()
+
+
+def test_a_taken_over_server_that_died_meanwhile_is_replaced(server):
+    processes.start_early([])
+    early = processes._early_server[0]  # noqa: SLF001
+    early.kill()
+    early.wait(DEADLINE)
+    worker = server.start_worker()
+    assert server._process is not early  # noqa: SLF001
+    worker.conn.send(None)
+    worker.process.join(DEADLINE)
+    assert worker.process.exitcode == 0
+
+
+def test_a_run_that_fails_before_its_workers_leaves_no_early_server(tmp_path):
+    tag = f"crawlproc-test-{os.getpid()}-{time.monotonic_ns()}"
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "out").write_text("a file where OUT should be")  # refused after the head start
+
+    def tagged() -> list[int]:
+        found = []
+        for process in psutil.process_iter(["pid"]):
+            try:
+                if process.environ().get("CRAWLPROC_TEST_TAG") == tag:
+                    found.append(process.pid)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                pass
+        return found
+
+    for out, code in ((tmp_path / "out", 2), (tmp_path / "new-out", 0)):
+        # output to files, not pipes: waiting for the CLI alone, not for what holds its pipes
+        with open(tmp_path / "stderr", "w+") as stderr:
+            cli = subprocess.Popen([sys.executable, "-m", "crawlproc", "run", str(data), "-o", str(out),
+                                    "-p", "csv-stats", "-q", "--no-progress"], stdout=subprocess.DEVNULL,
+                                   stderr=stderr, env={**os.environ, "CRAWLPROC_TEST_TAG": tag})
+            assert cli.wait(timeout=120) == code, stderr.seek(0) or stderr.read()
+        assert tagged() == []  # the early server was ended (or taken over) before the CLI exited
