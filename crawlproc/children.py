@@ -10,8 +10,10 @@ the lock on OUT.
 from __future__ import annotations
 
 import os
+import select
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 
@@ -92,3 +94,23 @@ def close_all_but(*keep_fds: int) -> None:
     keep = sorted(set(keep_fds))
     for low, high in zip(keep, keep[1:] + [os.sysconf("SC_OPEN_MAX")]):
         os.closerange(low + 1, high)
+
+
+def wait_for_exit(pid: int, timeout: float) -> bool:
+    """Whether our child `pid` ended within `timeout` seconds (it is not reaped here). Woken the
+    moment it ends, through a pidfd: the end of a run waits so for its forkserver and its page."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # no pidfd (Linux before 5.3): poll
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+            time.sleep(0.002)
+        return False
+    try:
+        waiting = select.poll()  # not select(): a descriptor above 1023 is fine here
+        waiting.register(pidfd, select.POLLIN)
+        return bool(waiting.poll(timeout * 1000))
+    finally:
+        os.close(pidfd)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_for
 from typing import Any
 
+from crawlproc.children import wait_for_exit
 from crawlproc.errors import CrawlprocError
 from crawlproc.forkserver import SLOT_FIELDS
 from crawlproc.worker import WorkerConfig
@@ -194,9 +195,7 @@ class ForkServer:
             self._control.close()
             self._control = None
         if self._process is not None:
-            try:
-                self._process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
+            if not _ended_within(self._process, 5):
                 self._process.kill()
                 self._process.wait(timeout=5)
             self._process = None
@@ -234,6 +233,15 @@ def _stop_signals_ignored() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _ended_within(process: subprocess.Popen, timeout: float) -> bool:
+    """Whether `process` ends (and is reaped) within `timeout` s; woken by its end, where
+    Popen.wait(timeout) sleeps in steps of up to 50 ms."""
+    if process.poll() is None and not wait_for_exit(process.pid, timeout):
+        return False
+    process.wait()
+    return True
 
 
 def _spawn_server(head_start: Iterable[str], env: Mapping[str, str] | None) -> tuple[subprocess.Popen, socket.socket]:

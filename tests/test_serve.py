@@ -403,6 +403,7 @@ def test_the_run_waits_for_its_page_process_to_end_and_no_longer(monkeypatch, pi
     """Closing the page waits for its process to end (no process is left behind), wakes as soon
     as it has, and kills a page process that does not end in time; on a kernel without pidfd
     too."""
+    from crawlproc.children import wait_for_exit
     from crawlproc.serve import page_process
 
     if not pidfd:
@@ -418,9 +419,9 @@ def test_the_run_waits_for_its_page_process_to_end_and_no_longer(monkeypatch, pi
         finally:
             os._exit(0)
     os.close(end_r)
-    assert not page_process._wait_for_exit(pid, 0.05)  # still going
+    assert not wait_for_exit(pid, 0.05)  # still going
     os.close(ends)
-    assert page_process._wait_for_exit(pid, RUN_TIMEOUT)
+    assert wait_for_exit(pid, RUN_TIMEOUT)
     os.waitpid(pid, 0)
 
     stuck = os.fork()

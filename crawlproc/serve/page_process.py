@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from crawlproc.children import close_all_but, flush_std_streams, forget_kept, forking_is_safe, keep_from_children
+from crawlproc.children import (close_all_but, flush_std_streams, forget_kept, forking_is_safe, keep_from_children,
+                                wait_for_exit)
 from crawlproc.serve import Address
 
 if TYPE_CHECKING:
@@ -116,26 +115,9 @@ def _reap(pid: int, timeout: float) -> None:
 
     The wait is on a pidfd, which wakes us the moment it ends: the run's own end waits for
     this, and a poll every 10 ms cost a watched 100k-file run ~10 ms (a third of a percent)."""
-    if not _wait_for_exit(pid, timeout):
+    if not wait_for_exit(pid, timeout):
         os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
-
-
-def _wait_for_exit(pid: int, timeout: float) -> bool:
-    """Whether our child `pid` ended within `timeout` seconds (it is not reaped here)."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except (AttributeError, OSError):  # no pidfd (Linux before 5.3): poll
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-                return True
-            time.sleep(0.002)
-        return False
-    try:
-        return bool(select.select([pidfd], [], [], timeout)[0])
-    finally:
-        os.close(pidfd)
 
 
 def serve_page(out: Path, listening: socket.socket, channel: socket.socket) -> None:
