@@ -124,7 +124,7 @@ class _Group:
 
 @processor(version="1", imports=_ARROW_MODULES)  # pyarrow: imported by the workers' forkserver, once
 def csv_stats(task: Task) -> dict:
-    """Rows and count/sum/min/max of each numeric column (--param group_by=COL); exact totals."""
+    """Rows and count/sum/min/max of each numeric column (--param group_by=COL, columns=A,B); exact totals."""
     delimiter = _delimiter(task.params)
     group_by = task.params.get("group_by") or None
     header = _read_header(task.path, delimiter)
