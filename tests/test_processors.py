@@ -748,6 +748,20 @@ def readme_example(name: str) -> str:
     return next(block for block in blocks if block.startswith(f"# {name}\n"))
 
 
+def test_the_readmes_processor_decorators_are_valid():
+    from crawlproc import processor
+
+    written = re.findall(r"`@processor\((.*?)\)`", (REPO / "README.md").read_text())
+    assert written
+    for arguments in written:
+        decorate = eval(f"processor({arguments})", {"processor": processor})  # noqa: S307 - our README
+
+        def f(task):
+            return None
+
+        assert decorate(f).version == "1", arguments
+
+
 @pytest.mark.parametrize("example", ["by_category.py", "by_category_polars.py"])
 def test_readme_buffer_processors_run_and_agree_with_csv_stats(tmp_path, example):
     if "polars" in example:
