@@ -57,6 +57,17 @@ _EXACT_INT = 2.0 ** 53     # integer literals below this are exact as floats
 _LARGEST_EXPONENT = 1000   # values past 2**this take the Python path (level constants would overflow)
 _INT_CHARS = "0123456789+-"   # all an integer literal holds (once it parses as a number)
 _NULL = pa.nulls(1, pa.string())[0]
+_NULL_FLOAT = pa.nulls(1, pa.float64())[0]
+
+
+def _constant(value: float, type_: pa.DataType) -> pa.Scalar:
+    """An int32 or float64 Arrow scalar, made from its bytes rather than by pa.scalar()."""
+    layout = {pa.int32(): "=i", pa.float64(): "=d"}[type_]
+    return pa.Array.from_buffers(type_, 1, [None, pa.py_buffer(struct.pack(layout, value))])[0]
+
+
+_NO_CHARS = _constant(0, pa.int32())   # the length of an empty string
+_ZERO = _constant(0.0, pa.float64())
 
 
 class Partial(NamedTuple):
@@ -132,12 +143,6 @@ def _group_by(table: pa.Table, keys: list[str], aggregates: list[tuple]) -> pa.T
     return plan.to_table(use_threads=False)
 
 
-def _constant(value: float, type_: pa.DataType) -> pa.Scalar:
-    """An int32 or float64 Arrow scalar, made from its bytes rather than by pa.scalar()."""
-    layout = {pa.int32(): "=i", pa.float64(): "=d"}[type_]
-    return pa.Array.from_buffers(type_, 1, [None, pa.py_buffer(struct.pack(layout, value))])[0]
-
-
 def _partial(column: _Column, row: dict, rows: int) -> Partial | None:
     j = column.index
     count = row.get(f"v{j}_count", rows)
@@ -201,7 +206,7 @@ def _from_text(j: int, strings: pa.Array) -> _Column | pa.Array | None:
         if not found:
             return None
         if found < len(strings) - strings.null_count:
-            strings = pc.if_else(pc.equal(pc.binary_length(trimmed), _constant(0, pa.int32())), strings, _NULL)
+            strings = pc.if_else(pc.equal(pc.binary_length(trimmed), _NO_CHARS), strings, _NULL)
     try:
         values = pc.cast(strings, pa.float64())
     except pa.ArrowInvalid:  # some value only looks numeric ("1.2.3", "-", " 7 ")
@@ -236,7 +241,7 @@ def _empty(strings: pa.Array) -> int:
     lengths = pc.binary_length(strings)
     if (pc.min(lengths).as_py() or 0) > 0:
         return 0
-    return pc.sum(pc.equal(lengths, _constant(0, pa.int32()))).as_py() or 0
+    return pc.sum(pc.equal(lengths, _NO_CHARS)).as_py() or 0
 
 
 def _all_empty(strings: pa.Array) -> bool:
@@ -260,7 +265,7 @@ def _integer_literals(strings: pa.Array, values: pa.Array) -> tuple[pa.Array | N
         return None, False, 0.0
     if not _empty(pc.ascii_ltrim(pc.filter(strings, integral), characters=_INT_CHARS)):
         return None, False, 0.0
-    digits_only = pc.equal(pc.binary_length(pc.ascii_ltrim(strings, characters=_INT_CHARS)), _constant(0, pa.int32()))
+    digits_only = pc.equal(pc.binary_length(pc.ascii_ltrim(strings, characters=_INT_CHARS)), _NO_CHARS)
     largest = pc.max(pc.abs(pc.filter(values, digits_only))).as_py()
     if pc.sum(digits_only).as_py() == len(values) - values.null_count:
         return None, True, largest
@@ -269,8 +274,7 @@ def _integer_literals(strings: pa.Array, values: pa.Array) -> tuple[pa.Array | N
 
 def _smallest_nonzero(values: pa.Array) -> float:
     magnitudes = pc.abs(values)
-    zero = pc.equal(magnitudes, _constant(0.0, pa.float64()))
-    return pc.min(pc.if_else(zero, pa.nulls(1, pa.float64())[0], magnitudes)).as_py()
+    return pc.min(pc.if_else(pc.equal(magnitudes, _ZERO), _NULL_FLOAT, magnitudes)).as_py()
 
 
 def _exponent(power_of_two: float) -> int:

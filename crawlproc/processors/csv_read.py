@@ -114,10 +114,12 @@ class Rows:
         start, end = self.span
         self.malformed, self.samples = 0, []
         text = self.text if infer else self.names
+        quoted = self.data.find(b'"', start, end) != -1
         reader = pcsv.open_csv(
             pa.BufferReader(memoryview(self.data)[start:end]),
             read_options=pcsv.ReadOptions(column_names=self.names, block_size=block_size, use_threads=False),
-            parse_options=self._parse_options(count_bad),
+            parse_options=pcsv.ParseOptions(delimiter=self.delimiter, newlines_in_values=quoted,
+                                            invalid_row_handler=self._bad_row if count_bad else None),
             convert_options=pcsv.ConvertOptions(
                 column_types={name: pa.string() for name in text}, include_columns=self.only,
                 # only an empty value is null ("NA" and "nan" are text, as to the csv module),
@@ -130,11 +132,6 @@ class Rows:
         for batch in reader:
             if batch.num_rows:
                 yield pa.Table.from_batches([batch])
-
-    def _parse_options(self, count_bad: bool) -> pcsv.ParseOptions:
-        quoted = self.data.find(b'"', *self.span) != -1
-        return pcsv.ParseOptions(delimiter=self.delimiter, newlines_in_values=quoted,
-                                 invalid_row_handler=self._bad_row if count_bad else None)
 
     def _bad_row(self, row: pcsv.InvalidRow) -> str:
         error = f"{row.actual_columns} fields, expected {row.expected_columns}"
