@@ -15,6 +15,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import subprocess
 
 
 _KEPT_FROM_CHILDREN: set[int] = set()  # descriptors no child may hold (see keep_from_children)
@@ -114,3 +118,12 @@ def wait_for_exit(pid: int, timeout: float) -> bool:
         return bool(waiting.poll(timeout * 1000))
     finally:
         os.close(pidfd)
+
+
+def ended_within(process: subprocess.Popen, timeout: float) -> bool:
+    """Whether `process` ends (and is reaped) within `timeout` seconds, woken by its end, where
+    Popen.wait(timeout) sleeps in steps of up to 50 ms."""
+    if process.poll() is None and not wait_for_exit(process.pid, timeout):
+        return False
+    process.wait()
+    return True

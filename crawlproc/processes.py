@@ -28,10 +28,12 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_for
 from typing import Any
 
-from crawlproc.children import wait_for_exit
+from crawlproc.children import ended_within
 from crawlproc.errors import CrawlprocError
 from crawlproc.forkserver import SLOT_FIELDS
 from crawlproc.worker import WorkerConfig
+
+WORKER_MODULE = "crawlproc.worker"   # what every worker runs: the forkserver imports it first
 
 # Each worker ever started gets the next slot (wrapping round): 16 MB of address space,
 # of which one page is touched per 256 workers.
@@ -195,7 +197,7 @@ class ForkServer:
             self._control.close()
             self._control = None
         if self._process is not None:
-            if not _ended_within(self._process, 5):
+            if not ended_within(self._process, 5):
                 self._process.kill()
                 self._process.wait(timeout=5)
             self._process = None
@@ -235,15 +237,6 @@ def _stop_signals_ignored() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def _ended_within(process: subprocess.Popen, timeout: float) -> bool:
-    """Whether `process` ends (and is reaped) within `timeout` s; woken by its end, where
-    Popen.wait(timeout) sleeps in steps of up to 50 ms."""
-    if process.poll() is None and not wait_for_exit(process.pid, timeout):
-        return False
-    process.wait()
-    return True
-
-
 def _spawn_server(head_start: Iterable[str], env: Mapping[str, str] | None) -> tuple[subprocess.Popen, socket.socket]:
     """A forkserver process, importing `head_start` until its setup comes; our end of its socket."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -265,12 +258,13 @@ _early_server: tuple[subprocess.Popen, socket.socket] | None = None
 
 
 def start_early(head_start: Iterable[str]) -> None:
-    """Start the workers' forkserver before the job is set up, importing `head_start` meanwhile
-    (csv-stats' pyarrow: ~0.2 s that the coordinator's own start then overlaps). The next
-    ForkServer.start() with our environment takes it over; end_early() ends it if none did."""
+    """Start the workers' forkserver before the job is set up, importing the worker and
+    `head_start` meanwhile (csv-stats' pyarrow: ~0.2 s that the coordinator's own start then
+    overlaps). The next ForkServer.start() with our environment takes it over; end_early() ends
+    it if none did."""
     global _early_server
     end_early()
-    _early_server = _spawn_server(head_start, None)
+    _early_server = _spawn_server([WORKER_MODULE, *head_start], None)
 
 
 def end_early() -> None:
@@ -295,7 +289,7 @@ def _take_early_server() -> tuple[subprocess.Popen | None, socket.socket | None]
 def _preload_modules(config: WorkerConfig) -> list[str]:
     """Modules every worker needs besides its processor (which the server loads too): the
     worker, and psutil when it reads worker memory (~15 ms a time if each worker did)."""
-    return ["crawlproc.worker", *(["psutil"] if config.max_memory else [])]
+    return [WORKER_MODULE, *(["psutil"] if config.max_memory else [])]
 
 
 def describe_death(exitcode: int | None) -> str:

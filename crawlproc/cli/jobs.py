@@ -112,7 +112,7 @@ def _forkserver_head_start(kw: dict[str, Any]) -> Iterator[None]:
         return
     from crawlproc import processes
 
-    processes.start_early(["crawlproc.worker", *modules])
+    processes.start_early(modules)
     try:
         yield
     finally:
