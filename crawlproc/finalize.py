@@ -17,7 +17,7 @@ import json
 import os
 import zlib
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -308,29 +308,6 @@ def _write_csv(merged_jsonl: Path, target: Path) -> None:
 
 def _csv_cell(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (dict, list)) else value
-
-
-def records_table(records: Iterable[dict]) -> Any:
-    """The records as one pyarrow Table (schema inferred; held in memory): Parquet output,
-    and `crawlproc.open(out).to_arrow()`."""
-    import pyarrow as pa
-
-    return pa.Table.from_pylist([_valid_utf8(record) for record in records])
-
-
-def _valid_utf8(value: Any) -> Any:
-    """Lone surrogates (from non-UTF-8 names) written as \\udcXX, as Arrow strings must be UTF-8."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-            return value
-        except UnicodeEncodeError:
-            return value.encode("utf-8", "backslashreplace").decode("utf-8")
-    if isinstance(value, dict):
-        return {_valid_utf8(k): _valid_utf8(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_valid_utf8(v) for v in value]
-    return value
 
 
 def _describe_record(ledger: Ledger, out: Path, index: int) -> str:

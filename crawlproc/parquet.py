@@ -6,7 +6,8 @@
 
 Both passes parse in C++ (pyarrow.json); Python's json reads only a block that
 Arrow refuses (a name that is not UTF-8 comes back from JSON as a lone surrogate,
-which is written as the text `\\udcXX`, as Arrow strings must be UTF-8).
+which is written as the text `\\udcXX`, as Arrow strings must be UTF-8), and
+`records_table` (`crawlproc.open(out).to_arrow()`) makes a table the same way.
 
 The schema holds every field of every record. Widening, when records differ:
 a field a record lacks is null; integers in a field where other records have
@@ -20,7 +21,7 @@ timestamps).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,26 @@ _TIME_TYPES = (pa.types.is_timestamp, pa.types.is_date, pa.types.is_time)
 
 class ParquetSchemaError(CrawlprocError):
     """A merged record does not fit the Parquet schema of the others."""
+
+
+class RecordTypesError(CrawlprocError):
+    """Records whose values for one field are of kinds that do not mix in one column."""
+
+
+def records_table(records: Iterable[dict]) -> pa.Table:
+    """The records as one Table in memory, with every field of every record (see the widening
+    above; names that are not UTF-8 as `\\udcXX`). RecordTypesError if a field's kinds do not mix."""
+    try:
+        return _table_of([_valid_utf8(record) for record in records])
+    except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
+        raise RecordTypesError(f"the records do not fit one table: {str(exc).splitlines()[0]}") from None
+
+
+def _table_of(records: list[dict]) -> pa.Table:
+    """Columns inferred from all the records: `Table.from_pylist` takes its fields from the
+    first record alone, and would drop a field that only later records have."""
+    names = dict.fromkeys(name for record in records for name in record)
+    return pa.Table.from_pydict({name: [record.get(name) for record in records] for name in names})
 
 
 def write_parquet(merged_jsonl: Path, target: Path, describe_record: Callable[[int], str]) -> None:
@@ -112,7 +133,7 @@ def _python_schema(records: list[dict], first: int, describe_record: Callable[[i
     the others (and `start`)."""
     try:
         if start is None:
-            return pa.Table.from_pylist(records).schema
+            return _table_of(records).schema
     except (pa.ArrowException, TypeError, ValueError, OverflowError):
         pass
     schema = start

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from crawlproc.errors import CrawlprocError, UsageError
-from crawlproc.finalize import SUMMARY_NAME, records_table
+from crawlproc.finalize import SUMMARY_NAME
 from crawlproc.ledger import Ledger, State
 from crawlproc.report import failures_data, read_ledger, status_data
 from crawlproc.results import ResultReader, checksum
@@ -73,13 +73,14 @@ class OutReader:
             return None
 
     def to_arrow(self) -> Any:
-        """The records as a pyarrow Table (schema inferred; all records in memory)."""
+        """The records as a pyarrow Table (every field of every record; all records in memory)."""
         try:
-            return records_table(self.records())
+            from crawlproc.parquet import records_table
         except ImportError as exc:
             if getattr(exc, "name", None) != "pyarrow":
                 raise
             raise UsageError("to_arrow() needs pyarrow, a dependency of crawlproc: pip install pyarrow") from None
+        return records_table(self.records())
 
     def to_pandas(self) -> Any:
         """The records as a pandas DataFrame (through pyarrow)."""

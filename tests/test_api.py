@@ -334,6 +334,42 @@ def test_open_reads_a_finished_out(data, tmp_path):
     assert list(frame["path"]) == [r["path"] for r in merged]
 
 
+FIELDS_VARY_PROCESSOR = """
+def vary(task):
+    record = {"path": task.relpath}
+    if task.relpath.startswith("b"):
+        record.update(n=2.5, extra={"x": 1})
+    elif task.relpath.startswith("c"):
+        record.update(n=3, extra={"y": "q"})
+    return record
+"""
+
+
+def test_to_arrow_holds_the_fields_only_later_records_have(tmp_path):
+    # The first merged record (a.txt) has `path` alone: every other field must still be there.
+    data = make_tree(tmp_path / "data", {"a.txt": "1\n", "b.txt": "2\n", "c.txt": "3\n"})
+    out = tmp_path / "out"
+    vary = write_processor(tmp_path, "vary", FIELDS_VARY_PROCESSOR)
+    crawlproc.run(data, out=out, processor=f"{vary}:vary", workers=1, quiet=True)
+    table = crawlproc.open(out).to_arrow()
+    assert table.column_names == ["path", "n", "extra"]
+    assert str(table.schema.field("n").type) == "double"
+    assert table.to_pylist() == [{"path": "a.txt", "n": None, "extra": None},
+                                 {"path": "b.txt", "n": 2.5, "extra": {"x": 1, "y": None}},
+                                 {"path": "c.txt", "n": 3.0, "extra": {"x": None, "y": "q"}}]
+
+
+def test_to_arrow_of_records_whose_kinds_do_not_mix_is_a_crawlproc_error(tmp_path):
+    data = make_tree(tmp_path / "data", {"a.txt": "1\n", "b.txt": "x\n"})
+    out = tmp_path / "out"
+    kind = write_processor(tmp_path, "kind", "def kind(task):\n"
+                           "    text = task.read_bytes().strip().decode()\n"
+                           "    return {'v': int(text) if text.isdigit() else text}\n")
+    crawlproc.run(data, out=out, processor=f"{kind}:kind", workers=1, quiet=True)
+    with pytest.raises(CrawlprocError, match="the records do not fit one table"):
+        crawlproc.open(out).to_arrow()
+
+
 def test_open_reads_records_of_a_run_still_going_and_without_a_merge(tmp_path):
     data = make_tree(tmp_path / "data", {"a.txt": "x\n", "b.txt": "y\n", "hold/z.txt": "z\n"})
     out = tmp_path / "out"

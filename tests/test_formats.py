@@ -109,6 +109,21 @@ def test_parquet_streams_blocks_into_row_groups_and_widens(tmp_path, monkeypatch
     assert rows[21]["stamp"] == "2024-01-01T00:00:00" and rows[21]["s"] is None
 
 
+def test_parquet_of_a_block_arrow_refuses_keeps_every_field(tmp_path):
+    # A lone surrogate (a name that is not UTF-8) makes pyarrow.json refuse the block: Python
+    # reads it, and the fields only later records have must not be dropped on that path either.
+    import pyarrow.parquet as pq
+
+    from crawlproc.parquet import write_parquet
+
+    records = [{"path": "a"}, {"path": "b\udcff", "w": 2.5}, {"path": "c", "s": {"x": 1}}]
+    target = tmp_path / "out.parquet"
+    write_parquet(write_jsonl(tmp_path / "m.jsonl", records), target, str)
+    assert pq.read_table(target).to_pylist() == [{"path": "a", "w": None, "s": None},
+                                                  {"path": "b\\udcff", "w": 2.5, "s": None},
+                                                  {"path": "c", "w": None, "s": {"x": 1}}]
+
+
 def test_parquet_of_no_records(tmp_path):
     import pyarrow.parquet as pq
 
