@@ -1,7 +1,6 @@
 """`crawlproc explain PATH`: why one file was or was not processed, from OUT's ledger and the tree now.
 
-    PATH ─> its relpath under OUT's DATA_DIR (absolute; else relative to the current folder when
-            that lies under DATA_DIR; else relative to DATA_DIR, as `status` and `failures` print)
+    PATH ─> its relpath under OUT's DATA_DIR (given_paths.relpath_under, as `retry` reads it)
       ├─ tasks in the ledger: state, attempts, last error; for a done one when it was done, by
       │   which run and worker, and whether the file changed since (size, mtime against the tree)
       └─ no task: the first rule a scan applies that leaves it out, checked as a scan checks it
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from crawlproc.errors import UsageError
+from crawlproc.given_paths import inside, path_argument, relpath_under
 from crawlproc.ledger import Ledger
 from crawlproc.listing import holds_crawlproc_ledger
 from crawlproc.report import read_ledger
@@ -54,7 +54,7 @@ def explain(path: str, out: Path) -> Explanation:
         data_dir = meta.get("data_dir")
         if not data_dir:
             raise UsageError(f"OUT {out} has no run yet: nothing to explain")
-        relpath = relpath_under(path, data_dir, out)
+        relpath = relpath_under(path, data_dir, out, has_task=lambda rel: bool(ledger.tasks_of(rel)))
         full = os.path.join(os.fsencode(data_dir), relpath)
         on_disk = _on_disk(full)
         found = Explanation(path, relpath_for_people(relpath), data_dir, str(out), on_disk)
@@ -70,31 +70,6 @@ def explain(path: str, out: Path) -> Explanation:
 
 
 # -- where PATH is -------------------------------------------------------------------------------
-
-def relpath_under(path: str, data_dir: str, out: Path) -> bytes:
-    """PATH as a relpath under DATA_DIR (bytes); UsageError when it is not under it."""
-    root = os.fsencode(data_dir)
-    given = os.fsencode(path)
-    candidates = [given] if os.path.isabs(given) else [os.path.abspath(given), os.path.join(root, given)]
-    if not os.path.isabs(given) and not _inside(os.path.abspath(given), root):
-        candidates.reverse()  # relative to the current folder only where that is under DATA_DIR
-    for candidate in candidates:
-        for spelled in _spellings(candidate):
-            if _inside(spelled, root) and spelled != root:
-                return os.path.relpath(spelled, root).replace(os.sep.encode(), b"/")
-    raise UsageError(f"{path} is not under DATA_DIR {data_dir} of OUT {out}; give a path inside it "
-                     f"(absolute, or relative to it as `crawlproc failures -o {shlex.quote(str(out))}` prints them)")
-
-
-def _spellings(path: bytes) -> list[bytes]:
-    """The path as written, and with its folder's links resolved (DATA_DIR is kept resolved)."""
-    plain = os.path.normpath(path)
-    return [plain, os.path.join(os.path.realpath(os.path.dirname(plain)), os.path.basename(plain))]
-
-
-def _inside(path: bytes, root: bytes) -> bool:
-    return path == root or path.startswith(root.rstrip(b"/") + b"/")
-
 
 def _on_disk(full: bytes) -> dict[str, Any]:
     try:
@@ -149,7 +124,7 @@ def _state_lines(task: dict[str, Any], found: Explanation, quoted_out: str) -> l
                      f"in {task['elapsed_s'] or 0:.3f}s; its records are in result batch {task['batch_id']}")
     elif state == "failed":
         lines.append(f"failed: {task['error']}")
-        lines.append(f"to process it again: crawlproc retry -o {quoted_out} {shlex.quote(found.relpath)}")
+        lines.append(f"to process it again: crawlproc retry -o {quoted_out} {path_argument(found.relpath)}")
     elif state == "pending":
         if task["error"]:
             lines.append(f"last attempt failed: {task['error']}")
@@ -235,7 +210,7 @@ def _link_on_the_way(relpath: bytes, root: bytes, settings: dict[str, Any] | Non
         target = os.path.realpath(here)
         if not follow:
             return f"{what}, {SKIP_KINDS['symlinks'][2]}"
-        if not _inside(target, real_root):
+        if not inside(target, real_root):
             return f"{what} {SKIP_KINDS['links_outside'][2]} ({os.fsdecode(target)})"
         if not os.path.exists(here):
             return f"{what} {SKIP_KINDS['broken_links'][2]}"

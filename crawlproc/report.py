@@ -8,7 +8,6 @@ Functions here return data or rich renderables; the CLI prints them.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import time
 from collections.abc import Mapping
@@ -17,6 +16,7 @@ from typing import Any, NamedTuple
 
 from crawlproc.errors import LedgerError, UsageError
 from crawlproc.finalize import default_output, merge_results, write_summary
+from crawlproc.given_paths import relpath_under
 from crawlproc.ledger import Ledger
 from crawlproc.lock import OutLock, running_pid
 from crawlproc.processors.shipping import is_shipped_spec
@@ -245,8 +245,8 @@ class RetryOutcome(NamedTuple):
 def retry_tasks(out: Path, *, include_done: bool, relpaths: tuple[str, ...]) -> RetryOutcome:
     """Put failed (or failed and done) tasks back to pending; every named path must have a task.
 
-    A path may be given as `failures` prints it, as typed in a shell (exact bytes),
-    with a leading ./, or as an absolute path inside DATA_DIR.
+    A path is read as `explain` reads it (given_paths.relpath_under): as `failures` prints it,
+    relative to the current folder inside DATA_DIR, or absolute.
     """
     check_out_entries(out)
     _open_readonly(out).close()  # a clear message when OUT has no ledger
@@ -254,7 +254,7 @@ def retry_tasks(out: Path, *, include_done: bool, relpaths: tuple[str, ...]) -> 
         ledger = Ledger(out / LEDGER_NAME)
         try:
             meta = ledger.meta()
-            names = [_task_relpath(p, meta.get("data_dir")) for p in relpaths]
+            names = _task_relpaths(relpaths, meta.get("data_dir"), out, ledger)
             if unknown := ledger.unknown_relpaths(names):
                 raise UsageError(
                     f"OUT {out} has no task for {', '.join(map(shlex.quote, unknown))} (paths are relative "
@@ -265,15 +265,12 @@ def retry_tasks(out: Path, *, include_done: bool, relpaths: tuple[str, ...]) -> 
             ledger.close()
 
 
-def _task_relpath(path: str, data_dir: str | None) -> str:
-    """A path named on the command line as the ledger's relpath column spells it."""
-    if data_dir and os.path.isabs(path):
-        for candidate in (os.path.abspath(path),
-                          os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))):
-            if os.path.commonpath([candidate, data_dir]) == data_dir:
-                path = os.path.relpath(candidate, data_dir)
-                break
-    return relpath_for_people(os.fsencode(os.path.normpath(path)))
+def _task_relpaths(paths: tuple[str, ...], data_dir: str | None, out: Path, ledger: Ledger) -> list[str]:
+    """Paths named on the command line as the ledger's relpath column spells them."""
+    if not data_dir:  # no run yet: no task has any path
+        return list(paths)
+    return [relpath_for_people(relpath_under(path, data_dir, out, has_task=lambda rel: bool(ledger.tasks_of(rel))))
+            for path in paths]
 
 
 class MergeReport(NamedTuple):

@@ -67,12 +67,64 @@ def test_a_failed_file_gives_its_error_and_a_retry_that_runs_as_printed(tree, tm
     assert outcome.exit_code == 1
     code, text, _ = explain(str(tree / "bad1.txt"), "-o", str(out))
     assert code == 0 and "failed, 2 attempts" in text and "ValueError('picky cannot read bad1.txt')" in text
-    hint = next(line for line in text.splitlines() if "to process it again: " in line).split(": ", 1)[1]
-    argv = shlex.split(hint)
-    assert argv[:2] == ["crawlproc", "retry"]
-    retried = run_cli(*argv[1:])
+    retried = run_cli(*retry_hint(text))
     assert retried.returncode == 0, retried.stderr
     assert as_json("bad1.txt", out)["tasks"][0]["state"] == "pending"
+
+
+FAILS_ON_BAD = """
+def fails_on_bad(task):
+    if "bad" in task.relpath or task.relpath == "--":
+        raise ValueError("cannot read " + task.relpath)
+    return {"path": task.relpath}
+"""
+
+
+def retry_hint(text: str) -> list[str]:
+    """The `crawlproc retry ...` explain printed, as a shell would split it (without `crawlproc`)."""
+    hint = next(line for line in text.splitlines() if "to process it again: " in line).split(": ", 1)[1]
+    argv = shlex.split(hint)
+    assert argv[:2] == ["crawlproc", "retry"], hint
+    return argv[1:]
+
+
+def failed_relpaths(out: Path) -> set[str]:
+    return {task["relpath"] for task in crawlproc.open(out).tasks(state="failed")}
+
+
+def test_retry_as_explain_prints_it_for_a_name_that_reads_as_an_option(tmp_path):
+    data = make_tree(tmp_path / "data", {"-bad.txt": "x\n", "--": "x\n", "bad.txt": "x\n", "ok.txt": "x\n"})
+    out = tmp_path / "out"
+    proc = f"{write_processor(tmp_path, 'fails', FAILS_ON_BAD)}:fails_on_bad"
+    assert run(data, out, processor=proc, retries=0).exit_code == 1
+    for name in ("-bad.txt", "--"):
+        code, text, _ = explain("-o", str(out), "--", str(data / name))
+        assert code == 0 and "failed" in text, text
+        argv = retry_hint(text)
+        assert argv[-2:] == ["--", name]
+        retried = run_cli(*argv)
+        assert retried.returncode == 0 and "1 task back to pending" in retried.stderr, retried.stderr
+    assert failed_relpaths(out) == {"bad.txt"}  # `retry -o OUT --` alone would have put it back too
+
+
+def test_explain_and_retry_read_a_path_alike_from_a_folder_inside_data_dir(tmp_path):
+    data = make_tree(tmp_path / "data", {"sub/bad1.txt": "x\n", "sub/bad2.txt": "x\n", "bad3.txt": "x\n",
+                                         "sub/ok.txt": "x\n"})
+    out = tmp_path / "out"
+    proc = f"{write_processor(tmp_path, 'fails', FAILS_ON_BAD)}:fails_on_bad"
+    assert run(data, out, processor=proc, retries=0).exit_code == 1
+    here = data / "sub"
+    code, text, _ = explain("bad1.txt", "-o", str(out), cwd=here)  # relative to the current folder
+    assert code == 0 and text.startswith("sub/bad1.txt: 1 task")
+    argv = retry_hint(text)
+    assert argv[-1] == "sub/bad1.txt"  # as `failures` prints it: relative to DATA_DIR
+    code, again, _ = explain(argv[-1], "-o", str(out), cwd=here)  # what explain printed works from here
+    assert code == 0 and again.startswith("sub/bad1.txt: 1 task")
+    assert run_cli(*argv, cwd=here).returncode == 0  # and so does the retry it printed
+    assert run_cli("retry", "-o", str(out), "bad2.txt", cwd=here).returncode == 0  # relative to here
+    assert failed_relpaths(out) == {"bad3.txt"}
+    assert run_cli("retry", "-o", str(out), "bad3.txt", cwd=here).returncode == 0  # no sub/bad3.txt: DATA_DIR's
+    assert failed_relpaths(out) == set()
 
 
 def test_a_file_without_a_task_names_the_rule_that_left_it_out(tree, tmp_path):

@@ -63,9 +63,10 @@ def failures(out: Path, as_json: bool) -> None:
 def retry(out: Path, which: str, paths: tuple[str, ...]) -> None:
     """Put tasks back to pending (failed ones, or all; optionally only PATHs).
 
-    A PATH is relative to DATA_DIR, as `crawlproc failures` shows it (an absolute
-    path inside DATA_DIR works too). A PATH that no task has is an error (exit 2),
-    and then nothing is put back.
+    A PATH is read as `crawlproc explain` reads it: absolute, relative to the current
+    folder when that lies under DATA_DIR, or relative to DATA_DIR (as `crawlproc
+    failures` shows it); when two of these readings are files, the one with a task
+    wins. A PATH that no task has is an error (exit 2), and then nothing is put back.
     """
     from crawlproc.report import retry_tasks
 
@@ -126,7 +127,8 @@ def explain(path: str, out: Path, as_json: bool) -> None:
 
     PATH may be absolute; a relative PATH is taken from the current folder when that
     lies under DATA_DIR, else relative to DATA_DIR (as `crawlproc failures` prints
-    paths). A PATH outside DATA_DIR is an error (exit 2).
+    paths); when both readings are under DATA_DIR, the one with a task wins. A PATH
+    outside DATA_DIR is an error (exit 2).
     """
     from crawlproc.explain import explain as explain_path
 

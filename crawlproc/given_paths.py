@@ -1,0 +1,50 @@
+"""A PATH given to `crawlproc explain` or `crawlproc retry`, as a relpath under OUT's DATA_DIR.
+
+Both commands read a PATH the same way: an absolute path inside DATA_DIR; else a path
+relative to the current folder, when that lies under DATA_DIR (as typed in a shell
+there); else relative to DATA_DIR (as `status` and `failures` print paths). When both
+readings are under DATA_DIR, the one the ledger has a task for wins, so a path that
+`failures` or `explain` printed works from any folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Callable
+from pathlib import Path
+
+from crawlproc.errors import UsageError
+
+
+def relpath_under(path: str, data_dir: str, out: Path, has_task: Callable[[bytes], bool] = lambda _: False) -> bytes:
+    """PATH as a relpath under DATA_DIR (bytes); UsageError when it is not under it."""
+    root = os.fsencode(data_dir)
+    given = os.fsencode(path)
+    candidates = [given] if os.path.isabs(given) else [os.path.abspath(given), os.path.join(root, given)]
+    if not os.path.isabs(given) and not inside(os.path.abspath(given), root):
+        candidates.reverse()  # relative to the current folder only where that is under DATA_DIR
+    readings = [os.path.relpath(spelled, root).replace(os.sep.encode(), b"/")
+                for candidate in candidates for spelled in _spellings(candidate)
+                if inside(spelled, root) and spelled != root]
+    if not readings:
+        raise UsageError(f"{path} is not under DATA_DIR {data_dir} of OUT {out}; give a path inside it "
+                         f"(absolute, or relative to it as `crawlproc failures -o {shlex.quote(str(out))}` prints them)")
+    return next((relpath for relpath in readings if has_task(relpath)), readings[0])
+
+
+def _spellings(path: bytes) -> list[bytes]:
+    """The path as written, and with its folder's links resolved (DATA_DIR is kept resolved)."""
+    plain = os.path.normpath(path)
+    return [plain, os.path.join(os.path.realpath(os.path.dirname(plain)), os.path.basename(plain))]
+
+
+def inside(path: bytes, root: bytes) -> bool:
+    """`path` is `root` or under it (both normalised and absolute)."""
+    return path == root or path.startswith(root.rstrip(b"/") + b"/")
+
+
+def path_argument(relpath: str) -> str:
+    """A relpath as the last word of a command to copy: quoted, after `--` if it would read as
+    an option (a file named `-x` or `--`)."""
+    return f"-- {shlex.quote(relpath)}" if relpath.startswith("-") else shlex.quote(relpath)
