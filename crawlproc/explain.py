@@ -13,6 +13,7 @@ read-only and the tree is only stat'ed.
 
 from __future__ import annotations
 
+import errno
 import os
 import shlex
 import stat
@@ -212,9 +213,26 @@ def _link_on_the_way(relpath: bytes, root: bytes, settings: dict[str, Any] | Non
             return f"{what}, {SKIP_KINDS['symlinks'][2]}"
         if not inside(target, real_root):
             return f"{what} {SKIP_KINDS['links_outside'][2]} ({os.fsdecode(target)})"
-        if not os.path.exists(here):
+        try:
+            reached = os.stat(here)
+        except FileNotFoundError:
             return f"{what} {SKIP_KINDS['broken_links'][2]}"
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return f"{what} in a loop of symlinks that point at each other: the walk skips it"
+            raise
+        if stat.S_ISDIR(reached.st_mode) and _one_of_its_parents(reached, root, parts[:depth - 1]):
+            return f"{what} looping back to a folder above it: the walk skips symlink loops"
     return None
+
+
+def _one_of_its_parents(folder: os.stat_result, root: bytes, parents: list[bytes]) -> bool:
+    """`folder` is DATA_DIR or a folder on the way down to it (a walk would enter it again)."""
+    for depth in range(len(parents) + 1):
+        above = os.stat(os.path.join(root, *parents[:depth]))
+        if (above.st_dev, above.st_ino) == (folder.st_dev, folder.st_ino):
+            return True
+    return False
 
 
 def _by_patterns(relpath: bytes, settings: dict[str, Any] | None) -> str | None:

@@ -134,10 +134,15 @@ def _bump_note(wanted: Mapping[str, str]) -> str:
 
 def _settings_changed(stored: Mapping[str, str], wanted: Mapping[str, str], differ: set[str], out: Path,
                       keep_results: bool) -> IdentityMismatch:
-    detail = "; ".join(f"{key}: OUT has {stored.get(key)!r}, this run {wanted[key]!r}"
+    detail = "; ".join(f"{key}: OUT has {_shown(stored.get(key))}, this run {_shown(wanted[key])}"
                        for key in wanted if key in differ and key not in CODE_KEYS)
     if differ & CODE_KEYS:
         detail += "; and the processor's code changed"
     note = " (--keep-results accepts edited processor code, nothing else)" if keep_results else ""
     return IdentityMismatch(f"{out} was made with other settings ({detail}){note}; a new --out starts afresh",
                             [WayOut(_REDO, "--reprocess", ("--keep-results",))])
+
+
+def _shown(text: str | None) -> str:
+    """A meta text (JSON) for people: `none` for a setting not given."""
+    return "none" if text in (None, "null") else text

@@ -174,7 +174,7 @@ class Outcomes:
         elif len(first) >= SAME_ERROR_TASKS:
             place = frame_of(tb)
             self.stop("same error", (
-                f"stopped early: the first {SAME_ERROR_TASKS} tasks all failed with the same error: "
+                f"stopped early: the run's first {SAME_ERROR_TASKS} failing tasks all failed with the same error: "
                 f"{error.splitlines()[0][:300]}{f' ({place})' if place else ''}; fix it and run the same "
                 "command again, or pass --max-failures N to go on despite failures"))
 
@@ -188,7 +188,7 @@ class Outcomes:
     def closing_words(self) -> None:
         """At the end of a run: what the failure logging left out, and the budget's final count."""
         if self._unlogged:
-            logger.warning("{} more failed attempts repeated errors shown above; see `crawlproc failures{}`",
+            logger.warning("{} more failed attempts, with errors shown above, were not logged here; see `crawlproc failures{}`",
                            self._unlogged, self.out_hint)
         if self.tally.stop_reason == "failure budget":
             limit, percent = self.policy.max_failures

@@ -159,9 +159,11 @@ def _unify(schema: pa.Schema | None, types: pa.Schema, first: int, describe_reco
 
 
 def _does_not_fit(index: int, describe_record: Callable[[int], str], exc: Exception, approximate: bool) -> str:
-    where = f"the records from number {index + 1:,} on" if approximate else f"record {index + 1:,}"
-    return (f"cannot write Parquet: {where} ({describe_record(index)}) do not fit the types of the "
-            f"records before: {str(exc).splitlines()[0]}; use --format jsonl or csv")
+    which = describe_record(index)
+    where = (f"the records from number {index + 1:,} on ({which}) do" if approximate
+             else f"record {index + 1:,} ({which}) does")
+    return (f"cannot write Parquet: {where} not fit the types of the records before: "
+            f"{str(exc).splitlines()[0]}; use --format jsonl or csv")
 
 
 def _strings_for_times(schema: pa.Schema) -> pa.Schema:

@@ -300,7 +300,7 @@ class _Walk:
             return []
         if status == OUT_FOLDER:  # its files become gone if an earlier scan took them in
             self._skip("crawlproc_outs", prefix.rstrip(b"/") or b".",
-                       "holds a crawlproc ledger (an OUT folder, never input); skipped")
+                       "holds a crawlproc ledger (an OUT folder, never input)")
             return []
         if status == UNCHANGED:
             return [FolderUnchanged(prefix, listing)]
@@ -342,7 +342,7 @@ class _Walk:
         if st is not None:
             dir_id = (st.st_dev, st.st_ino)
             if dir_id in self.skip_dirs:
-                self._skip("crawlproc_outs", relpath, "this run's OUT; skipped")
+                self._skip("crawlproc_outs", relpath, "this run's OUT")
                 return None
             if dir_id in ancestors:
                 self._skip("symlink_loops", relpath, "symlink loop: this folder is one of its own parents")
@@ -366,12 +366,12 @@ class _Walk:
                 return None, None
             target = os.path.realpath(path)
             if target != self.real_root and not target.startswith(self.real_root + b"/"):
-                self._skip("links_outside", relpath, "symlink points outside DATA_DIR; skipped")
+                self._skip("links_outside", relpath, "symlink points outside DATA_DIR")
                 return None, None
             try:
                 st = os.stat(path)
             except FileNotFoundError:
-                self._skip("broken_links", relpath, "symlink to nothing; skipped")
+                self._skip("broken_links", relpath, "symlink to nothing")
                 return None, None
             except OSError as exc:
                 if exc.errno == errno.ELOOP:  # links that point at each other
@@ -383,7 +383,7 @@ class _Walk:
             return DIR, st
         if stat.S_ISREG(st.st_mode):
             return FILE, st
-        self._skip("special_files", relpath, f"not a regular file ({kind_name(st.st_mode)}); skipped")
+        self._skip("special_files", relpath, f"not a regular file ({kind_name(st.st_mode)})")
         return None, None
 
 

@@ -194,10 +194,10 @@ class Watcher:
         if self.monotonic() >= self._next_rescan:
             self._start_scan(b"")
         recorded = self._apply_events()
-        recorded += self._step_scans(max_files)
+        scanned, rescan = self._step_scans(max_files)
         recorded += self._record_settled()
-        self.files += recorded
-        return recorded
+        self.files += recorded + (0 if rescan else scanned)  # a rescan walks files recorded before
+        return recorded + scanned
 
     @property
     def caught_up(self) -> bool:
@@ -468,9 +468,11 @@ class Watcher:
             self._catch_up_settled_by = max(self._catch_up_settled_by, due)
         return True
 
-    def _step_scans(self, max_files: int) -> int:
+    def _step_scans(self, max_files: int) -> tuple[int, bool]:
+        """Files the current scan went through in this step, and whether it is a rescan of the
+        whole tree after the catch-up (whose files were recorded before)."""
         if not self._scans:
-            return 0
+            return 0, False
         scan, started = self._scans[0]
         before = scan.files
         scan.step(max_files)
@@ -484,6 +486,6 @@ class Watcher:
                 logger.info(line)
             if scan.full:
                 self.skipped = skipped
-        return scan.files - before
+        return scan.files - before, scan.full and scan is not self._catch_up
 
 

@@ -59,7 +59,7 @@ def test_first_tasks_failing_with_one_error_stop_the_run(tmp_path):
     assert result.returncode == 1, result.stderr
     err = result.stderr
     assert "Traceback" not in err
-    assert err.count("stopped early: the first 10 tasks all failed with the same error") == 1, err
+    assert err.count("stopped early: the run's first 10 failing tasks all failed with the same error") == 1, err
     assert "NameError" in err and "always_fails" not in err.split("stopped early")[0][-5:]
     warnings = [line for line in err.splitlines() if "failed on attempt" in line]
     assert len(warnings) <= 3, "one warning per task and attempt"

@@ -154,6 +154,23 @@ def test_a_link_out_of_data_dir_is_named_when_links_are_followed(tree, tmp_path)
     assert reason.startswith("its folder outside/ is a symlink leading out of DATA_DIR")
 
 
+def test_symlink_loops_are_named_when_links_are_followed(tree, tmp_path):
+    os.mkdir(tree / "d")
+    os.symlink("..", tree / "d" / "up")  # back to DATA_DIR: the walk would go round for ever
+    os.symlink("ping", tree / "pong")
+    os.symlink("pong", tree / "ping")  # links that point at each other
+    out = tmp_path / "out"
+    run(tree, out, follow_symlinks=True)
+    up = as_json(str(tree / "d" / "up"), out)["why_no_task"]
+    assert up == "it is a symlink looping back to a folder above it: the walk skips symlink loops"
+    through = as_json(str(tree / "d" / "up" / "a.txt"), out)  # the same file as a.txt, which has a task
+    assert through["relpath"] == "a.txt" and through["tasks"][0]["state"] == "done"
+    (tree / "d" / "up" / "new.txt").write_text("n\n")  # no task under either name yet
+    assert as_json(str(tree / "d" / "up" / "new.txt"), out)["why_no_task"].startswith(
+        "its folder d/up/ is a symlink looping back to a folder above it")
+    assert as_json(str(tree / "ping"), out)["why_no_task"].startswith("it is a symlink in a loop of symlinks")
+
+
 def test_a_temp_name_in_watch_mode(tree, tmp_path):
     out = tmp_path / "out"
     (tree / "upload.part").write_text("half\n")

@@ -182,7 +182,7 @@ def test_keep_results_accepts_edited_code_and_nothing_else(data, tmp_path):
     ok(crawl(data, out, "-p", f"{source}:words"))
     source.write_text(EDITED.replace('version="1"', 'version="2"'))
     line = refused(crawl(data, out, "-p", f"{source}:words", "--keep-results"))
-    assert "processor_version: OUT has '1', this run '2'" in line and "the processor's code changed" in line
+    assert "processor_version: OUT has 1, this run 2" in line and "the processor's code changed" in line
     assert "--keep-results accepts edited processor code, nothing else" in line
     redo = hint(line, "to redo every task")
     assert "--keep-results" not in redo and redo[-1] == "--reprocess"
@@ -325,6 +325,9 @@ def test_refusals_name_what_changed():
                 stored={**STORED, **plugin, CODE_KEY: "plugin dist 0.1"})
     assert info.value.message == "processor wordy is dist 0.2 now, and /o was made with dist 0.1"
     assert "version" not in info.value.ways_out[0].purpose  # a plugin's maintainers bump its version
+    with pytest.raises(IdentityMismatch) as info:
+        verdict({"chunk_size": "null"}, stored={**STORED, "chunk_size": "65536"})
+    assert "(chunk_size: OUT has 65536, this run none)" in info.value.message  # not 'null', not quoted
 
 
 def test_the_ledger_records_each_acceptance_until_a_reprocess(tmp_path):

@@ -161,6 +161,32 @@ def test_watch_events_inside_a_folder_holding_a_ledger_are_dropped(tmp_path):
         ledger.close()
 
 
+def test_watch_counts_a_file_once_however_often_it_rescans(tmp_path):
+    # The progress line says "watching, N files recorded": a periodic rescan walks the same files.
+    data = make_tree(tmp_path / "data", {"a.txt": "a\n", "b.txt": "b\n", "c/d.txt": "d\n"})
+    ledger = Ledger(tmp_path / "ledger.db")
+    now = [0.0]
+    watcher = Watcher(ledger, os.fsencode(data), ScanOptions(), settle=0.0, rescan_interval=60.0,
+                      out_relpath=None, on_skip=lambda p, r: None, monotonic=lambda: now[0])
+    try:
+        def idle() -> bool:
+            watcher.step(1000)
+            return watcher.caught_up and not watcher.info()["scanning"] and not watcher.info()["queue_depth"]
+
+        wait_until(idle, WATCH_DEADLINE, "the catch-up")
+        assert watcher.files == 3
+        for _ in range(3):
+            now[0] += 61.0  # a rescan is due
+            rescans = watcher.stats["rescans"]
+            wait_until(lambda: idle() and watcher.stats["rescans"] > rescans, WATCH_DEADLINE, "a rescan")
+        assert watcher.files == 3
+        make_tree(data, {"e.txt": "e\n"})
+        wait_until(lambda: idle() and watcher.files == 4, WATCH_DEADLINE, "e.txt recorded")
+    finally:
+        watcher.stop()
+        ledger.close()
+
+
 # -- 2. a folder that cannot be read -----------------------------------------------------------
 
 def require_unreadable(path: Path) -> None:

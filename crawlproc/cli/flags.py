@@ -111,7 +111,8 @@ def processing_options(func: Any) -> Any:
                      metavar="SECONDS", envvar=env_name("retry_delay"),
                      help="Base delay in seconds before the first retry; doubles each time."),
         click.option("--max-failures", callback=checked, metavar="N|N%", envvar=env_name("max_failures"),
-                     help="Stop early (exit 1) once more tasks than this have failed."),
+                     help="Stop early (exit 1) once more tasks than this have failed. Without it, a run "
+                          "stops only if its first 10 failures, before any task is done, share one error."),
         click.option("--durable", is_flag=True, envvar=env_name("durable"),
                      help="fsync each result file and its folder before its tasks are marked done."),
         click.option("--retry-failed", is_flag=True, envvar=env_name("retry_failed"),

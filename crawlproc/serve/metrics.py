@@ -41,7 +41,8 @@ class RunCollector:
         yield by_state
         yield GaugeMetricFamily("crawlproc_tasks_pending", "Tasks waiting to be processed.", value=counts["pending"])
         running = live.get("running", counts["running"])
-        yield GaugeMetricFamily("crawlproc_tasks_running", "Tasks claimed and being processed.", value=running)
+        yield GaugeMetricFamily("crawlproc_tasks_running", "Tasks claimed and being processed (the run's own "
+                                "count, fresher than the ledger's).", value=running)
         yield _duration_histogram(document["task_durations"])
         yield from _optional_gauges(live)
         yield GaugeMetricFamily("crawlproc_run_going", "1 while a crawlproc run holds OUT.",
