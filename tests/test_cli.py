@@ -354,7 +354,7 @@ def test_edited_processor_file_is_seen_by_a_second_run_in_one_process(data, tmp_
     assert first.exit_code == 0, first.stderr
     source.write_text(template.format(v="2"))
     second = invoke("run", str(data), "-o", str(out), "-p", f"{source}:proc", "-w", "1", "--no-progress")
-    assert_one_line_error(second, 2, "'1'", "'2'")
+    assert_one_line_error(second, 2, "processor_version: OUT has 1, this run 2")
     fresh = tmp_path / "fresh-out"
     third = invoke("run", str(data), "-o", str(fresh), "-p", f"{source}:proc", "-w", "1", "--no-progress")
     assert third.exit_code == 0, third.stderr
