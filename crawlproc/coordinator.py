@@ -371,8 +371,8 @@ class Coordinator:
             return
         self.outcomes.stop("interrupted", None)
         self._grace_deadline = time.monotonic() + self.options.grace_seconds
-        logger.warning("{}: finishing tasks in flight (up to {:g}s); press Ctrl-C again to stop now",
-                       why, self.options.grace_seconds)
+        again = "; press Ctrl-C again to stop now" if self._signals else ""  # not for a stop asked from Python
+        logger.warning("{}: finishing tasks in flight (up to {:g}s){}", why, self.options.grace_seconds, again)
         try:
             os.write(self._wake_w, b"!")
         except (BlockingIOError, OSError):

@@ -284,6 +284,8 @@ def test_run_and_watch_from_a_thread_stop_when_asked(tmp_path):
         running.join(TIMEOUT)
     assert not running.is_alive()
     assert getattr(results["run"], "exit_code", results["run"]) == 130
+    log = (tmp_path / "run" / "logs" / "crawlproc.log").read_text()
+    assert "stop requested: finishing tasks in flight" in log and "Ctrl-C" not in log  # no key to press here
 
     stop.clear()
     watching = threading.Thread(target=job, args=("watch", crawlproc.watch), kwargs={"settle": 0})

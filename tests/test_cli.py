@@ -293,6 +293,12 @@ def test_retry_all(failed_out):
     assert status_json(failed_out)["counts"] == {"pending": 4, "running": 0, "done": 0, "failed": 0, "gone": 0}
 
 
+def test_retry_failed_and_all_together_is_one_line_and_changes_nothing(failed_out):
+    result = invoke("retry", "-o", str(failed_out), "--failed", "--all")
+    assert_one_line_error(result, 2, "--failed and --all exclude each other")
+    assert status_json(failed_out)["counts"]["failed"] == 2
+
+
 def test_retry_named_paths(failed_out):
     assert invoke("retry", "-o", str(failed_out), "d/bad2.txt").exit_code == 0
     counts = status_json(failed_out)["counts"]

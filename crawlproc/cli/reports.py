@@ -57,10 +57,10 @@ def failures(out: Path, as_json: bool) -> None:
 
 @cli.command()
 @out_option
-@click.option("--failed", "which", flag_value="failed", default=True, help="Failed tasks (the default).")
-@click.option("--all", "which", flag_value="all", help="Failed and done tasks: redo everything.")
+@click.option("--failed", "failed_only", is_flag=True, help="Failed tasks (the default).")
+@click.option("--all", "redo_all", is_flag=True, help="Failed and done tasks: redo everything.")
 @click.argument("paths", nargs=-1)
-def retry(out: Path, which: str, paths: tuple[str, ...]) -> None:
+def retry(out: Path, failed_only: bool, redo_all: bool, paths: tuple[str, ...]) -> None:
     """Put tasks back to pending (failed ones, or all; optionally only PATHs).
 
     A PATH is read as `crawlproc explain` reads it: absolute, relative to the current
@@ -68,9 +68,13 @@ def retry(out: Path, which: str, paths: tuple[str, ...]) -> None:
     failures` shows it); when two of these readings are files, the one with a task
     wins. A PATH that no task has is an error (exit 2), and then nothing is put back.
     """
+    from crawlproc.errors import UsageError
     from crawlproc.report import retry_tasks
 
-    retried = retry_tasks(out, include_done=which == "all", relpaths=paths)
+    if failed_only and redo_all:
+        raise UsageError("--failed and --all exclude each other (--all redoes failed tasks too)")
+    which = "all" if redo_all else "failed"
+    retried = retry_tasks(out, include_done=redo_all, relpaths=paths)
     if retried.count:
         them = "it" if retried.count == 1 else "them"
         then = f"to process {them}: {retried.run_command}" if retried.run_command else "the next run processes them"
