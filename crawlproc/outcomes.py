@@ -188,8 +188,8 @@ class Outcomes:
     def closing_words(self) -> None:
         """At the end of a run: what the failure logging left out, and the budget's final count."""
         if self._unlogged:
-            logger.warning("{} more failed attempts, with errors shown above, were not logged here; see `crawlproc failures{}`",
-                           self._unlogged, self.out_hint)
+            logger.warning("{} more failed attempts, with errors shown above, were not logged here; "
+                           "see `crawlproc failures{}`", self._unlogged, self.out_hint)
         if self.tally.stop_reason == "failure budget":
             limit, percent = self.policy.max_failures
             self.tally.message = (f"stopped early: {self.tally.failed} tasks failed, more than "

@@ -46,8 +46,9 @@ class RecordTypesError(CrawlprocError):
 def records_table(records: Iterable[dict]) -> pa.Table:
     """The records as one Table in memory, with every field of every record (see the widening
     above; names that are not UTF-8 as `\\udcXX`). RecordTypesError if a field's kinds do not mix."""
+    rows = [_valid_utf8(record) for record in records]
     try:
-        return _table_of([_valid_utf8(record) for record in records])
+        return _table_of(rows)
     except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
         raise RecordTypesError(f"the records do not fit one table: {str(exc).splitlines()[0]}") from None
 

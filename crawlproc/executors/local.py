@@ -163,7 +163,8 @@ class LocalExecutor:
             if self._startup_deaths >= MAX_STARTUP_DEATHS:
                 raise CrawlprocError(f"workers keep dying before finishing any batch ({describe_death(exitcode)})")
         if abnormal:
-            logger.warning("worker {} {}", worker.pid, (worker.kill_reason or describe_death(exitcode)).removeprefix("worker "))
+            how = worker.kill_reason or describe_death(exitcode)
+            logger.warning("worker {} {}", worker.pid, how.removeprefix("worker "))  # not "worker 7 worker killed"
         self._replace(worker)
 
     def _lose(self, batch_ids: tuple[int, ...], blamed: int | None, reason: str | None,
