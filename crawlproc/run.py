@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import resource
 import shlex
+import sqlite3
 import sys
 import threading
 import time
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from crawlproc import logs
-from crawlproc.errors import UsageError
+from crawlproc.errors import CrawlprocError, UsageError
 from crawlproc.finalize import (
     SUMMARY_NAME,
     MergeOutcome,
@@ -255,10 +256,24 @@ def _opened_ledger(options: RunOptions, command: str, processor: Processor,
             logger.info("--retry-failed: {} back to pending", plural(ledger.retry(include_done=False), "failed task"))
         logger.debug("{} {} -> {}: processor {} v{}, {} workers", command, options.data_dir, options.out,
                      identity["processor"], processor.version, options.workers)
-        yield _Job(options, ledger, processor, identity, ledger.start_run(command, os.getpid()), forkserver)
+        run_id = ledger.start_run(command, os.getpid())
+        try:
+            yield _Job(options, ledger, processor, identity, run_id, forkserver)
+        except CrawlprocError as exc:  # a handled stop (a scheduler lost, ...): not an abrupt end
+            _end_run(ledger, run_id, exc.exit_code)
+            raise
     finally:
         ledger.close()
         _note_closed(ledger.path)
+
+
+def _end_run(ledger: Ledger, run_id: int, exit_code: int) -> None:
+    """Record the end of a run stopped by an error, unless the ledger cannot take it any more
+    (then `status` says it ended abruptly, which is still true enough)."""
+    try:
+        ledger.end_run(run_id, exit_code)
+    except (CrawlprocError, sqlite3.Error, OSError) as exc:
+        logger.debug("the end of run {} is not recorded: {!r}", run_id, exc)
 
 
 def _note_closed(path: Path) -> None:
@@ -352,7 +367,8 @@ def watch_job(
         merger.pool = pool
         if options.executor != "local":
             pool.prepare_executor()
-        logger.info("watching {} (Ctrl-C to stop)", options.data_dir)
+        on_main_thread = threading.current_thread() is threading.main_thread()  # else stop= ends it
+        logger.info("watching {}{}", options.data_dir, " (Ctrl-C to stop)" if on_main_thread else "")
         try:
             pool_result = pool.run(watcher)
         finally:

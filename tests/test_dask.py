@@ -313,9 +313,33 @@ def test_scheduler_death_stops_the_run_cleanly_and_it_resumes(tmp_path, own_clus
     assert "Dask scheduler" in err.strip().splitlines()[-1], err
     assert_no_leftovers(out)
     assert not [r for r, s in states(out).items() if s[0] == "running"]
+    last = status_json(out)["last_run"]  # a stop crawlproc handled, not an abrupt end
+    assert (last["state"], last["exit_code"]) == ("finished", code), last
     again = crawl(data, out, "-p", SLOW, "-w", "2")
     assert again.returncode == 0, again.stderr
     assert (out / "merged.jsonl").read_bytes() == clean
+
+
+def test_an_idle_watch_notices_its_scheduler_died(tmp_path, own_cluster):
+    """No batch in flight, so no future to fail: the watch learns it from its client, which gives
+    up reconnecting after a while, and stops with one line instead of an error at the next file."""
+    data = text_tree(tmp_path / "data", 5)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crawlproc", "watch", str(data), "-o", str(out), "--no-progress", "--settle", "0.2",
+         "--executor", "dask", "--scheduler", own_cluster.scheduler_address],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV})
+    try:
+        wait_until(lambda: done_count(out) >= 5 or proc.poll() is not None, 60, "the catch-up")
+        assert proc.poll() is None
+        own_cluster.scheduler.kill()
+        code, err = finish(proc, timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 2 and "Traceback" not in err and "internal error" not in err, err
+    assert err.strip().splitlines()[-1].startswith(
+        f"crawlproc: lost the connection to the Dask scheduler at {own_cluster.scheduler_address}"), err
 
 
 # -- 6. watch on the cluster ---------------------------------------------------------------------------
@@ -353,6 +377,62 @@ def test_unreachable_scheduler_is_one_line(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in result.stderr
+
+
+@pytest.mark.parametrize("address", ["bogus", "tcp://127.0.0.1", "127.0.0.1:87x", "http://127.0.0.1:8786"])
+def test_a_malformed_scheduler_address_is_one_line(tmp_path, address):
+    data = text_tree(tmp_path / "data", 3)
+    result = run_cli("run", str(data), "-o", str(tmp_path / "out"), "--executor", "dask", "--scheduler", address,
+                     timeout=90)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "internal error" not in result.stderr, result.stderr
+    assert f"--scheduler {address!r} is not a Dask scheduler address" in result.stderr
+
+
+RUN_WITH_SHORT_WAITS = """
+import sys
+import crawlproc.executors.dask as dask_executor
+dask_executor.CONNECT_SECONDS = dask_executor.WORKERS_SECONDS = 1.0
+from crawlproc.cli import main
+sys.argv = ["crawlproc", "run", sys.argv[1], "-o", sys.argv[2], "--executor", "dask", "--scheduler", sys.argv[3]]
+main()
+"""
+
+
+def test_a_server_that_is_no_dask_scheduler_is_one_line(tmp_path):
+    """It accepts the connection and never answers Dask's handshake: Dask would wait for ever."""
+    import socket
+
+    data = text_tree(tmp_path / "data", 3)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
+        result = subprocess.run([sys.executable, "-c", RUN_WITH_SHORT_WAITS, str(data), str(tmp_path / "out"),
+                                 address], capture_output=True, text=True, timeout=90)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert f"no Dask scheduler answered at {address}" in result.stderr or "cannot reach" in result.stderr
+
+
+def test_a_scheduler_without_workers_says_so(tmp_path):
+    data = text_tree(tmp_path / "data", 3)
+    scheduler_file = tmp_path / "scheduler.json"
+    scheduler = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--port", "0",
+                                  "--no-dashboard", "--scheduler-file", str(scheduler_file)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: scheduler_file.exists() and scheduler_file.stat().st_size, 60, "the scheduler")
+        address = json.loads(scheduler_file.read_text())["address"]
+        result = subprocess.run([sys.executable, "-c", RUN_WITH_SHORT_WAITS, str(data), str(tmp_path / "out"),
+                                 address], capture_output=True, text=True, timeout=90)
+    finally:
+        scheduler.kill()
+        scheduler.wait(30)
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"crawlproc: no Dask worker joined the scheduler at {address} within 1s"), result.stderr
+    assert "waiting up to 1s for a Dask worker" in result.stderr
 
 
 def test_no_scheduler_says_how_to_give_one(tmp_path):
@@ -427,6 +507,39 @@ def test_local_cluster_of_our_own(tmp_path):
     assert_no_leftovers(out)
     wait_until(lambda: not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
                60, "the dead run's Dask processes to end")
+
+
+NO_MAIN_GUARD = """
+import os, sys, threading
+import dask, distributed
+import crawlproc
+
+with open(sys.argv[2], "a") as marks:  # top-level code: a worker that imports this script runs it again
+    marks.write(f"{os.getpid()}\\n")
+if sys.argv[4] == "thread":  # another thread, as a notebook or a timer has: no fork from here
+    threading.Thread(target=threading.Event().wait, args=(600,), daemon=True).start()
+before = dask.config.get("distributed.worker.multiprocessing-method")
+outcome = crawlproc.run(sys.argv[1], out=sys.argv[3], processor="linecount", executor="dask",
+                        scheduler="local:2", quiet=True)
+after = dask.config.get("distributed.worker.multiprocessing-method")
+print(outcome.exit_code, outcome.counts["done"], before == after)
+"""
+
+
+@pytest.mark.parametrize("threads", ["thread", "alone"])
+def test_a_script_without_a_main_guard_runs_once_on_a_cluster_of_our_own(tmp_path, threads):
+    """With another thread running, the cluster is started by a process of its own (whose
+    workers never import the caller's __main__); alone, its workers fork from the caller. Either
+    way the script runs once, and Dask's settings are as they were after the run."""
+    data = text_tree(tmp_path / "data", 12)
+    script = tmp_path / "no_guard.py"
+    script.write_text(NO_MAIN_GUARD)
+    marks = tmp_path / "marks.txt"
+    result = subprocess.run([sys.executable, str(script), str(data), str(marks), str(tmp_path / "out"), threads],
+                            capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "12", "True"], (result.stdout, result.stderr)
+    assert len(marks.read_text().splitlines()) == 1, marks.read_text()
 
 
 FORKED_WORKER = """

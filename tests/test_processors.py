@@ -225,6 +225,12 @@ def test_csv_stats_group_by_missing_column_fails_the_task(tmp_path):
     path.write_text(SALES)
     with pytest.raises(TaskFailed, match="group_by column 'nope'"):
         csv_stats(whole(path, group_by="nope"))
+    text = tmp_path / "notes.txt"  # not a CSV: its first line is all the header there is
+    text.write_text("x" * 5000 + "," + ",".join(f"c{i}" for i in range(30)) + "\n")
+    with pytest.raises(TaskFailed) as failed:
+        csv_stats(whole(text, group_by="category"))
+    message = str(failed.value)
+    assert len(message) < 600 and "'" + "x" * 40 + "...'" in message and message.endswith(" and 19 more"), message
 
 
 def test_csv_stats_malformed_rows_are_counted_with_samples(tmp_path):

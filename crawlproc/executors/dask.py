@@ -46,10 +46,12 @@ from crawlproc.executors import BatchLost, Event, Opening, WorkerLimits, lifelin
 from crawlproc.executors.remote import RemoteJob, SharedPathsMissing, run_batches, stop_job, warm_up
 from crawlproc.results import TEMP_SUFFIX
 from crawlproc.worker import BatchReport, WorkBatch, WorkerConfig
+from crawlproc.words import plural
 
 PER_THREAD = 3  # Dask tasks in flight per Dask worker thread: one running, the next ones queued
 MAX_GROUP = 16  # batches in one Dask task, at most: 16 x 512 tiny tasks is ~0.2 s of work
 CONNECT_SECONDS = 10.0
+WORKERS_SECONDS = 60.0  # a scheduler without workers: how long to wait for the first one
 STOP_SECONDS = 5.0
 TOKEN_PREFIX = ".crawlproc-dask-"  # OUT/.crawlproc-dask-<token>.tmp: a temp file, so a dead run's is swept
 INSTALL_HINT = "pip install 'crawlproc[dask]'"
@@ -124,15 +126,22 @@ class DaskExecutor:
         if address == LOCAL or address.startswith(LOCAL + ":"):
             self.cluster = _local_cluster(address)
             address = self.cluster.scheduler_address
-        try:
-            self.client = Client(address, timeout=CONNECT_SECONDS, set_as_default=False)
-        except (OSError, TimeoutError) as exc:
-            raise UsageError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+        self.client = _client(address)
         self.address = address
         self._read_workers()
         if not self.workers:
-            self.client.wait_for_workers(1, timeout=60)
+            logger.info("waiting up to {:g}s for a Dask worker to join the scheduler at {}", WORKERS_SECONDS, address)
+            try:
+                self.client.wait_for_workers(1, timeout=WORKERS_SECONDS)
+            except TimeoutError:
+                raise UsageError(f"no Dask worker joined the scheduler at {address} within {WORKERS_SECONDS:g}s: "
+                                 f"start some (`dask worker {address}` on each node, with DATA_DIR and OUT "
+                                 "mounted at the same paths)") from None
             self._read_workers()
+
+    def _lost_scheduler(self) -> CrawlprocError:
+        return CrawlprocError(f"lost the connection to the Dask scheduler at {self.address}; the ledger "
+                              "is consistent: run the same command again to resume")
 
     def _read_workers(self) -> None:
         info = self.client.scheduler_info()
@@ -167,8 +176,8 @@ class DaskExecutor:
             if answer is not None:
                 raise UsageError(f"Dask worker {address}: {answer}; DATA_DIR and OUT must be on a file "
                                  "system every worker mounts at the same path")
-        logger.info("Dask cluster at {}: {} workers, {} threads", self.address, len(self.workers),
-                    self.parallelism)
+        logger.info("Dask cluster at {}: {}, {}", self.address, plural(len(self.workers), "worker"),
+                    plural(self.parallelism, "thread"))
 
     # -- batches ---------------------------------------------------------------------
     def openings(self) -> Iterator[Opening]:
@@ -191,7 +200,12 @@ class DaskExecutor:
         for batches in self._grouping.split(self._unsent):
             ids = tuple(batch.batch_id for batch in batches)
             key = f"crawlproc-{self.job.token}-{ids[0]}"  # batch ids are never reused: nor are keys
-            future = self.client.submit(run_batches, self.job, batches, key=key, pure=False, retries=0)
+            try:
+                future = self.client.submit(run_batches, self.job, batches, key=key, pure=False, retries=0)
+            except Exception:  # the client closed: its scheduler is gone (a watch that was idle)
+                if self.client.status == "running":
+                    raise
+                raise self._lost_scheduler() from None
             self._dask_tasks += 1
             self._in_flight[key] = (future, ids)
             future.add_done_callback(self._on_done)
@@ -227,8 +241,11 @@ class DaskExecutor:
             try:
                 future = self._done.get_nowait()
             except queue.Empty:
-                return stop_if_setup_failed(events)
+                break
             events += self._events_of(future)
+        if not events and self.client.status in ("closing", "closed"):
+            raise self._lost_scheduler()  # the client gave up reconnecting: an idle watch learns it here
+        return stop_if_setup_failed(events)
 
     def next_check(self) -> float | None:
         return None  # --timeout and memory limits are enforced next to the worker (remote.py)
@@ -245,8 +262,7 @@ class DaskExecutor:
         if status == "error":
             return [self._error_event(ids, future.exception())]
         if self.client.status != "running":
-            raise CrawlprocError(f"lost the connection to the Dask scheduler at {self.address}; the ledger "
-                                 "is consistent: run the same command again to resume")
+            raise self._lost_scheduler()
         return [BatchLost(ids, None, f"Dask {status} the batch")]
 
     def _error_event(self, ids: tuple[int, ...], exc: BaseException) -> Event:
@@ -315,6 +331,36 @@ class DaskExecutor:
     def describe(self) -> dict[str, Any]:
         return {"executor": self.name, "scheduler": self.address, "workers": len(self.workers),
                 "threads": sum(self.workers.values()), "dask_tasks": self._dask_tasks}
+
+
+def _client(address: str) -> Any:
+    """A Client of the scheduler at `address`, or one UsageError line. Connecting runs in a thread
+    of its own with a deadline: a server that is not a Dask scheduler can hold Dask's handshake
+    for ever, whatever its timeout."""
+    from distributed import Client
+
+    made: list[Any] = []
+
+    def connect() -> None:
+        try:
+            made.append(Client(address, timeout=CONNECT_SECONDS, set_as_default=False))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            made.append(exc)
+
+    thread = threading.Thread(target=connect, name="crawlproc-dask-connect", daemon=True)
+    thread.start()
+    thread.join(CONNECT_SECONDS + 5)
+    if not made:
+        raise UsageError(f"no Dask scheduler answered at {address} within {CONNECT_SECONDS + 5:g}s "
+                         "(is it a Dask scheduler's address?)")
+    if isinstance(made[0], (OSError, TimeoutError)):
+        raise UsageError(f"cannot reach the Dask scheduler at {address}: {made[0]}")
+    if isinstance(made[0], (ValueError, TypeError)):
+        raise UsageError(f"--scheduler {address!r} is not a Dask scheduler address: {made[0]} "
+                         "(write tcp://HOST:PORT, local or local:N)")
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]
 
 
 class Grouping:
@@ -397,10 +443,8 @@ OWN_CLUSTER_CONFIG = {
 
 def _local_cluster(address: str) -> Any:
     """`local` or `local:N`: a LocalCluster of N worker processes (default: the CPU count), one
-    thread each, whose scheduler leaves retries to crawlproc."""
-    import dask
-    from distributed import LocalCluster
-
+    thread each, whose scheduler leaves retries to crawlproc. It runs here when this process has
+    no other thread; else in a process of its own (cluster_process.py)."""
     _, _, count = address.partition(":")
     try:
         n = int(count) if count else os.cpu_count() or 1
@@ -408,20 +452,52 @@ def _local_cluster(address: str) -> Any:
         raise UsageError(f"--scheduler {address!r}: write local or local:N (N worker processes)") from None
     if n < 1:
         raise UsageError(f"--scheduler {address!r}: N must be at least 1")
-    # Workers forked from here start in a fraction of a second, where spawned ones would each
-    # import Dask again (~0.7 s of CPU); a fork cannot keep OUT's lock (see children.py). Only
-    # while no other thread runs (a notebook has several): a fork copies the locks they hold.
     if threading.active_count() == 1:
-        dask.config.set({"distributed.worker.multiprocessing-method": "fork"})
-        lifeline.follow_me()  # a forked worker may hold what keeps another alive: see lifeline.py
+        return start_local_cluster(n, address)
+    from crawlproc.executors.cluster_process import ClusterProcess
+
+    return ClusterProcess(n, address)
+
+
+def start_local_cluster(n: int, address: str) -> Any:
+    """A LocalCluster of `n` workers forked from this process, which must have no other thread.
+
+    Workers forked from here start in a fraction of a second, where spawned ones would each
+    import Dask again (~0.7 s of CPU) and the caller's __main__ too (a script without a main
+    guard would run again in each). A fork cannot keep OUT's lock (see children.py), and a fork
+    from a process with other threads could copy a lock one of them holds: hence the process of
+    its own for a notebook or a run in a thread. The fork method stays set while the cluster
+    lives (a nanny restarting a killed worker reads it then); close() of what this returns
+    sets it back."""
+    import dask
+    from distributed import LocalCluster
+
+    method = dask.config.set({"distributed.worker.multiprocessing-method": "fork"})
+    lifeline.follow_me()  # a forked worker may hold what keeps another alive: see lifeline.py
     for attempt in (1, 2):
         try:
             with dask.config.set(OWN_CLUSTER_CONFIG):
-                return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                                    silence_logs=logging.ERROR, preload=[lifeline.__name__])
+                cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                                       silence_logs=logging.ERROR, preload=[lifeline.__name__])
+            return _ForkedCluster(cluster, method)
         except Exception as exc:  # e.g. RuntimeError('Nanny failed to start.'): a worker died starting
             if attempt == 2:
-                raise CrawlprocError(f"the local Dask cluster (--scheduler {address}) could not start: {exc}; "
-                                     "nothing is lost, run the same command again") from None
-            logger.warning("the local Dask cluster could not start ({}); starting it once more", exc)
+                method.__exit__(None, None, None)
+                raise CrawlprocError(f"the local Dask cluster (--scheduler {address}) could not start "
+                                     f"({str(exc).rstrip('.')}); nothing is lost, run the same command again") from None
+            logger.warning("the local Dask cluster could not start ({}); starting it once more", str(exc).rstrip("."))
     raise AssertionError("unreachable")
+
+
+class _ForkedCluster:
+    """A LocalCluster started here, and Dask's multiprocessing method to set back when it closes."""
+
+    def __init__(self, cluster: Any, method: Any) -> None:
+        self.cluster, self._method = cluster, method
+        self.scheduler_address = cluster.scheduler_address
+
+    def close(self) -> None:
+        try:
+            self.cluster.close()
+        finally:
+            self._method.__exit__(None, None, None)

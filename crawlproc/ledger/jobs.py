@@ -102,6 +102,12 @@ class Jobs:
             (time.time(), done, failed, json.dumps(info) if info is not None else None, run_id),
         )
 
+    def end_run(self, run_id: int, exit_code: int) -> None:
+        """Close the row of a run that stopped on an error (its counts: the last heartbeat's)."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE runs SET finished = ?, updated = ?, exit_code = ? WHERE id = ? AND finished IS NULL",
+                         (time.time(), time.time(), exit_code, run_id))
+
     def finish_run(self, run_id: int, exit_code: int, done: int, failed: int) -> None:
         """Close the run's row; if the counts just taken show no task running, say so (see requeue_stale)."""
         totals = self._fresh_totals()

@@ -97,7 +97,7 @@ def _wanted_columns(params: Any, header: list[str]) -> set[int] | None:
     wanted = [name.strip() for name in value.split(",") if name.strip()]
     missing = [name for name in wanted if name not in header]
     if missing:
-        raise TaskFailed(f"csv-stats: columns {missing!r} are not in the header {header!r}")
+        raise TaskFailed(f"csv-stats: columns {missing!r} are not in the header {_shown(header)}")
     return {header.index(name) for name in wanted}
 
 
@@ -122,6 +122,13 @@ class _Group:
         return {names[j]: self.columns[j].result() for j in sorted(self.columns) if self.columns[j].count}
 
 
+def _shown(header: list[str], most: int = 12, width: int = 40) -> str:
+    """A header for an error line: a file that is not CSV has a first line of any length."""
+    cells = [cell if len(cell) <= width else cell[:width] + "..." for cell in header[:most]]
+    more = f" and {len(header) - most} more" if len(header) > most else ""
+    return f"{cells!r}{more}"
+
+
 @processor(version="1", imports=_ARROW_MODULES)  # pyarrow: imported by the workers' forkserver, once
 def csv_stats(task: Task) -> dict:
     """Rows and count/sum/min/max of each numeric column (--param group_by=COL, columns=A,B); exact totals."""
@@ -137,7 +144,7 @@ def csv_stats(task: Task) -> dict:
     group_index = None
     if group_by:
         if group_by not in header:
-            raise TaskFailed(f"csv-stats: group_by column {group_by!r} is not in the header {header!r}")
+            raise TaskFailed(f"csv-stats: group_by column {group_by!r} is not in the header {_shown(header)}")
         group_index = header.index(group_by)
     from crawlproc.processors.csv_numbers import block_stats
     from crawlproc.processors.csv_read import Rows
