@@ -363,10 +363,14 @@ def watch_job(
             merger.maybe_merge()
             service.tick(merger.caught_up, lambda: _service_status(pool, watcher))
 
-        pool = make_pool(job, on_progress, on_turn=on_turn, run_info=watcher.info)
-        merger.pool = pool
-        if options.executor != "local":
-            pool.prepare_executor()
+        try:
+            pool = make_pool(job, on_progress, on_turn=on_turn, run_info=watcher.info)
+            merger.pool = pool
+            if options.executor != "local":
+                pool.prepare_executor()
+        except BaseException:  # e.g. no cluster: the watcher's observer threads must not outlive the job
+            watcher.stop()
+            raise
         on_main_thread = threading.current_thread() is threading.main_thread()  # else stop= ends it
         logger.info("watching {}{}", options.data_dir, " (Ctrl-C to stop)" if on_main_thread else "")
         try:

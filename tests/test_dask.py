@@ -435,6 +435,30 @@ def test_a_scheduler_without_workers_says_so(tmp_path):
     assert "waiting up to 1s for a Dask worker" in result.stderr
 
 
+WATCH_WITHOUT_ITS_SCHEDULER = """
+import sys, threading
+import crawlproc
+from crawlproc.errors import UsageError
+
+before = set(threading.enumerate())
+try:
+    crawlproc.watch(sys.argv[1], out=sys.argv[2], executor="dask", scheduler="tcp://127.0.0.1:9", quiet=True)
+except UsageError as exc:
+    print("cannot reach" in str(exc))
+print(sorted(type(t).__name__ for t in threading.enumerate() if t not in before and t.name != "IO loop"))
+"""
+
+
+def test_a_watch_that_cannot_reach_its_scheduler_leaves_no_watcher_thread(tmp_path):
+    """From Python the process lives on: the file-event threads of a watch that never started
+    must end with it (Dask's own event loop thread may stay, as with any Dask client)."""
+    data = text_tree(tmp_path / "data", 3)
+    result = subprocess.run([sys.executable, "-c", WATCH_WITHOUT_ITS_SCHEDULER, str(data), str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["True", "[]"], result.stdout
+
+
 def test_no_scheduler_says_how_to_give_one(tmp_path):
     data = text_tree(tmp_path / "data", 3)
     env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}

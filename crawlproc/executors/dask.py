@@ -103,9 +103,13 @@ class DaskExecutor:
         """Connect (or start the local cluster) and check every worker, once."""
         if self.client is not None:
             return
-        self._connect()
-        Path(self.job.token_file).write_text(self.job.token + "\n", encoding="ascii")
-        self._check_workers()
+        try:
+            self._connect()
+            Path(self.job.token_file).write_text(self.job.token + "\n", encoding="ascii")
+            self._check_workers()
+        except BaseException:  # no run follows to close what we opened (from Python: a cluster left)
+            self._close_connection()
+            raise
 
     def warmup_left(self) -> float | None:
         return None
@@ -311,7 +315,8 @@ class DaskExecutor:
             self._disconnect()
         return events
 
-    def _disconnect(self) -> None:
+    def _close_connection(self) -> None:
+        """Close the client and our own cluster (if any), and remove the token file."""
         try:
             os.unlink(self.job.token_file)
         except OSError:
@@ -323,6 +328,9 @@ class DaskExecutor:
                 except Exception:  # the scheduler is gone already
                     pass
         self.client = self.cluster = None
+
+    def _disconnect(self) -> None:
+        self._close_connection()
         with self._wake_lock:
             os.close(self._wake_r)
             os.close(self._wake_w)
