@@ -566,6 +566,41 @@ def test_a_script_without_a_main_guard_runs_once_on_a_cluster_of_our_own(tmp_pat
     assert len(marks.read_text().splitlines()) == 1, marks.read_text()
 
 
+RUN_BESIDE_A_THREAD = """
+import sys, threading
+import crawlproc
+
+threading.Thread(target=threading.Event().wait, args=(600,), daemon=True).start()
+crawlproc.run(sys.argv[1], out=sys.argv[2], processor=sys.argv[3], executor="dask", scheduler="local:2",
+              batch_size=4, quiet=True)
+"""
+
+
+def test_a_cluster_process_ends_with_a_coordinator_killed_with_9(tmp_path):
+    """The cluster of a caller with threads runs in a process of its own: a kill -9 of the
+    caller ends it and its workers too, and the next run finishes the job."""
+    data, clean = slow_tree_and_clean_run(tmp_path, 120)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", RUN_BESIDE_A_THREAD, str(data), str(out), SLOW],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **ENV}, cwd=tmp_path)
+    try:
+        wait_until(lambda: done_count(out) >= 10 or proc.poll() is not None, 90, "tasks done on the cluster")
+        assert proc.poll() is None, proc.stderr.read()
+        started = psutil.Process(proc.pid).children(recursive=True)
+        assert any("cluster_process" in " ".join(p.cmdline()) for p in started), [p.cmdline() for p in started]
+        proc.kill()
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    wait_until(lambda: not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
+               60, "the cluster process and its workers to end")
+    again = crawl(data, out, "-p", SLOW, "-w", "2")
+    assert again.returncode == 0, again.stderr
+    assert (out / "merged.jsonl").read_bytes() == clean
+
+
 FORKED_WORKER = """
 import os, signal, sys, time
 from crawlproc.executors import lifeline

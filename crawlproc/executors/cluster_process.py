@@ -18,7 +18,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from crawlproc.children import ended_within
+from crawlproc.children import ended_within, forget_kept, keep_from_children
 from crawlproc.errors import CrawlprocError
 
 ADDRESS_PREFIX, ERROR_PREFIX = "tcp://", "error: "
@@ -33,6 +33,7 @@ class ClusterProcess:
         self._process = subprocess.Popen(  # a group of its own: a Ctrl-C is the coordinator's to handle
             [sys.executable, "-m", __name__, str(workers), address], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, text=True, process_group=0)
+        keep_from_children(self._process.stdin.fileno())  # its end must come with ours, not a child's
         line = self._first_line()
         if not line.startswith(ADDRESS_PREFIX):
             self.close()
@@ -57,6 +58,7 @@ class ClusterProcess:
 
     def close(self) -> None:
         """End the cluster: its process closes it when its stdin ends, then exits."""
+        forget_kept(self._process.stdin.fileno())
         try:
             self._process.stdin.close()
         except OSError:
