@@ -566,6 +566,13 @@ def test_a_script_without_a_main_guard_runs_once_on_a_cluster_of_our_own(tmp_pat
     assert len(marks.read_text().splitlines()) == 1, marks.read_text()
 
 
+def test_local_alone_starts_as_many_dask_workers_as_w_says(tmp_path):
+    data = text_tree(tmp_path / "data", 4)
+    result = crawl(data, tmp_path / "out", "-v", "-w", "1", "--executor", "dask", "--scheduler", "local")
+    assert result.returncode == 0, result.stderr
+    assert ": 1 worker, 1 thread" in result.stderr, result.stderr
+
+
 RUN_BESIDE_A_THREAD = """
 import sys, threading
 import crawlproc

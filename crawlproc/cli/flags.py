@@ -149,7 +149,8 @@ def processing_options(func: Any) -> Any:
                           "(pip install 'crawlproc[dask]')."),
         click.option("--scheduler", metavar="ADDR", envvar=env_name("scheduler"), callback=checked,
                      help="With --executor dask: tcp://HOST:PORT of a running scheduler, or local[:N] for a "
-                          "LocalCluster of N worker processes [default: Dask's scheduler-address setting]."),
+                          "LocalCluster of N worker processes (local alone: -w of them) [default: Dask's "
+                          "scheduler-address setting]."),
         click.option("--serve", metavar="[HOST:]PORT", envvar=env_name("serve"), callback=checked,
                      help="Serve a live status page, /status.json, /healthz and Prometheus /metrics while "
                           "running (host 127.0.0.1 unless given; port 0: any free port, the log says which; "

@@ -128,7 +128,7 @@ class DaskExecutor:
                 "--executor dask needs a scheduler: --scheduler tcp://HOST:8786 (a running `dask scheduler`), "
                 "--scheduler local[:N] (a cluster of N processes here), or DASK_SCHEDULER_ADDRESS")
         if address == LOCAL or address.startswith(LOCAL + ":"):
-            self.cluster = _local_cluster(address)
+            self.cluster = _local_cluster(address, self.limits.workers)
             address = self.cluster.scheduler_address
         self.client = _client(address)
         self.address = address
@@ -449,13 +449,14 @@ OWN_CLUSTER_CONFIG = {
 }
 
 
-def _local_cluster(address: str) -> Any:
-    """`local` or `local:N`: a LocalCluster of N worker processes (default: the CPU count), one
-    thread each, whose scheduler leaves retries to crawlproc. It runs here when this process has
-    no other thread; else in a process of its own (cluster_process.py)."""
+def _local_cluster(address: str, workers: int | None = None) -> Any:
+    """`local` or `local:N`: a LocalCluster of N worker processes (default: `workers`, -w, itself
+    the CPU count by default), one thread each, whose scheduler leaves retries to crawlproc. It
+    runs here when this process has no other thread; else in a process of its own
+    (cluster_process.py)."""
     _, _, count = address.partition(":")
     try:
-        n = int(count) if count else os.cpu_count() or 1
+        n = int(count) if count else workers or os.cpu_count() or 1
     except ValueError:
         raise UsageError(f"--scheduler {address!r}: write local or local:N (N worker processes)") from None
     if n < 1:
