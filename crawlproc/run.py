@@ -218,10 +218,11 @@ def _open_job(options: RunOptions, command: str, *, early_forkserver: bool = Fal
     check_out_is_not_data_dir(options.data_dir, options.out)
     processor = load_processor(options)  # before OUT exists: a typo in -p leaves nothing behind
     check_command_params(processor, options.params)
-    if options.executor == "dask":
-        from crawlproc.executors.dask import check_available
+    if options.executor == "dask":  # before OUT exists: nothing is left behind
+        from crawlproc.executors.dask import check_available, scheduler_address
 
         check_available()
+        scheduler_address(options.scheduler)
     prepare_out(options.out)
     check_out_entries(options.out)
     with OutLock(options.out):

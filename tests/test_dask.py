@@ -467,6 +467,11 @@ def test_no_scheduler_says_how_to_give_one(tmp_path):
     assert result.returncode == 2
     assert "--scheduler tcp://HOST:8786" in result.stderr and "local" in result.stderr
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()  # said before OUT is made
+    wrong = run_cli("run", str(data), "-o", str(tmp_path / "out"), "--executor", "dask", "--scheduler", "local:x",
+                    timeout=60)
+    assert wrong.returncode == 2 and "write local or local:N" in wrong.stderr, wrong.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_without_the_extra_says_what_to_install(tmp_path):
@@ -651,7 +656,7 @@ import json, threading
 from crawlproc.executors.dask import _local_cluster
 from distributed import Client
 
-cluster = _local_cluster("local:1")
+cluster = _local_cluster(1, "local:1")
 with Client(cluster.scheduler_address, set_as_default=False) as client:
     names = client.run(lambda: sorted(t.name for t in threading.enumerate()))
 cluster.close()

@@ -119,16 +119,10 @@ class DaskExecutor:
         self._read_workers()  # workers may have come or gone since
 
     def _connect(self) -> None:
-        import dask
-        from distributed import Client
-
-        address = self.scheduler or dask.config.get("scheduler-address", None)
-        if not address:
-            raise UsageError(
-                "--executor dask needs a scheduler: --scheduler tcp://HOST:8786 (a running `dask scheduler`), "
-                "--scheduler local[:N] (a cluster of N processes here), or DASK_SCHEDULER_ADDRESS")
-        if address == LOCAL or address.startswith(LOCAL + ":"):
-            self.cluster = _local_cluster(address, self.limits.workers)
+        address = scheduler_address(self.scheduler)
+        local = local_cluster_size(address, self.limits.workers)
+        if local is not None:
+            self.cluster = _local_cluster(local, address)
             address = self.cluster.scheduler_address
         self.client = _client(address)
         self.address = address
@@ -449,18 +443,39 @@ OWN_CLUSTER_CONFIG = {
 }
 
 
-def _local_cluster(address: str, workers: int | None = None) -> Any:
-    """`local` or `local:N`: a LocalCluster of N worker processes (default: `workers`, -w, itself
-    the CPU count by default), one thread each, whose scheduler leaves retries to crawlproc. It
-    runs here when this process has no other thread; else in a process of its own
-    (cluster_process.py)."""
-    _, _, count = address.partition(":")
+def scheduler_address(given: str | None) -> str:
+    """--scheduler, else Dask's own setting (DASK_SCHEDULER_ADDRESS, scheduler-address), else a
+    UsageError saying how to give one. Checked before OUT is made, and again on connecting."""
+    import dask
+
+    address = given or dask.config.get("scheduler-address", None)
+    if not address:
+        raise UsageError(
+            "--executor dask needs a scheduler: --scheduler tcp://HOST:8786 (a running `dask scheduler`), "
+            "--scheduler local[:N] (a cluster of N processes here), or DASK_SCHEDULER_ADDRESS")
+    local_cluster_size(address, None)  # local:N written wrong: said now too
+    return address
+
+
+def local_cluster_size(address: str, workers: int | None) -> int | None:
+    """N of `local:N`; for `local` alone, `workers` (-w, itself the CPU count by default); None
+    for the address of a scheduler."""
+    name, _, count = address.partition(":")
+    if name != LOCAL:
+        return None
     try:
         n = int(count) if count else workers or os.cpu_count() or 1
     except ValueError:
         raise UsageError(f"--scheduler {address!r}: write local or local:N (N worker processes)") from None
     if n < 1:
         raise UsageError(f"--scheduler {address!r}: N must be at least 1")
+    return n
+
+
+def _local_cluster(n: int, address: str) -> Any:
+    """A LocalCluster of `n` worker processes, one thread each, whose scheduler leaves retries
+    to crawlproc. It runs here when this process has no other thread; else in a process of its
+    own (cluster_process.py)."""
     if threading.active_count() == 1:
         return start_local_cluster(n, address)
     from crawlproc.executors.cluster_process import ClusterProcess
