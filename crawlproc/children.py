@@ -127,3 +127,10 @@ def ended_within(process: subprocess.Popen, timeout: float) -> bool:
         return False
     process.wait()
     return True
+
+
+def ended_or_killed(process: subprocess.Popen, timeout: float) -> None:
+    """Let `process` end by itself for up to `timeout` seconds, then kill it; reaped either way."""
+    if not ended_within(process, timeout):
+        process.kill()
+        process.wait()

@@ -55,7 +55,7 @@ def explain(path: str, out: Path) -> Explanation:
         data_dir = meta.get("data_dir")
         if not data_dir:
             raise UsageError(f"OUT {out} has no run yet: nothing to explain")
-        relpath = relpath_under(path, data_dir, out, has_task=lambda rel: bool(ledger.tasks_of(rel)))
+        relpath = relpath_under(path, data_dir, out, has_task=ledger.has_task)
         full = os.path.join(os.fsencode(data_dir), relpath)
         on_disk = _on_disk(full)
         found = Explanation(path, relpath_for_people(relpath), data_dir, str(out), on_disk)

@@ -269,8 +269,7 @@ def _task_relpaths(paths: tuple[str, ...], data_dir: str | None, out: Path, ledg
     """Paths named on the command line as the ledger's relpath column spells them."""
     if not data_dir:  # no run yet: no task has any path
         return list(paths)
-    return [relpath_for_people(relpath_under(path, data_dir, out, has_task=lambda rel: bool(ledger.tasks_of(rel))))
-            for path in paths]
+    return [relpath_for_people(relpath_under(path, data_dir, out, has_task=ledger.has_task)) for path in paths]
 
 
 class MergeReport(NamedTuple):

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from crawlproc import logs
+from crawlproc.children import forking_is_safe
 from crawlproc.errors import CrawlprocError, UsageError
 from crawlproc.finalize import (
     SUMMARY_NAME,
@@ -493,7 +494,7 @@ def list_helpers(job: _Job) -> int:
     None for a new OUT: every file is work there, the workers keep the cores busy
     and listing in helpers would only add the cost of sending the listings over.
     """
-    if job.ledger.created or threading.active_count() > 1:
+    if job.ledger.created or not forking_is_safe():
         return 0  # a fork copies only this thread: a lock another thread held would stay held
     return max(1, min(job.options.workers, os.cpu_count() or 1, 4))
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from crawlproc.children import ended_within, forget_kept, keep_from_children
+from crawlproc.children import ended_or_killed, forget_kept, keep_from_children
 from crawlproc.errors import CrawlprocError
 
 ADDRESS_PREFIX, ERROR_PREFIX = "tcp://", "error: "
@@ -63,9 +63,7 @@ class ClusterProcess:
             self._process.stdin.close()
         except OSError:
             pass
-        if not ended_within(self._process, CLOSE_SECONDS):
-            self._process.kill()  # its workers follow it (lifeline.py)
-            self._process.wait()
+        ended_or_killed(self._process, CLOSE_SECONDS)  # killed: its workers follow it (lifeline.py)
         self._process.stdout.close()
 
 

@@ -41,6 +41,7 @@ from typing import Any
 
 from loguru import logger
 
+from crawlproc.children import forking_is_safe
 from crawlproc.errors import CrawlprocError, UsageError
 from crawlproc.executors import BatchLost, Event, Opening, WorkerLimits, lifeline, stop_if_setup_failed
 from crawlproc.executors.remote import RemoteJob, SharedPathsMissing, run_batches, stop_job, warm_up
@@ -476,7 +477,7 @@ def _local_cluster(n: int, address: str) -> Any:
     """A LocalCluster of `n` worker processes, one thread each, whose scheduler leaves retries
     to crawlproc. It runs here when this process has no other thread; else in a process of its
     own (cluster_process.py)."""
-    if threading.active_count() == 1:
+    if forking_is_safe():
         return start_local_cluster(n, address)
     from crawlproc.executors.cluster_process import ClusterProcess
 
@@ -505,11 +506,12 @@ def start_local_cluster(n: int, address: str) -> Any:
                                        silence_logs=logging.ERROR, preload=[lifeline.__name__])
             return _ForkedCluster(cluster, method)
         except Exception as exc:  # e.g. RuntimeError('Nanny failed to start.'): a worker died starting
+            why = str(exc).rstrip(".")
             if attempt == 2:
                 method.__exit__(None, None, None)
-                raise CrawlprocError(f"the local Dask cluster (--scheduler {address}) could not start "
-                                     f"({str(exc).rstrip('.')}); nothing is lost, run the same command again") from None
-            logger.warning("the local Dask cluster could not start ({}); starting it once more", str(exc).rstrip("."))
+                raise CrawlprocError(f"the local Dask cluster (--scheduler {address}) could not start ({why}); "
+                                     "nothing is lost, run the same command again") from None
+            logger.warning("the local Dask cluster could not start ({}); starting it once more", why)
     raise AssertionError("unreachable")
 
 

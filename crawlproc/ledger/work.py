@@ -176,6 +176,10 @@ class Work:
                 return conn.execute(sql, states).rowcount
             return sum(conn.execute(sql + " AND relpath = ?", (*states, p)).rowcount for p in paths)
 
+    def has_task(self, path_bytes: bytes) -> bool:
+        """Whether any task (of any state) is of the file `path_bytes`."""
+        return self.conn.execute("SELECT 1 FROM tasks WHERE path_bytes = ? LIMIT 1", (path_bytes,)).fetchone() is not None
+
     def unknown_relpaths(self, relpaths: Iterable[str]) -> list[str]:
         """Those of `relpaths` (as people read them) that no task has, in the order given."""
         return [p for p in relpaths

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from crawlproc.children import (close_all_but, ended_within, flush_std_streams, forget_kept, forking_is_safe,
+from crawlproc.children import (close_all_but, ended_or_killed, flush_std_streams, forget_kept, forking_is_safe,
                                 keep_from_children, wait_for_exit)
 from crawlproc.serve import Address
 
@@ -89,9 +89,7 @@ class PageProcess:
         forget_kept(self._channel.fileno())
         self._channel.close()
         if self._process is not None:
-            if not ended_within(self._process, CLOSE_TIMEOUT_SECONDS):
-                self._process.kill()
-                self._process.wait()
+            ended_or_killed(self._process, CLOSE_TIMEOUT_SECONDS)
         elif self._pid is not None:
             _reap(self._pid, CLOSE_TIMEOUT_SECONDS)
 
