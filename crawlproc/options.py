@@ -150,17 +150,19 @@ def key_values(value: Any) -> dict[str, str]:
 def failure_budget(value: Any) -> tuple[float, bool]:
     """10 -> (10, False); '10%' -> (10, True); a pair as these give is kept."""
     if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], bool):
-        number, percent = value
-        return failure_budget(number)[0], percent
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = _number(value)
+        number, percent = failure_budget(value[0])[0], value[1]
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number, percent = _number(value), False
         if number < 0:
             raise ValueError(f"{value!r} is not N or N%")
-        return number, False
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(%?)\s*", value) if isinstance(value, str) else None
-    if not match:
-        raise ValueError(f"{value!r} is not N or N%")
-    return float(match.group(1)), bool(match.group(2))
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(%?)\s*", value) if isinstance(value, str) else None
+        if not match:
+            raise ValueError(f"{value!r} is not N or N%")
+        number, percent = float(match.group(1)), bool(match.group(2))
+    if percent and number > 100:  # more than every task can never fail: surely a slip of the keys
+        raise ValueError(f"{value!r} is more than 100% of the tasks")
+    return number, percent
 
 
 def exit_codes(value: Any) -> tuple[int, ...]:

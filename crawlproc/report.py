@@ -52,13 +52,14 @@ def read_ledger(out: Path) -> Ledger:
     return _open_readonly(out)
 
 
-def run_command(out: Path, meta: Mapping[str, str]) -> str | None:
+def run_command(out: Path, meta: Mapping[str, str], executor: Mapping[str, Any] | None = None) -> str | None:
     """The `crawlproc run` command line that carries on with OUT, shell-quoted: a hint to print.
 
     It gives what OUT's identity holds (DATA_DIR, the processor or --cmd, params,
-    chunk size, source column), so it is accepted as printed; the options that
-    are not recorded (-w, --timeout, ...) keep their defaults. None while OUT
-    has no identity yet.
+    chunk size, source column), so it is accepted as printed, and, given the last
+    run's `executor` (its description in the runs table), the cluster it ran on;
+    the options that are not recorded (-w, --timeout, ...) keep their defaults.
+    None while OUT has no identity yet.
     """
     if "data_dir" not in meta or is_shipped_spec(meta.get("processor")):
         return None  # no command line can load a processor sent from Python by value
@@ -75,6 +76,10 @@ def run_command(out: Path, meta: Mapping[str, str]) -> str | None:
         args += ["--chunk-size", str(chunk_size)]
     if columns := json.loads(meta.get("added_columns") or "null"):
         args += ["--source-column", columns["source"]]
+    if executor and executor.get("executor") == "dask":  # a job on a cluster carries on there
+        args += ["--executor", "dask"]
+        if executor.get("scheduler_option"):  # else Dask's own setting, which still holds
+            args += ["--scheduler", executor["scheduler_option"]]
     return shlex.join(args)
 
 
@@ -121,14 +126,15 @@ def status_from(ledger: Ledger, out: Path, counts: dict[str, int]) -> dict[str, 
         "data_dir": meta.get("data_dir"), "processor": meta.get("processor"),
         "processor_version": meta.get("processor_version"),
         "running_pid": pid, "last_run": None, "throughput_files_per_s": None,
-        "requeued_at_next_start": 0, "run_command": run_command(out, meta),
+        "requeued_at_next_start": 0, "run_command": None,
     }
+    info = json.loads(last["info"]) if last and last["info"] else {}
+    data["run_command"] = run_command(out, meta, info.get("executor"))
     if last:
         end = last["finished"] or last["updated"] or time.time()
         elapsed = max(end - last["started"], 1e-9)
         data["last_run"] = {k: last[k] for k in ("id", "command", "pid", "started", "updated", "finished",
                                                   "exit_code", "done", "failed")}
-        info = json.loads(last["info"]) if last["info"] else {}
         data["last_run"]["watch"] = info if "watching_since" in info else None
         data["last_run"]["executor"] = info.get("executor")
         data["last_run"]["state"] = _run_state(last, pid)

@@ -81,6 +81,7 @@ def test_run_takes_options_by_their_command_names(data, tmp_path):
     ({"workers": "many"}, "'many' is not a whole number"),
     ({"max_memory_per_child": "lots"}, "'lots' is not a size"),
     ({"max_failures": "ten"}, "'ten' is not N or N%"),
+    ({"max_failures": (150, True)}, "(150, True) is more than 100% of the tasks"),
     ({"format": "xml"}, "'xml' is not one of jsonl, csv, parquet"),
     ({"durable": "yes"}, "'yes' is not True or False"),
     ({"param": ["novalue"]}, "'novalue' is not KEY=VALUE"),

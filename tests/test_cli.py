@@ -123,6 +123,7 @@ def test_processors_lists_builtins_one_line_each():
     ["run", "DATA", "--retries", "-1"],
     ["run", "DATA", "--max-memory-per-child", "lots"],
     ["run", "DATA", "--max-failures", "ten"],
+    ["run", "DATA", "--max-failures", "150%"],
     ["run", "DATA", "--executor", "nowhere"],
     ["run"],
     ["status", "--bogus"],

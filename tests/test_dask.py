@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -245,6 +246,7 @@ def test_kill9_of_the_coordinator_then_resume(tmp_path, cluster):
     proc = start_and_wait(data, out, dask_args(cluster), 20)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
+    assert status_json(out)["run_command"].endswith(f"--executor dask --scheduler {cluster.scheduler_address}")
     # Batches of the dead run may still finish on the cluster and write their result files:
     # the next run must neither record them nor let them clobber its own.
     again = crawl(data, out, "-p", SLOW, *dask_args(cluster))
@@ -530,7 +532,9 @@ def test_local_cluster_of_our_own(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert started, "the run started no Dask worker processes"
-    again = crawl(data, out, "-p", SLOW, "--executor", "dask", "--scheduler", "local:2")
+    hint = shlex.split(status_json(out)["run_command"])  # what `status` tells a user to run
+    assert hint[-4:] == ["--executor", "dask", "--scheduler", "local:2"], hint
+    again = crawl(data, out, *hint[5:])
     assert again.returncode == 0, again.stderr  # 3 would mean a forked worker kept OUT locked
     assert (out / "merged.jsonl").read_bytes() == clean
     assert_no_leftovers(out)
@@ -728,7 +732,7 @@ def test_the_status_page_shows_the_cluster(tmp_path, cluster):
                               60, "the cluster on the status page")
         live = status_json(run.url)["live"]
         assert live["executor"] == {"executor": "dask", "scheduler": cluster.scheduler_address,
-                                    "workers": 2, "threads": executor,
+                                    "scheduler_option": cluster.scheduler_address, "workers": 2, "threads": executor,
                                     "dask_tasks": live["executor"]["dask_tasks"]}
         assert live["executor"]["dask_tasks"] >= 1
         assert live["workers"] == []  # its tasks run in processes on the Dask workers, not here

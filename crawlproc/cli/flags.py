@@ -131,7 +131,8 @@ def processing_options(func: Any) -> Any:
         click.option("--batch-size", callback=checked, metavar="N", envvar=env_name("batch_size"),
                      help="Most tasks in one claimed batch and result file [default: adaptive, up to 512]."),
         click.option("--chunk-size", callback=checked, metavar="SIZE", envvar=env_name("chunk_size"),
-                     help="Split files larger than SIZE (e.g. 64MB) into line-aligned byte ranges, one task each."),
+                     help="Split files larger than SIZE (e.g. 64MB) into line-aligned byte ranges, one task each "
+                          "(0 or off: whole files)."),
         click.option("--follow-symlinks", is_flag=True, envvar=env_name("follow_symlinks"),
                      help="Follow symlinks (never outside DATA_DIR; loops are detected)."),
         click.option("--output", type=click.Path(dir_okay=False, allow_dash=True), envvar=env_name("output"),

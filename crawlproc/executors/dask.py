@@ -332,8 +332,8 @@ class DaskExecutor:
             self._wake_r = self._wake_w = -1
 
     def describe(self) -> dict[str, Any]:
-        return {"executor": self.name, "scheduler": self.address, "workers": len(self.workers),
-                "threads": sum(self.workers.values()), "dask_tasks": self._dask_tasks}
+        return {"executor": self.name, "scheduler": self.address, "scheduler_option": self.scheduler,
+                "workers": len(self.workers), "threads": sum(self.workers.values()), "dask_tasks": self._dask_tasks}
 
 
 def _client(address: str) -> Any:
