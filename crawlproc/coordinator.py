@@ -256,12 +256,15 @@ class Coordinator:
         return batch
 
     def _apply_events(self, conn: Any) -> None:
-        for event in self._events:
+        # Taken first: should recording one fail, its transaction is rolled back and the run ends
+        # on that error, and no event is applied twice at shutdown (what it left running goes
+        # back to pending at the next start).
+        events, self._events = self._events, []
+        for event in events:
             if type(event) is BatchReport:
                 self._apply_report(conn, event)
             else:
                 self._apply_loss(conn, event)
-        self._events.clear()
         outcomes = self.outcomes
         if outcomes.handed_back:
             self._claimable = True
@@ -410,7 +413,10 @@ class Coordinator:
         now = time.monotonic()
         if self.run_id is None or (now - self._last_run_update < RUN_UPDATE_SECONDS and not final):
             return
-        state = (self.tally.done, self.tally.failed, self.run_info() if self.run_info else None)
+        # `waiting`: tasks its scan recorded as running, claimed in the same write, that no worker
+        # has yet: `status` counts them as pending (see report.status_from).
+        info = {**(self.run_info() if self.run_info else {}), "waiting": len(self._ready)}
+        state = (self.tally.done, self.tally.failed, info)
         if state != self._last_run_state:
             with self.ledger.transaction() as conn:
                 self.ledger.update_run(conn, self.run_id, *state)

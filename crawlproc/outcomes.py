@@ -25,7 +25,7 @@ from loguru import logger
 
 from crawlproc.executors import BatchLost
 from crawlproc.ledger import ClaimedTask, Ledger
-from crawlproc.task import relpath_for_people
+from crawlproc.task import relpath_for_people, text_for_people
 from crawlproc.worker import CHANGED, DONE, FAILED, GONE, RETURNED, BatchReport
 
 SAME_ERROR_TASKS = 10  # the first this many failing tasks of a run, all with one error: stop
@@ -120,6 +120,8 @@ class Outcomes:
     def fail_attempt(self, conn: Any, row: tuple, error: str, tb: str | None, pid: int | None,
                      where: str = "") -> None:
         task = ClaimedTask(*row)
+        error = text_for_people(error)  # it may name a non-UTF-8 file, which SQLite cannot store as given
+        tb = text_for_people(tb) if tb else tb
         attempt = task.attempts + 1
         final = attempt > self.policy.retries
         retry_at = None if final else self.now() + self._backoff(attempt)

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 from crawlproc.errors import LedgerError, UsageError
 from crawlproc.finalize import default_output, merge_results, write_summary
 from crawlproc.given_paths import relpath_under
-from crawlproc.ledger import Ledger
+from crawlproc.ledger import SCAN_SETTINGS_KEY, Ledger
 from crawlproc.lock import OutLock, running_pid
 from crawlproc.processors.shipping import is_shipped_spec
 from crawlproc.results import remove_temp_files, remove_unreferenced
@@ -56,10 +56,11 @@ def run_command(out: Path, meta: Mapping[str, str], executor: Mapping[str, Any] 
     """The `crawlproc run` command line that carries on with OUT, shell-quoted: a hint to print.
 
     It gives what OUT's identity holds (DATA_DIR, the processor or --cmd, params,
-    chunk size, source column), so it is accepted as printed, and, given the last
-    run's `executor` (its description in the runs table), the cluster it ran on;
-    the options that are not recorded (-w, --timeout, ...) keep their defaults.
-    None while OUT has no identity yet.
+    chunk size, source column), so it is accepted as printed, the last run's choice
+    of files (--include, --exclude, --follow-symlinks: without them it would take in
+    what that run left out), and, given the last run's `executor` (its description in
+    the runs table), the cluster it ran on; the options that are not recorded (-w,
+    --timeout, ...) keep their defaults. None while OUT has no identity yet.
     """
     if "data_dir" not in meta or is_shipped_spec(meta.get("processor")):
         return None  # no command line can load a processor sent from Python by value
@@ -76,6 +77,12 @@ def run_command(out: Path, meta: Mapping[str, str], executor: Mapping[str, Any] 
         args += ["--chunk-size", str(chunk_size)]
     if columns := json.loads(meta.get("added_columns") or "null"):
         args += ["--source-column", columns["source"]]
+    settings = json.loads(meta.get(SCAN_SETTINGS_KEY) or "{}")
+    for flag in ("include", "exclude"):
+        for pattern in settings.get(flag, ()):
+            args += [f"--{flag}", pattern]
+    if settings.get("follow_symlinks"):
+        args.append("--follow-symlinks")
     if executor and executor.get("executor") == "dask":  # a job on a cluster carries on there
         args += ["--executor", "dask"]
         if executor.get("scheduler_option"):  # else Dask's own setting, which still holds
@@ -140,8 +147,18 @@ def status_from(ledger: Ledger, out: Path, counts: dict[str, int]) -> dict[str, 
         data["last_run"]["state"] = _run_state(last, pid)
         if data["last_run"]["state"] == ENDED_ABRUPTLY:  # its running tasks wait for the next start
             data["requeued_at_next_start"] = counts["running"]
+        elif data["last_run"]["state"] == GOING:
+            data["counts"] = _with_waiting_as_pending(counts, info.get("waiting", 0))
         data["throughput_files_per_s"] = round(last["done"] / elapsed, 1)
     return data
+
+
+def _with_waiting_as_pending(counts: dict[str, int], waiting: int) -> dict[str, int]:
+    """A going run's first scan records new tasks as running (claimed in the same write, see
+    Ledger.reconcile) long before a worker has them: for people they are pending. Its last
+    heartbeat (at most a second old) says how many there are."""
+    moved = min(waiting, counts["running"])
+    return {**counts, "pending": counts["pending"] + moved, "running": counts["running"] - moved}
 
 
 def status_table(data: dict[str, Any]) -> Any:

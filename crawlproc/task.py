@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import mmap
 import os
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any, BinaryIO, NamedTuple
 
@@ -202,6 +203,21 @@ class _RangeReader(io.RawIOBase):
 def relpath_for_people(raw: bytes) -> str:
     """A printable form of a relative path; non-UTF-8 bytes appear as \\xNN."""
     return raw.decode("utf-8", "backslashreplace")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def text_for_people(text: str) -> str:
+    """`text` as valid UTF-8, for the ledger and the log: a name a processor put in its error
+    (a str decoded with surrogateescape) shows its undecodable bytes as \\xNN, as
+    relpath_for_people shows them; any other lone surrogate as \\uNNNN."""
+    return _SURROGATE.sub(_escaped, text)
+
+
+def _escaped(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
 
 
 def relpath_for_processors(raw: bytes) -> str:

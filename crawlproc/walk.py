@@ -353,38 +353,53 @@ class _Walk:
     def _classify(self, path: bytes, relpath: bytes) -> tuple[int | None, os.stat_result | None]:
         """(FILE | DIR | None, stat) for a folder entry the listing left to us; None means skip it
         (or, for an entry that cannot be stat'ed, that it is a problem: see _problem)."""
+        verdict = judge_entry(path, self.real_root, self.follow)
+        if verdict.skipped is not None:
+            self._skip(verdict.skipped, relpath, verdict.reason)
+        elif verdict.kind is None and verdict.reason is not None:
+            self._problem(relpath, verdict.reason)
+        return verdict.kind, verdict.st
+
+
+class Verdict(NamedTuple):
+    """What the walk's rules make of one entry (judge_entry)."""
+
+    kind: int | None  # FILE or DIR to take in (`st` is its stat, a link's target's when followed); None: not
+    st: os.stat_result | None = None
+    skipped: str | None = None  # a SKIP_KINDS key: left out on purpose
+    reason: str | None = None  # for people; with `skipped` None, a problem: it could not be stat'ed
+
+
+def judge_entry(path: bytes, real_root: bytes, follow: bool) -> Verdict:
+    """The walk's rules for an entry that may be a symlink or not a regular file (the watch's
+    events meet the same ones): links are followed only with `follow`, and never out of DATA_DIR
+    (`real_root`: its realpath); FIFOs, sockets and devices are never taken, so never opened.
+    An entry deleted meanwhile is Verdict(None) with no reason."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return Verdict(None)
+    except OSError as exc:
+        return Verdict(None, reason=f"cannot stat: {exc.strerror}")
+    if stat.S_ISLNK(st.st_mode):
+        if not follow:
+            return Verdict(None, skipped="symlinks")  # counted, not reported one by one
+        target = os.path.realpath(path)
+        if target != real_root and not target.startswith(real_root + b"/"):
+            return Verdict(None, skipped="links_outside", reason="symlink points outside DATA_DIR")
         try:
-            st = os.lstat(path)
+            st = os.stat(path)
         except FileNotFoundError:
-            return None, None  # deleted under us
+            return Verdict(None, skipped="broken_links", reason="symlink to nothing")
         except OSError as exc:
-            self._problem(relpath, f"cannot stat: {exc.strerror}")
-            return None, None
-        if stat.S_ISLNK(st.st_mode):
-            if not self.follow:
-                self._skip("symlinks", relpath, None)
-                return None, None
-            target = os.path.realpath(path)
-            if target != self.real_root and not target.startswith(self.real_root + b"/"):
-                self._skip("links_outside", relpath, "symlink points outside DATA_DIR")
-                return None, None
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                self._skip("broken_links", relpath, "symlink to nothing")
-                return None, None
-            except OSError as exc:
-                if exc.errno == errno.ELOOP:  # links that point at each other
-                    self._skip("symlink_loops", relpath, "symlink loop: the links point at each other")
-                    return None, None
-                self._problem(relpath, f"cannot stat: {exc.strerror}")
-                return None, None
-        if stat.S_ISDIR(st.st_mode):
-            return DIR, st
-        if stat.S_ISREG(st.st_mode):
-            return FILE, st
-        self._skip("special_files", relpath, f"not a regular file ({kind_name(st.st_mode)})")
-        return None, None
+            if exc.errno == errno.ELOOP:  # links that point at each other
+                return Verdict(None, skipped="symlink_loops", reason="symlink loop: the links point at each other")
+            return Verdict(None, reason=f"cannot stat: {exc.strerror}")
+    if stat.S_ISDIR(st.st_mode):
+        return Verdict(DIR, st)
+    if stat.S_ISREG(st.st_mode):
+        return Verdict(FILE, st)
+    return Verdict(None, skipped="special_files", reason=f"not a regular file ({kind_name(st.st_mode)})")
 
 
 def kind_name(mode: int) -> str:

@@ -44,9 +44,9 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from crawlproc.fsevents import no_events_filesystem, refused
-from crawlproc.listing import holds_crawlproc_ledger
+from crawlproc.listing import DIR, FILE, holds_crawlproc_ledger
 from crawlproc.scanner import Scan, task_rows
-from crawlproc.walk import FileEntry, PathFilter, ProblemReporter, ScanOptions
+from crawlproc.walk import FileEntry, PathFilter, ProblemReporter, ScanOptions, judge_entry
 
 if TYPE_CHECKING:
     from crawlproc.ledger import Ledger
@@ -133,6 +133,7 @@ class Watcher:
     ) -> None:
         self.ledger = ledger
         self.data_dir = os.path.abspath(data_dir)
+        self._real_root = os.path.realpath(self.data_dir)  # links are never followed out of it
         self.settle = settle
         self.rescan_interval = rescan_interval
         self.out_prefix = out_relpath + b"/" if out_relpath else None
@@ -425,15 +426,18 @@ class Watcher:
         return False
 
     def _settled_entry(self, relpath: bytes, candidate: _Candidate, now: float) -> FileEntry | None:
-        try:
-            st = os.stat(os.path.join(self.data_dir, relpath))
-        except FileNotFoundError:
-            del self._candidates[relpath]  # its delete event marks it gone
+        # The scan's rules, not a bare stat: a symlink made while we watch is followed only with
+        # --follow-symlinks and never out of DATA_DIR, and a FIFO is never handed to a worker.
+        verdict = judge_entry(os.path.join(self.data_dir, relpath), self._real_root,
+                              self.scan_options.follow_symlinks)
+        if verdict.kind != FILE:
+            del self._candidates[relpath]  # deleted meanwhile: its delete event marks it gone
+            if verdict.kind == DIR and self._folder_wanted(relpath):  # a link to a folder, followed
+                self._start_scan(relpath + b"/")
+            elif verdict.reason is not None:
+                self.on_skip(relpath, verdict.reason)
             return None
-        except OSError as exc:
-            self.on_skip(relpath, f"cannot stat: {exc.strerror}")
-            del self._candidates[relpath]
-            return None
+        st = verdict.st
         entry = FileEntry(relpath, st.st_size, st.st_mtime_ns)
         if candidate.ready:
             return entry

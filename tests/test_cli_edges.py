@@ -165,6 +165,25 @@ def test_failed_run_hints_name_out_and_run_as_printed(failed_out, data, tmp_path
     assert counts(failed_out) == {"pending": 0, "running": 0, "done": 2, "failed": 1, "gone": 0}
 
 
+def test_the_printed_run_command_keeps_the_runs_choice_of_files(tmp_path):
+    """The command `retry` and `status` print carries the last run's --include, --exclude and
+    --follow-symlinks: without them, running it as printed took in every file they left out."""
+    data = make_tree(tmp_path / "data", {"a.txt": "a\n", "bad1.txt": "?\n", "notes.log": "n\n",
+                                         **{f"many/f{i:02d}.txt": f"{i}\n" for i in range(12)}})
+    (data / "link.txt").symlink_to(data / "a.txt")
+    picky = processor_spec(tmp_path, "picky", FAILING_PROCESSOR)
+    out = tmp_path / "out"
+    choice = ["--include", "*.txt", "--exclude", "*.log", "--exclude", "many/f0*", "--follow-symlinks"]
+    first = run_cli("run", str(data), "-o", str(out), "-p", picky, "-w", "1", "--no-progress", *choice)
+    assert first.returncode == 1, first.stderr  # bad1.txt
+    taken = counts(out)
+    command = hint_after(run_cli("retry", "-o", str(out), "--all", "bad1.txt").stderr, "to process it: ")
+    assert shlex.split(command)[-len(choice):] == choice, command
+    assert status_json(out)["run_command"] == command
+    assert run_hint(command).returncode == 1  # bad1.txt fails again; no file comes in or goes
+    assert counts(out) == taken == {"pending": 0, "running": 0, "done": 4, "failed": 1, "gone": 0}
+
+
 def test_no_hint_prints_a_placeholder_for_a_path():
     """The CLI and the modules behind it print real paths, never DATA_DIR or OUT/ledger.db."""
     package = Path(__file__).resolve().parent.parent / "crawlproc"
@@ -268,6 +287,34 @@ def test_log_json_error_is_a_json_line_too(data, tmp_path):
 
 
 # -- status after a crash ------------------------------------------------------------------------------
+
+def test_a_first_run_counts_the_tasks_no_worker_has_yet_as_pending(tmp_path):
+    """A first run records new tasks as running in the write that claims them, long before a
+    worker has them: `status` said 1,364 of 1,504 were running with 2 workers, and pending
+    (what an alert watches) stayed near 0 for the whole run."""
+    files = 300
+    data = make_tree(tmp_path / "data", {f"f{i:03d}.txt": f"{i}\n" for i in range(files)})
+    release = tmp_path / "release"
+    sleepy = processor_spec(tmp_path, "sleepy", SLEEPY_PROCESSOR)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crawlproc", "run", str(data), "-o", str(out), "-p", sleepy, "-w", "2",
+         "--no-progress", "--param", f"release={release}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        waiting = wait_until(lambda: (s := status_json(out)) and s["counts"]["pending"] >= files // 2 and s,
+                             WAIT_SECONDS, "the tasks no worker has to count as pending")
+        counts = waiting["counts"]
+        assert counts["done"] == 0 and counts["pending"] + counts["running"] == files, counts
+        assert counts["running"] < files // 2, counts  # only what the 2 workers were handed
+        release.touch()
+        assert proc.wait(timeout=WAIT_SECONDS) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=WAIT_SECONDS)
+    assert status_json(out)["counts"]["done"] == files
+
 
 def test_status_after_kill9_says_the_run_ended_abruptly_and_what_goes_back(tmp_path, monkeypatch):
     data = make_tree(tmp_path / "data", {f"f{i:02d}.txt": f"{i}\n" for i in range(12)})

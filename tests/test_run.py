@@ -426,6 +426,35 @@ def test_non_utf8_file_name_is_processed_and_merged_is_valid_utf8(tmp_path):
     ok(status_result)
 
 
+NAMES_THE_FILE_IN_ITS_ERROR = """
+from crawlproc import processor
+
+@processor(version="1")
+def refuse(task):
+    raise ValueError("cannot parse " + task.relpath)
+"""
+
+
+def test_an_error_naming_a_non_utf8_file_fails_that_task_alone(tmp_path):
+    """A processor's error text may hold a non-UTF-8 name (a str with lone surrogates, which
+    SQLite cannot store): the task fails with the name shown as failures shows names, the
+    others are done, and the run ends (it crashed here, and so did every rerun)."""
+    data = make_tree(tmp_path / "data", {"plain.txt": "plain\n"})
+    (data / os.fsdecode(b"caf\xe9.txt")).write_bytes(b"latin one\n")
+    (tmp_path / "naming.py").write_text(NAMES_THE_FILE_IN_ITS_ERROR)
+    out = tmp_path / "out"
+    result = crawl(data, out, "-w", "1", "-p", f"{tmp_path / 'naming.py'}:refuse", "--retries", "0")
+    assert result.returncode == 1, result.stderr  # finished, some tasks failed
+    assert "internal error" not in result.stderr
+    assert summary(out)["counts"] == {**summary(out)["counts"], "done": 0, "failed": 2, "running": 0}
+    listed = run_cli("failures", "-o", str(out), "--json", timeout=WAIT_SECONDS)
+    failures = json.loads(listed.stdout)
+    failed = {f["relpath"]: f for f in failures}
+    assert failed.keys() == {"caf\\xe9.txt", "plain.txt"}, failed.keys()
+    assert failed["caf\\xe9.txt"]["error"] == "ValueError('cannot parse caf\\udce9.txt')"  # a repr, as every error
+    assert "ValueError: cannot parse caf\\xe9.txt" in failed["caf\\xe9.txt"]["traceback"]
+
+
 @pytest.mark.parametrize("args,expected", [
     (["--include", "*.txt"], ["a.txt", "b/c.txt", "empty.txt"]),
     (["--exclude", "b", "--exclude", "*.csv"], ["a.txt", "empty.txt"]),

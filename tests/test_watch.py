@@ -374,6 +374,43 @@ def test_include_and_exclude_apply_to_events(dirs, proc_spec, tmp_path):
     assert ledger_paths(out) == {"_started.txt", "a.txt", "logs/new-f.txt", "moved/ok.txt", "z.txt"}
 
 
+def test_links_and_fifos_made_while_watching_follow_the_scan_rules(dirs, proc_spec, tmp_path):
+    """A symlink or FIFO that appears while watch runs is judged as a scan judges it: without
+    --follow-symlinks no link is taken (one to a file outside DATA_DIR was processed, its
+    content read), and a FIFO is never handed to a worker (it blocked one until Ctrl-C)."""
+    data, out = dirs
+    outside = make_tree(tmp_path / "outside", {"secret.txt": "not yours\n"})
+    with Watch(data, out, proc_spec) as w:
+        started(w, data)
+        write_file(data / "inside.txt", "inside\n")
+        os.symlink(outside / "secret.txt", data / "link-out.txt")
+        os.symlink(data / "inside.txt", data / "link-in.txt")
+        os.mkfifo(data / "pipe.txt")  # last: once it is judged (after --settle), so are the links
+        wait_until(lambda: "pipe.txt: not a regular file (FIFO)" in w.stderr, "the FIFO to be skipped", watch=w)
+        wait_until(lambda: all_done(out, ["inside.txt"]), "the plain file", watch=w)
+        assert w.stop() == 0
+    assert ledger_paths(out) == {"_started.txt", "inside.txt"}
+
+
+def test_with_follow_symlinks_watch_takes_links_inside_data_dir_only(dirs, proc_spec, tmp_path):
+    data, out = dirs
+    outside = make_tree(tmp_path / "outside", {"secret.txt": "not yours\n", "folder/s.txt": "s\n"})
+    (data / "real").mkdir()
+    with Watch(data, out, proc_spec, "--follow-symlinks") as w:
+        started(w, data)
+        write_file(data / "real/in.txt", "in\n")
+        os.symlink(outside / "secret.txt", data / "link-out.txt")
+        os.symlink(outside / "folder", data / "linked-out")
+        os.symlink(data / "real/in.txt", data / "link-in.txt")
+        os.symlink(data / "real", data / "linked-folder")
+        write_file(data / "z.txt", "last\n")
+        wait_until(lambda: all_done(out, ["real/in.txt", "link-in.txt", "linked-folder/in.txt", "z.txt"]),
+                   "the files and the links inside DATA_DIR", watch=w)
+        assert w.stop() == 0
+    assert ledger_paths(out) == {"_started.txt", "real/in.txt", "link-in.txt", "linked-folder/in.txt", "z.txt"}
+    assert merged(out)["link-in.txt"] == {**merged(out)["real/in.txt"], "path": "link-in.txt"}
+
+
 # -- 5. changes, deletes, folders ----------------------------------------------------
 
 def test_changed_deleted_and_new_folders(dirs, proc_spec, tmp_path):

@@ -29,6 +29,7 @@ from crawlproc.ledger.store import (
     APPLICATION_ID,
     LEDGER_NAME,
     RUNNING_FLAG,
+    SCAN_SETTINGS_KEY,
     SCHEMA_VERSION,
     ClaimedTask,
     State,
@@ -37,8 +38,8 @@ from crawlproc.ledger.store import (
 )
 from crawlproc.ledger.work import Work
 
-__all__ = ["APPLICATION_ID", "LEDGER_NAME", "RUNNING_FLAG", "SCHEMA_VERSION", "TASK_FIELDS", "ClaimedTask",
-           "Ledger", "PageCounts", "PageTotals", "RangePreview", "ScanDiff", "State", "diagnose", "diff_scan"]
+__all__ = ["APPLICATION_ID", "LEDGER_NAME", "RUNNING_FLAG", "SCAN_SETTINGS_KEY", "SCHEMA_VERSION", "TASK_FIELDS",
+           "ClaimedTask", "Ledger", "PageCounts", "PageTotals", "RangePreview", "ScanDiff", "State", "diagnose", "diff_scan"]
 
 
 class Ledger(Scans, Work, Reading, Jobs, Store):
