@@ -2,13 +2,14 @@
 
     PATH ─> its relpath under OUT's DATA_DIR (given_paths.relpath_under, as `retry` reads it)
       ├─ tasks in the ledger: state, attempts, last error; for a done one when it was done, by
-      │   which run and worker, and whether the file changed since (size, mtime against the tree)
+      │   which run and worker, and whether the file changed since (size, mtime against the tree;
+      │   for a symlink the last run followed, its target's, as that run's scan recorded them)
       └─ no task: the first rule a scan applies that leaves it out, checked as a scan checks it
           (walk.PathFilter, the walk's symlink and special-file rules, OUT folders, watch's temp
           names), or "not scanned yet"
 
-A PATH that is not under DATA_DIR is a UsageError (exit 2). Read-only: the ledger is opened
-read-only and the tree is only stat'ed.
+A PATH that is not under DATA_DIR is a UsageError (exit 2); DATA_DIR itself is answered like
+any folder in it. Read-only: the ledger is opened read-only and the tree is only stat'ed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from crawlproc.errors import UsageError
-from crawlproc.given_paths import inside, path_argument, relpath_under
+from crawlproc.given_paths import DATA_DIR_ITSELF, inside, path_argument, relpath_under
 from crawlproc.ledger import Ledger
 from crawlproc.listing import holds_crawlproc_ledger
 from crawlproc.report import read_ledger
@@ -39,7 +40,9 @@ class Explanation:
     relpath: str  # under DATA_DIR, for people
     data_dir: str
     out: str
-    on_disk: dict[str, Any]  # {"kind": file|folder|symlink|FIFO|...|missing, "size", "mtime_ns"}
+    # {"kind": file|folder|symlink|FIFO|...|missing, "size", "mtime_ns"}; a symlink the last run followed
+    # also has "followed_to" (its target), and its target's size and mtime_ns (None: not a file to a scan)
+    on_disk: dict[str, Any]
     tasks: list[dict[str, Any]] = field(default_factory=list)  # ledger rows, each with "run" and "changed_since"
     why_no_task: str | None = None  # the rule that leaves it out, when it has no task
     lines: list[str] = field(default_factory=list)  # the whole story, for people
@@ -56,23 +59,44 @@ def explain(path: str, out: Path) -> Explanation:
         if not data_dir:
             raise UsageError(f"OUT {out} has no run yet: nothing to explain")
         relpath = relpath_under(path, data_dir, out, has_task=ledger.has_task)
-        full = os.path.join(os.fsencode(data_dir), relpath)
-        on_disk = _on_disk(full)
+        if relpath == DATA_DIR_ITSELF:
+            return _data_dir_itself(path, data_dir, out)
+        root = os.fsencode(data_dir)
+        settings = ledger.scan_settings()
+        on_disk = _on_disk(os.path.join(root, relpath), root, _followed_links(settings))
         found = Explanation(path, relpath_for_people(relpath), data_dir, str(out), on_disk)
         found.tasks = [_with_history(ledger, task, on_disk) for task in ledger.tasks_of(relpath)]
         if found.tasks:
             found.lines = _task_lines(found, out)
         else:
-            found.why_no_task = _why_no_task(ledger, relpath, os.fsencode(data_dir), on_disk, out)
-            found.lines = [f"{found.relpath}: no task in {out}", f"  {found.why_no_task}"]
+            found.why_no_task = _why_no_task(ledger, relpath, root, on_disk, out, settings)
+            found.lines = _no_task_lines(found, out)
         return found
     finally:
         ledger.close()
 
 
+def _data_dir_itself(path: str, data_dir: str, out: Path) -> Explanation:
+    """DATA_DIR is answered as a folder inside it is: no task, and why."""
+    root = os.fsencode(data_dir)
+    found = Explanation(path, "./", data_dir, str(out), _on_disk(root, root, follow_links=False),
+                        why_no_task="it is DATA_DIR itself: explain a file inside it")
+    found.lines = _no_task_lines(found, out)
+    return found
+
+
+def _no_task_lines(found: Explanation, out: Path) -> list[str]:
+    return [f"{found.relpath}: no task in {out}", f"  {found.why_no_task}"]
+
+
+def _followed_links(settings: dict[str, Any] | None) -> bool:
+    """The last run's --follow-symlinks (False for an OUT made before it was kept)."""
+    return bool(settings and settings.get("follow_symlinks"))
+
+
 # -- where PATH is -------------------------------------------------------------------------------
 
-def _on_disk(full: bytes) -> dict[str, Any]:
+def _on_disk(full: bytes, root: bytes, follow_links: bool) -> dict[str, Any]:
     try:
         st = os.lstat(full)
     except FileNotFoundError:
@@ -87,7 +111,26 @@ def _on_disk(full: bytes) -> dict[str, Any]:
         kind = "symlink"
     else:
         kind = kind_name(st.st_mode)
-    return {"kind": kind, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    found = {"kind": kind, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if kind == "symlink" and follow_links:
+        found.update(_as_followed(full, root))
+    return found
+
+
+def _as_followed(link: bytes, root: bytes) -> dict[str, Any]:
+    """A link as a scan that follows links records it (walk._Walk._classify): the size and mtime of
+    the regular file it reaches inside DATA_DIR, not the link's own; None when a scan would not
+    take it as a file (it leads out of DATA_DIR, nowhere, round a loop, or to a folder or FIFO)."""
+    real_root = os.path.realpath(root)
+    target = os.path.realpath(link)
+    try:
+        st = os.stat(link) if inside(target, real_root) else None
+    except OSError:
+        st = None
+    is_file = st is not None and stat.S_ISREG(st.st_mode)
+    shown = relpath_for_people(os.path.relpath(target, real_root)) if inside(target, real_root) else os.fsdecode(target)
+    return {"followed_to": shown, "size": st.st_size if is_file else None,
+            "mtime_ns": st.st_mtime_ns if is_file else None}
 
 
 # -- a file with tasks -----------------------------------------------------------------------------
@@ -108,6 +151,9 @@ def _current_stat(on_disk: dict[str, Any]) -> tuple[int, int]:
 def _task_lines(found: Explanation, out: Path) -> list[str]:
     quoted_out = shlex.quote(str(out))
     lines = [f"{found.relpath}: {len(found.tasks)} task{'s' if len(found.tasks) > 1 else ''} in {out}"]
+    if "followed_to" in found.on_disk:
+        lines.append(f"  a symlink to {found.on_disk['followed_to']}, followed as the last run did "
+                     "(--follow-symlinks): its target's size and mtime are what a scan compares")
     for task in found.tasks:
         where = "" if task["length"] is None else f" bytes {task['offset']}-{task['offset'] + task['length']}"
         lines.append(f"  task {task['id']}{where}: {task['state']}, {task['attempts']} attempt"
@@ -139,13 +185,46 @@ def _state_lines(task: dict[str, Any], found: Explanation, quoted_out: str) -> l
         lines.append("its file was not found by the last scan (deleted, or no longer selected by "
                      "--include/--exclude): its records left the output")
     if task["changed_since"]:
-        lines.append(f"the file changed since (size {task['size']} -> {found.on_disk['size']}, or its mtime): "
-                     "the next run processes it again")
+        what = "its target" if "followed_to" in found.on_disk else "the file"
+        lines.append(f"{what} changed since ({_what_changed(task, found.on_disk)}): the next run processes it again")
     elif task["changed_since"] is None and state != "gone":
-        kind = found.on_disk["kind"]
-        lines.append("the file is no longer in DATA_DIR: the next scan drops its records from the output"
-                     if kind == "missing" else f"it is a {kind} now, no longer a regular file")
+        lines.append(_no_longer_a_file(found.on_disk))
     return lines
+
+
+def _what_changed(task: dict[str, Any], on_disk: dict[str, Any]) -> str:
+    """'size 10 -> 9', 'modification time A -> B', or both: what a scan finds differ from the task."""
+    changes = []
+    if task["size"] != on_disk["size"]:
+        changes.append(f"size {task['size']} -> {on_disk['size']}")
+    if task["mtime_ns"] != on_disk["mtime_ns"]:
+        changes.append("modification time {} -> {}".format(*_readable_mtimes(task["mtime_ns"], on_disk["mtime_ns"])))
+    return ", ".join(changes)
+
+
+def _readable_mtimes(old_ns: int | None, new_ns: int | None) -> tuple[str, str]:
+    """Both as local times; with their nanoseconds when they fall in the same second (else they would
+    read alike, as a file rewritten within a second does)."""
+    same_second = None not in (old_ns, new_ns) and old_ns // 10**9 == new_ns // 10**9
+    return _local_time_ns(old_ns, same_second), _local_time_ns(new_ns, same_second)
+
+
+def _local_time_ns(ns: int | None, to_the_ns: bool) -> str:
+    if ns is None:
+        return "unknown"
+    text = time.strftime(TIME_FORMAT, time.localtime(ns // 10**9))
+    return f"{text}.{ns % 10**9:09d}" if to_the_ns else text
+
+
+def _no_longer_a_file(on_disk: dict[str, Any]) -> str:
+    """Why a task's file has no size and mtime to compare now."""
+    kind = on_disk["kind"]
+    if kind == "missing":
+        return "the file is no longer in DATA_DIR: the next scan drops its records from the output"
+    if "followed_to" in on_disk:
+        return (f"it links to {on_disk['followed_to']} now, which a scan does not take as a file "
+                "(a folder, a special file, a missing target or one outside DATA_DIR)")
+    return f"it is a {kind} now, no longer a regular file"
 
 
 def _when(timestamp: float | None) -> str:
@@ -154,8 +233,8 @@ def _when(timestamp: float | None) -> str:
 
 # -- a file without a task: the first rule of a scan that leaves it out ---------------------------------
 
-def _why_no_task(ledger: Ledger, relpath: bytes, root: bytes, on_disk: dict[str, Any], out: Path) -> str:
-    settings = ledger.scan_settings()
+def _why_no_task(ledger: Ledger, relpath: bytes, root: bytes, on_disk: dict[str, Any], out: Path,
+                 settings: dict[str, Any] | None) -> str:
     last = ledger.last_run()
     checks = (  # in the order a walk applies them: an entry's kind and links before any pattern
         lambda: _folder_problem(ledger, relpath),
@@ -199,7 +278,7 @@ def _in_an_out(relpath: bytes, root: bytes, out: Path) -> str | None:
 
 def _link_on_the_way(relpath: bytes, root: bytes, settings: dict[str, Any] | None) -> str | None:
     """A folder of its path, or the file itself, that is a symlink the walk would not go through."""
-    follow = bool(settings and settings.get("follow_symlinks"))
+    follow = _followed_links(settings)
     parts = relpath.split(b"/")
     real_root = os.path.realpath(root)
     for depth in range(1, len(parts) + 1):

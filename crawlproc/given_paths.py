@@ -17,20 +17,26 @@ from pathlib import Path
 from crawlproc.errors import UsageError
 
 
+DATA_DIR_ITSELF = b""  # what relpath_under gives for DATA_DIR itself
+
+
 def relpath_under(path: str, data_dir: str, out: Path, has_task: Callable[[bytes], bool] = lambda _: False) -> bytes:
-    """PATH as a relpath under DATA_DIR (bytes); UsageError when it is not under it."""
+    """PATH as a relpath under DATA_DIR (bytes), DATA_DIR_ITSELF when that is the only reading;
+    UsageError when it is not under it."""
     root = os.fsencode(data_dir)
     given = os.fsencode(path)
     candidates = [given] if os.path.isabs(given) else [os.path.abspath(given), os.path.join(root, given)]
     if not os.path.isabs(given) and not inside(os.path.abspath(given), root):
         candidates.reverse()  # relative to the current folder only where that is under DATA_DIR
-    readings = [os.path.relpath(spelled, root).replace(os.sep.encode(), b"/")
-                for candidate in candidates for spelled in _spellings(candidate)
-                if inside(spelled, root) and spelled != root]
-    if not readings:
-        raise UsageError(f"{path} is not under DATA_DIR {data_dir} of OUT {out}; give a path inside it "
-                         f"(absolute, or relative to it as `crawlproc failures -o {shlex.quote(str(out))}` prints them)")
-    return next((relpath for relpath in readings if has_task(relpath)), readings[0])
+    spellings = [spelled for candidate in candidates for spelled in _spellings(candidate) if inside(spelled, root)]
+    readings = [os.path.relpath(spelled, root).replace(os.sep.encode(), b"/") for spelled in spellings
+                if spelled != root]
+    if readings:
+        return next((relpath for relpath in readings if has_task(relpath)), readings[0])
+    if spellings:  # DATA_DIR itself (`.` typed in it, or its own path): no file of it fits better
+        return DATA_DIR_ITSELF
+    raise UsageError(f"{path} is not under DATA_DIR {data_dir} of OUT {out}; give a path inside it "
+                     f"(absolute, or relative to it as `crawlproc failures -o {shlex.quote(str(out))}` prints them)")
 
 
 def _spellings(path: bytes) -> list[bytes]:

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from crawlproc.errors import LedgerError, UsageError
 from crawlproc.finalize import default_output, merge_results, write_summary
-from crawlproc.given_paths import relpath_under
+from crawlproc.given_paths import DATA_DIR_ITSELF, relpath_under
 from crawlproc.ledger import SCAN_SETTINGS_KEY, Ledger
 from crawlproc.lock import OutLock, running_pid
 from crawlproc.processors.shipping import is_shipped_spec
@@ -34,8 +34,10 @@ GOING, FINISHED, ENDED_ABRUPTLY = "going", "finished", "ended abruptly"
 
 def _open_readonly(out: Path) -> Ledger:
     """OUT's ledger for reading; a lost one beside result files is a hint to rebuild it, not a guess."""
-    if not out.is_dir():
+    if not out.exists():
         raise UsageError(f"OUT {out} does not exist")
+    if not out.is_dir():
+        raise UsageError(f"OUT {out} exists and is not a folder")
     try:
         return Ledger(out / LEDGER_NAME, readonly=True)
     except LedgerError:
@@ -292,7 +294,15 @@ def _task_relpaths(paths: tuple[str, ...], data_dir: str | None, out: Path, ledg
     """Paths named on the command line as the ledger's relpath column spells them."""
     if not data_dir:  # no run yet: no task has any path
         return list(paths)
-    return [relpath_for_people(relpath_under(path, data_dir, out, has_task=ledger.has_task)) for path in paths]
+    return [relpath_for_people(_file_relpath(path, data_dir, out, ledger)) for path in paths]
+
+
+def _file_relpath(path: str, data_dir: str, out: Path, ledger: Ledger) -> bytes:
+    relpath = relpath_under(path, data_dir, out, has_task=ledger.has_task)
+    if relpath == DATA_DIR_ITSELF:
+        raise UsageError(f"{path} is DATA_DIR {data_dir} itself: name files inside it, or give no path to "
+                         "retry every task; nothing was put back to pending")
+    return relpath
 
 
 class MergeReport(NamedTuple):

@@ -6,6 +6,7 @@ import json
 import os
 import shlex
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,79 @@ def test_a_path_outside_data_dir_is_one_line_exit_2(tree, tmp_path):
     assert f"is not under DATA_DIR {os.path.realpath(tree)}" in stderr
     code, _, stderr = explain("a.txt", "-o", str(tmp_path / "missing"))
     assert code == 2 and len(stderr.splitlines()) == 1 and "does not exist" in stderr
+
+
+def test_a_followed_symlink_is_compared_by_its_target_as_the_scan_does(tmp_path):
+    data = make_tree(tmp_path / "data", {"plain.txt": "plain text"})  # 10 bytes; the link itself is 9
+    os.symlink("plain.txt", data / "link-in.txt")
+    out = tmp_path / "out"
+    run(data, out, follow_symlinks=True)
+    assert run(data, out, follow_symlinks=True).processed == 0  # the scan finds the link unchanged
+    found = as_json("link-in.txt", out)
+    assert found["tasks"][0]["changed_since"] is False
+    assert found["on_disk"]["size"] == 10 and found["on_disk"]["followed_to"] == "plain.txt"
+    code, text, _ = explain("link-in.txt", "-o", str(out))
+    assert code == 0 and "a symlink to plain.txt, followed as the last run did (--follow-symlinks)" in text
+    assert "changed since" not in text
+    (data / "plain.txt").write_text("plain text, longer")
+    code, text, _ = explain("link-in.txt", "-o", str(out))
+    assert code == 0 and "its target changed since (size 10 -> 18" in text
+    assert run(data, out, follow_symlinks=True).processed == 2  # as explain said: the link and its target
+
+
+def set_mtime(path: Path, mtime_ns: int) -> None:
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def local_time(seconds: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+
+
+def changed_line(out: Path, name: str) -> str:
+    code, text, stderr = explain(name, "-o", str(out))
+    assert code == 0, stderr
+    return next(line.strip() for line in text.splitlines() if "changed since" in line)
+
+
+def test_a_change_says_what_changed_size_or_modification_time_or_both(tmp_path):
+    data = make_tree(tmp_path / "data", {"a.txt": "one two\n"})
+    then = 1_600_000_000
+    set_mtime(data / "a.txt", then * 10**9)
+    out = tmp_path / "out"
+    run(data, out)
+    set_mtime(data / "a.txt", (then + 3600) * 10**9)
+    assert changed_line(out, "a.txt") == (f"the file changed since (modification time {local_time(then)} -> "
+                                          f"{local_time(then + 3600)}): the next run processes it again")
+    set_mtime(data / "a.txt", then * 10**9 + 250)  # within the same second: the seconds alone would read alike
+    assert f"(modification time {local_time(then)}.000000000 -> {local_time(then)}.000000250)" in \
+        changed_line(out, "a.txt")
+    (data / "a.txt").write_text("one two three\n")
+    set_mtime(data / "a.txt", then * 10**9)
+    assert "(size 8 -> 14): " in changed_line(out, "a.txt")
+    set_mtime(data / "a.txt", (then + 60) * 10**9)
+    assert f"(size 8 -> 14, modification time {local_time(then)} -> {local_time(then + 60)}): " in \
+        changed_line(out, "a.txt")
+
+
+def test_data_dir_itself_is_said_to_be_data_dir_as_a_folder_in_it_is(tree, tmp_path):
+    out = tmp_path / "out"
+    run(tree, out)
+    folder_code, folder_text, _ = explain(str(tree / "keep"), "-o", str(out))
+    assert folder_text == f"keep: no task in {out}\n  it is a folder: explain a file inside it\n"
+    for path, cwd in ((str(tree), None), (f"{tree}/", None), (".", tree)):
+        code, text, stderr = explain(path, "-o", str(out), cwd=cwd)
+        assert (code, stderr) == (folder_code, "")
+        assert text == f"./: no task in {out}\n  it is DATA_DIR itself: explain a file inside it\n"
+    assert as_json(".", out, cwd=tree)["why_no_task"] == "it is DATA_DIR itself: explain a file inside it"
+    retried = run_cli("retry", "-o", str(out), ".", cwd=tree)  # retry reads PATH as explain does
+    assert retried.returncode == 2 and len(retried.stderr.splitlines()) == 1
+    assert f"is DATA_DIR {os.path.realpath(tree)} itself: name files inside it" in retried.stderr
+
+
+@pytest.mark.parametrize("command", [("explain", "a.txt"), ("serve", "--port", "0"), ("status",), ("failures",)])
+def test_an_out_that_is_a_file_is_said_to_be_no_folder(tmp_path, command):
+    afile = tmp_path / "afile"
+    afile.write_text("not an OUT\n")
+    result = run_cli(*command, "-o", str(afile))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"crawlproc: OUT {afile} exists and is not a folder"]
