@@ -26,10 +26,10 @@ from typing import Any
 from crawlproc.errors import UsageError
 from crawlproc.given_paths import DATA_DIR_ITSELF, inside, path_argument, relpath_under
 from crawlproc.ledger import Ledger
-from crawlproc.listing import holds_crawlproc_ledger
+from crawlproc.listing import FILE, holds_crawlproc_ledger
 from crawlproc.report import read_ledger
 from crawlproc.task import relpath_for_people
-from crawlproc.walk import SKIP_KINDS, PathFilter, kind_name
+from crawlproc.walk import SKIP_KINDS, PathFilter, judge_entry, kind_name
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
@@ -118,19 +118,15 @@ def _on_disk(full: bytes, root: bytes, follow_links: bool) -> dict[str, Any]:
 
 
 def _as_followed(link: bytes, root: bytes) -> dict[str, Any]:
-    """A link as a scan that follows links records it (walk._Walk._classify): the size and mtime of
+    """A link as a scan that follows links records it (walk.judge_entry): the size and mtime of
     the regular file it reaches inside DATA_DIR, not the link's own; None when a scan would not
     take it as a file (it leads out of DATA_DIR, nowhere, round a loop, or to a folder or FIFO)."""
     real_root = os.path.realpath(root)
     target = os.path.realpath(link)
-    try:
-        st = os.stat(link) if inside(target, real_root) else None
-    except OSError:
-        st = None
-    is_file = st is not None and stat.S_ISREG(st.st_mode)
+    verdict = judge_entry(link, real_root, follow=True)
+    st = verdict.st if verdict.kind == FILE else None
     shown = relpath_for_people(os.path.relpath(target, real_root)) if inside(target, real_root) else os.fsdecode(target)
-    return {"followed_to": shown, "size": st.st_size if is_file else None,
-            "mtime_ns": st.st_mtime_ns if is_file else None}
+    return {"followed_to": shown, "size": st.st_size if st else None, "mtime_ns": st.st_mtime_ns if st else None}
 
 
 # -- a file with tasks -----------------------------------------------------------------------------
