@@ -139,7 +139,7 @@ def _settings_changed(stored: Mapping[str, str], wanted: Mapping[str, str], diff
     if differ & CODE_KEYS:
         detail += "; and the processor's code changed"
     note = " (--keep-results accepts edited processor code, nothing else)" if keep_results else ""
-    return IdentityMismatch(f"{out} was made with other settings ({detail}){note}; a new --out starts afresh",
+    return IdentityMismatch(f"{out} was made with other settings ({detail}){note}; another OUT starts afresh",
                             [WayOut(_REDO, "--reprocess", ("--keep-results",))])
 
 

@@ -333,7 +333,7 @@ def processor_and_params(values: Mapping[str, Any], processor_given: bool) -> tu
             raise UsageError("--ok-exit-codes goes with --cmd, e.g. --cmd 'grep -c x {}' --ok-exit-codes 0,1")
         return values["processor"], params
     if processor_given:
-        raise UsageError("--cmd and -p/--processor exclude each other")
+        raise UsageError("a command (--cmd, from Python cmd=) and a processor (-p, processor=) exclude each other")
     for name, what, option in (("cmd", "the command", "--cmd"), (OK_EXIT_CODES, "the exit codes", "--ok-exit-codes")):
         if name in params:
             raise UsageError(f"give {what} with {option}, not --param {name}=...")

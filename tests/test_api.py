@@ -8,6 +8,7 @@ tried in a real `python` subprocess, as a user would run it.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -335,6 +336,21 @@ def test_open_reads_a_finished_out(data, tmp_path):
     assert table.num_rows == 4 and table.column("words").to_pylist() == [r["words"] for r in merged]
     frame = reader.to_pandas()
     assert list(frame["path"]) == [r["path"] for r in merged]
+
+
+def test_tasks_give_the_path_processors_get_to_join_with_records(tmp_path):
+    """A non-UTF-8 name: `relpath` is for people (\\xNN), `path` is the str processors and
+    their records hold (surrogateescape), so tasks and records join on it."""
+    data = make_tree(tmp_path / "data", {"a.txt": "1\n"})
+    raw = b"caf\xe9.txt"
+    (data / os.fsdecode(raw)).write_bytes(b"2\n")
+    out = tmp_path / "out"
+    crawlproc.run(data, out=out, processor="linecount", workers=1, quiet=True)
+    reader = crawlproc.open(out)
+    tasks = {t["path"]: t for t in reader.tasks()}
+    assert {r["path"] for r in reader.records()} == tasks.keys() == {"a.txt", os.fsdecode(raw)}
+    assert tasks[os.fsdecode(raw)]["relpath"] == "caf\\xe9.txt"
+    assert os.fsencode(tasks[os.fsdecode(raw)]["path"]) == raw
 
 
 FIELDS_VARY_PROCESSOR = """

@@ -5,6 +5,7 @@ order, and what the Python API, `explain` and the status page show.
 from __future__ import annotations
 
 import heapq
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -180,11 +181,13 @@ class Reading:
 
     # -- reading tasks one by one (the Python API, `explain`) ----------------------------
     def iter_tasks(self, state: str | None = None) -> Iterator[dict[str, Any]]:
-        """Every task, or those in `state`, in merge order, as dicts (TASK_FIELDS), streamed."""
+        """Every task, or those in `state`, in merge order, as dicts (TASK_FIELDS), streamed, each
+        with `path`: its name as processors get it (os.fsdecode), to join with their records;
+        `relpath` is the name for people (a non-UTF-8 byte as \\xNN)."""
         where, args = (" WHERE state = ?", (state,)) if state is not None else ("", ())
-        cursor = self.conn.execute(f"SELECT {_TASK_COLUMNS} FROM tasks{where} "
+        cursor = self.conn.execute(f"SELECT {_TASK_COLUMNS}, path_bytes FROM tasks{where} "
                                    'ORDER BY path_bytes, "offset"', args)
-        return (dict(zip(TASK_FIELDS, row)) for row in cursor)
+        return ({**dict(zip(TASK_FIELDS, row)), "path": os.fsdecode(row[-1])} for row in cursor)
 
     def tasks_of(self, path_bytes: bytes) -> list[dict[str, Any]]:
         """The tasks of one file (several with --chunk-size), in offset order."""
