@@ -8,16 +8,20 @@ looks at is a state the run holds until the test lets it go on, never a guessed 
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -139,6 +143,14 @@ def metrics(url: str) -> dict[str, float]:
     return samples
 
 
+def finished_out(tmp_path: Path) -> Path:
+    """A small OUT whose run has finished."""
+    data = make_tree(tmp_path / "data", {"a.txt": "one\n", "b.txt": "two\n"})
+    out = tmp_path / "out"
+    assert run_cli("run", str(data), "-o", str(out), "--no-progress").returncode == 0
+    return out
+
+
 # -- a run serving its page ------------------------------------------------------------------
 
 def test_metrics_follow_a_run_and_parse_as_prometheus_text(gates, served):
@@ -216,9 +228,7 @@ def test_status_json_is_status_and_the_live_run(gates, served):
 
 
 def test_read_only_and_nothing_from_elsewhere(tmp_path, served):
-    data = make_tree(tmp_path / "data", {"a.txt": "one\n", "b.txt": "two\n"})
-    out = tmp_path / "out"
-    assert run_cli("run", str(data), "-o", str(out), "--no-progress").returncode == 0
+    out = finished_out(tmp_path)
     server = served("serve", "-o", str(out), "--port", "0", name="serve")
     for method in ("POST", "PUT", "DELETE", "PATCH"):
         status, headers, _ = get(server.url + "status.json", method)
@@ -253,9 +263,7 @@ def test_a_port_in_use_is_one_line_and_exit_2(tmp_path):
 
 
 def test_serve_command_port_in_use(tmp_path):
-    data = make_tree(tmp_path / "data", {"a.txt": "one\n"})
-    out = tmp_path / "out"
-    assert run_cli("run", str(data), "-o", str(out), "--no-progress").returncode == 0
+    out = finished_out(tmp_path)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -297,28 +305,56 @@ def test_a_bad_serve_address_is_a_usage_error(tmp_path, value):
     assert "--serve" in result.stderr and "[HOST:]PORT" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_an_empty_host_is_one_line_exit_2_and_nothing_listens(tmp_path):
+    """An empty $HOST in a script (`--host "$HOST"`) once listened on every interface."""
+    out = finished_out(tmp_path)
+    for host in ("", "   "):
+        with socket.socket() as probe:  # a port free now, to see that nothing takes it
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        result = run_cli("serve", "-o", str(out), "--host", host, "--port", str(port), timeout=URL_TIMEOUT)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "'--host'" in result.stderr and "empty" in result.stderr and "0.0.0.0" in result.stderr
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT).close()
+
+
+def test_an_empty_host_is_refused_from_python_too(tmp_path):
+    from crawlproc.errors import UsageError
+    from crawlproc.serve import Address, serve_out
+    from crawlproc.serve.page_process import PageProcess
+
+    out = finished_out(tmp_path)
+
+    def ready(url: str) -> None:
+        pytest.fail(f"served on {url}")
+
+    for host in ("", " ", "[]"):
+        with pytest.raises(UsageError, match="empty"):
+            serve_out(out, Address(host, 0), ready=ready)
+        with pytest.raises(UsageError, match="empty"):
+            PageProcess(Address(host, 0), out).close()
+
+
 def test_serve_of_a_folder_without_ledger_says_so(tmp_path):
     result = run_cli("serve", "-o", str(tmp_path / "nowhere"), "--port", "0")
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         f"crawlproc: OUT {tmp_path / 'nowhere'} does not exist"]
 
 
-# -- a slow client never stalls the run --------------------------------------------------------
+# -- slow clients never stall the run, nor lock others out of the page --------------------------
 
 def test_stuck_clients_never_stall_the_run(gates, served):
-    from crawlproc.serve.server import MAX_CLIENTS
+    from crawlproc.serve.server import Limits
 
     run = served(*gates.run_args("--retries", "0", "--serve", "0"), name="run")
     port = int(run.url.rsplit(":", 1)[1].strip("/"))
     stuck = []
     try:
-        for _ in range(MAX_CLIENTS - 1):  # each holds a request thread until its timeout
+        for _ in range(2 * Limits().waiting):  # more than the server keeps waiting: the oldest are dropped
             stuck.append(socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT))
             stuck[-1].sendall(b"GET /status.json HTTP/1.1\r\n")  # and never ends its request
-        assert get(run.url + "healthz")[2] == b"ok\n"  # one slot is left, and it answers
-        for _ in range(3 * MAX_CLIENTS):  # now more than the server will take
-            stuck.append(socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT))
-            stuck[-1].sendall(b"GET / HTTP/1.1\r\n")
+        assert get(run.url + "healthz")[2] == b"ok\n"
         gates.first.touch()
         gates.last.touch()
         assert run.finish() == 1  # the run went through to its end (the <script> file failed)
@@ -326,6 +362,158 @@ def test_stuck_clients_never_stall_the_run(gates, served):
         for connection in stuck:
             connection.close()
     assert status_cli(gates.out)["counts"]["done"] == FILES + 1
+
+
+TRICKLE_SECONDS = 0.5  # well under the 10 s a read once waited: such a client was never cut off
+
+
+def closed_by_server(connection: socket.socket) -> bool:
+    """Whether the server has closed `connection` without answering it (never waits)."""
+    if not select.select([connection], [], [], 0)[0]:
+        return False
+    try:
+        return connection.recv(1, socket.MSG_PEEK) == b""
+    except ConnectionResetError:
+        return True
+
+
+class Tricklers:
+    """Clients that send a request line, then a header a byte every TRICKLE_SECONDS, never
+    ending it ("slowloris"); a thread of the test sends the bytes."""
+
+    def __init__(self, port: int, count: int) -> None:
+        self.connections = []
+        for _ in range(count):
+            self.connections.append(socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT))
+            self.connections[-1].sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slowly: ")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._trickle, daemon=True)
+        self._thread.start()
+
+    def _trickle(self) -> None:
+        while not self._stop.wait(TRICKLE_SECONDS):
+            for connection in self.connections:
+                try:
+                    connection.sendall(b".")
+                except OSError:
+                    pass  # cut off by the server: closed_by_server says so
+
+    def all_cut_off(self) -> bool:
+        return all(closed_by_server(connection) for connection in self.connections)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=HTTP_TIMEOUT)
+        for connection in self.connections:
+            connection.close()
+
+
+def answers(url: str) -> int | None:
+    """The status of GET `url`, or None when the server closed the connection unanswered."""
+    try:
+        return get(url)[0]
+    except (OSError, http.client.HTTPException):  # RemoteDisconnected, ConnectionResetError, timeout
+        return None
+
+
+def test_idle_and_trickling_clients_do_not_lock_others_out_of_the_page(tmp_path, served):
+    """Clients that connect and send nothing (a browser's speculative connections) or trickle
+    their request a byte at a time, more of them than there are threads to answer with:
+    everyone else is still answered."""
+    from crawlproc.serve.server import Limits
+
+    limits = Limits()
+    out = finished_out(tmp_path)
+    server = served("serve", "-o", str(out), "--port", "0", name="serve")
+    port = int(server.url.rsplit(":", 1)[1].strip("/"))
+    tricklers = Tricklers(port, limits.answering + 4)  # first: each once held a thread for good
+    idle = []
+    try:
+        for _ in range(limits.waiting - len(tricklers.connections) - 4):  # none dropped to make room
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT))
+        assert wait_until(lambda: answers(server.url + "healthz") == 200, URL_TIMEOUT, "/healthz beside them")
+        assert answers(server.url + "status.json") == 200 and answers(server.url) == 200
+    finally:
+        tricklers.close()
+        for connection in idle:
+            connection.close()
+    assert server.stop() == 0
+
+
+@contextmanager
+def page_in_process(out: Path, **limits: float):
+    """A StatusServer in this process on any free port, with the limits given: its URL."""
+    from crawlproc.serve import Address
+    from crawlproc.serve.board import LedgerBoard
+    from crawlproc.serve.server import Limits, StatusServer, listening_socket, page_url
+    from crawlproc.serve.view import StatusView
+
+    sock, bound = listening_socket(Address("127.0.0.1", 0), "--port")
+    server = StatusServer(sock, StatusView(out, LedgerBoard()), limits=Limits(**limits))
+    server.start()
+    try:
+        yield page_url(bound)
+    finally:
+        server.close()
+
+
+def test_a_client_trickling_its_request_is_cut_off_at_the_deadline(tmp_path):
+    """The whole request must come within request_seconds of the connection: a byte now and
+    then does not keep a client in."""
+    deadline = 1.0
+    with page_in_process(tmp_path / "out", request_seconds=deadline) as url:
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        started = time.monotonic()
+        tricklers = Tricklers(port, 1)
+        try:
+            wait_until(tricklers.all_cut_off, URL_TIMEOUT, "the trickling client to be cut off")
+            assert time.monotonic() - started >= deadline  # not before its deadline
+        finally:
+            tricklers.close()
+        assert answers(url + "healthz") == 200  # and the server goes on
+
+
+def test_clients_waiting_for_their_request_hold_no_thread_and_the_oldest_makes_room(tmp_path):
+    """More trickling clients than threads to answer with: others are answered; with `waiting`
+    connections still sending their request, a new one drops the oldest of them. The deadline
+    is far off, so nothing else closes any of them."""
+    with page_in_process(tmp_path / "out", waiting=4, answering=1, request_seconds=RUN_TIMEOUT) as url:
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        tricklers = Tricklers(port, 2)
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT)]
+        try:
+            assert answers(url + "healthz") == 200  # the 4th waiting connection: room for it
+            assert not any(closed_by_server(connection) for connection in (*tricklers.connections, *idle))
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT))  # 4 waiting
+            assert answers(url + "healthz") == 200  # a 5th: the oldest goes
+            oldest, *others = tricklers.connections + idle
+            wait_until(lambda: closed_by_server(oldest), HTTP_TIMEOUT, "the oldest to be dropped")
+            assert not any(closed_by_server(connection) for connection in others)
+        finally:
+            tricklers.close()
+            for connection in idle:
+                connection.close()
+
+
+def test_an_answer_the_client_does_not_read_is_cut_off_at_its_deadline():
+    """Writing an answer takes at most answer_seconds in all, from its first write on."""
+    from crawlproc.serve.handler import DeadlineWriter
+
+    ours, client = socket.socketpair()  # the client never reads: the buffers fill, then sendall waits
+    with ours, client:
+        now = [100.0]
+        writer = DeadlineWriter(ours, 1.0, clock=lambda: now[0])
+        writer.write(b"HTTP/1.0 200 OK\r\n\r\n")  # the headers: in the buffer at once
+        now[0] += 1.5
+        with pytest.raises(TimeoutError):
+            writer.write(b"the body")  # late: the deadline counts from the first write
+
+        writer = DeadlineWriter(ours, 1.0)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            for _ in range(64):  # 64 MB: more than any socket buffer holds
+                writer.write(bytes(1 << 20))
+        assert time.monotonic() - started >= 1.0
 
 
 # -- watch -----------------------------------------------------------------------------------
@@ -469,7 +657,7 @@ def test_parse_address():
     assert parse_address("0.0.0.0:9000") == Address("0.0.0.0", 9000)
     assert parse_address("[::1]:9000") == Address("::1", 9000)
     assert str(Address("::1", 9000)) == "[::1]:9000"
-    for bad in ("", "x", "65536", "host:", ":80", "1.2.3.4:port"):
+    for bad in ("", "x", "65536", "host:", ":80", " :80", "[ ]:80", "1.2.3.4:port"):
         with pytest.raises(UsageError):
             parse_address(bad)
 

@@ -144,11 +144,22 @@ def explain(path: str, out: Path, as_json: bool) -> None:
             click.echo(line)
 
 
+def _listen_host(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """--host as the socket takes it; empty or blank is a bad value (see serve.listen_host)."""
+    from crawlproc.errors import UsageError
+    from crawlproc.serve import listen_host
+
+    try:
+        return listen_host(value)
+    except UsageError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @cli.command()
 @out_option
 @click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True,
               envvar=env_name("port"), help="Port to listen on (0: any free port).")
-@click.option("--host", default=DEFAULT_HOST, show_default=True, envvar=env_name("host"),
+@click.option("--host", default=DEFAULT_HOST, show_default=True, envvar=env_name("host"), callback=_listen_host,
               help="Address to listen on (0.0.0.0: every interface; the page is read-only).")
 def serve(out: Path, port: int, host: str) -> None:
     """Serve the live status page, /status.json, /healthz and Prometheus /metrics of OUT.
@@ -158,7 +169,7 @@ def serve(out: Path, port: int, host: str) -> None:
     """
     from crawlproc.serve import Address, serve_out
 
-    serve_out(out, Address(host.strip("[]"), port),
+    serve_out(out, Address(host, port),
               ready=lambda url: click.echo(f"serving {out} on {url} (Ctrl-C to stop)", err=True))
 
 

@@ -4,7 +4,7 @@
                                           │ snapshot: one message, never waited for
                                           v
     page process (page_process.py)          RelayedBoard: the snapshot, swapped whole
-    HTTP client ──> server thread ──> one thread per request (capped, with timeouts)
+    HTTP client ──> server thread: reads each request (deadline) ──> a thread answers it (capped)
                         │  /             page.html (inline CSS and JS, polls /status.json)
                         │  /status.json  StatusView: `status --json` + the snapshot + latest failures
                         │  /metrics      metrics.RunCollector, reading the same view at scrape time
@@ -45,13 +45,26 @@ class Address(NamedTuple):
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+def listen_host(host: str) -> str:
+    """The host as a socket takes it ('[::1]' -> '::1', blanks around it dropped); UsageError for an
+    empty or all-blank one, which the system would take for every interface: an empty $HOST in a
+    script must not put the page on the network."""
+    bare = host.strip().strip("[]").strip()
+    if not bare:
+        raise UsageError(f"the host to serve on is empty ({host!r}): give one, e.g. {DEFAULT_HOST} (the default), "
+                         "or 0.0.0.0 for every interface")
+    return bare
+
+
 def parse_address(text: str) -> Address:
     """'8080' -> 127.0.0.1:8080; 'HOST:PORT', '[::1]:8080' as given. Port 0 picks a free one."""
     host, sep, port = text.strip().rpartition(":")
-    host = host.strip("[]") if sep else DEFAULT_HOST
-    if not port.isdigit() or int(port) > 65535 or (sep and not host):
-        raise UsageError(f"--serve {text!r} is not [HOST:]PORT, e.g. 8080 or 0.0.0.0:8080 (port 0: any free port)")
-    return Address(host, int(port))
+    if port.isdigit() and int(port) <= 65535:
+        try:
+            return Address(listen_host(host) if sep else DEFAULT_HOST, int(port))
+        except UsageError:
+            pass  # ':8080', an empty host: said as any value not [HOST:]PORT
+    raise UsageError(f"--serve {text!r} is not [HOST:]PORT, e.g. 8080 or 0.0.0.0:8080 (port 0: any free port)")
 
 
 def check_available() -> None:

@@ -1,4 +1,4 @@
-"""The HTTP side of the status page: routes, safety headers, one thread per request.
+"""The HTTP side of the status page: routes, safety headers, a thread to answer each request.
 
 Imported by the server's own thread (server.py), in the page process for
 --serve: the run never imports `http.server` (and the email and HTML modules it
@@ -9,24 +9,29 @@ brings).
               /metrics      metrics.RunCollector, in a registry of its own
               /healthz      "ok"
     anything else: 404; any other method: 405
+
+The server's thread has read the request line and headers already (server.Arrivals): a
+thread here only parses them and writes the answer, within Limits.answer_seconds.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import re
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
+import time
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from loguru import logger
 
-from crawlproc.serve.server import MAX_CLIENTS, REQUEST_TIMEOUT_SECONDS
+from crawlproc.serve.server import Limits
 from crawlproc.serve.view import StatusView
 
 PAGE_FILE = Path(__file__).with_name("page.html")
@@ -47,11 +52,20 @@ def _page_and_policy() -> tuple[bytes, str]:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: "PageHTTPServer"
+    server: "PageAnswers"
     server_version = "crawlproc"
     sys_version = ""  # the Server header names no Python version
-    protocol_version = "HTTP/1.0"  # one request per connection: no idle keep-alive threads
-    timeout = REQUEST_TIMEOUT_SECONDS
+    protocol_version = "HTTP/1.0"  # one request per connection: no idle keep-alive connections
+
+    def __init__(self, connection: socket.socket, client_address: Any, server: "PageAnswers",
+                 received: bytes) -> None:
+        self._received = received
+        super().__init__(connection, client_address, server)
+
+    def setup(self) -> None:
+        self.connection = self.request
+        self.rfile = io.BytesIO(self._received)  # the request line and headers, all there already
+        self.wfile = DeadlineWriter(self.connection, self.server.limits.answer_seconds)
 
     def do_GET(self) -> None:
         self._respond(head=False)
@@ -97,36 +111,66 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # a request is not news; the run's log stays about the run
 
 
-class PageHTTPServer(HTTPServer):
-    """Answers on a socket already bound and listening (server.StatusServer), one thread per
-    request, at most MAX_CLIENTS of them: beyond that a client is turned away."""
+class DeadlineWriter(io.BufferedIOBase):
+    """A connection as a handler's wfile: all it is given is written within `seconds` of the first
+    write, however slowly the client reads (sendall's timeout bounds one call; an answer takes a
+    few: the headers, then the body)."""
 
-    def __init__(self, sock: socket.socket, view: StatusView) -> None:
-        self.address_family = sock.family
+    def __init__(self, connection: socket.socket, seconds: float, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._connection, self._seconds, self._clock = connection, seconds, clock
+        self._deadline: float | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        if self._deadline is None:
+            self._deadline = self._clock() + self._seconds
+        left = self._deadline - self._clock()
+        if left <= 0:
+            raise TimeoutError(f"the answer was not written within {self._seconds:g} s")
+        self._connection.settimeout(left)
+        self._connection.sendall(data)
+        with memoryview(data) as view:
+            return view.nbytes
+
+
+class PageAnswers:
+    """Answers each request that is all there (server.StatusServer hands it over) in a daemon
+    thread of its own, at most `limits.answering` at a time: beyond that a client is turned away,
+    as each of those threads is done within `limits.answer_seconds` of its first write."""
+
+    def __init__(self, view: StatusView, limits: Limits) -> None:
         self.routes = _routes(view)
-        self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
-        super().__init__(sock.getsockname()[:2], _Handler, bind_and_activate=False)
-        self.socket.close()  # the one TCPServer made: the bound socket is used instead
-        self.socket = sock
-        self.server_name, self.server_port = "crawlproc", sock.getsockname()[1]
+        self.limits = limits
+        self._slots = threading.BoundedSemaphore(limits.answering)
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.slots.acquire(blocking=False):
-            self.shutdown_request(request)
+    def answer(self, connection: socket.socket, client_address: Any, received: bytes) -> None:
+        if not self._slots.acquire(blocking=False):
+            _close(connection)
             return
-        threading.Thread(target=self._serve_one, args=(request, client_address), name="crawlproc-serve-request",
-                         daemon=True).start()
+        threading.Thread(target=self._answer_one, args=(connection, client_address, received),
+                         name="crawlproc-serve-request", daemon=True).start()
 
-    def _serve_one(self, request: Any, client_address: Any) -> None:
+    def _answer_one(self, connection: socket.socket, client_address: Any, received: bytes) -> None:
         try:
-            self.finish_request(request, client_address)
+            _Handler(connection, client_address, self, received)
         except OSError:
-            pass  # the client went away or timed out: nothing to tell anyone
+            pass  # the client went away or read too slowly: nothing to tell anyone
         except Exception as exc:
             logger.debug("status page: a request failed: {!r}", exc)
         finally:
-            self.shutdown_request(request)
-            self.slots.release()
+            _close(connection)
+            self._slots.release()
+
+
+def _close(connection: socket.socket) -> None:
+    try:
+        connection.shutdown(socket.SHUT_WR)  # the client reads the answer to its end
+    except OSError:
+        pass
+    connection.close()
 
 
 def _routes(view: StatusView) -> dict[str, Callable[[], tuple[str, bytes, dict[str, str] | None]]]:
