@@ -473,6 +473,11 @@ def local_cluster_size(address: str, workers: int | None) -> int | None:
     return n
 
 
+# A worker that dies while the cluster starts (killed, out of memory) fails the whole start:
+# Dask's nanny restarts workers only once the cluster is up.
+CLUSTER_START_ATTEMPTS = 3
+
+
 def _local_cluster(n: int, address: str) -> Any:
     """A LocalCluster of `n` worker processes, one thread each, whose scheduler leaves retries
     to crawlproc. It runs here when this process has no other thread; else in a process of its
@@ -499,7 +504,7 @@ def start_local_cluster(n: int, address: str) -> Any:
 
     method = dask.config.set({"distributed.worker.multiprocessing-method": "fork"})
     lifeline.follow_me()  # a forked worker may hold what keeps another alive: see lifeline.py
-    for attempt in (1, 2):
+    for attempt in range(1, CLUSTER_START_ATTEMPTS + 1):
         try:
             with dask.config.set(OWN_CLUSTER_CONFIG):
                 cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
@@ -507,11 +512,12 @@ def start_local_cluster(n: int, address: str) -> Any:
             return _ForkedCluster(cluster, method)
         except Exception as exc:  # e.g. RuntimeError('Nanny failed to start.'): a worker died starting
             why = str(exc).rstrip(".")
-            if attempt == 2:
+            if attempt == CLUSTER_START_ATTEMPTS:
                 method.__exit__(None, None, None)
                 raise CrawlprocError(f"the local Dask cluster (--scheduler {address}) could not start ({why}); "
                                      "nothing is lost, run the same command again") from None
-            logger.warning("the local Dask cluster could not start ({}); starting it once more", why)
+            logger.warning("the local Dask cluster could not start ({}); starting it again ({} of {})", why,
+                           attempt + 1, CLUSTER_START_ATTEMPTS)
     raise AssertionError("unreachable")
 
 
