@@ -353,6 +353,9 @@ def job_options(data_dir: Any, values: Mapping[str, Any], *, processor_given: bo
         raise UsageError("output '-' (the records on stdout) is for the command line; from Python, "
                          "read them with crawlproc.open(out).records()")
     processor, params = processor_and_params(values, processor_given)
+    if processor == "cmd" and values["chunk_size"]:
+        raise UsageError("--cmd runs its command on whole files: with --chunk-size it would run once per byte "
+                         "range on the whole file, so each file's output would be there several times")
     return RunOptions(
         data_dir=a_path(data_dir), out=values["out"], processor=processor, params=params,
         workers=values["workers"], include=values["include"], exclude=values["exclude"],

@@ -279,8 +279,8 @@ def retry_tasks(out: Path, *, include_done: bool, relpaths: tuple[str, ...]) -> 
         ledger = Ledger(out / LEDGER_NAME)
         try:
             meta = ledger.meta()
-            names = _task_relpaths(relpaths, meta.get("data_dir"), out, ledger)
-            if unknown := ledger.unknown_relpaths(names):
+            names = _task_paths(relpaths, meta.get("data_dir"), out, ledger)
+            if unknown := ledger.unknown_relpaths(name for name in names if isinstance(name, str)):
                 raise UsageError(
                     f"OUT {out} has no task for {', '.join(map(shlex.quote, unknown))} (paths are relative "
                     f"to {meta.get('data_dir')}, as `crawlproc failures -o {shlex.quote(str(out))}` shows them); "
@@ -290,11 +290,17 @@ def retry_tasks(out: Path, *, include_done: bool, relpaths: tuple[str, ...]) -> 
             ledger.close()
 
 
-def _task_relpaths(paths: tuple[str, ...], data_dir: str | None, out: Path, ledger: Ledger) -> list[str]:
-    """Paths named on the command line as the ledger's relpath column spells them."""
+def _task_paths(paths: tuple[str, ...], data_dir: str | None, out: Path, ledger: Ledger) -> list[bytes | str]:
+    """Paths named on the command line: a file's bytes when the ledger has a task of that very
+    file, else the name as people read it (`failures` shows a non-UTF-8 byte as \\xNN; typed so,
+    it names that file, unless a file is really named with that backslash: that one wins)."""
     if not data_dir:  # no run yet: no task has any path
         return list(paths)
-    return [relpath_for_people(_file_relpath(path, data_dir, out, ledger)) for path in paths]
+    found: list[bytes | str] = []
+    for path in paths:
+        relpath = _file_relpath(path, data_dir, out, ledger)
+        found.append(relpath if ledger.has_task(relpath) else relpath_for_people(relpath))
+    return found
 
 
 def _file_relpath(path: str, data_dir: str, out: Path, ledger: Ledger) -> bytes:

@@ -40,6 +40,7 @@ from crawlproc.finalize import (
 )
 from crawlproc.coordinator import Coordinator, CoordinatorOptions
 from crawlproc.executors import WorkerLimits, make_executor
+from crawlproc.given_paths import inside
 from crawlproc.identity import CODE_KEY, PYTHON_KEY, Verdict
 from crawlproc.ledger import LEDGER_NAME, Ledger
 from crawlproc.lock import LOCK_NAME, OutLock
@@ -132,6 +133,18 @@ def check_out_is_not_data_dir(data_dir: Path, out: Path) -> None:
                          f"results and logs for input; give an OUT outside it, e.g. -o {shlex.quote(sibling)}")
 
 
+def check_output_is_not_input(data_dir: Path, out: Path, output: Path | str | None) -> None:
+    """The merged output is never input either: one in DATA_DIR (and not in OUT, which scans
+    skip) would be taken in by the next scan, and processed again after every merge."""
+    if output is None or output == "-":
+        return
+    real_output = os.fsencode(os.path.realpath(output))
+    if inside(real_output, os.fsencode(os.path.realpath(data_dir))) and \
+            not inside(real_output, os.fsencode(os.path.realpath(out))):
+        raise UsageError(f"--output {output} is inside DATA_DIR {data_dir}: the next scan would take it in as input; "
+                         "write it outside DATA_DIR, or into OUT")
+
+
 def check_out_entries(out: Path) -> None:
     """Refuse an OUT whose ledger, lock, results, logs or summary is a symlink, rather than follow it."""
     for name in OUT_ENTRIES:
@@ -217,6 +230,7 @@ def _open_job(options: RunOptions, command: str, *, early_forkserver: bool = Fal
         raise UsageError("--keep-results and --reprocess exclude each other: --reprocess redoes every task, "
                          "--keep-results keeps the done ones")
     check_out_is_not_data_dir(options.data_dir, options.out)
+    check_output_is_not_input(options.data_dir, options.out, options.output)
     processor = load_processor(options)  # before OUT exists: a typo in -p leaves nothing behind
     check_command_params(processor, options.params)
     if options.executor == "dask":  # before OUT exists: nothing is left behind

@@ -225,6 +225,26 @@ def test_retry_accepts_a_path_as_typed_or_absolute(failed_out, data):
     assert counts(failed_out)["pending"] == 2
 
 
+def test_retry_puts_back_the_file_named_not_every_file_shown_alike(tmp_path):
+    """`bad\\xff.txt` is how a name with the byte 0xff is shown, and also a real name: retry of
+    either put back both (it matched the shown form)."""
+    data = make_tree(tmp_path / "data", {"bad\\xff.txt": "literal backslash\n"})
+    (data / os.fsdecode(b"bad\xff.txt")).write_bytes(b"byte 0xff\n")
+    picky = processor_spec(tmp_path, "picky", FAILING_PROCESSOR)
+    out = tmp_path / "out"
+    assert run_cli("run", str(data), "-o", str(out), "-p", picky, "-w", "1", "-q").returncode == 1
+    assert counts(out)["failed"] == 2
+
+    def failed_paths() -> set[bytes]:
+        return {row[0] for row in query_ledger(out, "SELECT path_bytes FROM tasks WHERE state = 'failed'")}
+
+    assert run_cli("retry", "-o", str(out), os.fsdecode(b"bad\xff.txt")).returncode == 0  # the real bytes
+    assert failed_paths() == {b"bad\\xff.txt"}
+    assert run_cli("retry", "-o", str(out), "bad\\xff.txt").returncode == 0  # typed as shown: the real name wins
+    assert failed_paths() == set()
+    assert counts(out)["pending"] == 2
+
+
 def test_retry_with_nothing_to_put_back_says_why(failed_out):
     result = run_cli("retry", "-o", str(failed_out), "a.txt")
     assert result.returncode == 0

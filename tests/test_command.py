@@ -73,6 +73,32 @@ def test_hostile_names_run_no_hidden_command_and_records_hold_the_real_output(ho
         assert (got[name]["exit_code"], got[name]["stdout"].strip(), got[name]["stderr"]) == (0, str(index + 1), "")
 
 
+@pytest.mark.parametrize("template", [
+    "sh -c \"wc -c < '{}'\"",  # the user's own quotes around {} undo crawlproc's
+    "sh -c 'cat \"{}\"'",
+    "sh -c 'cat \\{}'",
+    "sh -c \"cat '{/}'\"",
+])
+def test_a_placeholder_in_quotes_inside_a_shell_script_is_refused_before_any_task(hostile, tmp_path, template):
+    """Quoted by the user too, the path's shell quoting came undone: a file named
+    `x; touch PWNED` ran `touch`, and its task counted as done."""
+    out = tmp_path / "out"
+    result = run_in(tmp_path, "run", str(hostile), "-o", str(out), "-w", "2", "--cmd", template)
+    assert_one_line_exit_2(result, "is inside quotes", "write it bare")
+    assert_no_pwned(tmp_path)
+    assert not (out / "results").exists() or not list((out / "results").rglob("*.jsonl"))
+
+
+def test_cmd_with_chunk_size_is_refused(tmp_path):
+    """A command gets the whole file: per byte range it ran on the whole file each time, and the
+    merged output held every file's output once per range."""
+    data = make_tree(tmp_path / "data", {"big.txt": "line\n" * 1000})
+    out = tmp_path / "out"
+    result = run_cli("run", str(data), "-o", str(out), "--cmd", "wc -c {}", "--chunk-size", "1KB")
+    assert_one_line_exit_2(result, "--cmd runs its command on whole files")
+    assert not out.exists()
+
+
 def test_a_placeholder_inside_an_argument_is_shell_quoted():
     for name in [*HOSTILE_NAMES, "it's", "", "*", "~"]:
         path = f"/data/{name}"

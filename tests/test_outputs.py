@@ -50,6 +50,18 @@ def records(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
 
 
+def test_an_output_inside_data_dir_is_refused_as_out_is(data, tmp_path):
+    """The merged output is never input: one in DATA_DIR was taken in by the next run, and
+    processed again after every merge. In OUT (inside DATA_DIR or not) it is fine."""
+    out = tmp_path / "out"
+    result = crawl(data, out, "--output", str(data / "result.jsonl"))
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "is inside DATA_DIR" in result.stderr and not out.exists() and not (data / "result.jsonl").exists()
+    inner = data / "crawl-out"
+    assert crawl(data, inner, "--output", str(inner / "all.jsonl")).returncode == 0
+    assert crawl(data, out, "--output", str(tmp_path / "elsewhere.jsonl")).returncode == 0
+
+
 # -- --output - ------------------------------------------------------------------------------------
 
 def test_output_dash_writes_only_the_records_to_stdout(data, tmp_path, noisy):

@@ -162,8 +162,9 @@ class Work:
                 ((reason, i) for i in ids),
             )
 
-    def retry(self, *, include_done: bool, relpaths: Iterable[str] = ()) -> int:
-        """Put failed (and with include_done, done) tasks back to pending; returns how many."""
+    def retry(self, *, include_done: bool, relpaths: Iterable[bytes | str] = ()) -> int:
+        """Put failed (and with include_done, done) tasks back to pending; returns how many.
+        `relpaths`: only the tasks of these files, each a file's bytes or its name for people."""
         states = ("failed", "done") if include_done else ("failed",)
         marks = ",".join("?" * len(states))
         sql = (
@@ -174,7 +175,8 @@ class Work:
         with self.transaction() as conn:
             if not paths:
                 return conn.execute(sql, states).rowcount
-            return sum(conn.execute(sql + " AND relpath = ?", (*states, p)).rowcount for p in paths)
+            return sum(conn.execute(sql + (" AND path_bytes = ?" if isinstance(p, bytes) else " AND relpath = ?"),
+                                    (*states, p)).rowcount for p in paths)
 
     def has_task(self, path_bytes: bytes) -> bool:
         """Whether any task (of any state) is of the file `path_bytes`."""

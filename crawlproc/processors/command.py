@@ -62,12 +62,45 @@ def check_command(params: Mapping[str, str]) -> None:
         parse_exit_codes(params.get(OK_EXIT_CODES, "0"))
     except ValueError as exc:
         raise UsageError(f"--ok-exit-codes {exc}") from None
+    for word in words:
+        quoted = _quoted_placeholder(word)
+        if quoted:
+            raise UsageError(
+                f"--cmd {shlex.quote(template)}: {quoted} is inside quotes in {word!r}; crawlproc shell-quotes "
+                "what a placeholder stands for, and quotes around it undo that (a file named x'; touch PWNED "
+                "would run its command): write it bare, e.g. sh -c 'wc -c < {}'")
     program = words[0]
     if PLACEHOLDER.search(program):
         return  # which program runs depends on the file: each task finds out
     problem = program_problem(program)
     if problem:
         raise UsageError(f"--cmd {shlex.quote(template)}: {problem}")
+
+
+def _quoted_placeholder(word: str) -> str | None:
+    """The first placeholder of a larger word (a shell script, e.g. `sh -c` gets) that a shell
+    reads inside quotes or after a backslash, where the quoting it gets (_substitute) would
+    end up unquoted; None if there is none. Quotes as POSIX sh reads them."""
+    if PLACEHOLDER.fullmatch(word):
+        return None  # passed raw, never to a shell as part of a script
+    quote = None  # None, "'" or '"': the quotes we are in
+    i = 0
+    while i < len(word):
+        placeholder = PLACEHOLDER.match(word, i)
+        if placeholder and quote:
+            return placeholder.group()
+        char = word[i]
+        if char == "\\" and quote != "'":
+            if PLACEHOLDER.match(word, i + 1):
+                return PLACEHOLDER.match(word, i + 1).group()
+            i += 2  # the next character is taken literally
+            continue
+        if char == quote:
+            quote = None
+        elif quote is None and char in "'\"":
+            quote = char
+        i += 1
+    return None
 
 
 def program_problem(program: str) -> str | None:
