@@ -122,6 +122,7 @@ EDITS = {
     "a method of a class it uses": ("sum(self.step for _ in items)", "sum(self.step * 2 for _ in items)"),
     "a method's default": ("def __init__(self, step=1):", "def __init__(self, step=2):"),
     "the called function": ("json.dumps(limit)", "json.loads(limit)"),
+    "a module constant a helper uses": ("SCALE = 2", "SCALE = 3"),
 }
 
 _counter = itertools.count()
@@ -154,12 +155,51 @@ def test_an_edit_of_the_code_counts(tmp_path, what):
     assert digest(tmp_path, BASE.replace(old, new)).digest != digest(tmp_path, BASE).digest
 
 
-def test_a_module_value_does_not_count_but_its_use_does(tmp_path):
-    # A setting read at import (here a constant, as it could come from the environment)
-    # is not code: every rerun with another environment would look edited.
+def test_which_global_the_code_uses_counts(tmp_path):
     base = digest(tmp_path, BASE)
-    assert digest(tmp_path, BASE.replace("SCALE = 2", "SCALE = 3")) == base
     assert digest(tmp_path, BASE.replace("* SCALE", "* OTHER").replace("SCALE = 2", "OTHER = 2")) != base
+
+
+def test_a_constant_the_code_does_not_use_does_not_count(tmp_path):
+    unused = BASE.replace("SCALE = 2", "SCALE = 2\nUNUSED = 1")
+    assert digest(tmp_path, unused.replace("UNUSED = 1", "UNUSED = 2")) == digest(tmp_path, unused)
+
+
+@pytest.mark.parametrize("written", ["SCALE=2", "SCALE = (2)  # doubled", "SCALE: int = 2", "SCALE = 0x2"])
+def test_a_constant_counts_by_its_value_not_its_writing(tmp_path, written):
+    assert digest(tmp_path, BASE.replace("SCALE = 2", written)) == digest(tmp_path, BASE)
+
+
+def test_a_value_computed_at_import_does_not_count(tmp_path, monkeypatch):
+    # A setting read at import is not code: every rerun with another environment would look edited.
+    from_environment = BASE.replace("SCALE = 2", "import os\nSCALE = int(os.environ.get('FP_SCALE', '2'))")
+    monkeypatch.setenv("FP_SCALE", "2")
+    base = digest(tmp_path, from_environment)
+    monkeypatch.setenv("FP_SCALE", "3")
+    assert digest(tmp_path, from_environment) == base
+    from_chance = BASE.replace("SCALE = 2", "import random\nSCALE = random.random()")
+    assert digest(tmp_path, from_chance) == digest(tmp_path, from_chance)
+
+
+def test_each_literal_assignment_of_a_name_counts(tmp_path):
+    twice = BASE.replace("SCALE = 2", "SCALE = 2\nSCALE += 1\nSCALE = max(SCALE, 1)")
+    base = digest(tmp_path, twice)
+    assert digest(tmp_path, twice.replace("SCALE = 2", "SCALE = 4")) != base
+    assert digest(tmp_path, twice.replace("SCALE += 1", "SCALE += 2")) != base
+    assert digest(tmp_path, twice.replace("SCALE += 1", "SCALE *= 1")) != base
+    assert digest(tmp_path, twice.replace("max(SCALE, 1)", "max(SCALE, 2)")) == base  # computed
+
+
+def test_without_the_module_source_constants_do_not_count(tmp_path):
+    # As for a processor defined in a notebook: only its code is known.
+    digests = set()
+    for scale in ("2", "3"):
+        path = tmp_path / f"gone{scale}.py"
+        path.write_text(textwrap.dedent(BASE.replace("SCALE = 2", f"SCALE = {scale}")))
+        proc = load(f"{path}:words")
+        path.unlink()
+        digests.add(fingerprint(f"{path}:words", proc))
+    assert len(digests) == 1
 
 
 def test_code_of_other_modules_counts_by_name_only(tmp_path, monkeypatch):
@@ -209,7 +249,8 @@ def test_an_undecorated_function_with_recursion_and_a_closure(tmp_path):
 
 def test_set_constants_hash_the_same_whatever_the_hash_seed(tmp_path):
     path = tmp_path / "sets.py"
-    path.write_text(textwrap.dedent(BASE))
+    with_module_set = BASE.replace("SCALE = 2", 'SCALE = 2\nSTOP = {"x", "y", "z"}')
+    path.write_text(textwrap.dedent(with_module_set.replace("* SCALE", "* SCALE * len(STOP)")))
     script = ("import sys; from crawlproc.processors.base import load; "
               "from crawlproc.processors.fingerprint import fingerprint; "
               "print(fingerprint(sys.argv[1], load(sys.argv[1])).digest)")

@@ -221,6 +221,49 @@ def test_an_undecorated_function(data, tmp_path):
     assert 'decorate count with @processor(version="1")' in line
 
 
+SCALED = '''
+    import os
+    import random
+
+    SCALE = 1
+    SEED = random.random()
+    TOKEN = os.environ.get("SCALED_TOKEN", "")
+
+
+    def scaled(task):
+        return {"path": task.relpath, "n": len(task.read_bytes()) * SCALE, "seeded": SEED > 0, "token": TOKEN}
+'''
+
+
+def test_a_changed_module_constant_is_an_edit(data, tmp_path):
+    # `SCALE = 1` made `SCALE = 1000` between two runs once merged old and new records silently.
+    source = write(tmp_path / "procs" / "scaled.py", SCALED)
+    out = tmp_path / "out"
+    ok(crawl(data, out, "-p", f"{source}:scaled"))
+    first = (out / "merged.jsonl").read_bytes()
+    source.write_text(source.read_text().replace("SCALE = 1", "SCALE = 1000"))
+    (data / "new.txt").write_text("four five\n")
+    line = refused(crawl(data, out, "-p", f"{source}:scaled"))
+    assert "the code of processor" in line and "scaled.py:scaled changed since" in line
+    assert (out / "merged.jsonl").read_bytes() == first
+    ok(crawl(data, out, "-p", f"{source}:scaled", "--keep-results"))
+    assert processed(out) == 1
+    assert {path: r["n"] for path, r in records(out).items()} == {"a.txt": 14, "b/c.txt": 2, "new.txt": 10000}
+    ok(crawl(data, out, "-p", f"{source}:scaled", "--reprocess"))
+    assert processed(out) == len(TREE) + 1
+    assert {path: r["n"] for path, r in records(out).items()} == {"a.txt": 14000, "b/c.txt": 2000,
+                                                                    "new.txt": 10000}
+
+
+def test_values_computed_at_import_are_not_an_edit(data, tmp_path):
+    # SEED is another random number in each process, TOKEN comes from the environment.
+    source = write(tmp_path / "procs" / "scaled.py", SCALED)
+    out = tmp_path / "out"
+    ok(crawl(data, out, "-p", f"{source}:scaled", env={"SCALED_TOKEN": "one"}))
+    ok(crawl(data, out, "-p", f"{source}:scaled", env={"SCALED_TOKEN": "two"}))
+    assert processed(out) == 0
+
+
 def test_a_module_processor_on_the_pythonpath(data, tmp_path):
     package = tmp_path / "site" / "mypkg"
     write(package / "__init__.py", "")

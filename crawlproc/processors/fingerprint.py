@@ -7,23 +7,29 @@
                       │   (inner functions, lambdas, comprehensions)
                       ├─ default arguments, closure cells
                       ├─ the reducer, and the setup and preload hooks if any, hashed the same way
-                      └─ the globals its code loads by name that are functions, classes or
-                         processors of its own module, transitively (a class by its bases and
-                         methods); another module's function or class counts by its name only
+                      ├─ the globals its code loads by name that are functions, classes or
+                      │   processors of its own module, transitively (a class by its bases and
+                      │   methods); another module's function or class counts by its name only
+                      └─ the globals its code loads by name that its module's source assigns a
+                          literal at top level (`SCALE = 1000`, `NAMES: tuple = ("a", "b")`):
+                          each such assignment's value, in source order
         ─> a BLAKE2 digest, kept with the Python version (bytecode differs between minor versions)
 
 Left out on purpose: line numbers, line tables, file names and docstrings, so a comment, a blank
 line, a moved function or a reworded docstring keep the fingerprint; and the values of module
-globals (a setting read from the environment or a file at import is not code: it would make
-every rerun look edited).
+globals computed at import (`SEED = random.random()`, `TOKEN = os.environ["TOKEN"]`, a setting
+read from a file): they are not code, and would make every rerun look edited. A literal is
+compared by its value, so `SCALE=1_000` is `SCALE = 1000`. Without the module's source (a
+notebook's processor, a file gone since it was imported) no global's value counts.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -36,6 +42,7 @@ _GLOBAL_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_FROM_DICT_OR_GLOBAL
 # Class attributes that say where or how a class was written, not what it does.
 _CLASS_HOUSEKEEPING = frozenset({"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__",
                                  "__firstlineno__", "__static_attributes__"})
+_NOT_A_LITERAL = object()
 
 
 class CodeFingerprint(NamedTuple):
@@ -98,6 +105,7 @@ class _CodeHasher:
         self._hash = hashlib.blake2b(digest_size=16)
         self._met: dict[int, int] = {}
         self._open_containers: set[int] = set()  # a list that holds itself must not recurse forever
+        self._literals_by_module: dict[int, dict[str, list[_Literal]]] = {}  # by id of the module's globals
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
@@ -184,10 +192,23 @@ class _CodeHasher:
                 self.put("empty cell")
                 continue
             self.value(contents)
+        literals = self.literals_of(func.__globals__)
         for name in sorted(set(_global_loads(func.__code__))):
             if name in func.__globals__:
                 self.put("global", name)
                 self.reference(func.__globals__[name])
+            if name in literals:  # only then: the digest of code that uses no literal global stays as it was
+                self.put("literal", name)
+                for literal in literals[name]:
+                    self.put("assigned", literal.operator)
+                    self.value(literal.value)
+
+    def literals_of(self, module_globals: Mapping[str, Any]) -> dict[str, list[_Literal]]:
+        """The literal assignments of a function's module (its globals), its source parsed once."""
+        key = id(module_globals)  # the functions hashed keep their globals alive meanwhile
+        if key not in self._literals_by_module:
+            self._literals_by_module[key] = _literal_assignments(_module_source(module_globals))
+        return self._literals_by_module[key]
 
     def klass(self, cls: type) -> None:
         self.put("class", cls.__name__)
@@ -249,6 +270,69 @@ class _CodeHasher:
         for item in value.items() if isinstance(value, dict) else value:  # in order: it can reach the output
             self.value(item)
         self._open_containers.discard(id(value))
+
+
+class _Literal(NamedTuple):
+    """One top-level assignment of a literal to a name: `=` (plain or annotated), or `Add`... for `+=`."""
+
+    operator: str
+    value: Any
+
+
+def _literal_assignments(source: str | None) -> dict[str, list[_Literal]]:
+    """Each name that `source` assigns a literal at top level, with those assignments in order.
+
+    A name assigned several times keeps each literal one, in order, and nothing of the others:
+    each literal is code wherever it sits, so its edit counts even when a computed assignment
+    follows (at worst a needless refusal, never mixed records); a computed value counts nowhere.
+    Assignments inside `if`, `try` or functions are left out, as module code is.
+    """
+    if source is None:
+        return {}
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # e.g. a file broken since the import
+        return {}
+    found: dict[str, list[_Literal]] = {}
+    for statement in tree.body:
+        for name, operator, node in _assignments(statement):
+            value = _literal_value(node)
+            if value is not _NOT_A_LITERAL:
+                found.setdefault(name, []).append(_Literal(operator, value))
+    return found
+
+
+def _assignments(statement: ast.stmt) -> Iterator[tuple[str, str, ast.expr]]:
+    """(name, operator, value) for each plain name that `statement` assigns; unpacking is left out."""
+    if isinstance(statement, ast.Assign):
+        for target in statement.targets:  # A = B = 1 assigns both
+            if isinstance(target, ast.Name):
+                yield target.id, "=", statement.value
+    elif isinstance(statement, ast.AnnAssign) and statement.value is not None:
+        if isinstance(statement.target, ast.Name):
+            yield statement.target.id, "=", statement.value
+    elif isinstance(statement, ast.AugAssign) and isinstance(statement.target, ast.Name):
+        yield statement.target.id, type(statement.op).__name__, statement.value
+
+
+def _literal_value(node: ast.expr) -> Any:
+    """The value of a literal (numbers, strings, bytes, containers of them, True, False, None),
+    or _NOT_A_LITERAL for anything else."""
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+        return _NOT_A_LITERAL
+
+
+def _module_source(module_globals: Mapping[str, Any]) -> str | None:
+    """The source of the module whose globals these are, or None when its loader has none."""
+    spec = module_globals.get("__spec__")
+    loader = _attribute(spec, "loader") or module_globals.get("__loader__")
+    name = _attribute(spec, "name") or module_globals.get("__name__")  # `python -m m`: __main__ loaded as m
+    try:
+        return loader.get_source(name)
+    except Exception:  # no loader (a notebook), one without sources, or the file gone since the import
+        return None
 
 
 def _digest_of_value(value: Any, home: str) -> bytes:
