@@ -184,6 +184,20 @@ def test_the_printed_run_command_keeps_the_runs_choice_of_files(tmp_path):
     assert counts(out) == taken == {"pending": 0, "running": 0, "done": 4, "failed": 1, "gone": 0}
 
 
+def test_quiet_run_with_failures_still_says_what_to_do_next(data, tmp_path):
+    """-q keeps the counts and paths back, not the news that tasks failed and what to run: an
+    exit-1 run printed its per-task warnings and nothing else."""
+    picky = processor_spec(tmp_path, "picky", FAILING_PROCESSOR)
+    out = tmp_path / "out"
+    result = run_cli("run", str(data), "-o", str(out), "-p", picky, "-w", "1", "-q", "--retries", "0")
+    assert result.returncode == 1, result.stderr
+    see = hint_after(result.stderr, "to see why: ")
+    assert "bad1.txt" in run_hint(see).stdout
+    assert "done, " not in result.stderr and "summary:" not in result.stderr  # still quiet
+    clean = run_cli("run", str(data), "-o", str(tmp_path / "clean"), "-w", "1", "-q")
+    assert clean.returncode == 0 and clean.stderr == "", clean.stderr
+
+
 def test_no_hint_prints_a_placeholder_for_a_path():
     """The CLI and the modules behind it print real paths, never DATA_DIR or OUT/ledger.db."""
     package = Path(__file__).resolve().parent.parent / "crawlproc"

@@ -6,14 +6,16 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import make_tree, run_cli
-from test_run import write_processor
+from conftest import make_tree, query_ledger, run_cli
+from test_run import SLEEPY_PROCESSOR, write_processor
 from test_watch import Watch, merged, proc_spec, state_of, wait_until  # noqa: F401 (a fixture)
 
 WAIT_SECONDS = 30
@@ -80,6 +82,28 @@ def test_output_dash_writes_only_the_records_to_stdout(data, tmp_path, noisy):
     assert "0 processed this run" in again.stderr
 
 
+def test_output_dash_of_an_interrupted_run_writes_nothing_and_says_so(data, tmp_path):
+    """Interrupted, a run writes no records to stdout (the rerun writes them all): its summary
+    said "(records on stdout)" all the same."""
+    release = tmp_path / "release"
+    sleepy = f"{write_processor(tmp_path, 'sleepy', SLEEPY_PROCESSOR)}:sleepy"
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "crawlproc", "run", str(data), "-o", str(out), "-p", sleepy,
+                             "-w", "2", "--no-progress", "--output", "-", "--param", f"release={release}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: query_ledger(out, "SELECT 1 FROM tasks WHERE state = 'running' LIMIT 1"),
+                   "a task to be running", timeout=30)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        release.touch()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert stdout == "" and "records on stdout" not in stderr, stderr
+
+
 def test_output_dash_in_another_format_and_from_merge(data, tmp_path):
     out = tmp_path / "out"
     result = crawl(data, out, "--format", "csv", "--output", "-", "-q")
@@ -134,6 +158,9 @@ def test_a_merged_output_of_an_earlier_format_is_removed(data, tmp_path):
     assert f"removed {out / 'merged.jsonl'}: a merged output of an earlier --format" in result.stderr
     back = crawl(data, out, "-q")
     assert back.returncode == 0 and (out / "merged.jsonl").exists() and not (out / "merged.csv").exists()
+    merged = run_cli("merge", "-o", str(out), "--format", "csv")  # the merge command says it as a run does
+    line = next(line for line in merged.stderr.splitlines() if "an earlier --format" in line)
+    assert re.fullmatch(r"\d\d:\d\d:\d\d INFO    removed .*", line), line
 
 
 def test_an_output_elsewhere_leaves_every_merged_file_alone(data, tmp_path):

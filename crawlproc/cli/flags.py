@@ -157,7 +157,8 @@ def processing_options(func: Any) -> Any:
                           "running (host 127.0.0.1 unless given; port 0: any free port, the log says which; "
                           "pip install 'crawlproc[serve]')."),
         click.option("-v", "--verbose", count=True, envvar=env_name("verbose"), help="More log lines (debug)."),
-        click.option("-q", "--quiet", is_flag=True, envvar=env_name("quiet"), help="Only warnings and errors."),
+        click.option("-q", "--quiet", is_flag=True, envvar=env_name("quiet"),
+                     help="Only warnings and errors (and, if tasks failed, what to run next)."),
         click.option("--log-json", is_flag=True, envvar=env_name("log_json"),
                      help="Each stderr line one flat JSON object (level, time, message, pid, task); the final "
                           "summary too."),

@@ -37,9 +37,9 @@ def run(ctx: click.Context, data_dir: Path, **kw: Any) -> None:
     to_stdout = _output_to_stdout(kw)
     with stdout_kept_for_records(to_stdout), _forkserver_head_start(kw):
         outcome = _job(ctx, data_dir, kw, watching=False)
-    if not kw["quiet"]:
-        _print_run_summary(outcome, to_stdout=to_stdout)
-    if to_stdout and outcome.exit_code in (0, 1):  # not when interrupted: the rerun writes them all
+    records_out = to_stdout and outcome.exit_code in (0, 1)  # not when interrupted: the rerun writes them all
+    _print_run_summary(outcome, to_stdout=records_out, quiet=kw["quiet"])
+    if records_out:
         write_records((outcome.summary or {}).get("merged_output"))
     ctx.exit(outcome.exit_code)
 
@@ -74,8 +74,7 @@ def watch(ctx: click.Context, data_dir: Path, **kw: Any) -> None:
                                  f"one moment to write it to stdout; read {merged}, or give --output FILE",
                                  param_hint="--output -")
     outcome = _job(ctx, data_dir, kw, watching=True)
-    if not kw["quiet"]:
-        _print_run_summary(outcome, to_stdout=False)
+    _print_run_summary(outcome, to_stdout=False, quiet=kw["quiet"])
     ctx.exit(outcome.exit_code)
 
 
@@ -196,8 +195,9 @@ def _dry_run_lines(result: Any) -> list[str]:
     return lines
 
 
-def _print_run_summary(outcome: Any, *, to_stdout: bool) -> None:
-    """The end of a run on stderr: counts, where the output is, what to do next (--log-json: one object)."""
+def _print_run_summary(outcome: Any, *, to_stdout: bool, quiet: bool) -> None:
+    """The end of a run on stderr: counts, where the output is, what to do next (--log-json: one
+    object). With -q, only what to do next (failures, problems, an interruption), if anything."""
     from crawlproc import logs
 
     summary = outcome.summary or {}
@@ -208,6 +208,14 @@ def _print_run_summary(outcome: Any, *, to_stdout: bool) -> None:
              f"of {plural(summary.get('total', 0), 'task')}",
              f"{timings.get('tasks_done_this_run', 0)} processed this run in {timings.get('elapsed_s', 0):.2f}s"]
     hints = _next_steps(outcome.exit_code, counts, out, len(summary.get("scan_problems") or []))
+    if quiet:
+        if hints and logs.json_lines():
+            click.echo(logs.json_line("WARNING", "; ".join(hints), event="next_steps", exit_code=outcome.exit_code,
+                                      hints=hints), err=True)
+        else:
+            for line in hints:
+                click.echo(line, err=True)
+        return
     if logs.json_lines():
         click.echo(logs.json_line(
             "INFO", "; ".join(lines), event="summary", exit_code=outcome.exit_code, **counts,

@@ -100,8 +100,10 @@ def merge(ctx: click.Context, out: Path, output: Path | str | None, output_forma
     (failed tasks, or tasks a run has yet to process, such as those whose result
     turned out missing or damaged), with the command that carries on.
     """
+    from crawlproc import logs
     from crawlproc.report import merge_only
 
+    logs.setup_stderr(0, False, False)  # what the merge logs reads as a run's lines do, not loguru's default
     to_stdout = output == STDOUT
     with stdout_kept_for_records(to_stdout):
         report = merge_only(out, None if to_stdout else output, output_format)
