@@ -14,8 +14,10 @@ a field a record lacks is null; integers in a field where other records have
 floats become floats; a struct gets the fields of all its records. A field
 whose values have kinds that do not mix (a number in one record, a string or an
 object in another) is a `ParquetSchemaError` naming the first record, and its
-task, that does not fit. Strings stay strings (pyarrow.json would read some as
-timestamps).
+task, that does not fit; so is an integer beyond 64 bits (pyarrow.json would
+read it as a float, rounded). Strings stay strings (pyarrow.json would read some
+as timestamps). Parquet has no struct without fields: a field that is only ever
+an empty object, at any depth, is written as a column of nulls (`_writable`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
@@ -33,10 +36,15 @@ from crawlproc.errors import CrawlprocError
 
 BLOCK_BYTES = 8 << 20     # JSON lines parsed at once: a block's table (a row group) is all that is held
 _TIME_TYPES = (pa.types.is_timestamp, pa.types.is_date, pa.types.is_time)
+_INT64 = range(-(1 << 63), 1 << 63)
 
 
 class ParquetSchemaError(CrawlprocError):
     """A merged record does not fit the Parquet schema of the others."""
+
+
+class ParquetWriteError(CrawlprocError):
+    """Arrow could not write the merged records as Parquet."""
 
 
 class RecordTypesError(CrawlprocError):
@@ -50,6 +58,9 @@ def records_table(records: Iterable[dict]) -> pa.Table:
     try:
         return _table_of(rows)
     except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
+        for n, record in enumerate(rows):
+            if (wide := _wide_integer(record)) is not None:
+                raise RecordTypesError(f"record {n + 1:,} {_too_wide(*wide)}, which Arrow cannot hold") from None
         raise RecordTypesError(f"the records do not fit one table: {str(exc).splitlines()[0]}") from None
 
 
@@ -62,16 +73,25 @@ def _table_of(records: list[dict]) -> pa.Table:
 
 def write_parquet(merged_jsonl: Path, target: Path, describe_record: Callable[[int], str]) -> None:
     """`merged_jsonl`'s records into the Parquet file `target`; `describe_record(n)` names the
-    task of the n-th record (from 0) for an error message."""
+    task of the n-th record (from 0) for an error message. Any refusal is a CrawlprocError."""
+    try:
+        _write_blocks(merged_jsonl, target, describe_record)
+    except pa.ArrowException as exc:  # unforeseen: still one line, not an internal error (I/O errors are OSError)
+        raise ParquetWriteError(f"cannot write Parquet: {str(exc).splitlines()[0]}; "
+                                "use --format jsonl or csv") from None
+
+
+def _write_blocks(merged_jsonl: Path, target: Path, describe_record: Callable[[int], str]) -> None:
     schema = _unified_schema(merged_jsonl, describe_record)
     if not schema.names:  # no records
         pq.write_table(pa.table({}), target)
         return
-    with pq.ParquetWriter(target, schema) as writer:
+    writable = _writable_schema(schema)
+    with pq.ParquetWriter(target, writable) as writer:
         first = 0
         for block in _blocks(merged_jsonl):
             table = _block_table(block, schema, first, describe_record)
-            writer.write_table(table)
+            writer.write_table(_writable(table, writable))
             first += table.num_rows
 
 
@@ -91,6 +111,8 @@ def _unified_schema(path: Path, describe_record: Callable[[int], str]) -> pa.Sch
         try:
             table = pj.read_json(pa.BufferReader(block), read_options=_read_options(block))
             types, rows = _strings_for_times(table.schema), table.num_rows
+            if _may_hold_wide_integers(table):
+                _refuse_wide_integers(block, first, describe_record)
         except pa.ArrowInvalid:
             records = _python_records(block)
             types, rows = _python_schema(records, first, describe_record), len(records)
@@ -116,7 +138,7 @@ def _block_table(block: bytes, schema: pa.Schema, first: int, describe_record: C
             try:
                 pa.Table.from_pylist([record], schema=schema)
             except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
-                raise ParquetSchemaError(_does_not_fit(first + n, describe_record, exc, False)) from None
+                raise _record_error(record, first + n, describe_record, exc) from None
         raise
 
 
@@ -142,7 +164,7 @@ def _python_schema(records: list[dict], first: int, describe_record: Callable[[i
         try:
             types = pa.Table.from_pylist([record]).schema
         except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
-            raise ParquetSchemaError(_does_not_fit(first + n, describe_record, exc, False)) from None
+            raise _record_error(record, first + n, describe_record, exc) from None
         schema = _unify(schema, types, first + n, describe_record, approximate=False)
     return schema
 
@@ -165,6 +187,107 @@ def _does_not_fit(index: int, describe_record: Callable[[int], str], exc: Except
              else f"record {index + 1:,} ({which}) does")
     return (f"cannot write Parquet: {where} not fit the types of the records before: "
             f"{str(exc).splitlines()[0]}; use --format jsonl or csv")
+
+
+def _record_error(record: dict, index: int, describe_record: Callable[[int], str],
+                  exc: Exception) -> ParquetSchemaError:
+    """Why the `index`-th record alone does not fit: an integer Parquet cannot hold, or `exc`."""
+    wide = _wide_integer(record)
+    if wide is None:
+        return ParquetSchemaError(_does_not_fit(index, describe_record, exc, False))
+    return _too_wide_error(index, describe_record, wide)
+
+
+def _refuse_wide_integers(block: bytes, first: int, describe_record: Callable[[int], str]) -> None:
+    """A ParquetSchemaError for the first record of `block` with an integer beyond 64 bits."""
+    for n, line in enumerate(block.splitlines()):
+        if (wide := _wide_integer(json.loads(line))) is not None:
+            raise _too_wide_error(first + n, describe_record, wide)
+
+
+def _too_wide_error(index: int, describe_record: Callable[[int], str], wide: tuple[str, int]) -> ParquetSchemaError:
+    return ParquetSchemaError(f"cannot write Parquet: record {index + 1:,} ({describe_record(index)}) "
+                              f"{_too_wide(*wide)}, which Parquet cannot hold; use --format jsonl or csv")
+
+
+def _too_wide(where: str, value: int) -> str:
+    shown = f" ({value})" if value.bit_length() <= 128 else ""
+    return f"has an integer beyond 64 bits in field {where!r}{shown}"
+
+
+def _wide_integer(value: Any, where: str = "") -> tuple[str, int] | None:
+    """(where, value) of the first integer in `value` beyond 64 bits; where: `meta.sizes[2]`."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return None if value in _INT64 else (where, value)
+    if isinstance(value, dict):
+        items: Iterable[tuple[str, Any]] = ((f"{where}.{key}" if where else key, item) for key, item in value.items())
+    elif isinstance(value, list):
+        items = ((f"{where}[{i}]", item) for i, item in enumerate(value))
+    else:
+        return None
+    for place, item in items:
+        if (found := _wide_integer(item, place)) is not None:
+            return found
+    return None
+
+
+def _may_hold_wide_integers(table: pa.Table) -> bool:
+    """pyarrow.json reads an integer beyond 64 bits as a float, rounded: whether a float of
+    `table` is that large (a float literal may be too: Python then reads the block to tell)."""
+    return any(_has_huge_float(chunk) for column in table.columns for chunk in column.chunks)
+
+
+def _has_huge_float(array: pa.Array) -> bool:
+    kind = array.type
+    if pa.types.is_floating(kind):
+        largest = pc.max(pc.abs(array)).as_py()
+        return largest is not None and largest >= _INT64.stop
+    if pa.types.is_struct(kind):
+        return any(_has_huge_float(child) for child in array.flatten())
+    if pa.types.is_list(kind):
+        return _has_huge_float(array.flatten())
+    return False
+
+
+def _writable_schema(schema: pa.Schema) -> pa.Schema:
+    """`schema` with each struct that has no fields, at any depth, as null: Parquet has no such struct."""
+    return pa.schema([field.with_type(_writable_type(field.type)) for field in schema])
+
+
+def _writable_type(kind: pa.DataType) -> pa.DataType:
+    if pa.types.is_struct(kind):
+        if kind.num_fields == 0:
+            return pa.null()
+        return pa.struct([kind.field(i).with_type(_writable_type(kind.field(i).type))
+                          for i in range(kind.num_fields)])
+    if pa.types.is_list(kind):  # the only list kind pyarrow.json and from_pylist make
+        return pa.list_(kind.value_field.with_type(_writable_type(kind.value_type)))
+    return kind
+
+
+def _writable(table: pa.Table, writable: pa.Schema) -> pa.Table:
+    """`table` in the `writable` schema: each value of a struct without fields becomes null."""
+    if table.schema == writable:
+        return table
+    columns = [pa.chunked_array([_writable_array(chunk) for chunk in column.chunks], type=field.type)
+               for column, field in zip(table.columns, writable)]
+    return pa.Table.from_arrays(columns, schema=writable)
+
+
+def _writable_array(array: pa.Array) -> pa.Array:
+    kind = array.type
+    if kind == _writable_type(kind):
+        return array
+    if pa.types.is_struct(kind):
+        if kind.num_fields == 0:
+            return pa.nulls(len(array))
+        children = [_writable_array(child) for child in array.flatten()]
+        return pa.StructArray.from_arrays(children, fields=list(_writable_type(kind)), mask=array.is_null())
+    # a list (the only other kind _writable_type changes): `offsets` follow a slice, `values` do not
+    return pa.ListArray.from_arrays(array.offsets, _writable_array(array.values),
+                                    type=_writable_type(kind), mask=array.is_null())
 
 
 def _strings_for_times(schema: pa.Schema) -> pa.Schema:

@@ -389,6 +389,16 @@ def test_to_arrow_of_records_whose_kinds_do_not_mix_is_a_crawlproc_error(tmp_pat
         crawlproc.open(out).to_arrow()
 
 
+def test_to_arrow_of_an_integer_beyond_64_bits_says_so(tmp_path):
+    data = make_tree(tmp_path / "data", {"a.txt": "1\n"})
+    out = tmp_path / "out"
+    big = write_processor(tmp_path, "big", "def big(task):\n    return {'path': task.relpath, 'n': -2**64}\n")
+    crawlproc.run(data, out=out, processor=f"{big}:big", workers=1, quiet=True)
+    with pytest.raises(CrawlprocError, match=r"^record 1 has an integer beyond 64 bits in field 'n' "
+                                             r"\(-18446744073709551616\), which Arrow cannot hold$"):
+        crawlproc.open(out).to_arrow()
+
+
 def test_open_reads_records_of_a_run_still_going_and_without_a_merge(tmp_path):
     data = make_tree(tmp_path / "data", {"a.txt": "x\n", "b.txt": "y\n", "hold/z.txt": "z\n"})
     out = tmp_path / "out"

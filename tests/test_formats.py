@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,72 @@ def test_parquet_conflict_in_a_later_block_names_that_record(tmp_path, monkeypat
     with pytest.raises(parquet_mod.ParquetSchemaError, match=r"record 31 \(the task of record 30\)"):
         parquet_mod.write_parquet(write_jsonl(tmp_path / "m.jsonl", records), tmp_path / "out.parquet",
                                   lambda n: f"the task of record {n}")
+
+
+def run_to_parquet(tmp_path: Path, record: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """A run over a.txt and b.txt into OUT, --format parquet, whose processor returns `record` (an expression)."""
+    data = make_tree(tmp_path / "data", {"a.txt": "1\n", "b.txt": "2\n"})
+    proc = tmp_path / "proc.py"
+    proc.write_text(f"def proc(task):\n    return {record}\n")
+    out = tmp_path / "out"
+    return run_cli("run", str(data), "-o", str(out), "-p", f"{proc}:proc", "-w", "1", "-q", "--format", "parquet"), out
+
+
+def test_parquet_of_a_field_that_is_always_an_empty_object(tmp_path):
+    # Parquet has no struct without fields: such a field is a column of nulls, at any depth.
+    import pyarrow.parquet as pq
+
+    empty_inside = "{'path': task.relpath, 'meta': {}, 'deep': {'e': {}, 'n': 1}, 'many': [{}]}"
+    result, out = run_to_parquet(tmp_path, empty_inside)
+    assert result.returncode == 0, result.stderr
+    assert pq.read_table(out / "merged.parquet").to_pylist() == [
+        {"path": p, "meta": None, "deep": {"e": None, "n": 1}, "many": [None]} for p in ("a.txt", "b.txt")]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(("ledger.db-", ".merged"))]
+
+
+def test_parquet_struct_empty_in_one_block_gets_the_fields_of_another(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    import crawlproc.parquet as parquet_mod
+
+    monkeypatch.setattr(parquet_mod, "BLOCK_BYTES", 64)
+    records = [{"m": {}, "s": {"e": {}}} for _ in range(10)] + [{"m": {"x": 1}, "s": {"e": {"y": "z"}}}]
+    records += [{"m": {}, "s": {"e": {}}, "l": [{}]}, {"m": {}, "s": {"e": {}}, "l": [{"k": 2}]}]
+    target = tmp_path / "out.parquet"
+    parquet_mod.write_parquet(write_jsonl(tmp_path / "m.jsonl", records), target, str)
+    rows = pq.read_table(target).to_pylist()
+    assert rows[0] == {"m": {"x": None}, "s": {"e": {"y": None}}, "l": None}
+    assert rows[10] == {"m": {"x": 1}, "s": {"e": {"y": "z"}}, "l": None}
+    assert rows[11]["l"] == [{"k": None}] and rows[12]["l"] == [{"k": 2}]
+
+
+def test_parquet_refuses_an_integer_beyond_64_bits_naming_field_and_record(tmp_path):
+    result, out = run_to_parquet(tmp_path, "{'path': task.relpath, 'n': 2**70 if task.relpath == 'b.txt' else 1.5}")
+    assert result.returncode == 2, result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message == ("crawlproc: cannot write Parquet: record 2 (task 2, b.txt) has an integer beyond 64 bits "
+                       "in field 'n' (1180591620717411303424), which Parquet cannot hold; use --format jsonl or csv")
+    assert not [p.name for p in out.iterdir() if p.name.startswith(("ledger.db-", ".merged", "merged"))]
+
+
+@pytest.mark.parametrize("name", ["plain", "not UTF-8\udcff"])  # read by pyarrow.json, or by Python
+def test_parquet_integer_beyond_64_bits_in_a_nested_field(tmp_path, name):
+    from crawlproc.parquet import ParquetSchemaError, write_parquet
+
+    records = [{"name": name, "m": {"sizes": [1, 2**63 - 1]}}, {"name": name, "m": {"sizes": [0.5, -2**63 - 1]}}]
+    expected = (r"^cannot write Parquet: record 2 \(the task of record 1\) has an integer beyond 64 bits "
+                r"in field 'm.sizes\[1\]' \(-9223372036854775809\), which Parquet cannot hold")
+    with pytest.raises(ParquetSchemaError, match=expected):
+        write_parquet(write_jsonl(tmp_path / "m.jsonl", records), tmp_path / "out.parquet",
+                      lambda n: f"the task of record {n}")
+
+
+def test_parquet_keeps_large_numbers_that_fit(tmp_path):
+    import pyarrow.parquet as pq
+
+    from crawlproc.parquet import write_parquet
+
+    records = [{"ns": 1_700_000_000_123_456_789, "ends": [2**63 - 1, -2**63], "x": 1e20, "id": "1" * 30},
+               {"ns": 1_700_000_000_123_456_790, "ends": [0], "x": 0.5, "id": "2"}]
+    write_parquet(write_jsonl(tmp_path / "m.jsonl", records), tmp_path / "out.parquet", str)
+    assert pq.read_table(tmp_path / "out.parquet").to_pylist() == records

@@ -325,6 +325,18 @@ def test_csv_stats_float_sums_are_exactly_rounded(tmp_path):
     assert math.fsum(record["columns"]["v"]["sum_parts"]) == float(exact)
 
 
+def test_csv_stats_sum_parts_only_where_the_float_sum_is_not_exact(tmp_path):
+    # As the README says: a record holds sum_parts only then; the totals hold none, and are exact.
+    inexact, exact = tmp_path / "a.csv", tmp_path / "b.csv"
+    inexact.write_text("amount\n0.1\n0.3\n")
+    exact.write_text("amount\n0.5\n0.25\n")
+    records = [json_roundtrip(csv_stats(whole(inexact))), json_roundtrip(csv_stats(whole(exact)))]
+    assert records[0]["columns"]["amount"]["sum_parts"] == [0.4, -2.7755575615628914e-17]
+    assert "sum_parts" not in records[1]["columns"]["amount"]
+    total = sum(map(Fraction, (0.1, 0.3, 0.5, 0.25)))
+    assert csv_totals(records)["columns"]["amount"] == {"count": 4, "sum": float(total), "min": 0.1, "max": 0.5}
+
+
 def test_csv_stats_group_by_the_last_column(tmp_path):
     path = tmp_path / "last.csv"
     path.write_text("v,k\n1,a\n2,b\n3,a\n")
