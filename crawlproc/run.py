@@ -350,6 +350,8 @@ def run_job(options: RunOptions, *, on_progress: Callable[[dict], None] | None =
         if source.finished:
             for line in source.outcome_lines():
                 logger.info(line)
+            if warning := source.emptied_warning():
+                logger.warning(warning)
         merged = None
         if options.merge:
             merged, pool_result = _merge_until_clean(job, pool_result, on_progress)

@@ -216,6 +216,17 @@ class Scan:
             lines.append(f"skipped {described}")
         return lines
 
+    def emptied_warning(self) -> str | None:
+        """A full scan that found no file at all where earlier scans had some: most likely
+        DATA_DIR is a mount point not mounted, or a share gone. Said, not refused: an inbox that
+        another process empties after each run looks just the same."""
+        disappeared = self.gone - self.excluded
+        if not (self.full and self.files == 0 and disappeared):
+            return None
+        return (f"DATA_DIR holds no file now: every file of the last scan ({disappeared:,}) is gone and its "
+                "records left the output; if DATA_DIR is a mount point, check that it is mounted (the next "
+                "run then processes its files again)")
+
     def _not_selected(self, paths: list[bytes]) -> list[bytes]:
         """The paths the scan's --include/--exclude do not select."""
         return [path for path in paths if not self._selected(path)] if self._selected else []

@@ -488,6 +488,8 @@ class Watcher:
             news = scan.full and skipped != self.skipped  # a rescan that skipped the same says nothing
             for line in scan.outcome_lines(skipped=news):
                 logger.info(line)
+            if warning := scan.emptied_warning():
+                logger.warning(warning)
             if scan.full:
                 self.skipped = skipped
         return scan.files - before, scan.full and scan is not self._catch_up

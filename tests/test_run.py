@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -424,6 +425,23 @@ def test_non_utf8_file_name_is_processed_and_merged_is_valid_utf8(tmp_path):
     assert summary(out)["timings"]["tasks_done_this_run"] == 0
     status_result = run_cli("status", "-o", str(out), timeout=WAIT_SECONDS)
     ok(status_result)
+
+
+def test_a_run_that_finds_data_dir_emptied_warns_that_it_may_not_be_mounted(tmp_path):
+    """An unmounted mount point looks like an emptied DATA_DIR: every task goes and the output is
+    emptied (an inbox emptied by another process looks the same, so it is not refused), but the
+    user hears why that may be wrong."""
+    data = make_tree(tmp_path / "data", {"a.txt": "a\n", "b/c.txt": "c\n"})
+    out = tmp_path / "out"
+    ok(crawl(data, out, "-w", "1"))
+    for entry in list(data.iterdir()):
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    result = crawl(data, out, "-w", "1")
+    ok(result)
+    assert "WARNING DATA_DIR holds no file now: every file of the last scan (2) is gone" in result.stderr
+    assert "check that it is mounted" in result.stderr
+    again = crawl(data, out, "-w", "1")  # said once: the next scan finds nothing more gone
+    assert again.returncode == 0 and "holds no file now" not in again.stderr
 
 
 NAMES_THE_FILE_IN_ITS_ERROR = """
