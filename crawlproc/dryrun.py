@@ -29,6 +29,7 @@ from crawlproc.run import (
     check_data_dir,
     check_out_entries,
     check_out_is_not_data_dir,
+    earlier_code,
     load_processor,
     log_skip,
     problem_logger,
@@ -111,7 +112,8 @@ def retry_states(ledger: Ledger, options: RunOptions, processor: Processor) -> t
     a run refuses it.
     """
     verdict = ledger.judge_identity(run_identity(options, processor), reprocess=options.reprocess,
-                                    keep_results=options.keep_results)  # refuses as the run would
+                                    keep_results=options.keep_results,
+                                    earlier_code=earlier_code(options, processor))  # refuses as the run would
     if verdict is Verdict.REPROCESS:
         return (State.PENDING.value, State.RUNNING.value, State.FAILED.value, State.DONE.value)
     if options.retry_failed:

@@ -4,7 +4,8 @@
       equal .......................................................... SAME
       OUT has none yet ............................................... NEW
       only the code fingerprint is missing (OUT was made before
-        crawlproc fingerprinted code): this code is adopted ........... ADOPTED
+        crawlproc fingerprinted code), or it is the one a crawlproc
+        that left module constants out gave this code: adopted ........ ADOPTED
       only the Python version, with the same bytecode ................ RECOMPILED
       anything, with reprocess ....................................... REPROCESS (every task redone)
       nothing, with reprocess, on an OUT that kept older code's results  REPROCESS
@@ -48,10 +49,13 @@ class Verdict(str, Enum):
 
 
 def judge(stored: Mapping[str, str], wanted: Mapping[str, str], *, out: Path, reprocess: bool,
-          keep_results: bool, count_done: Callable[[], int]) -> Verdict:
+          keep_results: bool, count_done: Callable[[], int],
+          earlier_code: Callable[[], str | None] = lambda: None) -> Verdict:
     """The verdict on running with identity `wanted` on an OUT whose meta is `stored`.
 
-    `count_done` counts OUT's done tasks; it is called only when the code alone changed.
+    `count_done` counts OUT's done tasks; `earlier_code` gives the fingerprint an earlier
+    crawlproc gave this code (fingerprint.digest_before_literals); each is called only when
+    the code alone changed.
 
     Raises IdentityMismatch, naming what changed and the ways out, when the run must not go on.
     """
@@ -67,6 +71,8 @@ def judge(stored: Mapping[str, str], wanted: Mapping[str, str], *, out: Path, re
         return Verdict.REPROCESS if reprocess and kept_results(stored) else Verdict.SAME
     if differ == {PYTHON_KEY}:
         return Verdict.RECOMPILED
+    if differ == {CODE_KEY} and stored.get(CODE_KEY) == earlier_code():
+        return Verdict.ADOPTED  # OUT was stamped before module constants counted: the same code then
     if reprocess:
         return Verdict.REPROCESS
     if differ <= CODE_KEYS:

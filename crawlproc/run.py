@@ -48,7 +48,7 @@ from crawlproc.logs import LOG_DIR
 from crawlproc.outcomes import RetryPolicy, Tally, out_hint
 from crawlproc.processes import ForkServer
 from crawlproc.processors.base import Processor, load, normalise_spec, spec_for_people
-from crawlproc.processors.fingerprint import fingerprint
+from crawlproc.processors.fingerprint import digest_before_literals, fingerprint
 from crawlproc.rebuild import note_closed, rebuild_if_lost
 from crawlproc.results import RESULTS_DIR, identity_text, remove_temp_files, remove_unreferenced
 from crawlproc.scanner import Scan
@@ -191,6 +191,11 @@ def run_identity(options: RunOptions, processor: Processor) -> dict[str, Any]:
     }
 
 
+def earlier_code(options: RunOptions, processor: Processor) -> Callable[[], str | None]:
+    """How to get the fingerprint an earlier crawlproc gave this code, computed only if asked."""
+    return lambda: digest_before_literals(options.processor, processor)
+
+
 def added_columns(options: RunOptions) -> dict[str, str] | None:
     """--source-column NAME: the columns put in front of each record, relpath under NAME and,
     with --chunk-size, the task's byte offset under NAME_offset (0 for a file not split)."""
@@ -264,8 +269,8 @@ def _opened_ledger(options: RunOptions, command: str, processor: Processor,
         logger.warning(rebuilt)
     ledger = Ledger(options.out / LEDGER_NAME, durable=options.durable)
     try:
-        _log_verdict(ledger.settle_identity(identity, reprocess=options.reprocess,
-                                            keep_results=options.keep_results), options.out, identity)
+        _log_verdict(ledger.settle_identity(identity, reprocess=options.reprocess, keep_results=options.keep_results,
+                                            earlier_code=earlier_code(options, processor)), options.out, identity)
         _recover(options.out, ledger)
         ledger.record_scan_settings(scan_settings(options))
         if options.retry_failed:
@@ -309,8 +314,8 @@ def _log_verdict(verdict: Verdict, out: Path, identity: dict[str, Any]) -> None:
         logger.info("--keep-results: the done tasks of {} keep their records from the previous code of {}; "
                     "the new code processes the rest (listed in summary.json)", out, processor)
     elif verdict is Verdict.ADOPTED:
-        logger.info("{} was made before crawlproc fingerprinted processor code: its done tasks are taken "
-                    "as made by this code of {}", out, processor)
+        logger.info("{} was made by a crawlproc that fingerprinted processor code less fully (not at all, or "
+                    "without module constants): its done tasks are taken as made by this code of {}", out, processor)
     elif verdict is Verdict.REPLACED:
         logger.info("the code of processor {} changed since {} was made, and no task is done yet: "
                     "the new code is used", processor, out)

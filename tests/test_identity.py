@@ -285,6 +285,39 @@ def test_a_module_processor_on_the_pythonpath(data, tmp_path):
     assert "the code of processor mypkg.procs:lines changed" in line and "in mypkg.procs first" in line
 
 
+SCALED = """
+from crawlproc import processor
+
+SCALE = 1
+
+
+@processor(version="1")
+def scaled(task):
+    return {"path": task.relpath, "n": len(task.read_bytes()) * SCALE}
+"""
+
+
+def test_an_out_stamped_before_module_constants_counted_adopts_the_same_code(data, tmp_path):
+    """An OUT whose fingerprint an earlier crawlproc made without the module's constants, for the
+    very code that runs now, goes on: no run of a job already going is refused by an upgrade of
+    crawlproc. From then on a changed constant is an edit."""
+    from crawlproc.processors.base import load
+    from crawlproc.processors.fingerprint import digest_before_literals
+
+    source = write(tmp_path / "procs" / "scaled.py", SCALED)
+    spec = f"{source}:scaled"
+    out = tmp_path / "out"
+    ok(crawl(data, out, "-p", spec))
+    earlier = digest_before_literals(spec, load(spec))
+    assert earlier is not None  # the processor uses a module constant: the two fingerprints differ
+    set_meta(out, {CODE_KEY: earlier})  # as that crawlproc stamped it
+    result = crawl(data, out, "-p", spec)
+    ok(result)
+    assert "fingerprinted processor code less fully" in result.stderr and processed(out) == 0
+    source.write_text(SCALED.replace("SCALE = 1", "SCALE = 1000"))
+    refused(crawl(data, out, "-p", spec))
+
+
 def test_an_out_made_before_code_fingerprints_adopts_the_code(data, tmp_path):
     source = write(tmp_path / "procs" / "words.py", WORDS)
     out = tmp_path / "out"
@@ -292,7 +325,8 @@ def test_an_out_made_before_code_fingerprints_adopts_the_code(data, tmp_path):
     set_meta(out, {CODE_KEY: None, PYTHON_KEY: None})
     result = crawl(data, out, "-p", f"{source}:words")
     ok(result)
-    assert "was made before crawlproc fingerprinted processor code" in result.stderr and "INFO" in result.stderr
+    assert "was made by a crawlproc that fingerprinted processor code less fully" in result.stderr
+    assert "INFO" in result.stderr
     assert processed(out) == 0
     source.write_text(EDITED)  # from now on, an edit is seen
     refused(crawl(data, out, "-p", f"{source}:words"))

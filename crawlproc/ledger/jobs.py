@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +36,21 @@ class Jobs:
         verdict = self.settle_identity(identity, reprocess=reprocess, keep_results=keep_results)
         return verdict is Verdict.REPROCESS
 
-    def judge_identity(self, identity: Mapping[str, Any], *, reprocess: bool,
-                       keep_results: bool = False) -> Verdict:
+    def judge_identity(self, identity: Mapping[str, Any], *, reprocess: bool, keep_results: bool = False,
+                       earlier_code: Callable[[], str | None] = lambda: None) -> Verdict:
         """The verdict on running with `identity` on this OUT (crawlproc.identity.judge); reads only,
         so a dry run asks it of a read-only ledger. Raises IdentityMismatch as a run would."""
         return judge(self.meta(), _meta_texts(identity), out=self.path.parent, reprocess=reprocess,
-                     keep_results=keep_results, count_done=self._count_done)
+                     keep_results=keep_results, count_done=self._count_done, earlier_code=earlier_code)
 
-    def settle_identity(self, identity: Mapping[str, Any], *, reprocess: bool,
-                        keep_results: bool = False) -> Verdict:
+    def settle_identity(self, identity: Mapping[str, Any], *, reprocess: bool, keep_results: bool = False,
+                        earlier_code: Callable[[], str | None] = lambda: None) -> Verdict:
         """Judge the run's identity against OUT's and store what the verdict says.
 
         REPROCESS sends every task back to pending; KEPT records the acceptance in meta.
         """
-        verdict = self.judge_identity(identity, reprocess=reprocess, keep_results=keep_results)
+        verdict = self.judge_identity(identity, reprocess=reprocess, keep_results=keep_results,
+                                      earlier_code=earlier_code)
         if verdict is Verdict.SAME:
             return verdict
         stored, wanted = self.meta(), _meta_texts(identity)

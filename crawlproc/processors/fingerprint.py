@@ -71,11 +71,23 @@ def fingerprint(spec: str, proc: Processor) -> CodeFingerprint:
     return CodeFingerprint(code_digest(proc), python_version())
 
 
-def code_digest(proc: Processor) -> str:
-    """The hex digest of a processor's function and reducer (see the module docstring)."""
-    hasher = _CodeHasher(_module_of(proc.func))
+def code_digest(proc: Processor, *, literals: bool = True) -> str:
+    """The hex digest of a processor's function and reducer (see the module docstring);
+    without `literals`, as crawlproc gave it before module constants were part of it."""
+    hasher = _CodeHasher(_module_of(proc.func), literals=literals)
     hasher.top(proc)
     return hasher.hexdigest()
+
+
+def digest_before_literals(spec: str, proc: Processor) -> str | None:
+    """The digest an earlier crawlproc, whose fingerprint left module constants out, gave this
+    very code, when it differs from today's (the processor uses such a constant); None otherwise.
+    An OUT stamped with it ran this code as far as that crawlproc could tell (identity.judge)."""
+    current = fingerprint(spec, proc)
+    if current.python is None:  # built-in or plugin: not a digest of code
+        return None
+    earlier = code_digest(proc, literals=False)
+    return earlier if earlier != current.digest else None
 
 
 def _module_of(obj: Any) -> str:
@@ -100,8 +112,9 @@ class _CodeHasher:
     which it was first met.
     """
 
-    def __init__(self, home_module: str) -> None:
+    def __init__(self, home_module: str, *, literals: bool = True) -> None:
         self.home = home_module
+        self.literals = literals  # module constants written as literals count (see digest_before_literals)
         self._hash = hashlib.blake2b(digest_size=16)
         self._met: dict[int, int] = {}
         self._open_containers: set[int] = set()  # a list that holds itself must not recurse forever
@@ -192,7 +205,7 @@ class _CodeHasher:
                 self.put("empty cell")
                 continue
             self.value(contents)
-        literals = self.literals_of(func.__globals__)
+        literals = self.literals_of(func.__globals__) if self.literals else {}
         for name in sorted(set(_global_loads(func.__code__))):
             if name in func.__globals__:
                 self.put("global", name)
