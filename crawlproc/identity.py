@@ -63,16 +63,19 @@ def judge(stored: Mapping[str, str], wanted: Mapping[str, str], *, out: Path, re
         return Verdict.NEW
     # A key that an older crawlproc did not record counts as null: not set then.
     differ = {key for key, value in wanted.items() if stored.get(key, "null") != value}
+    adopted = False  # OUT's stamp says less about the code than ours, and no more than that it is this code
     if CODE_KEY in wanted and CODE_KEY not in stored:
         differ -= CODE_KEYS
-        if not differ:
-            return Verdict.ADOPTED
+        adopted = True
+    elif differ == {CODE_KEY} and stored.get(CODE_KEY) == earlier_code():  # stamped before constants counted
+        differ = set()
+        adopted = True
     if not differ:  # --reprocess also undoes earlier --keep-results: every record from this code
-        return Verdict.REPROCESS if reprocess and kept_results(stored) else Verdict.SAME
+        if reprocess and kept_results(stored):
+            return Verdict.REPROCESS
+        return Verdict.ADOPTED if adopted else Verdict.SAME
     if differ == {PYTHON_KEY}:
         return Verdict.RECOMPILED
-    if differ == {CODE_KEY} and stored.get(CODE_KEY) == earlier_code():
-        return Verdict.ADOPTED  # OUT was stamped before module constants counted: the same code then
     if reprocess:
         return Verdict.REPROCESS
     if differ <= CODE_KEYS:

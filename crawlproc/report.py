@@ -21,7 +21,7 @@ from crawlproc.ledger import SCAN_SETTINGS_KEY, Ledger
 from crawlproc.lock import OutLock, running_pid
 from crawlproc.processors.shipping import is_shipped_spec
 from crawlproc.results import remove_temp_files, remove_unreferenced
-from crawlproc.run import LEDGER_NAME, check_out_entries
+from crawlproc.run import LEDGER_NAME, check_out_entries, check_output_is_not_input
 from crawlproc.task import relpath_for_people
 from crawlproc.words import plural
 
@@ -330,6 +330,8 @@ def merge_only(out: Path, output: Path | None, fmt: str = "jsonl") -> MergeRepor
         ledger = Ledger(out / LEDGER_NAME)
         try:
             meta = ledger.meta()
+            if meta.get("data_dir"):
+                check_output_is_not_input(Path(meta["data_dir"]), out, output)
             processor = _merging_processor(meta["processor"])
             remove_temp_files(out)
             merged = merge_results(ledger, out, output or default_output(out, fmt), fmt=fmt,

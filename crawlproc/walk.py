@@ -256,7 +256,7 @@ class _Walk:
     def _files(self, start: bytes) -> Iterator[FileEntry | FolderDone | FolderUnchanged]:
         first = os.path.join(self.root, start) if start else self.root
         try:
-            ancestors = frozenset({_dir_id(first)})
+            ancestors = self._ancestors_of(start)
         except FileNotFoundError:
             return
         # One iterator per level; a folder to enter is a plain (path, prefix, ancestors) tuple.
@@ -269,6 +269,14 @@ class _Walk:
                 yield item
             else:
                 stack.pop()
+
+    def _ancestors_of(self, start: bytes) -> frozenset:
+        """The folders a walk from `start` is inside: DATA_DIR's and each folder's on the way down
+        (watch scans a new folder alone), so that a link back to any of them is a loop there too."""
+        ancestors = {_dir_id(self.root)}
+        for end in (i + 1 for i, byte in enumerate(start) if byte == ord("/")):
+            ancestors.add(_dir_id(os.path.join(self.root, start[:end])))
+        return frozenset(ancestors)
 
     def _skip(self, kind: str, relpath: bytes, reason: str | None) -> None:
         """Count an entry skipped on purpose; report it unless `reason` is None."""
@@ -361,7 +369,7 @@ class _Walk:
         return verdict.kind, verdict.st
 
 
-class Verdict(NamedTuple):
+class EntryVerdict(NamedTuple):
     """What the walk's rules make of one entry (judge_entry)."""
 
     kind: int | None  # FILE or DIR to take in (`st` is its stat, a link's target's when followed); None: not
@@ -370,36 +378,36 @@ class Verdict(NamedTuple):
     reason: str | None = None  # for people; with `skipped` None, a problem: it could not be stat'ed
 
 
-def judge_entry(path: bytes, real_root: bytes, follow: bool) -> Verdict:
+def judge_entry(path: bytes, real_root: bytes, follow: bool) -> EntryVerdict:
     """The walk's rules for an entry that may be a symlink or not a regular file (the watch's
     events meet the same ones): links are followed only with `follow`, and never out of DATA_DIR
     (`real_root`: its realpath); FIFOs, sockets and devices are never taken, so never opened.
-    An entry deleted meanwhile is Verdict(None) with no reason."""
+    An entry deleted meanwhile is EntryVerdict(None) with no reason."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return Verdict(None)
+        return EntryVerdict(None)
     except OSError as exc:
-        return Verdict(None, reason=f"cannot stat: {exc.strerror}")
+        return EntryVerdict(None, reason=f"cannot stat: {exc.strerror}")
     if stat.S_ISLNK(st.st_mode):
         if not follow:
-            return Verdict(None, skipped="symlinks")  # counted, not reported one by one
+            return EntryVerdict(None, skipped="symlinks")  # counted, not reported one by one
         target = os.path.realpath(path)
         if target != real_root and not target.startswith(real_root + b"/"):
-            return Verdict(None, skipped="links_outside", reason="symlink points outside DATA_DIR")
+            return EntryVerdict(None, skipped="links_outside", reason="symlink points outside DATA_DIR")
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            return Verdict(None, skipped="broken_links", reason="symlink to nothing")
+            return EntryVerdict(None, skipped="broken_links", reason="symlink to nothing")
         except OSError as exc:
             if exc.errno == errno.ELOOP:  # links that point at each other
-                return Verdict(None, skipped="symlink_loops", reason="symlink loop: the links point at each other")
-            return Verdict(None, reason=f"cannot stat: {exc.strerror}")
+                return EntryVerdict(None, skipped="symlink_loops", reason="symlink loop: the links point at each other")
+            return EntryVerdict(None, reason=f"cannot stat: {exc.strerror}")
     if stat.S_ISDIR(st.st_mode):
-        return Verdict(DIR, st)
+        return EntryVerdict(DIR, st)
     if stat.S_ISREG(st.st_mode):
-        return Verdict(FILE, st)
-    return Verdict(None, skipped="special_files", reason=f"not a regular file ({kind_name(st.st_mode)})")
+        return EntryVerdict(FILE, st)
+    return EntryVerdict(None, skipped="special_files", reason=f"not a regular file ({kind_name(st.st_mode)})")
 
 
 def kind_name(mode: int) -> str:

@@ -78,6 +78,9 @@ def test_hostile_names_run_no_hidden_command_and_records_hold_the_real_output(ho
     "sh -c 'cat \"{}\"'",
     "sh -c 'cat \\{}'",
     "sh -c \"cat '{/}'\"",
+    "bash -c \"echo $'\\\\'{}'\"",  # inside $'...', where \' does not end the quotes
+    "sh -c 'echo `basename {}`'",  # a backtick in the name ends the backticks
+    "sh -c 'cat <<EOF\n{}\nEOF'",  # a here-document's body ignores quotes: $(touch PWNED) runs
 ])
 def test_a_placeholder_in_quotes_inside_a_shell_script_is_refused_before_any_task(hostile, tmp_path, template):
     """Quoted by the user too, the path's shell quoting came undone: a file named

@@ -367,9 +367,9 @@ STORED = {"processor": "/p/words.py:words", "processor_version": "1", "params": 
 
 
 def verdict(wanted: dict, *, stored: dict = STORED, reprocess: bool = False, keep_results: bool = False,
-            done: int = 1):
+            done: int = 1, earlier: str | None = None):
     return judge(stored, {**STORED, **wanted}, out=Path("/o"), reprocess=reprocess, keep_results=keep_results,
-                 count_done=lambda: done)
+                 count_done=lambda: done, earlier_code=lambda: earlier)
 
 
 def test_verdicts():
@@ -390,6 +390,20 @@ def test_verdicts():
     assert verdict({"params": '{"a": "b"}'}, stored=old_out, reprocess=True) is Verdict.REPROCESS
     with pytest.raises(IdentityMismatch, match="params"):
         verdict({"params": '{"a": "b"}'}, stored=old_out, keep_results=True)
+
+
+def test_an_out_stamped_without_module_constants_is_adopted_as_an_unchanged_one():
+    """Stamped with what an earlier crawlproc gave this code ("aaaa"): taken as this code, and
+    --reprocess still undoes what --keep-results kept (it did not, before: ADOPTED came first)."""
+    assert verdict({CODE_KEY: "bbbb"}, earlier="aaaa") is Verdict.ADOPTED
+    assert verdict({CODE_KEY: "bbbb"}, earlier="aaaa", reprocess=True) is Verdict.ADOPTED
+    kept_before = {**STORED, KEPT_RESULTS_KEY: '[{"at": "then"}]'}
+    assert verdict({CODE_KEY: "bbbb"}, stored=kept_before, earlier="aaaa", reprocess=True) is Verdict.REPROCESS
+    old_out = {k: v for k, v in kept_before.items() if k not in (CODE_KEY, PYTHON_KEY)}
+    assert verdict({CODE_KEY: "bbbb"}, stored=old_out, reprocess=True) is Verdict.REPROCESS
+    with pytest.raises(IdentityMismatch):  # another earlier code: an edit
+        verdict({CODE_KEY: "bbbb"}, earlier="cccc")
+    assert verdict({CODE_KEY: "bbbb", PYTHON_KEY: "cpython 3.12"}, earlier="aaaa", keep_results=True) is Verdict.KEPT
 
 
 def test_refusals_name_what_changed():

@@ -62,6 +62,8 @@ def test_an_output_inside_data_dir_is_refused_as_out_is(data, tmp_path):
     inner = data / "crawl-out"
     assert crawl(data, inner, "--output", str(inner / "all.jsonl")).returncode == 0
     assert crawl(data, out, "--output", str(tmp_path / "elsewhere.jsonl")).returncode == 0
+    merged = run_cli("merge", "-o", str(out), "--output", str(data / "result.jsonl"))  # merge too
+    assert merged.returncode == 2 and "is inside DATA_DIR" in merged.stderr and not (data / "result.jsonl").exists()
 
 
 # -- --output - ------------------------------------------------------------------------------------

@@ -403,9 +403,11 @@ def test_with_follow_symlinks_watch_takes_links_inside_data_dir_only(dirs, proc_
         os.symlink(outside / "folder", data / "linked-out")
         os.symlink(data / "real/in.txt", data / "link-in.txt")
         os.symlink(data / "real", data / "linked-folder")
+        os.symlink(data, data / "real/loop")  # a scan of it would take DATA_DIR in again, without end
         write_file(data / "z.txt", "last\n")
         wait_until(lambda: all_done(out, ["real/in.txt", "link-in.txt", "linked-folder/in.txt", "z.txt"]),
                    "the files and the links inside DATA_DIR", watch=w)
+        wait_until(lambda: "real/loop: symlink loop" in w.stderr, "the loop to be skipped", watch=w)
         assert w.stop() == 0
     assert ledger_paths(out) == {"_started.txt", "real/in.txt", "link-in.txt", "linked-folder/in.txt", "z.txt"}
     assert merged(out)["link-in.txt"] == {**merged(out)["real/in.txt"], "path": "link-in.txt"}

@@ -34,10 +34,15 @@ def check_template(template: str | None) -> list[str]:
     try:
         words = shlex.split(template)
     except ValueError as exc:
-        raise UsageError(f"--cmd {shlex.quote(template)}: {exc}") from None
+        raise UsageError(f"--cmd {_shown(template)}: {exc}") from None
     if not words:
         raise UsageError("--cmd needs a command, e.g. --cmd 'wc -l {}'")
     return words
+
+
+def _shown(template: str) -> str:
+    """A template in an error line: shell-quoted, and on one line (a script may hold newlines)."""
+    return shlex.quote(template).replace("\n", "\\n")
 
 
 def parse_exit_codes(text: str) -> tuple[int, ...]:
@@ -66,23 +71,33 @@ def check_command(params: Mapping[str, str]) -> None:
         quoted = _quoted_placeholder(word)
         if quoted:
             raise UsageError(
-                f"--cmd {shlex.quote(template)}: {quoted} is inside quotes in {word!r}; crawlproc shell-quotes "
-                "what a placeholder stands for, and quotes around it undo that (a file named x'; touch PWNED "
-                "would run its command): write it bare, e.g. sh -c 'wc -c < {}'")
+                f"--cmd {_shown(template)}: {quoted} is inside quotes, backticks, $'...' or a here-document "
+                f"in {word!r}, where the shell quoting crawlproc gives it does not hold (a file named "
+                "x'; touch PWNED would run its command): write it bare, e.g. sh -c 'wc -c < {}', or pass "
+                "it as an argument: sh -c 'wc -c < \"$1\"' sh {}")
     program = words[0]
     if PLACEHOLDER.search(program):
         return  # which program runs depends on the file: each task finds out
     problem = program_problem(program)
     if problem:
-        raise UsageError(f"--cmd {shlex.quote(template)}: {problem}")
+        raise UsageError(f"--cmd {_shown(template)}: {problem}")
+
+
+# Shell syntax in which a shell-quoted value is not safe either: backticks (a backtick in the
+# name ends them), ANSI-C quotes $'...' (where \' does not end them), here-documents (whose
+# body ignores quotes). A placeholder in a word holding any of them is refused outright.
+_UNQUOTABLE_SYNTAX = ("`", "$'", "<<")
 
 
 def _quoted_placeholder(word: str) -> str | None:
     """The first placeholder of a larger word (a shell script, e.g. `sh -c` gets) that a shell
-    reads inside quotes or after a backslash, where the quoting it gets (_substitute) would
-    end up unquoted; None if there is none. Quotes as POSIX sh reads them."""
-    if PLACEHOLDER.fullmatch(word):
-        return None  # passed raw, never to a shell as part of a script
+    would read inside quotes, after a backslash, or in syntax where the quoting it gets
+    (_substitute) does not hold; None if there is none. Quotes as POSIX sh reads them; this errs
+    on the side of refusing (a placeholder inside "$(...)" is refused too)."""
+    if PLACEHOLDER.fullmatch(word) or not (first := PLACEHOLDER.search(word)):
+        return None  # passed raw, never to a shell as part of a script; or no placeholder at all
+    if any(syntax in word for syntax in _UNQUOTABLE_SYNTAX):
+        return first.group()
     quote = None  # None, "'" or '"': the quotes we are in
     i = 0
     while i < len(word):
@@ -91,8 +106,8 @@ def _quoted_placeholder(word: str) -> str | None:
             return placeholder.group()
         char = word[i]
         if char == "\\" and quote != "'":
-            if PLACEHOLDER.match(word, i + 1):
-                return PLACEHOLDER.match(word, i + 1).group()
+            if escaped := PLACEHOLDER.match(word, i + 1):
+                return escaped.group()
             i += 2  # the next character is taken literally
             continue
         if char == quote:
