@@ -92,6 +92,12 @@ def run_command(out: Path, meta: Mapping[str, str], executor: Mapping[str, Any] 
     return shlex.join(args)
 
 
+def last_executor(ledger: Ledger) -> dict[str, Any] | None:
+    """Where the last run ran its batches, as its `runs` row describes it (None: locally)."""
+    last = ledger.last_run()
+    return json.loads(last["info"]).get("executor") if last and last["info"] else None
+
+
 def _last_run_and_holder(ledger: Ledger, out: Path) -> tuple[dict[str, Any] | None, int | None]:
     """The last run's row, and the pid holding OUT's lock (None: no run is going).
 
@@ -285,7 +291,8 @@ def retry_tasks(out: Path, *, include_done: bool, relpaths: tuple[str, ...]) -> 
                     f"OUT {out} has no task for {', '.join(map(shlex.quote, unknown))} (paths are relative "
                     f"to {meta.get('data_dir')}, as `crawlproc failures -o {shlex.quote(str(out))}` shows them); "
                     "nothing was put back to pending")
-            return RetryOutcome(ledger.retry(include_done=include_done, relpaths=names), run_command(out, meta))
+            return RetryOutcome(ledger.retry(include_done=include_done, relpaths=names),
+                                run_command(out, meta, last_executor(ledger)))
         finally:
             ledger.close()
 
@@ -340,7 +347,7 @@ def merge_only(out: Path, output: Path | None, fmt: str = "jsonl") -> MergeRepor
             identity = {k: meta.get(k) for k in ("processor", "processor_version")}
             identity["params"] = json.loads(meta.get("params", "{}"))
             summary = write_summary(out, ledger, processor, identity, merged, {"merged_at": time.time()})
-            return MergeReport(summary, merged.damaged, run_command(out, meta))
+            return MergeReport(summary, merged.damaged, run_command(out, meta, last_executor(ledger)))
         finally:
             ledger.close()
 

@@ -246,7 +246,10 @@ def test_kill9_of_the_coordinator_then_resume(tmp_path, cluster):
     proc = start_and_wait(data, out, dask_args(cluster), 20)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
-    assert status_json(out)["run_command"].endswith(f"--executor dask --scheduler {cluster.scheduler_address}")
+    on_the_cluster = f"--executor dask --scheduler {cluster.scheduler_address}"
+    assert status_json(out)["run_command"].endswith(on_the_cluster)
+    merged = run_cli("merge", "-o", str(out), env=ENV)  # merge and retry print the same way to carry on
+    assert merged.returncode == 1 and on_the_cluster in merged.stderr, merged.stderr
     # Batches of the dead run may still finish on the cluster and write their result files:
     # the next run must neither record them nor let them clobber its own.
     again = crawl(data, out, "-p", SLOW, *dask_args(cluster))
