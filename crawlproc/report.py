@@ -94,8 +94,12 @@ def run_command(out: Path, meta: Mapping[str, str], executor: Mapping[str, Any] 
 
 def last_executor(ledger: Ledger) -> dict[str, Any] | None:
     """Where the last run ran its batches, as its `runs` row describes it (None: locally)."""
-    last = ledger.last_run()
-    return json.loads(last["info"]).get("executor") if last and last["info"] else None
+    return _info_of(ledger.last_run()).get("executor")
+
+
+def _info_of(run: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A `runs` row's info: its watcher, its cluster, its waiting tasks ({} for none)."""
+    return json.loads(run["info"]) if run and run["info"] else {}
 
 
 def _last_run_and_holder(ledger: Ledger, out: Path) -> tuple[dict[str, Any] | None, int | None]:
@@ -143,7 +147,7 @@ def status_from(ledger: Ledger, out: Path, counts: dict[str, int]) -> dict[str, 
         "running_pid": pid, "last_run": None, "throughput_files_per_s": None,
         "requeued_at_next_start": 0, "run_command": None,
     }
-    info = json.loads(last["info"]) if last and last["info"] else {}
+    info = _info_of(last)
     data["run_command"] = run_command(out, meta, info.get("executor"))
     if last:
         end = last["finished"] or last["updated"] or time.time()

@@ -201,13 +201,17 @@ class Scan:
         self.gone += gone
         self.excluded += len(self._not_selected(gone_paths or []))
 
+    @property
+    def disappeared(self) -> int:
+        """Files gone from the tree (not those the patterns no longer select)."""
+        return self.gone - self.excluded
+
     def outcome_lines(self, *, skipped: bool = True) -> list[str]:
         """What the finished scan changed that a user should hear of: files that left the output
         (gone, or no longer selected), and with `skipped`, entries skipped on purpose."""
         lines = []
-        disappeared = self.gone - self.excluded
-        if disappeared:
-            lines.append(f"{_files(disappeared)} disappeared since the last scan; their records leave the output")
+        if self.disappeared:
+            lines.append(f"{_files(self.disappeared)} disappeared since the last scan; their records leave the output")
         if self.excluded:
             lines.append(f"{_files(self.excluded)} no longer selected by --include/--exclude; "
                          "their records leave the output")
@@ -220,10 +224,9 @@ class Scan:
         """A full scan that found no file at all where earlier scans had some: most likely
         DATA_DIR is a mount point not mounted, or a share gone. Said, not refused: an inbox that
         another process empties after each run looks just the same."""
-        disappeared = self.gone - self.excluded
-        if not (self.full and self.files == 0 and disappeared):
+        if not (self.full and self.files == 0 and self.disappeared):
             return None
-        return (f"DATA_DIR holds no file now: every file of the last scan ({disappeared:,}) is gone and its "
+        return (f"DATA_DIR holds no file now: every file of the last scan ({self.disappeared:,}) is gone and its "
                 "records left the output; if DATA_DIR is a mount point, check that it is mounted (the next "
                 "run then processes its files again)")
 

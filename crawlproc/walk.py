@@ -31,6 +31,7 @@ from crawlproc.listing import (
 from crawlproc.task import relpath_for_people
 
 SkipReporter = Callable[[bytes, str], None]
+_LOOP_BACK = "symlink loop: this folder is one of its own parents"
 
 # Entries a walk skips on purpose, by kind (summary.json's "skipped"), with how the log names them:
 SKIP_KINDS = {
@@ -256,9 +257,13 @@ class _Walk:
     def _files(self, start: bytes) -> Iterator[FileEntry | FolderDone | FolderUnchanged]:
         first = os.path.join(self.root, start) if start else self.root
         try:
-            ancestors = self._ancestors_of(start)
+            above, here = self._folders_above(start), _dir_id(first)
         except FileNotFoundError:
             return
+        if here in above:  # a followed link to a folder above it (watch scans a new folder alone)
+            self._skip("symlink_loops", start.rstrip(b"/"), _LOOP_BACK)
+            return
+        ancestors = above | {here}
         # One iterator per level; a folder to enter is a plain (path, prefix, ancestors) tuple.
         stack = [iter(self._items(first, start, ancestors))]
         while stack:
@@ -270,13 +275,15 @@ class _Walk:
             else:
                 stack.pop()
 
-    def _ancestors_of(self, start: bytes) -> frozenset:
-        """The folders a walk from `start` is inside: DATA_DIR's and each folder's on the way down
-        (watch scans a new folder alone), so that a link back to any of them is a loop there too."""
-        ancestors = {_dir_id(self.root)}
-        for end in (i + 1 for i, byte in enumerate(start) if byte == ord("/")):
-            ancestors.add(_dir_id(os.path.join(self.root, start[:end])))
-        return frozenset(ancestors)
+    def _folders_above(self, start: bytes) -> frozenset:
+        """The folders a walk from `start` is inside: DATA_DIR's and each one's on the way down
+        to it, so that a link back to any of them is a loop there too."""
+        if not start:
+            return frozenset()
+        above = {_dir_id(self.root)}
+        for end in (i + 1 for i, byte in enumerate(start[:-1]) if byte == ord("/")):
+            above.add(_dir_id(os.path.join(self.root, start[:end])))
+        return frozenset(above)
 
     def _skip(self, kind: str, relpath: bytes, reason: str | None) -> None:
         """Count an entry skipped on purpose; report it unless `reason` is None."""
@@ -353,7 +360,7 @@ class _Walk:
                 self._skip("crawlproc_outs", relpath, "this run's OUT")
                 return None
             if dir_id in ancestors:
-                self._skip("symlink_loops", relpath, "symlink loop: this folder is one of its own parents")
+                self._skip("symlink_loops", relpath, _LOOP_BACK)
                 return None
             below = ancestors | {dir_id}
         return (path, relpath + b"/", below)

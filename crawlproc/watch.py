@@ -44,7 +44,6 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from crawlproc.fsevents import no_events_filesystem, refused
-from crawlproc.given_paths import inside
 from crawlproc.listing import DIR, FILE, holds_crawlproc_ledger
 from crawlproc.scanner import Scan, task_rows
 from crawlproc.walk import FileEntry, PathFilter, ProblemReporter, ScanOptions, judge_entry
@@ -57,13 +56,6 @@ if TYPE_CHECKING:
 TEMP_NAME_PATTERNS = ("*.tmp", "*.part", ".*")
 MAX_EVENTS_PER_STEP = 5000
 DEFAULT_POLL_SECONDS = 10.0  # when watch falls back to polling by itself
-
-
-def _loops_back(link: bytes) -> bool:
-    """A followed link to a folder that holds the link itself (`loop -> .`, `up -> ..`): a scan
-    of it would take in the same files again under another name, without end."""
-    target = os.path.realpath(link)
-    return inside(os.path.realpath(os.path.dirname(link)), target)
 
 
 @dataclass
@@ -436,14 +428,12 @@ class Watcher:
     def _settled_entry(self, relpath: bytes, candidate: _Candidate, now: float) -> FileEntry | None:
         # The scan's rules, not a bare stat: a symlink made while we watch is followed only with
         # --follow-symlinks and never out of DATA_DIR, and a FIFO is never handed to a worker.
-        path = os.path.join(self.data_dir, relpath)
-        verdict = judge_entry(path, self._real_root, self.scan_options.follow_symlinks)
+        verdict = judge_entry(os.path.join(self.data_dir, relpath), self._real_root,
+                              self.scan_options.follow_symlinks)
         if verdict.kind != FILE:  # not a file to take in (a deleted one: its delete event marks it gone)
             del self._candidates[relpath]
-            if verdict.kind == DIR and _loops_back(path):
-                self.on_skip(relpath, "symlink loop: this folder is one of its own parents")
-            elif verdict.kind == DIR and self._folder_wanted(relpath):  # a link to a folder, followed
-                self._start_scan(relpath + b"/")
+            if verdict.kind == DIR and self._folder_wanted(relpath):  # a followed link to a folder: its scan
+                self._start_scan(relpath + b"/")                        # skips it if it loops back
             elif verdict.reason is not None:
                 self.on_skip(relpath, verdict.reason)
             return None
