@@ -93,8 +93,9 @@ local:W`` (a LocalCluster that crawlproc starts and stops: both in the time), co
 local first run (targets: typical <= 1.10x, tiny <= 1.5x).
 
 --quick shrinks every workload 10x (a smoke check, not a measurement).
---repeat N runs the bare baseline and crawlproc's first run N times each (new
-outputs every time) and reports the median: use it on a busy machine.
+--repeat N runs the bare baseline and crawlproc's first run (and, with --dask, its
+first run on Dask) N times each, taking turns (bare, crawlproc, crawlproc, bare, ...),
+new outputs every time, and reports the medians: use it on a busy machine.
 
 What is measured, per workload, as wall-clock time of a subprocess
 (time.perf_counter around it, with a timeout), after every input file has been
@@ -145,6 +146,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import NamedTuple
 
 SCRIPTS = Path(__file__).resolve().parent
 REPO = SCRIPTS.parent
@@ -527,56 +529,109 @@ class Report:
     dask_wall: float | None = None  # crawlproc --executor dask, first run (LocalCluster started by it)
 
 
-def repeated_step(label: str, make_cmd, tag: str, run_dir: Path, files: int, args) -> tuple[Row, str]:
-    """Run ``make_cmd(suffix)`` --repeat times, each into new outputs named with ``suffix``.
+class Step(NamedTuple):
+    label: str
+    make_cmd: Callable[[str], list[str]]  # the command, given the suffix of the round's outputs
+    tag: str  # names its log files
 
-    Returns the row (median wall time) and the suffix of the last run's outputs.
+
+def repeated_steps(steps: list[Step], run_dir: Path, files: int, args) -> list[tuple[Row, str]]:
+    """Run every step --repeat times, taking turns (see taking_turns), each run into new outputs
+    named with its round's suffix; a step that fails runs no more rounds.
+
+    Taking turns is what keeps their ratios fair: the machine drifts within minutes. Run one
+    after the other, five bare runs of the scale workload once went from 22.7 s to 10.6 s as
+    the kernel's caches of its million files warmed, and the five crawlproc runs after them
+    from 20.3 s to 23.2 s as their outputs piled up.
+    Returns, per step, its row (median wall time) and the suffix of its last run's outputs.
     """
-    walls, suffix = [], ""
-    for i in range(args.repeat):
+    walls: list[list[float]] = [[] for _ in steps]
+    failed: dict[int, tuple[Row, str]] = {}
+    suffix = ""
+    for i, k in taking_turns(len(steps), args.repeat):
         suffix = f"-{i + 1}" if args.repeat > 1 else ""
+        label, make_cmd, tag = steps[k]
+        if k in failed:
+            continue
         row = step(label + suffix.replace("-", " #"), make_cmd(suffix),
                    run_dir / f"{tag}{suffix}.log", files, args.timeout)
         if row.failed:
             row.run = label
-            return row, suffix
-        walls.append(row.wall)
-    note = "" if len(walls) == 1 else "median of " + ", ".join(f"{w:.2f}" for w in walls)
-    return Row(label, statistics.median(walls), files, note), suffix
+            failed[k] = (row, suffix)
+        else:
+            walls[k].append(row.wall)
+    results = []
+    for k, (label, _, _) in enumerate(steps):
+        if k in failed:
+            results.append(failed[k])
+            continue
+        note = "" if len(walls[k]) == 1 else "median of " + ", ".join(f"{w:.2f}" for w in walls[k])
+        results.append((Row(label, statistics.median(walls[k]), files, note), suffix))
+    return results
 
 
-def run_bare(wl: Workload, data: Path, run_dir: Path, n: int, args, rep: Report) -> None:
-    def cmd(suffix: str) -> list[str]:
+def taking_turns(variants: int, rounds: int) -> Iterator[tuple[int, int]]:
+    """(round, variant) in the order to run them: each variant once per round, the rounds
+    alternating their order (A B, B A, A B, ...) so that no variant always runs right after
+    another: what a run leaves behind (dirty pages written back, a warmer cache) falls on all."""
+    for i in range(rounds):
+        order = range(variants) if i % 2 == 0 else reversed(range(variants))
+        yield from ((i, k) for k in order)
+
+
+def repeated_step(label: str, make_cmd, tag: str, run_dir: Path, files: int, args) -> tuple[Row, str]:
+    """One step --repeat times (see repeated_steps)."""
+    return repeated_steps([Step(label, make_cmd, tag)], run_dir, files, args)[0]
+
+
+def run_first_runs(wl: Workload, data: Path, run_dir: Path, n: int, args, rep: Report) -> None:
+    """The bare baseline, crawlproc's first run and (--dask) its first run on Dask, taking
+    turns; then crawlproc's no-op reruns. Each output is checked against the bare one."""
+    exe = crawlproc_exe()
+
+    def bare_cmd(suffix: str) -> list[str]:
         return [sys.executable, str(SCRIPTS / "bench_work.py"), wl.name, str(data),
                 str(run_dir / f"bare{suffix}.jsonl"), str(args.workers)]
 
-    row, suffix = repeated_step("bare Pool.imap_unordered", cmd, "bare", run_dir, n, args)
-    rep.rows.append(row)
-    rep.bare_wall = row.wall
-    rep.bare_jsonl = run_dir / f"bare{suffix}.jsonl"
-    if row.failed:
-        rep.problems.append(f"FAILED: bare baseline on {wl.name}: $ {shlex.join(cmd(suffix))}")
+    def crawlproc_cmd(suffix: str, *executor: str) -> list[str]:
+        out = "crawlproc-dask-out" if executor else "crawlproc-out"
+        return [exe, "run", str(data), "-o", str(run_dir / f"{out}{suffix}"),
+                *(executor or ("-w", str(args.workers))), "-p", wl.processor, "--no-progress", "-q"]
 
+    def dask_cmd(suffix: str) -> list[str]:
+        # A LocalCluster of W processes that crawlproc starts and stops itself: both in the time.
+        return crawlproc_cmd(suffix, "--executor", "dask", "--scheduler", f"local:{args.workers}")
 
-def run_crawlproc(wl: Workload, data: Path, run_dir: Path, n: int, args, rep: Report) -> None:
-    exe = crawlproc_exe()
+    steps = [Step("bare Pool.imap_unordered", bare_cmd, "bare")]
+    if exe is not None:
+        rep.parent_rss_mb = own_peak_rss_mb()
+        steps.append(Step("crawlproc first run", crawlproc_cmd, "crawlproc-first"))
+        if args.dask and wl.dask_target:
+            steps.append(Step("crawlproc --executor dask (local cluster)", dask_cmd, "crawlproc-dask"))
+    (bare, bare_suffix), *ours = repeated_steps(steps, run_dir, n, args)
+    rep.rows.append(bare)
+    rep.bare_wall = bare.wall
+    rep.bare_jsonl = run_dir / f"bare{bare_suffix}.jsonl"
+    if bare.failed:
+        rep.problems.append(f"FAILED: bare baseline on {wl.name}: $ {shlex.join(bare_cmd(bare_suffix))}")
     if exe is None:
         rep.rows.append(Row("crawlproc first run", note="crawlproc not installed", failed=True))
         rep.problems.append("FAILED: crawlproc executable not found")
         return
-
-    def cmd(suffix: str) -> list[str]:
-        return [exe, "run", str(data), "-o", str(run_dir / f"crawlproc-out{suffix}"),
-                "-w", str(args.workers), "-p", wl.processor, "--no-progress", "-q"]
-
-    rep.parent_rss_mb = own_peak_rss_mb()
-    first, suffix = repeated_step("crawlproc first run", cmd, "crawlproc-first", run_dir, n, args)
+    first, suffix = ours[0]
     rep.rows.append(first)
     if first.failed:
-        rep.problems.append(f"FAILED: crawlproc first run on {wl.name}: $ {shlex.join(cmd(suffix))}")
-        return
+        rep.problems.append(f"FAILED: crawlproc first run on {wl.name}: $ {shlex.join(crawlproc_cmd(suffix))}")
+    else:
+        record_first_run(wl, run_dir / f"crawlproc-out{suffix}", first, n, rep)
+        if wl.full:
+            run_rerun(wl, run_dir, crawlproc_cmd(suffix), n, args, rep)
+    if len(ours) > 1:
+        record_dask_run(wl, run_dir, ours[1], dask_cmd, n, rep)
+
+
+def record_first_run(wl: Workload, out: Path, first: Row, n: int, rep: Report) -> None:
     rep.first_wall = first.wall
-    out = run_dir / f"crawlproc-out{suffix}"
     summary = read_summary(out)
     timings = summary.get("timings", {})
     rep.peak_rss = timings.get("coordinator_peak_rss_bytes")
@@ -585,30 +640,23 @@ def run_crawlproc(wl: Workload, data: Path, run_dir: Path, n: int, args, rep: Re
     first.note = "; ".join(filter(None, [first.note, f"summary elapsed_s {elapsed}",
                                          fmt_counts(summary)]))
     rep.problems += in_child(check_merged, out, rep.bare_jsonl, wl, n)
-    if not wl.full:
-        return
-    # Each rerun finds the same finished OUT: as many as first runs, for a median as steady.
-    rerun, _ = repeated_step("crawlproc no-op rerun", lambda _: cmd(suffix), "crawlproc-rerun", run_dir, n, args)
+
+
+def run_rerun(wl: Workload, run_dir: Path, cmd: list[str], n: int, args, rep: Report) -> None:
+    """The same command again on the finished OUT, as many times as first runs (a steady median)."""
+    out = Path(cmd[cmd.index("-o") + 1])
+    rerun, _ = repeated_step("crawlproc no-op rerun", lambda _: cmd, "crawlproc-rerun", run_dir, n, args)
     rep.rows.append(rerun)
     if rerun.failed:
-        rep.problems.append(f"FAILED: crawlproc rerun on {wl.name}: $ {shlex.join(cmd(suffix))}")
+        rep.problems.append(f"FAILED: crawlproc rerun on {wl.name}: $ {shlex.join(cmd)}")
         return
     rep.rerun_wall = rerun.wall
     rerun.note = "; ".join(filter(None, [rerun.note, fmt_counts(read_summary(out))]))
     rep.problems += [p + " (after rerun)" for p in in_child(check_merged, out, rep.bare_jsonl, wl, n)]
-    if args.dask and wl.dask_target:
-        run_crawlproc_on_dask(wl, data, run_dir, n, args, rep, exe)
 
 
-def run_crawlproc_on_dask(wl: Workload, data: Path, run_dir: Path, n: int, args, rep: Report, exe: str) -> None:
-    """The same first run with --executor dask on a LocalCluster of W processes that crawlproc
-    starts and stops itself: the cluster's start and stop are in the time."""
-    def cmd(suffix: str) -> list[str]:
-        return [exe, "run", str(data), "-o", str(run_dir / f"crawlproc-dask-out{suffix}"),
-                "--executor", "dask", "--scheduler", f"local:{args.workers}", "-p", wl.processor,
-                "--no-progress", "-q"]
-
-    row, suffix = repeated_step("crawlproc --executor dask (local cluster)", cmd, "crawlproc-dask", run_dir, n, args)
+def record_dask_run(wl: Workload, run_dir: Path, result: tuple[Row, str], cmd, n: int, rep: Report) -> None:
+    row, suffix = result
     rep.rows.append(row)
     if row.failed:
         rep.problems.append(f"FAILED: crawlproc on Dask, {wl.name}: $ {shlex.join(cmd(suffix))}")
@@ -668,8 +716,7 @@ def bench_workload(wl: Workload, bench_dir: Path, run_root: Path, args) -> Repor
 
     run_dir = run_root / wl.name
     run_dir.mkdir(parents=True)
-    run_bare(wl, data, run_dir, n, args, rep)
-    run_crawlproc(wl, data, run_dir, n, args, rep)
+    run_first_runs(wl, data, run_dir, n, args, rep)
     if wl.full:
         run_parallel(wl, data, run_dir, n, args, rep)
     for p in rep.problems:
@@ -1322,18 +1369,18 @@ def engine_commands(data: Path, run_dir: Path, workers: int) -> list[tuple]:
 
 def interleaved_rates(tools: list[tuple], run_dir: Path, count: int, times: int, args,
                       problems: list[str]) -> list[tuple[RateRow, list[str]]]:
-    """Each tool (label, make_cmd(suffix), tag, env) run `times` times, one after the other in
-    turn, so that a busy moment of the machine falls on all of them; rows with median walls and
-    the suffixes of each tool's successful runs."""
+    """Each tool (label, make_cmd(suffix), tag, env) run `times` times, taking turns (see
+    taking_turns), so that a busy moment of the machine falls on all of them; rows with median
+    walls and the suffixes of each tool's successful runs."""
     rows = [(RateRow(label, count=count), []) for label, *_ in tools]
-    for i in range(times):
-        for (label, make_cmd, tag, env), (row, suffixes) in zip(tools, rows):
-            if row.failed:
-                continue
-            suffix = f"-{i + 1}"
-            if timed_into(row, make_cmd(suffix), run_dir / f"{tag}{suffix}.log", "rows", args, problems,
-                          label=f"{label} #{i + 1}", env=env):
-                suffixes.append(suffix)
+    for i, k in taking_turns(len(tools), times):
+        (label, make_cmd, tag, env), (row, suffixes) = tools[k], rows[k]
+        if row.failed:
+            continue
+        suffix = f"-{i + 1}"
+        if timed_into(row, make_cmd(suffix), run_dir / f"{tag}{suffix}.log", "rows", args, problems,
+                      label=f"{label} #{i + 1}", env=env):
+            suffixes.append(suffix)
     return [(finish_row(row), suffixes) for row, suffixes in rows]
 
 
@@ -1554,31 +1601,28 @@ def interleaved(variants: list[tuple[str, list[str] | Callable[[], AbstractConte
 
     A variant is (label, extra options, env, accepted exit codes); its extra options may
     instead be a context manager factory that yields them and is held around each run (a
-    client of the status page). Rounds alternate their order (A B, B A, A B, ...) so that
-    neither variant always runs right after the other: what a run leaves behind (dirty
-    pages written back, a warmer cache) falls on both alike. Returns each row with the OUT
-    of its last successful run; ``row.walls[i]`` is round i's wall.
+    client of the status page). Rounds take turns as taking_turns says. Returns each row with
+    the OUT of its last successful run; ``row.walls[i]`` is round i's wall.
     """
     rows = [(RateRow(label, count=n), None) for label, *_ in variants]
-    for i in range(times):
-        order = list(enumerate(variants))
-        for k, (label, extra, env, ok) in (order if i % 2 == 0 else order[::-1]):
-            row, _ = rows[k]
-            if row.failed:
-                continue
-            out = run_dir / f"{tag}-{k}-{i + 1}"
-            with (extra() if callable(extra) else contextlib.nullcontext(extra)) as options:
-                cmd = [exe, "run", str(data), "-o", str(out), "-w", str(args.workers), "-p", processor, *options,
-                       "--no-progress", "-q"]
-                _, wall = timed_once(f"{tag}: {label} #{i + 1}", cmd, run_dir / f"{tag}-{k}-{i + 1}.log", n,
-                                     "files", args.timeout, env=env, ok=ok)
-            if wall is None:
-                row.failed = True
-                row.note = f"FAILED, log {run_dir / f'{tag}-{k}-{i + 1}.log'}"
-                problems.append(f"FAILED: {tag} {label}: $ {shlex.join(cmd)}")
-                continue
-            row.walls.append(wall)
-            rows[k] = (row, out)
+    for i, k in taking_turns(len(variants), times):
+        label, extra, env, ok = variants[k]
+        row, _ = rows[k]
+        if row.failed:
+            continue
+        out = run_dir / f"{tag}-{k}-{i + 1}"
+        with (extra() if callable(extra) else contextlib.nullcontext(extra)) as options:
+            cmd = [exe, "run", str(data), "-o", str(out), "-w", str(args.workers), "-p", processor, *options,
+                   "--no-progress", "-q"]
+            _, wall = timed_once(f"{tag}: {label} #{i + 1}", cmd, run_dir / f"{tag}-{k}-{i + 1}.log", n,
+                                 "files", args.timeout, env=env, ok=ok)
+        if wall is None:
+            row.failed = True
+            row.note = f"FAILED, log {run_dir / f'{tag}-{k}-{i + 1}.log'}"
+            problems.append(f"FAILED: {tag} {label}: $ {shlex.join(cmd)}")
+            continue
+        row.walls.append(wall)
+        rows[k] = (row, out)
     return [(finish_row(row), out) for row, out in rows]
 
 
