@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -50,12 +50,12 @@ class Verdict(str, Enum):
 
 def judge(stored: Mapping[str, str], wanted: Mapping[str, str], *, out: Path, reprocess: bool,
           keep_results: bool, count_done: Callable[[], int],
-          earlier_code: Callable[[], str | None] = lambda: None) -> Verdict:
+          earlier_code: Callable[[], Collection[str]] = frozenset) -> Verdict:
     """The verdict on running with identity `wanted` on an OUT whose meta is `stored`.
 
-    `count_done` counts OUT's done tasks; `earlier_code` gives the fingerprint an earlier
-    crawlproc gave this code (fingerprint.digest_before_literals); each is called only when
-    the code alone changed.
+    `count_done` counts OUT's done tasks; `earlier_code` gives the fingerprints earlier
+    crawlprocs gave this code (fingerprint.earlier_digests); each is called only when the
+    code alone changed.
 
     Raises IdentityMismatch, naming what changed and the ways out, when the run must not go on.
     """
@@ -67,7 +67,7 @@ def judge(stored: Mapping[str, str], wanted: Mapping[str, str], *, out: Path, re
     if CODE_KEY in wanted and CODE_KEY not in stored:
         differ -= CODE_KEYS
         adopted = True
-    elif differ == {CODE_KEY} and stored.get(CODE_KEY) == earlier_code():  # stamped before constants counted
+    elif differ == {CODE_KEY} and stored.get(CODE_KEY) in earlier_code():  # stamped before constants counted
         differ = set()
         adopted = True
     if not differ:  # --reprocess also undoes earlier --keep-results: every record from this code

@@ -48,7 +48,7 @@ from crawlproc.logs import LOG_DIR
 from crawlproc.outcomes import RetryPolicy, Tally, out_hint
 from crawlproc.processes import ForkServer
 from crawlproc.processors.base import Processor, load, normalise_spec, spec_for_people
-from crawlproc.processors.fingerprint import digest_before_literals, fingerprint
+from crawlproc.processors.fingerprint import earlier_digests, fingerprint
 from crawlproc.rebuild import note_closed, rebuild_if_lost
 from crawlproc.results import RESULTS_DIR, identity_text, remove_temp_files, remove_unreferenced
 from crawlproc.scanner import Scan
@@ -191,9 +191,9 @@ def run_identity(options: RunOptions, processor: Processor) -> dict[str, Any]:
     }
 
 
-def earlier_code(options: RunOptions, processor: Processor) -> Callable[[], str | None]:
-    """How to get the fingerprint an earlier crawlproc gave this code, computed only if asked."""
-    return lambda: digest_before_literals(options.processor, processor)
+def earlier_code(options: RunOptions, processor: Processor) -> Callable[[], frozenset[str]]:
+    """How to get the fingerprints earlier crawlprocs gave this code, computed only if asked."""
+    return lambda: earlier_digests(options.processor, processor)
 
 
 def added_columns(options: RunOptions) -> dict[str, str] | None:
@@ -315,7 +315,8 @@ def _log_verdict(verdict: Verdict, out: Path, identity: dict[str, Any]) -> None:
                     "the new code processes the rest (listed in summary.json)", out, processor)
     elif verdict is Verdict.ADOPTED:
         logger.info("{} was made by a crawlproc that fingerprinted processor code less fully (not at all, or "
-                    "without module constants): its done tasks are taken as made by this code of {}", out, processor)
+                    "without module or class constants): its done tasks are taken as made by this code of {}",
+                    out, processor)
     elif verdict is Verdict.REPLACED:
         logger.info("the code of processor {} changed since {} was made, and no task is done yet: "
                     "the new code is used", processor, out)

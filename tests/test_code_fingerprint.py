@@ -190,6 +190,45 @@ def test_each_literal_assignment_of_a_name_counts(tmp_path):
     assert digest(tmp_path, twice.replace("max(SCALE, 1)", "max(SCALE, 2)")) == base  # computed
 
 
+CLASS_CONSTANTS = '''
+from crawlproc import processor
+
+
+class Rules:
+    RATE = 2
+    LABELS: tuple = ("low", "high")
+    SEEN = []
+
+    class Limits:
+        HIGHEST = 100
+
+    def score(self, n):
+        return min(n * self.RATE, self.Limits.HIGHEST)
+
+
+@processor(version="1")
+def scored(task):
+    return {"path": task.relpath, "score": Rules().score(len(task.read_bytes()))}
+'''
+
+
+@pytest.mark.parametrize("old, new", [("RATE = 2", "RATE = 3"), ('("low", "high")', '("low", "top")'),
+                                      ("SEEN = []", "SEEN = [1]"), ("HIGHEST = 100", "HIGHEST = 99")])
+def test_a_class_constant_is_code(tmp_path, old, new):
+    # `self.RATE` is an attribute, not a global: the class's body says what it is.
+    assert CLASS_CONSTANTS.count(old) == 1
+    edited = digest(tmp_path, CLASS_CONSTANTS.replace(old, new), "scored")
+    assert edited.digest != digest(tmp_path, CLASS_CONSTANTS, "scored").digest
+
+
+def test_a_class_constant_counts_by_its_value_and_a_computed_one_not_at_all(tmp_path):
+    base = digest(tmp_path, CLASS_CONSTANTS, "scored")
+    assert digest(tmp_path, CLASS_CONSTANTS.replace("RATE = 2", "RATE=0x2  # doubled"), "scored") == base
+    computed = CLASS_CONSTANTS.replace("RATE = 2", "RATE = random.random()").replace(
+        "from crawlproc import processor", "import random\nfrom crawlproc import processor")
+    assert digest(tmp_path, computed, "scored") == digest(tmp_path, computed, "scored")  # another RATE each load
+
+
 def test_without_the_module_source_constants_do_not_count(tmp_path):
     # As for a processor defined in a notebook: only its code is known.
     digests = set()

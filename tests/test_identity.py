@@ -302,20 +302,55 @@ def test_an_out_stamped_before_module_constants_counted_adopts_the_same_code(dat
     very code that runs now, goes on: no run of a job already going is refused by an upgrade of
     crawlproc. From then on a changed constant is an edit."""
     from crawlproc.processors.base import load
-    from crawlproc.processors.fingerprint import digest_before_literals
+    from crawlproc.processors.fingerprint import code_digest, earlier_digests
 
     source = write(tmp_path / "procs" / "scaled.py", SCALED)
     spec = f"{source}:scaled"
     out = tmp_path / "out"
     ok(crawl(data, out, "-p", spec))
-    earlier = digest_before_literals(spec, load(spec))
-    assert earlier is not None  # the processor uses a module constant: the two fingerprints differ
+    earlier = code_digest(load(spec), literals=False)
+    assert earlier in earlier_digests(spec, load(spec))  # it uses a module constant: the fingerprints differ
     set_meta(out, {CODE_KEY: earlier})  # as that crawlproc stamped it
     result = crawl(data, out, "-p", spec)
     ok(result)
     assert "fingerprinted processor code less fully" in result.stderr and processed(out) == 0
     source.write_text(SCALED.replace("SCALE = 1", "SCALE = 1000"))
     refused(crawl(data, out, "-p", spec))
+
+
+RATED = """
+from crawlproc import processor
+
+
+class Rate:
+    PER_BYTE = 1
+
+
+@processor(version="1")
+def rated(task):
+    return {"path": task.relpath, "n": len(task.read_bytes()) * Rate.PER_BYTE}
+"""
+
+
+def test_a_changed_class_constant_is_an_edit_and_an_out_stamped_before_they_counted_goes_on(data, tmp_path):
+    """`PER_BYTE = 1` made `PER_BYTE = 1000` between two runs merged old and new records silently.
+    An OUT stamped by the crawlproc that left class constants out, for this very code, goes on."""
+    from crawlproc.processors.base import load
+    from crawlproc.processors.fingerprint import code_digest
+
+    source = write(tmp_path / "procs" / "rated.py", RATED)
+    spec = f"{source}:rated"
+    out = tmp_path / "out"
+    ok(crawl(data, out, "-p", spec))
+    set_meta(out, {CODE_KEY: code_digest(load(spec), class_literals=False)})  # as that crawlproc stamped it
+    result = crawl(data, out, "-p", spec)
+    ok(result)
+    assert "fingerprinted processor code less fully" in result.stderr and processed(out) == 0
+    first = (out / "merged.jsonl").read_bytes()
+    source.write_text(RATED.replace("PER_BYTE = 1", "PER_BYTE = 1000"))
+    line = refused(crawl(data, out, "-p", spec))
+    assert "the code of processor" in line and "rated.py:rated changed since" in line
+    assert (out / "merged.jsonl").read_bytes() == first
 
 
 def test_an_out_made_before_code_fingerprints_adopts_the_code(data, tmp_path):
@@ -369,7 +404,7 @@ STORED = {"processor": "/p/words.py:words", "processor_version": "1", "params": 
 def verdict(wanted: dict, *, stored: dict = STORED, reprocess: bool = False, keep_results: bool = False,
             done: int = 1, earlier: str | None = None):
     return judge(stored, {**STORED, **wanted}, out=Path("/o"), reprocess=reprocess, keep_results=keep_results,
-                 count_done=lambda: done, earlier_code=lambda: earlier)
+                 count_done=lambda: done, earlier_code=lambda: {earlier} - {None})
 
 
 def test_verdicts():

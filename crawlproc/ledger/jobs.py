@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +37,14 @@ class Jobs:
         return verdict is Verdict.REPROCESS
 
     def judge_identity(self, identity: Mapping[str, Any], *, reprocess: bool, keep_results: bool = False,
-                       earlier_code: Callable[[], str | None] = lambda: None) -> Verdict:
+                       earlier_code: Callable[[], Collection[str]] = frozenset) -> Verdict:
         """The verdict on running with `identity` on this OUT (crawlproc.identity.judge); reads only,
         so a dry run asks it of a read-only ledger. Raises IdentityMismatch as a run would."""
         return judge(self.meta(), _meta_texts(identity), out=self.path.parent, reprocess=reprocess,
                      keep_results=keep_results, count_done=self._count_done, earlier_code=earlier_code)
 
     def settle_identity(self, identity: Mapping[str, Any], *, reprocess: bool, keep_results: bool = False,
-                        earlier_code: Callable[[], str | None] = lambda: None) -> Verdict:
+                        earlier_code: Callable[[], Collection[str]] = frozenset) -> Verdict:
         """Judge the run's identity against OUT's and store what the verdict says.
 
         REPROCESS sends every task back to pending; KEPT records the acceptance in meta.

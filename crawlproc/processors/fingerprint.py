@@ -8,8 +8,10 @@
                       ├─ default arguments, closure cells
                       ├─ the reducer, and the setup and preload hooks if any, hashed the same way
                       ├─ the globals its code loads by name that are functions, classes or
-                      │   processors of its own module, transitively (a class by its bases and
-                      │   methods); another module's function or class counts by its name only
+                      │   processors of its own module, transitively (a class by its bases,
+                      │   methods, and the attributes its body assigns a literal: `RATE = 2`,
+                      │   a dataclass field's default); another module's function or class
+                      │   counts by its name only
                       └─ the globals its code loads by name that its module's source assigns a
                           literal at top level (`SCALE = 1000`, `NAMES: tuple = ("a", "b")`):
                           each such assignment's value, in source order
@@ -71,23 +73,27 @@ def fingerprint(spec: str, proc: Processor) -> CodeFingerprint:
     return CodeFingerprint(code_digest(proc), python_version())
 
 
-def code_digest(proc: Processor, *, literals: bool = True) -> str:
-    """The hex digest of a processor's function and reducer (see the module docstring);
-    without `literals`, as crawlproc gave it before module constants were part of it."""
-    hasher = _CodeHasher(_module_of(proc.func), literals=literals)
+def code_digest(proc: Processor, *, literals: bool = True, class_literals: bool = True) -> str:
+    """The hex digest of a processor's function and reducer (see the module docstring); without
+    `literals` or `class_literals`, as earlier crawlprocs gave it (see earlier_digests)."""
+    hasher = _CodeHasher(_module_of(proc.func), literals=literals, class_literals=class_literals)
     hasher.top(proc)
     return hasher.hexdigest()
 
 
-def digest_before_literals(spec: str, proc: Processor) -> str | None:
-    """The digest an earlier crawlproc, whose fingerprint left module constants out, gave this
-    very code, when it differs from today's (the processor uses such a constant); None otherwise.
-    An OUT stamped with it ran this code as far as that crawlproc could tell (identity.judge)."""
+# What earlier crawlprocs left out of the digest, oldest first: every literal, then the literal
+# attributes of classes (module constants already counted).
+_EARLIER_DIGESTS = ({"literals": False, "class_literals": False}, {"class_literals": False})
+
+
+def earlier_digests(spec: str, proc: Processor) -> frozenset[str]:
+    """The digests earlier crawlprocs, whose fingerprints left constants out, gave this very
+    code, where they differ from today's (the code uses such a constant). An OUT stamped with
+    one ran this code as far as that crawlproc could tell (identity.judge adopts it)."""
     current = fingerprint(spec, proc)
     if current.python is None:  # built-in or plugin: not a digest of code
-        return None
-    earlier = code_digest(proc, literals=False)
-    return earlier if earlier != current.digest else None
+        return frozenset()
+    return frozenset(code_digest(proc, **left_out) for left_out in _EARLIER_DIGESTS) - {current.digest}
 
 
 def _module_of(obj: Any) -> str:
@@ -112,13 +118,16 @@ class _CodeHasher:
     which it was first met.
     """
 
-    def __init__(self, home_module: str, *, literals: bool = True) -> None:
+    def __init__(self, home_module: str, *, literals: bool = True, class_literals: bool = True) -> None:
         self.home = home_module
-        self.literals = literals  # module constants written as literals count (see digest_before_literals)
+        self.literals = literals  # module constants written as literals count (see earlier_digests)
+        self.class_literals = literals and class_literals  # and so do class attributes written so
         self._hash = hashlib.blake2b(digest_size=16)
         self._met: dict[int, int] = {}
         self._open_containers: set[int] = set()  # a list that holds itself must not recurse forever
         self._literals_by_module: dict[int, dict[str, list[_Literal]]] = {}  # by id of the module's globals
+        self._home_globals: Mapping[str, Any] | None = None  # the processor's module, for its classes' source
+        self._home_tree: ast.Module | None = None
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
@@ -130,6 +139,7 @@ class _CodeHasher:
     def top(self, proc: Processor) -> None:
         """The processor being fingerprinted; its version is kept beside the digest, not in it."""
         self._met[id(proc)] = len(self._met)
+        self._home_globals = _attribute(proc.func, "__globals__")
         self.processor(proc)
 
     def processor(self, proc: Processor) -> None:
@@ -220,8 +230,23 @@ class _CodeHasher:
         """The literal assignments of a function's module (its globals), its source parsed once."""
         key = id(module_globals)  # the functions hashed keep their globals alive meanwhile
         if key not in self._literals_by_module:
-            self._literals_by_module[key] = _literal_assignments(_module_source(module_globals))
+            tree = _parsed(_module_source(module_globals))
+            self._literals_by_module[key] = _literal_assignments(tree.body if tree else [])
+            if module_globals is self._home_globals:
+                self._home_tree = tree
         return self._literals_by_module[key]
+
+    def class_literals_of(self, cls: type) -> dict[str, list[_Literal]]:
+        """The literal assignments of the body of `cls`, a class of the processor's module,
+        found in that module's source by its qualified name (none for a class made in a function)."""
+        if not self.class_literals or self._home_globals is None:
+            return {}
+        self.literals_of(self._home_globals)  # parses the module's source once
+        node: ast.AST | None = self._home_tree
+        for name in cls.__qualname__.split("."):
+            node = next((statement for statement in getattr(node, "body", ())
+                         if isinstance(statement, ast.ClassDef) and statement.name == name), None)
+        return _literal_assignments(node.body) if node is not None else {}
 
     def klass(self, cls: type) -> None:
         self.put("class", cls.__name__)
@@ -239,6 +264,11 @@ class _CodeHasher:
             elif isinstance(attr, (types.FunctionType, type, partial, Processor)):
                 self.put("member", name)
                 self.reference(attr)
+        for name, literals in self.class_literals_of(cls).items():  # in source order
+            self.put("class literal", name)
+            for literal in literals:
+                self.put("assigned", literal.operator)
+                self.value(literal.value)
 
     # -- code objects and constants -----------------------------------------------------------
     def code(self, code: types.CodeType) -> None:
@@ -292,22 +322,26 @@ class _Literal(NamedTuple):
     value: Any
 
 
-def _literal_assignments(source: str | None) -> dict[str, list[_Literal]]:
-    """Each name that `source` assigns a literal at top level, with those assignments in order.
+def _parsed(source: str | None) -> ast.Module | None:
+    if source is None:
+        return None
+    try:
+        return ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # e.g. a file broken since the import
+        return None
+
+
+def _literal_assignments(body: list[ast.stmt]) -> dict[str, list[_Literal]]:
+    """Each name that the statements of `body` (a module's or a class's) assign a literal, with
+    those assignments in order.
 
     A name assigned several times keeps each literal one, in order, and nothing of the others:
     each literal is code wherever it sits, so its edit counts even when a computed assignment
     follows (at worst a needless refusal, never mixed records); a computed value counts nowhere.
     Assignments inside `if`, `try` or functions are left out, as module code is.
     """
-    if source is None:
-        return {}
-    try:
-        tree = ast.parse(source)
-    except (SyntaxError, ValueError, RecursionError, MemoryError):  # e.g. a file broken since the import
-        return {}
     found: dict[str, list[_Literal]] = {}
-    for statement in tree.body:
+    for statement in body:
         for name, operator, node in _assignments(statement):
             value = _literal_value(node)
             if value is not _NOT_A_LITERAL:
