@@ -4,8 +4,9 @@
       equal .......................................................... SAME
       OUT has none yet ............................................... NEW
       only the code fingerprint is missing (OUT was made before
-        crawlproc fingerprinted code), or it is the one a crawlproc
-        that left module constants out gave this code: adopted ........ ADOPTED
+        crawlproc fingerprinted code), or it is one that a crawlproc
+        that left constants out (module or class ones) gave this
+        code: adopted ................................................. ADOPTED
       only the Python version, with the same bytecode ................ RECOMPILED
       anything, with reprocess ....................................... REPROCESS (every task redone)
       nothing, with reprocess, on an OUT that kept older code's results  REPROCESS

@@ -229,6 +229,87 @@ def test_a_class_constant_counts_by_its_value_and_a_computed_one_not_at_all(tmp_
     assert digest(tmp_path, computed, "scored") == digest(tmp_path, computed, "scored")  # another RATE each load
 
 
+CLASS_DEFINED = {
+    "twice": '''
+        class Rules:
+            RATE = 7
+
+
+        class Rules:
+            RATE = 2
+        ''',
+    "in a try block": '''
+        try:
+            from no_such_module_here import Rules
+        except ImportError:
+            class Rules:
+                RATE = 2
+        ''',
+    "in a function": '''
+        def make():
+            class Rules:
+                RATE = 2
+            return Rules
+
+
+        Rules = make()
+        ''',
+}
+
+
+@pytest.mark.parametrize("where", sorted(CLASS_DEFINED))
+def test_a_class_constant_counts_wherever_the_class_is_defined(tmp_path, where):
+    source = textwrap.dedent(CLASS_DEFINED[where]) + textwrap.dedent('''
+
+        @processor(version="1")
+        def rated(task):
+            return {"path": task.relpath, "n": len(task.read_bytes()) * Rules.RATE}
+        ''')
+    source = "from crawlproc import processor\n\n" + source
+    base = digest(tmp_path, source, "rated")
+    assert digest(tmp_path, source.replace("RATE = 2", "RATE = 3"), "rated") != base
+
+
+WRAPPED = '''
+from crawlproc import processor
+from {decorators} import timed
+
+
+class Rate:
+    PER_BYTE = 1
+
+
+@processor(version="1")
+@timed
+def rated(task):
+    return {{"path": task.relpath, "n": len(task.read_bytes()) * Rate.PER_BYTE}}
+'''
+
+DECORATORS = '''
+import functools
+
+
+class Rate:  # another class of the same name, in the decorator's module
+    PER_BYTE = 7
+
+
+def timed(func):
+    @functools.wraps(func)
+    def wrapper(task):
+        return func(task)
+    return wrapper
+'''
+
+
+def test_a_class_constant_of_a_wrapped_processor_is_read_from_its_own_module(tmp_path, monkeypatch):
+    # The wrapper's globals are the decorator's module: its `Rate` is not the processor's.
+    (tmp_path / "fp_decorators.py").write_text(DECORATORS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    source = WRAPPED.format(decorators="fp_decorators")
+    base = digest(tmp_path, source, "rated")
+    assert digest(tmp_path, source.replace("PER_BYTE = 1", "PER_BYTE = 1000"), "rated") != base
+
+
 def test_without_the_module_source_constants_do_not_count(tmp_path):
     # As for a processor defined in a notebook: only its code is known.
     digests = set()

@@ -332,9 +332,12 @@ def rated(task):
 """
 
 
-def test_a_changed_class_constant_is_an_edit_and_an_out_stamped_before_they_counted_goes_on(data, tmp_path):
+@pytest.mark.parametrize("left_out", [{"literals": False}, {"class_literals": False}], ids=["every", "class"])
+def test_a_changed_class_constant_is_an_edit_and_an_out_stamped_before_they_counted_goes_on(
+        data, tmp_path, left_out):
     """`PER_BYTE = 1` made `PER_BYTE = 1000` between two runs merged old and new records silently.
-    An OUT stamped by the crawlproc that left class constants out, for this very code, goes on."""
+    An OUT stamped by a crawlproc that left class constants (or every constant) out, for this very
+    code, goes on."""
     from crawlproc.processors.base import load
     from crawlproc.processors.fingerprint import code_digest
 
@@ -342,7 +345,7 @@ def test_a_changed_class_constant_is_an_edit_and_an_out_stamped_before_they_coun
     spec = f"{source}:rated"
     out = tmp_path / "out"
     ok(crawl(data, out, "-p", spec))
-    set_meta(out, {CODE_KEY: code_digest(load(spec), class_literals=False)})  # as that crawlproc stamped it
+    set_meta(out, {CODE_KEY: code_digest(load(spec), **left_out)})  # as that crawlproc stamped it
     result = crawl(data, out, "-p", spec)
     ok(result)
     assert "fingerprinted processor code less fully" in result.stderr and processed(out) == 0
@@ -351,6 +354,46 @@ def test_a_changed_class_constant_is_an_edit_and_an_out_stamped_before_they_coun
     line = refused(crawl(data, out, "-p", spec))
     assert "the code of processor" in line and "rated.py:rated changed since" in line
     assert (out / "merged.jsonl").read_bytes() == first
+
+
+ADDED_CONSTANT = """
+from crawlproc import processor
+from settings import Base, SCALE
+
+
+class Rate(Base):
+    pass
+
+
+@processor(version="1")
+def added(task):
+    return {"path": task.relpath, "n": len(task.read_bytes()) * SCALE * Rate.PER_BYTE}
+"""
+
+
+@pytest.mark.parametrize("before, after", [
+    ("class Rate(Base):\n    pass", "class Rate(Base):\n    PER_BYTE = 1000"),  # overrides an inherited constant
+    ("from settings import Base, SCALE", "from settings import Base\nSCALE = 1000"),  # this module's now
+])
+def test_an_edit_that_adds_a_constant_is_an_edit(data, tmp_path, before, after):
+    """Edited code fingerprinted without its new constant, as an earlier crawlproc would have, is
+    what this crawlproc stamped before the edit: that must not make the edit pass as unchanged."""
+    write(tmp_path / "procs" / "settings.py", """
+        SCALE = 1
+
+
+        class Base:
+            PER_BYTE = 1
+    """)
+    source = write(tmp_path / "procs" / "added.py", ADDED_CONSTANT)
+    spec = f"{source}:added"
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "procs"), str(REPO)])}  # for `settings`
+    out = tmp_path / "out"
+    ok(crawl(data, out, "-p", spec, env=env))
+    assert ADDED_CONSTANT.count(before) == 1
+    source.write_text(ADDED_CONSTANT.replace(before, after))
+    line = refused(crawl(data, out, "-p", spec, env=env))
+    assert "added.py:added changed since" in line
 
 
 def test_an_out_made_before_code_fingerprints_adopts_the_code(data, tmp_path):

@@ -77,23 +77,28 @@ def code_digest(proc: Processor, *, literals: bool = True, class_literals: bool 
     """The hex digest of a processor's function and reducer (see the module docstring); without
     `literals` or `class_literals`, as earlier crawlprocs gave it (see earlier_digests)."""
     hasher = _CodeHasher(_module_of(proc.func), literals=literals, class_literals=class_literals)
+    if literals and class_literals:
+        # Today's digests start with this tag, which no earlier crawlproc's did: an earlier form
+        # of edited code can never equal a stamp made by this crawlproc (see earlier_digests).
+        hasher.put("scheme", CURRENT_SCHEME)
     hasher.top(proc)
     return hasher.hexdigest()
 
 
+CURRENT_SCHEME = "3"  # 1: no constant counted; 2: module constants; 3: and classes' constants
 # What earlier crawlprocs left out of the digest, oldest first: every literal, then the literal
 # attributes of classes (module constants already counted).
-_EARLIER_DIGESTS = ({"literals": False, "class_literals": False}, {"class_literals": False})
+_EARLIER_DIGESTS = ({"literals": False}, {"class_literals": False})
 
 
 def earlier_digests(spec: str, proc: Processor) -> frozenset[str]:
     """The digests earlier crawlprocs, whose fingerprints left constants out, gave this very
-    code, where they differ from today's (the code uses such a constant). An OUT stamped with
-    one ran this code as far as that crawlproc could tell (identity.judge adopts it)."""
-    current = fingerprint(spec, proc)
-    if current.python is None:  # built-in or plugin: not a digest of code
+    code. An OUT stamped with one ran this code as far as that crawlproc could tell
+    (identity.judge adopts it). None of them can equal a stamp of today's crawlproc (its
+    digests are tagged), so code edited since such a stamp is never adopted as unchanged."""
+    if fingerprint(spec, proc).python is None:  # built-in or plugin: not a digest of code
         return frozenset()
-    return frozenset(code_digest(proc, **left_out) for left_out in _EARLIER_DIGESTS) - {current.digest}
+    return frozenset(code_digest(proc, **left_out) for left_out in _EARLIER_DIGESTS)
 
 
 def _module_of(obj: Any) -> str:
@@ -126,8 +131,7 @@ class _CodeHasher:
         self._met: dict[int, int] = {}
         self._open_containers: set[int] = set()  # a list that holds itself must not recurse forever
         self._literals_by_module: dict[int, dict[str, list[_Literal]]] = {}  # by id of the module's globals
-        self._home_globals: Mapping[str, Any] | None = None  # the processor's module, for its classes' source
-        self._home_tree: ast.Module | None = None
+        self._trees: dict[str, ast.Module | None] = {}  # a class's module's source, parsed, by module name
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
@@ -139,7 +143,6 @@ class _CodeHasher:
     def top(self, proc: Processor) -> None:
         """The processor being fingerprinted; its version is kept beside the digest, not in it."""
         self._met[id(proc)] = len(self._met)
-        self._home_globals = _attribute(proc.func, "__globals__")
         self.processor(proc)
 
     def processor(self, proc: Processor) -> None:
@@ -232,21 +235,24 @@ class _CodeHasher:
         if key not in self._literals_by_module:
             tree = _parsed(_module_source(module_globals))
             self._literals_by_module[key] = _literal_assignments(tree.body if tree else [])
-            if module_globals is self._home_globals:
-                self._home_tree = tree
         return self._literals_by_module[key]
 
     def class_literals_of(self, cls: type) -> dict[str, list[_Literal]]:
-        """The literal assignments of the body of `cls`, a class of the processor's module,
-        found in that module's source by its qualified name (none for a class made in a function)."""
-        if not self.class_literals or self._home_globals is None:
+        """The literal assignments of the body of `cls`, found in its module's source by its
+        qualified name. Every definition of that name counts (a class defined twice, or in both
+        branches of a try): at worst a needless refusal, never mixed records."""
+        module = sys.modules.get(_module_of(cls)) if self.class_literals else None
+        if module is None:
             return {}
-        self.literals_of(self._home_globals)  # parses the module's source once
-        node: ast.AST | None = self._home_tree
-        for name in cls.__qualname__.split("."):
-            node = next((statement for statement in getattr(node, "body", ())
-                         if isinstance(statement, ast.ClassDef) and statement.name == name), None)
-        return _literal_assignments(node.body) if node is not None else {}
+        name = module.__name__
+        if name not in self._trees:
+            self._trees[name] = _parsed(_module_source(vars(module)))
+        tree = self._trees[name]
+        found: dict[str, list[_Literal]] = {}
+        for body in _class_bodies(tree, cls.__qualname__) if tree is not None else ():
+            for attribute, literals in _literal_assignments(body).items():
+                found.setdefault(attribute, []).extend(literals)
+        return found
 
     def klass(self, cls: type) -> None:
         self.put("class", cls.__name__)
@@ -299,10 +305,15 @@ class _CodeHasher:
         elif kind in (tuple, list, dict):
             self.container(value)
         elif kind in (set, frozenset):  # hashed in a stable order: a set's order changes between runs
-            self.put(kind.__name__, b"".join(sorted(_digest_of_value(item, self.home) for item in value)))
+            self.put(kind.__name__, b"".join(sorted(self._digest_of_value(item) for item in value)))
         else:
             self.reference(value)
 
+    def _digest_of_value(self, value: Any) -> bytes:
+        """A set's item, hashed alone (so that the set's order does not count), the same way."""
+        hasher = _CodeHasher(self.home, literals=self.literals, class_literals=self.class_literals)
+        hasher.value(value)
+        return hasher._hash.digest()
 
     def container(self, value: tuple | list | dict) -> None:
         if id(value) in self._open_containers:
@@ -329,6 +340,38 @@ def _parsed(source: str | None) -> ast.Module | None:
         return ast.parse(source)
     except (SyntaxError, ValueError, RecursionError, MemoryError):  # e.g. a file broken since the import
         return None
+
+
+_DEFINITIONS = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def _class_bodies(tree: ast.Module, qualname: str) -> list[list[ast.stmt]]:
+    """The body of each class statement that defines `qualname` ("A.B", "make.<locals>.C")."""
+    parts = qualname.split(".")
+    bodies = [tree.body]
+    for i, name in enumerate(parts):
+        if name == "<locals>":
+            continue
+        in_function = i + 1 < len(parts) and parts[i + 1] == "<locals>"
+        kinds = (ast.FunctionDef, ast.AsyncFunctionDef) if in_function else (ast.ClassDef,)
+        bodies = [node.body for body in bodies for node in _statements(body)
+                  if isinstance(node, kinds) and node.name == name]
+    return bodies
+
+
+def _statements(body: list[ast.stmt]) -> Iterator[ast.stmt]:
+    """The statements of `body` and of the blocks in it (if, try, with, for, while, match),
+    not of the functions and classes it defines."""
+    for statement in body:
+        yield statement
+        if isinstance(statement, _DEFINITIONS):
+            continue
+        for field in ("body", "orelse", "finalbody"):
+            inner = getattr(statement, field, None)
+            if isinstance(inner, list):
+                yield from _statements(inner)
+        for clause in (*getattr(statement, "handlers", ()), *getattr(statement, "cases", ())):
+            yield from _statements(clause.body)
 
 
 def _literal_assignments(body: list[ast.stmt]) -> dict[str, list[_Literal]]:
@@ -382,10 +425,7 @@ def _module_source(module_globals: Mapping[str, Any]) -> str | None:
         return None
 
 
-def _digest_of_value(value: Any, home: str) -> bytes:
-    hasher = _CodeHasher(home)
-    hasher.value(value)
-    return hasher._hash.digest()
+
 
 
 def _has_docstring(code: types.CodeType) -> bool:
