@@ -104,9 +104,14 @@ class Worker:
         from crawlproc.processors.shipping import load_for_worker
 
         self.config = config
-        self.processor = load_for_worker(config.processor, config.shipped, config.import_paths)
-        self.hooks = WorkerHooks(self.processor, config.params)
-        self.setup_error = self.hooks.start()  # once per worker process, before any task
+        self.hooks: WorkerHooks | None = None
+        try:
+            self.processor = load_for_worker(config.processor, config.shipped, config.import_paths)
+        except Exception as exc:  # e.g. a processor file this Dask worker does not see: the run stops
+            self.setup_error: str | None = _load_failure(config.processor, exc)
+        else:
+            self.hooks = WorkerHooks(self.processor, config.params)
+            self.setup_error = self.hooks.start()  # once per worker process, before any task
         self.slot = slot if slot is not None else [0, 0]
         self.out = Path(config.out)
         self.pid = os.getpid()
@@ -164,7 +169,8 @@ class Worker:
 
     def close(self) -> None:
         """The processor's teardown, when the worker retires or is told to stop."""
-        self.hooks.close()
+        if self.hooks is not None:
+            self.hooks.close()
 
     def _source_of(self, task: Task) -> dict[str, Any] | None:
         """The fields --source-column puts in front of each record of `task`."""
@@ -242,6 +248,15 @@ def _encode_one(record: Any, source: Mapping[str, Any] | None) -> bytes:
         return (_encode_json(record) + "\n").encode()
     except (TypeError, ValueError, RecursionError) as exc:
         raise TypeError(f"processor returned a record that cannot be written as JSON: {exc}") from None
+
+
+def _load_failure(spec: str, exc: Exception) -> str:
+    """Why the processor could not be loaded in this worker process, in one line."""
+    from crawlproc.errors import CrawlprocError
+    from crawlproc.processors.base import import_failure, spec_for_people
+
+    why = exc.args[0] if isinstance(exc, CrawlprocError) and exc.args else import_failure(exc)
+    return f"processor {spec_for_people(spec)} cannot be loaded in worker process {os.getpid()}: {why}"
 
 
 def describe_exception(exc: BaseException) -> str:

@@ -8,6 +8,7 @@ local run's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -490,16 +492,15 @@ def test_without_the_extra_says_what_to_install(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_worker_that_does_not_see_out_is_named(tmp_path, cluster):
-    """A Dask worker in its own mount namespace, where OUT's parent is an empty tmpfs."""
+@contextlib.contextmanager
+def worker_blind_to(folder: Path, cluster: Cluster) -> Iterator[str]:
+    """A third Dask worker, in a mount namespace of its own where `folder` is an empty tmpfs;
+    yields its address while it runs."""
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("needs root and unshare to give one worker another view of the file system")
-    base = tmp_path / "shared"
-    data = text_tree(base / "data", 3)
-    out = base / "out"
     blind = subprocess.Popen(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-         f'mount -t tmpfs none "$0" && exec "$@"', str(base), sys.executable, "-m",
+         f'mount -t tmpfs none "$0" && exec "$@"', str(folder), sys.executable, "-m",
          "distributed.cli.dask_worker", cluster.scheduler_address, "--nthreads", "1", "--no-dashboard",
          "--name", "blind"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cluster.env)
@@ -507,13 +508,38 @@ def test_a_worker_that_does_not_see_out_is_named(tmp_path, cluster):
         wait_until(lambda: len(cluster.workers()) == 3 or blind.poll() is not None, 90, "the third worker")
         if blind.poll() is not None:
             pytest.skip("could not start a worker in a private mount namespace")
-        blind_address = next(a for a, w in cluster.workers().items() if w["name"] == "blind")
-        result = crawl(data, out, *dask_args(cluster))
+        yield next(a for a, w in cluster.workers().items() if w["name"] == "blind")
     finally:
         blind.kill()
         blind.wait(30)
+
+
+def test_a_worker_that_does_not_see_out_is_named(tmp_path, cluster):
+    """A Dask worker in its own mount namespace, where OUT's parent is an empty tmpfs."""
+    base = tmp_path / "shared"
+    data = text_tree(base / "data", 3)
+    out = base / "out"
+    with worker_blind_to(base, cluster) as blind_address:
+        result = crawl(data, out, *dask_args(cluster))
     assert result.returncode == 2, result.stderr
     assert blind_address in result.stderr and "same path" in result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert not query_ledger(out, "SELECT 1 FROM tasks")  # refused before any task was claimed
+    cluster.wait_for_workers(2)
+
+
+def test_a_worker_that_does_not_see_the_processor_file_is_named(tmp_path, cluster):
+    """DATA_DIR and OUT are shared, the processor's folder is not (a file in someone's home):
+    that worker's crawlproc processes could not load it and handed every batch back, for ever."""
+    data = text_tree(tmp_path / "data", 3)
+    out = tmp_path / "out"
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(PROCESSORS, home / "procs.py")
+    with worker_blind_to(home, cluster) as blind_address:
+        result = crawl(data, out, *dask_args(cluster), "-p", f"{home / 'procs.py'}:slow")
+    assert result.returncode == 2, result.stderr
+    assert blind_address in result.stderr and "processor file" in result.stderr and "same path" in result.stderr
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert not query_ledger(out, "SELECT 1 FROM tasks")  # refused before any task was claimed
     cluster.wait_for_workers(2)

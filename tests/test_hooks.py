@@ -173,6 +173,39 @@ def test_a_failing_hook_stops_the_start_with_one_line_and_fails_no_task(tmp_path
     assert len(pids_of(calls(log), "setup")) <= 4  # not once per task
 
 
+PICKY = '''
+import sys
+from crawlproc import processor
+
+if getattr(getattr(sys.modules["__main__"], "__spec__", None), "name", None) == "crawlproc.forkserver":
+    raise ImportError("not importable in a worker process (as where its file is not shared)")
+
+
+@processor(version="1")
+def picky(task):
+    return {"path": task.relpath}
+'''
+
+
+@pytest.mark.parametrize("executor", [[], ["--executor", "dask", "--scheduler", "local:1"]], ids=["local", "dask"])
+def test_a_processor_the_workers_cannot_load_stops_the_start_with_one_line(tmp_path, executor):
+    """The coordinator loads it, its workers cannot: on Dask, each worker process died before its
+    first task and handed its batch back, for ever, with nothing said."""
+    if executor:
+        pytest.importorskip("distributed")
+    data = make_tree(tmp_path / "data", {f"f{i:02d}.txt": "x\n" for i in range(20)})
+    out = tmp_path / "out"
+    picky = f"{write_processor(tmp_path, 'picky', PICKY)}:picky"
+    result = run_cli("run", str(data), "-o", str(out), "-p", picky, "-w", "2", *executor, "--no-progress", "-q")
+    assert result.returncode == 2, result.stderr
+    errors = result.stderr.splitlines()
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "processor" in errors[0] and "picky.py:picky cannot be loaded in worker process" in errors[0]
+    assert "ImportError: not importable in a worker process" in errors[0]
+    assert ("on Dask worker tcp://" in errors[0]) == bool(executor)
+    assert query_ledger(out, "SELECT count(*) FROM tasks WHERE state IN ('failed', 'done') OR attempts > 0") == [(0,)]
+
+
 def test_workers_share_preloaded_data_instead_of_copying_it(tmp_path):
     """PSS counts a page shared by n processes as 1/n in each: the server and 2 workers that
     share a 500 MB array add up to about 500 MB; copies would make it 1.5 GB."""

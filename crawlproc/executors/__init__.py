@@ -47,6 +47,10 @@ class BatchLost:
 
 Event = BatchReport | BatchLost
 
+# Worker processes that die in a row before running any task (a processor whose import
+# crashes, say) stop the run: each would otherwise hand its batch back to the next, for ever.
+MAX_STARTUP_DEATHS = 10
+
 
 @dataclass(frozen=True)
 class WorkerLimits:
@@ -117,7 +121,8 @@ def stop_if_setup_failed(events: list[Event]) -> list[Event]:
         if type(event) is BatchReport and event.setup_error is not None:
             from crawlproc.errors import ProcessorSetupError
 
-            raise ProcessorSetupError(event.setup_error)
+            where = f" (on Dask worker {event.where})" if event.where else ""
+            raise ProcessorSetupError(event.setup_error + where)
     return events
 
 

@@ -44,7 +44,7 @@ from loguru import logger
 from crawlproc.children import forking_is_safe
 from crawlproc.errors import CrawlprocError, UsageError
 from crawlproc.executors import BatchLost, Event, Opening, WorkerLimits, lifeline, stop_if_setup_failed
-from crawlproc.executors.remote import RemoteJob, SharedPathsMissing, run_batches, stop_job, warm_up
+from crawlproc.executors.remote import SHARED_PATHS, RemoteJob, SharedPathsMissing, run_batches, stop_job, warm_up
 from crawlproc.results import TEMP_SUFFIX
 from crawlproc.worker import BatchReport, WorkBatch, WorkerConfig
 from crawlproc.words import plural
@@ -173,8 +173,7 @@ class DaskExecutor:
                 raise UsageError(f"Dask worker {address} cannot run crawlproc: {answer!r} "
                                  "(is crawlproc installed there, at the same version?)")
             if answer is not None:
-                raise UsageError(f"Dask worker {address}: {answer}; DATA_DIR and OUT must be on a file "
-                                 "system every worker mounts at the same path")
+                raise UsageError(f"Dask worker {address}: {answer}; {SHARED_PATHS}")
         logger.info("Dask cluster at {}: {}, {}", self.address, plural(len(self.workers), "worker"),
                     plural(self.parallelism, "thread"))
 
@@ -269,8 +268,7 @@ class DaskExecutor:
 
         named = f"batch {ids[0]}" if len(ids) == 1 else f"batches {ids[0]}-{ids[-1]}"
         if isinstance(exc, SharedPathsMissing):
-            raise UsageError(f"a Dask worker cannot run crawlproc's batches: {exc}; DATA_DIR and OUT must be "
-                             "on a file system every worker mounts at the same path")
+            raise UsageError(f"{exc}; {SHARED_PATHS}")
         if isinstance(exc, KilledWorker):
             logger.warning("{}: their Dask worker died ({}); their tasks go back", named, exc)
             return BatchLost(ids, None, "its Dask worker died")

@@ -22,13 +22,12 @@ from typing import Any
 from loguru import logger
 
 from crawlproc.errors import CrawlprocError
-from crawlproc.executors import BatchLost, Event, Opening, WorkerLimits, stop_if_setup_failed
+from crawlproc.executors import MAX_STARTUP_DEATHS, BatchLost, Event, Opening, WorkerLimits, stop_if_setup_failed
 from crawlproc.processes import ForkServer, WorkerHandle, WorkerStartCancelled, describe_death, kill_group
 from crawlproc.supervision import TaskLimits
 from crawlproc.worker import BatchReport, WorkBatch, WorkerConfig
 
 PIPELINE = 2  # batches in flight per worker: it never waits for the coordinator
-MAX_STARTUP_DEATHS = 10
 # The forkserver takes ~0.1 s to import what a worker needs; starting workers blocks
 # until it is ready. Meanwhile the coordinator scans on, up to this long.
 FORKSERVER_WARMUP_SECONDS = 0.1

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, replace
 from multiprocessing.connection import wait as wait_for
 
-from crawlproc.executors import WorkerLimits
+from crawlproc.executors import MAX_STARTUP_DEATHS, WorkerLimits
 from crawlproc.processes import ForkServer, WorkerHandle, describe_death, kill_group
 from crawlproc.supervision import TaskLimits
 from crawlproc.worker import FAILED, RETURNED, BatchReport, WorkBatch, WorkerConfig
@@ -36,8 +36,11 @@ IDLE_SECONDS = 60.0
 STOP_SECONDS = 5.0
 
 
+SHARED_PATHS = "DATA_DIR, OUT and a processor file must be on a file system every worker mounts at the same path"
+
+
 class SharedPathsMissing(Exception):
-    """This Dask worker does not see DATA_DIR or OUT at the coordinator's paths."""
+    """This Dask worker does not see DATA_DIR, OUT or the processor's file at the coordinator's paths."""
 
 
 @dataclass(frozen=True)
@@ -52,9 +55,15 @@ class RemoteJob:
 
 
 def check_shared_paths(job: RemoteJob) -> str | None:
-    """None when this process sees DATA_DIR and OUT where the coordinator does, else why not."""
+    """None when this process sees DATA_DIR, OUT and the processor's file (if it has one and is
+    not sent by value) where the coordinator does, else why not."""
+    from crawlproc.processors.base import processor_file
+
     if not os.path.isdir(job.data_dir):
         return f"DATA_DIR {job.data_dir} is not a folder there"
+    code = processor_file(job.config.processor) if job.config.shipped is None else None
+    if code is not None and not os.path.isfile(code):
+        return f"the processor file {code} is not there"
     try:
         with open(job.token_file, encoding="ascii") as f:
             seen = f.read().strip()
@@ -118,7 +127,7 @@ def _runner(job: RemoteJob) -> BatchRunner:
         if runner is None:
             problem = check_shared_paths(job)
             if problem is not None:
-                raise SharedPathsMissing(problem)
+                raise SharedPathsMissing(f"Dask worker {_dask_worker_address()}: {problem}")
             runner = _RUNNERS[job.token] = BatchRunner(job)
             _start_reaper()
         return runner
@@ -188,6 +197,7 @@ class BatchRunner:
         self._busy = 0
         self._last_used = time.monotonic()
         self._closed = False
+        self._startup_deaths = 0  # workers in a row that died before any report
 
     def prepare(self) -> None:
         with self._lock:
@@ -265,6 +275,8 @@ class BatchRunner:
                     report = None  # it died while sending
                 if report is not None:
                     worker.inflight.clear()
+                    worker.reported = True
+                    self._startup_deaths = 0
                     return report
             if worker.process.sentinel in ready or not worker.process.is_alive():
                 worker.process.join()
@@ -279,7 +291,8 @@ class BatchRunner:
         """The worker died during `batch`: the task in its slot failed, the others come back
         (all of them, when the job was stopped: that death is nobody's fault)."""
         exitcode = worker.process.exitcode
-        blamed = worker.slot[0] if not (worker.process.status_lost or self._closed) else 0
+        ours = worker.process.status_lost or self._closed
+        blamed = worker.slot[0] if not ours else 0
         reason = worker.kill_reason or describe_death(exitcode)
         outcomes = []
         for task in batch.tasks:
@@ -288,7 +301,12 @@ class BatchRunner:
             else:
                 outcomes.append((task[0], RETURNED, None, 0.0))
         worker.inflight.clear()
-        return BatchReport(batch.batch_id, worker.pid, outcomes)
+        broken_start = None
+        if not (ours or blamed or worker.reported or worker.kill_reason):  # died before any task
+            self._startup_deaths += 1
+            if self._startup_deaths >= MAX_STARTUP_DEATHS:
+                broken_start = f"crawlproc worker processes keep dying here before running any task ({reason})"
+        return BatchReport(batch.batch_id, worker.pid, outcomes, setup_error=broken_start)
 
     def _retire(self, worker: WorkerHandle) -> None:
         try:

@@ -123,6 +123,13 @@ def normalise_spec(spec: str) -> str:
     return spec
 
 
+def processor_file(spec: str) -> str | None:
+    """The file a normalised spec names (`path/to/file.py:function`), or None (a built-in, a
+    plugin, a module)."""
+    target, sep, _ = spec.rpartition(":")
+    return target if sep and target.endswith(".py") else None
+
+
 def spec_for_people(spec: str) -> str:
     """A normalised spec as people read it: a file below the current folder by its relative path."""
     target, sep, func = spec.rpartition(":")
