@@ -134,6 +134,7 @@ class Coordinator:
     def run(self, source: WorkSource | None) -> Tally:
         self.source = source
         previous = self._install_signal_handlers()
+        ended = False
         try:
             while True:
                 if self._can_feed:
@@ -147,9 +148,12 @@ class Coordinator:
                 self._wait()
                 self.on_progress(self.stats())
                 self._heartbeat()
+            ended = True
         finally:
             self._shutdown()
             self._restore_signal_handlers(previous)
+            if not ended:  # an error ends the run (a lost scheduler): its row gets the counts reached
+                self._heartbeat_quietly()
         self._heartbeat(final=True)  # the row ends with this run's last counts and executor figures
         self.outcomes.closing_words()
         return self.tally
@@ -406,6 +410,13 @@ class Coordinator:
                             "running_s": (now_ns - started_ns) / 1e9 if row else None})
         return {**self.stats(), "retried": self.tally.retried, "stopping": self._stopping,
                 "executor": described, "workers": workers, "watch": self.run_info() if self.run_info else None}
+
+    def _heartbeat_quietly(self) -> None:
+        """The final heartbeat on the way out of an error, which it must not hide."""
+        try:
+            self._heartbeat(final=True)
+        except Exception as exc:  # the ledger itself may be what failed
+            logger.debug("the run's row could not get its last counts: {!r}", exc)
 
     def _heartbeat(self, *, final: bool = False) -> None:
         """Refresh this run's row (for `crawlproc status`) at most once a second (and once at the

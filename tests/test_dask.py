@@ -322,6 +322,7 @@ def test_scheduler_death_stops_the_run_cleanly_and_it_resumes(tmp_path, own_clus
     assert not [r for r, s in states(out).items() if s[0] == "running"]
     last = status_json(out)["last_run"]  # a stop crawlproc handled, not an abrupt end
     assert (last["state"], last["exit_code"]) == ("finished", code), last
+    assert last["done"] == done_count(out) > 0, last  # its row ends with the counts reached, not a second older
     again = crawl(data, out, "-p", SLOW, "-w", "2")
     assert again.returncode == 0, again.stderr
     assert (out / "merged.jsonl").read_bytes() == clean
