@@ -211,12 +211,12 @@ def _scan_problems_lines(problems: list[dict[str, Any]], out: str) -> list[str]:
 def _last_run_lines(run: dict[str, Any], data: dict[str, Any]) -> list[str]:
     lines = [f"last {run['command']}: started {_when(run['started'])}",
              f"  {run['done']} done, {run['failed']} failed; {data['throughput_files_per_s']} files/s"]
+    if run["executor"]:
+        lines.append(_executor_line(run["executor"]))
     if run["state"] == FINISHED:
         lines.append(f"  finished {_when(run['finished'])} with exit code {run['exit_code']}")
     elif run["state"] == GOING:
         lines.append(f"  still going (pid {data['running_pid']})")
-        if run["executor"]:
-            lines.append(_executor_line(run["executor"]))
         if run["watch"]:
             lines += _watch_lines(run["watch"])
     else:
@@ -232,8 +232,9 @@ def _last_run_lines(run: dict[str, Any], data: dict[str, Any]) -> list[str]:
 
 def _executor_line(executor: dict[str, Any]) -> str:
     """Where the batches run, for a run that is not local (a Dask cluster)."""
+    submitted = f", {plural(executor['dask_tasks'], 'Dask task')} submitted" if executor.get("dask_tasks") else ""
     return (f"  on {executor['executor']} at {executor.get('scheduler')}: {plural(executor.get('workers', 0), 'worker')}, "
-            f"{plural(executor.get('threads', 0), 'thread')}")
+            f"{plural(executor.get('threads', 0), 'thread')}{submitted}")
 
 
 def _when(timestamp: float | None) -> str:

@@ -182,6 +182,8 @@ def test_tiny_tasks_go_to_the_cluster_in_groups_of_batches(tmp_path, cluster):
     assert len(list((tmp_path / "dask" / "results").rglob("*.jsonl"))) == batches  # a result file per batch
     dask_tasks = status_json(tmp_path / "dask")["last_run"]["executor"]["dask_tasks"]
     assert 1 <= dask_tasks <= batches // 2, (dask_tasks, batches)
+    shown = run_cli("status", "-o", str(tmp_path / "dask"), timeout=30)  # for people too, once finished
+    assert f"on dask at {cluster.scheduler_address}: 2 workers, 2 threads, {dask_tasks} Dask task" in shown.stdout
     assert_no_leftovers(tmp_path / "dask")
 
 
