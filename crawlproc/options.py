@@ -367,7 +367,33 @@ def job_options(data_dir: Any, values: Mapping[str, Any], *, processor_given: bo
         follow_symlinks=values["follow_symlinks"], chunk_size=values["chunk_size"], output=values["output"],
         output_format=values["format"], merge=not values["no_merge"], source_column=values["source_column"],
         executor=values["executor"], scheduler=values["scheduler"], serve=values["serve"],
+        carried=tuple(carried_args(values)),
     )
+
+
+# The options a carry-on command repeats (status, retry and merge print one): how a run runs,
+# not what it computes (OUT's identity says that), what it selects (kept with the scan's settings),
+# where it runs (the runs row), a one-off action (--reprocess, --dry-run...) or how it looks.
+CARRIED = ("workers", "max_tasks_per_child", "max_memory_per_child", "max_memory_per_task", "timeout", "retries",
+           "retry_delay", "max_failures", "durable", "batch_size", "output", "format", "no_merge")
+
+
+def carried_args(values: Mapping[str, Any]) -> list[str]:
+    """The CARRIED options of checked `values` that are not at their defaults, as arguments."""
+    args: list[str] = []
+    for name in CARRIED:
+        value = values[name]
+        if value == RUN_OPTIONS[name].default:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif name == "max_failures":
+            number, percent = value
+            args += [flag, f"{number:g}{'%' if percent else ''}"]
+        else:
+            args += [flag, str(value)]
+    return args
 
 
 def keyword_of(flag_name: str) -> str:

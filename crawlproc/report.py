@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 from crawlproc.errors import LedgerError, UsageError
 from crawlproc.finalize import default_output, merge_results, write_summary
 from crawlproc.given_paths import DATA_DIR_ITSELF, relpath_under
-from crawlproc.ledger import SCAN_SETTINGS_KEY, Ledger
+from crawlproc.ledger import RUN_OPTIONS_KEY, SCAN_SETTINGS_KEY, Ledger
 from crawlproc.lock import OutLock, running_pid
 from crawlproc.processors.shipping import is_shipped_spec
 from crawlproc.results import remove_temp_files, remove_unreferenced
@@ -60,10 +60,12 @@ def run_command(out: Path, meta: Mapping[str, str], executor: Mapping[str, Any] 
     It gives what OUT's identity holds (DATA_DIR, the processor or --cmd, params,
     chunk size, source column), so it is accepted as printed, the last run's choice
     of files (--include, --exclude, --follow-symlinks: without them it would take in
-    what that run left out), and, given the last run's `executor` (its description in
-    the runs table), the cluster it ran on; the options that are not recorded (-w,
-    --timeout, ...) keep their defaults. None while OUT has no identity yet.
+    what that run left out), how it ran (-w, --timeout, --format... as options.CARRIED
+    says), and, given the last run's `executor` (its description in the runs table), the
+    cluster it ran on. None while OUT has no identity yet.
     """
+    from crawlproc.processors.command import OK_EXIT_CODES
+
     if "data_dir" not in meta or is_shipped_spec(meta.get("processor")):
         return None  # no command line can load a processor sent from Python by value
     args = ["crawlproc", "run", meta["data_dir"], "-o", str(out)]
@@ -71,6 +73,8 @@ def run_command(out: Path, meta: Mapping[str, str], executor: Mapping[str, Any] 
     processor = meta.get("processor", "linecount")
     if processor == "cmd" and "cmd" in params:
         args += ["--cmd", params.pop("cmd")]
+        if OK_EXIT_CODES in params:  # refused as a --param
+            args += ["--ok-exit-codes", params.pop(OK_EXIT_CODES)]
     elif processor != "linecount":
         args += ["-p", processor]
     for key, value in params.items():
@@ -79,6 +83,7 @@ def run_command(out: Path, meta: Mapping[str, str], executor: Mapping[str, Any] 
         args += ["--chunk-size", str(chunk_size)]
     if columns := json.loads(meta.get("added_columns") or "null"):
         args += ["--source-column", columns["source"]]
+    args += json.loads(meta.get(RUN_OPTIONS_KEY) or "[]")
     settings = json.loads(meta.get(SCAN_SETTINGS_KEY) or "{}")
     for flag in ("include", "exclude"):
         for pattern in settings.get(flag, ()):

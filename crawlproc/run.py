@@ -97,6 +97,7 @@ class RunOptions:
     import_paths: tuple[str, ...] = ()
     stop: Any = None  # a threading.Event: set from any thread, it stops the job as SIGINT would
     serve: str | None = None  # [HOST:]PORT of the live status page and /metrics (serve/)
+    carried: tuple[str, ...] = ()  # options a carry-on command repeats, as arguments (options.carried_args)
 
 
 @dataclass
@@ -273,6 +274,7 @@ def _opened_ledger(options: RunOptions, command: str, processor: Processor,
                                             earlier_code=earlier_code(options, processor)), options.out, identity)
         _recover(options.out, ledger)
         ledger.record_scan_settings(scan_settings(options))
+        ledger.record_run_options(list(options.carried))
         if options.retry_failed:
             logger.info("--retry-failed: {} back to pending", plural(ledger.retry(include_done=False), "failed task"))
         logger.debug("{} {} -> {}: processor {} v{}, {} workers", command, options.data_dir, options.out,

@@ -184,6 +184,27 @@ def test_the_printed_run_command_keeps_the_runs_choice_of_files(tmp_path):
     assert counts(out) == taken == {"pending": 0, "running": 0, "done": 4, "failed": 1, "gone": 0}
 
 
+def test_the_printed_run_command_keeps_how_the_run_ran(tmp_path):
+    """It dropped --timeout, --format, --output, -w... (a task that hung, a CSV output replaced
+    by a JSONL one), and gave --ok-exit-codes as a --param, which the command then refused."""
+    data = make_tree(tmp_path / "data", {"a.txt": "a\n", "b.txt": "zzz\n"})
+    out, table = tmp_path / "out", tmp_path / "table.csv"
+    how = ["--workers", "1", "--timeout", "60.0", "--retries", "0", "--max-failures", "50%", "--output", str(table),
+           "--format", "csv"]
+    first = run_cli("run", str(data), "-o", str(out), "--cmd", "grep -c zzz {}", "--ok-exit-codes", "0,1",
+                    "--no-progress", "-q", *how)
+    assert first.returncode == 0, first.stderr
+    command = status_json(out)["run_command"]
+    assert shlex.split(command) == ["crawlproc", "run", str(data), "-o", str(out), "--cmd", "grep -c zzz {}",
+                                    "--ok-exit-codes", "0,1", *how], command
+    again = run_hint(command)
+    assert again.returncode == 0, again.stderr
+    assert "0 processed this run" in again.stderr and table.exists() and not (out / "merged.jsonl").exists()
+    plain = run_cli("run", str(data), "-o", str(out), "--cmd", "grep -c zzz {}", "--ok-exit-codes", "0,1")
+    assert plain.returncode == 0, plain.stderr
+    assert shlex.split(status_json(out)["run_command"])[-2:] == ["--ok-exit-codes", "0,1"]  # the defaults again
+
+
 def test_quiet_run_with_failures_still_says_what_to_do_next(data, tmp_path):
     """-q keeps the counts and paths back, not the news that tasks failed and what to run: an
     exit-1 run printed its per-task warnings and nothing else."""
@@ -277,7 +298,8 @@ def test_merge_exits_1_when_a_damaged_result_sent_tasks_back_and_its_hint_finish
     assert result.returncode == 1, result.stderr
     assert "3 done tasks had a missing or damaged result" in result.stderr
     command = hint_after(result.stderr, "to process them: ")
-    assert shlex.split(command) == ["crawlproc", "run", str(data), "-o", str(out), "--param", "unused=a b"]
+    assert shlex.split(command) == ["crawlproc", "run", str(data), "-o", str(out), "--param", "unused=a b",
+                                    "--workers", "1"]  # the run's -w 1 too
     finished = run_hint(command)
     assert finished.returncode == 0, finished.stderr
     assert (out / "merged.jsonl").read_bytes() == complete

@@ -29,6 +29,7 @@ from crawlproc.ledger.store import (
     APPLICATION_ID,
     LEDGER_NAME,
     RUNNING_FLAG,
+    RUN_OPTIONS_KEY,
     SCAN_SETTINGS_KEY,
     SCHEMA_VERSION,
     ClaimedTask,
@@ -38,7 +39,7 @@ from crawlproc.ledger.store import (
 )
 from crawlproc.ledger.work import Work
 
-__all__ = ["APPLICATION_ID", "LEDGER_NAME", "RUNNING_FLAG", "SCAN_SETTINGS_KEY", "SCHEMA_VERSION", "TASK_FIELDS",
+__all__ = ["APPLICATION_ID", "LEDGER_NAME", "RUNNING_FLAG", "RUN_OPTIONS_KEY", "SCAN_SETTINGS_KEY", "SCHEMA_VERSION", "TASK_FIELDS",
            "ClaimedTask", "Ledger", "PageCounts", "PageTotals", "RangePreview", "ScanDiff", "State", "diagnose", "diff_scan"]
 
 

@@ -18,7 +18,7 @@ from crawlproc.identity import (
     kept_results,
     kept_results_entry,
 )
-from crawlproc.ledger.store import State, _meta_texts, _put_meta
+from crawlproc.ledger.store import RUN_OPTIONS_KEY, State, _meta_texts, _put_meta
 
 
 class Jobs:
@@ -64,6 +64,14 @@ class Jobs:
                 _put_meta(conn, {KEPT_RESULTS_KEY: json.dumps(kept)})
             _put_meta(conn, wanted)
         return verdict
+
+    def record_run_options(self, args: list[str]) -> None:
+        """The options of this run that a carry-on command must repeat (--timeout 60, --format
+        parquet, ...), as command-line arguments; written only when they changed."""
+        text = json.dumps(args)
+        if self.meta().get(RUN_OPTIONS_KEY, "[]") != text:
+            with self.transaction() as conn:
+                _put_meta(conn, {RUN_OPTIONS_KEY: text})
 
     def kept_results(self) -> list[dict[str, Any]]:
         """Each time --keep-results accepted edited processor code on this OUT (since the last --reprocess)."""

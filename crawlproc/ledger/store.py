@@ -37,6 +37,7 @@ LEDGER_TABLES = frozenset({"meta", "tasks", "runs"})
 SKIPPED_KEY = "scan_skipped"  # meta key: what the last full scan skipped on purpose, by kind
 
 SCAN_SETTINGS_KEY = "scan_settings"  # meta key: the last run's --include/--exclude and links (for explain)
+RUN_OPTIONS_KEY = "run_options"  # meta key: the last run's options a carry-on command repeats (report.run_command)
 
 
 
