@@ -187,6 +187,45 @@ def test_tiny_tasks_go_to_the_cluster_in_groups_of_batches(tmp_path, cluster):
     assert_no_leftovers(tmp_path / "dask")
 
 
+def test_a_run_follows_the_workers_that_join_and_leave(tmp_path, cluster):
+    """The cluster's size was read once: a worker that joined got no more work in flight, and
+    status showed the start's size for the whole run, with no word of who came or went; -w,
+    which sizes no cluster of the user's own, was taken in silence."""
+    gated = f"{REPO / 'tests' / 'gated_processor.py'}:gated"
+    data = make_tree(tmp_path / "data", {**{f"f{i:02d}.txt": "x\n" for i in range(8)}, "last.txt": "y\n"})
+    gate, last_gate, out = tmp_path / "gate", tmp_path / "last_gate", tmp_path / "out"
+    gate.touch()  # every task but last.txt goes through
+    proc = start_run(data, out, "-p", gated, "--param", f"gate={gate}", "--param", f"last_gate={last_gate}",
+                     *dask_args(cluster), "-w", "7")
+
+    def workers_shown() -> int | None:
+        return ((status_json(out).get("last_run") or {}).get("executor") or {}).get("workers")
+
+    try:
+        # Tasks are done a Dask task (a group of batches) at a time: last.txt's keeps the run going.
+        wait_until(lambda: done_count(out) > 0 or proc.poll() is not None, 90, "a task done on the cluster")
+        assert proc.poll() is None, "the run ended before the cluster changed"
+        extra = cluster.add_worker()
+        try:
+            wait_until(lambda: workers_shown() == 3, 90, "the run to see the worker that joined")
+        finally:
+            extra.kill()
+            extra.wait(30)
+        wait_until(lambda: workers_shown() == 2, 90, "the run to see it leave")
+        last_gate.touch()
+        code, err = finish(proc)
+    finally:
+        last_gate.touch()
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, err
+    assert "2 workers, 2 threads (-w 7 does not size a cluster of your own)" in err, err  # it sized nothing
+    assert "joined the cluster (3 workers, 3 threads now)" in err, err
+    assert "left the cluster; its batches go to the others (2 workers, 2 threads now)" in err, err
+    assert done_count(out) == 9
+    cluster.wait_for_workers(2)
+
+
 def test_reducer_summary_matches_a_local_run(tmp_path, cluster):
     data = text_tree(tmp_path / "data", 200)
     assert crawl(data, tmp_path / "local", "-w", "2").returncode == 0

@@ -53,6 +53,7 @@ PER_THREAD = 3  # Dask tasks in flight per Dask worker thread: one running, the 
 MAX_GROUP = 16  # batches in one Dask task, at most: 16 x 512 tiny tasks is ~0.2 s of work
 CONNECT_SECONDS = 10.0
 WORKERS_SECONDS = 60.0  # a scheduler without workers: how long to wait for the first one
+WORKERS_REFRESH_SECONDS = 5.0  # how often a run reads the cluster's workers again
 STOP_SECONDS = 5.0
 TOKEN_PREFIX = ".crawlproc-dask-"  # OUT/.crawlproc-dask-<token>.tmp: a temp file, so a dead run's is swept
 INSTALL_HINT = "pip install 'crawlproc[dask]'"
@@ -93,6 +94,7 @@ class DaskExecutor:
         self._unsent: list[WorkBatch] = []
         self._grouping = Grouping(self.target_batch_seconds)
         self._dask_tasks = 0  # submitted so far
+        self._workers_read_at = 0.0
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_lock = threading.Lock()  # callbacks never write to the pipe once it is closed
         self._wake_r, self._wake_w = os.pipe()
@@ -143,11 +145,28 @@ class DaskExecutor:
                               "is consistent: run the same command again to resume")
 
     def _read_workers(self) -> None:
-        info = self.client.scheduler_info()
+        try:
+            info = self.client.scheduler_info(n_workers=-1)  # every worker: some versions list 5 unless told
+        except TypeError:  # a version without that argument lists them all
+            info = self.client.scheduler_info()
         self.workers = {addr: w.get("nthreads", 1) for addr, w in info.get("workers", {}).items()}
         threads = sum(self.workers.values()) or 1
         self.parallelism = threads
         self._capacity = PER_THREAD * threads
+        self._workers_read_at = time.monotonic()
+
+    def _follow_workers(self) -> None:
+        """Read the cluster's workers again every few seconds, so that the work in flight follows
+        its size (a worker that joins gets work) and so does what status shows; say who came or went."""
+        if time.monotonic() < self._workers_read_at + WORKERS_REFRESH_SECONDS or self.client.status != "running":
+            return
+        before = self.workers
+        self._read_workers()
+        size = f"{plural(len(self.workers), 'worker')}, {plural(self.parallelism, 'thread')} now"
+        for address in sorted(set(before) - set(self.workers)):
+            logger.warning("Dask worker {} left the cluster; its batches go to the others ({})", address, size)
+        for address in sorted(set(self.workers) - set(before)):
+            logger.info("Dask worker {} joined the cluster ({})", address, size)
 
     def _check_workers(self) -> None:
         """Every Dask worker must see DATA_DIR and OUT at the same paths, before any claim.
@@ -174,8 +193,10 @@ class DaskExecutor:
                                  "(is crawlproc installed there, at the same version?)")
             if answer is not None:
                 raise UsageError(f"Dask worker {address}: {answer}; {SHARED_PATHS}")
-        logger.info("Dask cluster at {}: {}, {}", self.address, plural(len(self.workers), "worker"),
-                    plural(self.parallelism, "thread"))
+        own_size = self.cluster is None and self.limits.workers != (os.cpu_count() or 1)  # -w was given
+        logger.info("Dask cluster at {}: {}, {}{}", self.address, plural(len(self.workers), "worker"),
+                    plural(self.parallelism, "thread"),
+                    f" (-w {self.limits.workers} does not size a cluster of your own)" if own_size else "")
 
     # -- batches ---------------------------------------------------------------------
     def openings(self) -> Iterator[Opening]:
@@ -243,6 +264,7 @@ class DaskExecutor:
             events += self._events_of(future)
         if not events and self.client.status in ("closing", "closed"):
             raise self._lost_scheduler()  # the client gave up reconnecting: an idle watch learns it here
+        self._follow_workers()
         return stop_if_setup_failed(events)
 
     def next_check(self) -> float | None:
