@@ -292,7 +292,7 @@ def _preload_modules(config: WorkerConfig) -> list[str]:
     return [WORKER_MODULE, *(["psutil"] if config.max_memory else [])]
 
 
-def describe_death(exitcode: int | None) -> str:
+def describe_death(exitcode: int | None, *, in_a_task: bool = True) -> str:
     if exitcode is None:
         return "worker vanished"
     if exitcode < 0:
@@ -300,7 +300,7 @@ def describe_death(exitcode: int | None) -> str:
             return f"worker killed by {signal.Signals(-exitcode).name}"
         except ValueError:
             return f"worker killed by signal {-exitcode}"
-    return f"worker exited with code {exitcode} during the task"
+    return f"worker exited with code {exitcode}{' during the task' if in_a_task else ''}"
 
 
 def kill_group(pid: int) -> None:

@@ -206,6 +206,40 @@ def test_a_processor_the_workers_cannot_load_stops_the_start_with_one_line(tmp_p
     assert query_ledger(out, "SELECT count(*) FROM tasks WHERE state IN ('failed', 'done') OR attempts > 0") == [(0,)]
 
 
+DOOMED = '''
+import os
+import sys
+from crawlproc import processor
+
+if getattr(getattr(sys.modules["__main__"], "__spec__", None), "name", None) == "crawlproc.forkserver":
+    if "DOOMED_SERVER" not in os.environ:  # the forkserver: its workers import this again, and die
+        os.environ["DOOMED_SERVER"] = str(os.getpid())
+        raise ImportError("not here")
+    os._exit(3)
+
+
+@processor(version="1")
+def doomed(task):
+    return {"path": task.relpath}
+'''
+
+
+def test_worker_processes_on_a_dask_worker_that_keep_dying_before_any_task_stop_the_run(tmp_path):
+    """A death before any task blames no task and hands its batch back: on Dask that went on for
+    ever; as locally, ten in a row stop the run."""
+    pytest.importorskip("distributed")
+    data = make_tree(tmp_path / "data", {f"f{i:02d}.txt": "x\n" for i in range(20)})
+    out = tmp_path / "out"
+    doomed = f"{write_processor(tmp_path, 'doomed', DOOMED)}:doomed"
+    result = run_cli("run", str(data), "-o", str(out), "-p", doomed, "--executor", "dask", "--scheduler", "local:1",
+                     "--no-progress", "-q")
+    assert result.returncode == 2, result.stderr
+    assert "crawlproc worker processes keep dying here before running any task (worker exited with code 3)" \
+        in result.stderr
+    assert "on Dask worker tcp://" in result.stderr
+    assert query_ledger(out, "SELECT count(*) FROM tasks WHERE state IN ('failed', 'done') OR attempts > 0") == [(0,)]
+
+
 def test_workers_share_preloaded_data_instead_of_copying_it(tmp_path):
     """PSS counts a page shared by n processes as 1/n in each: the server and 2 workers that
     share a 500 MB array add up to about 500 MB; copies would make it 1.5 GB."""

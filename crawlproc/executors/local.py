@@ -160,7 +160,8 @@ class LocalExecutor:
         if abnormal and not worker.reported and not worker.kill_reason and not worker.slot[0]:
             self._startup_deaths += 1  # died before any task: a broken start, not a bad file
             if self._startup_deaths >= MAX_STARTUP_DEATHS:
-                raise CrawlprocError(f"workers keep dying before finishing any batch ({describe_death(exitcode)})")
+                raise CrawlprocError("workers keep dying before finishing any batch "
+                                     f"({describe_death(exitcode, in_a_task=False)})")
         if abnormal:
             how = worker.kill_reason or describe_death(exitcode)
             logger.warning("worker {} {}", worker.pid, how.removeprefix("worker "))  # not "worker 7 worker killed"

@@ -305,7 +305,8 @@ class BatchRunner:
         if not (ours or blamed or worker.reported or worker.kill_reason):  # died before any task
             self._startup_deaths += 1
             if self._startup_deaths >= MAX_STARTUP_DEATHS:
-                broken_start = f"crawlproc worker processes keep dying here before running any task ({reason})"
+                broken_start = ("crawlproc worker processes keep dying here before running any task "
+                                f"({describe_death(exitcode, in_a_task=False)})")
         return BatchReport(batch.batch_id, worker.pid, outcomes, setup_error=broken_start)
 
     def _retire(self, worker: WorkerHandle) -> None:
