@@ -448,6 +448,16 @@ main()
 """
 
 
+def test_a_dask_workers_address_given_as_the_scheduler_says_so(tmp_path, cluster):
+    """It said `Worker.identity() got an unexpected keyword argument 'n_workers'`."""
+    worker = next(iter(cluster.workers()))
+    result = crawl(text_tree(tmp_path / "data", 3), tmp_path / "out", "--executor", "dask", "--scheduler", worker)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert f"--scheduler '{worker}' is a Dask worker's address: give its scheduler's" in result.stderr
+    assert "Worker.identity" not in result.stderr
+
+
 def test_a_server_that_is_no_dask_scheduler_is_one_line(tmp_path):
     """It accepts the connection and never answers Dask's handshake: Dask would wait for ever."""
     import socket

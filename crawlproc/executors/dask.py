@@ -378,6 +378,9 @@ def _client(address: str) -> Any:
                          "(is it a Dask scheduler's address?)")
     if isinstance(made[0], (OSError, TimeoutError)):
         raise UsageError(f"cannot reach the Dask scheduler at {address}: {made[0]}")
+    if isinstance(made[0], TypeError) and "Worker." in str(made[0]):  # it answered Dask's handshake as a worker
+        raise UsageError(f"--scheduler {address!r} is a Dask worker's address: give its scheduler's "
+                         "(the address `dask worker` was started with)")
     if isinstance(made[0], (ValueError, TypeError)):
         raise UsageError(f"--scheduler {address!r} is not a Dask scheduler address: {made[0]} "
                          "(write tcp://HOST:PORT, local or local:N)")
