@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from decimal import Decimal
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -390,10 +391,18 @@ def carried_args(values: Mapping[str, Any]) -> list[str]:
             args.append(flag)
         elif name == "max_failures":
             number, percent = value
-            args += [flag, f"{number:g}{'%' if percent else ''}"]
+            args += [flag, f"{_plain_number(number)}{'%' if percent else ''}"]
+        elif name == "output" and value != "-":
+            args += [flag, os.path.abspath(value)]  # the same file from wherever it is run
         else:
             args += [flag, str(value)]
     return args
+
+
+def _plain_number(number: float) -> str:
+    """A number as the options read it back exactly: digits and a point, no exponent."""
+    text = format(Decimal(repr(float(number))), "f")
+    return text.removesuffix(".0")
 
 
 def keyword_of(flag_name: str) -> str:

@@ -203,6 +203,29 @@ def test_the_printed_run_command_keeps_how_the_run_ran(tmp_path):
     plain = run_cli("run", str(data), "-o", str(out), "--cmd", "grep -c zzz {}", "--ok-exit-codes", "0,1")
     assert plain.returncode == 0, plain.stderr
     assert shlex.split(status_json(out)["run_command"])[-2:] == ["--ok-exit-codes", "0,1"]  # the defaults again
+    relative = run_cli("run", str(data), "-o", str(out), "--cmd", "grep -c zzz {}", "--ok-exit-codes", "0,1",
+                       "--output", "rel.csv", cwd=tmp_path)
+    assert relative.returncode == 0, relative.stderr
+    assert shlex.split(status_json(out)["run_command"])[-2:] == ["--output", str(tmp_path / "rel.csv")]
+
+
+def test_each_option_the_carry_on_command_repeats_reads_back_as_it_was(tmp_path):
+    """`--max-failures 1234567` came back as `1.23457e+06`, which the option refuses."""
+    from crawlproc.options import CARRIED, RUN_OPTIONS, carried_args, check, checked
+
+    values = checked({"workers": 7, "max_tasks_per_child": 10, "max_memory_per_child": "1.5GB",
+                      "max_memory_per_task": "300MB", "timeout": 1e-07, "retries": 0, "retry_delay": 2.25,
+                      "max_failures": "12.3456789%", "durable": True, "batch_size": 3,
+                      "output": str(tmp_path / "out.parquet"), "format": "parquet", "no_merge": True}, watching=False)
+    args, back = carried_args(values), {}
+    while args:
+        name = args.pop(0).removeprefix("--").replace("-", "_")
+        back[name] = True if RUN_OPTIONS[name].default is False else check(name, args.pop(0))
+    assert back == {name: values[name] for name in CARRIED}
+    for budget in ("1234567", "0.00001%", "2.5"):
+        number = check("max_failures", budget)
+        args = carried_args({**values, "max_failures": number})
+        assert check("max_failures", args[args.index("--max-failures") + 1]) == number
 
 
 def test_quiet_run_with_failures_still_says_what_to_do_next(data, tmp_path):

@@ -54,6 +54,7 @@ MAX_GROUP = 16  # batches in one Dask task, at most: 16 x 512 tiny tasks is ~0.2
 CONNECT_SECONDS = 10.0
 WORKERS_SECONDS = 60.0  # a scheduler without workers: how long to wait for the first one
 WORKERS_REFRESH_SECONDS = 5.0  # how often a run reads the cluster's workers again
+WORKERS_READ_SECONDS = 2.0  # and how long it waits for that answer
 STOP_SECONDS = 5.0
 TOKEN_PREFIX = ".crawlproc-dask-"  # OUT/.crawlproc-dask-<token>.tmp: a temp file, so a dead run's is swept
 INSTALL_HINT = "pip install 'crawlproc[dask]'"
@@ -157,12 +158,21 @@ class DaskExecutor:
 
     def _follow_workers(self) -> None:
         """Read the cluster's workers again every few seconds, so that the work in flight follows
-        its size (a worker that joins gets work) and so does what status shows; say who came or went."""
+        its size (a worker that joins gets work) and so does what status shows; say who came or went.
+        A scheduler slow to answer keeps the last answer: the run waits WORKERS_READ_SECONDS at most."""
         if time.monotonic() < self._workers_read_at + WORKERS_REFRESH_SECONDS or self.client.status != "running":
             return
+        self._workers_read_at = time.monotonic()
+        try:
+            threads = self.client.nthreads(callback_timeout=WORKERS_READ_SECONDS)
+        except Exception as exc:  # slow, or gone (the next collect says so): not an empty cluster
+            logger.debug("the Dask scheduler did not say which workers it has: {!r}", exc)
+            return
         before = self.workers
-        self._read_workers()
-        size = f"{plural(len(self.workers), 'worker')}, {plural(self.parallelism, 'thread')} now"
+        self.workers = dict(threads)
+        self.parallelism = sum(self.workers.values()) or 1
+        self._capacity = PER_THREAD * self.parallelism
+        size = f"{plural(len(self.workers), 'worker')}, {plural(sum(self.workers.values()), 'thread')} now"
         for address in sorted(set(before) - set(self.workers)):
             logger.warning("Dask worker {} left the cluster; its batches go to the others ({})", address, size)
         for address in sorted(set(self.workers) - set(before)):

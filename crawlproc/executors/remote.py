@@ -276,7 +276,8 @@ class BatchRunner:
                 if report is not None:
                     worker.inflight.clear()
                     worker.reported = True
-                    self._startup_deaths = 0
+                    with self._lock:
+                        self._startup_deaths = 0
                     return report
             if worker.process.sentinel in ready or not worker.process.is_alive():
                 worker.process.join()
@@ -303,8 +304,10 @@ class BatchRunner:
         worker.inflight.clear()
         broken_start = None
         if not (ours or blamed or worker.reported or worker.kill_reason):  # died before any task
-            self._startup_deaths += 1
-            if self._startup_deaths >= MAX_STARTUP_DEATHS:
+            with self._lock:
+                self._startup_deaths += 1
+                deaths = self._startup_deaths
+            if deaths >= MAX_STARTUP_DEATHS:
                 broken_start = ("crawlproc worker processes keep dying here before running any task "
                                 f"({describe_death(exitcode, in_a_task=False)})")
         return BatchReport(batch.batch_id, worker.pid, outcomes, setup_error=broken_start)
