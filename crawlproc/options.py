@@ -20,8 +20,8 @@ from __future__ import annotations
 import math
 import os
 import re
-from decimal import Decimal
 from collections.abc import Callable, Mapping
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, NamedTuple
 

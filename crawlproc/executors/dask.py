@@ -45,6 +45,7 @@ from crawlproc.children import forking_is_safe
 from crawlproc.errors import CrawlprocError, UsageError
 from crawlproc.executors import BatchLost, Event, Opening, WorkerLimits, lifeline, stop_if_setup_failed
 from crawlproc.executors.remote import SHARED_PATHS, RemoteJob, SharedPathsMissing, run_batches, stop_job, warm_up
+from crawlproc.options import RUN_OPTIONS
 from crawlproc.results import TEMP_SUFFIX
 from crawlproc.worker import BatchReport, WorkBatch, WorkerConfig
 from crawlproc.words import plural
@@ -150,10 +151,13 @@ class DaskExecutor:
             info = self.client.scheduler_info(n_workers=-1)  # every worker: some versions list 5 unless told
         except TypeError:  # a version without that argument lists them all
             info = self.client.scheduler_info()
-        self.workers = {addr: w.get("nthreads", 1) for addr, w in info.get("workers", {}).items()}
-        threads = sum(self.workers.values()) or 1
-        self.parallelism = threads
-        self._capacity = PER_THREAD * threads
+        self._take_workers({addr: w.get("nthreads", 1) for addr, w in info.get("workers", {}).items()})
+
+    def _take_workers(self, workers: dict[str, int]) -> None:
+        """The cluster's workers (address -> threads), and the work in flight they take."""
+        self.workers = workers
+        self.parallelism = sum(workers.values()) or 1
+        self._capacity = PER_THREAD * self.parallelism
         self._workers_read_at = time.monotonic()
 
     def _follow_workers(self) -> None:
@@ -169,9 +173,7 @@ class DaskExecutor:
             logger.debug("the Dask scheduler did not say which workers it has: {!r}", exc)
             return
         before = self.workers
-        self.workers = dict(threads)
-        self.parallelism = sum(self.workers.values()) or 1
-        self._capacity = PER_THREAD * self.parallelism
+        self._take_workers(dict(threads))
         size = f"{plural(len(self.workers), 'worker')}, {plural(sum(self.workers.values()), 'thread')} now"
         for address in sorted(set(before) - set(self.workers)):
             logger.warning("Dask worker {} left the cluster; its batches go to the others ({})", address, size)
@@ -203,7 +205,7 @@ class DaskExecutor:
                                  "(is crawlproc installed there, at the same version?)")
             if answer is not None:
                 raise UsageError(f"Dask worker {address}: {answer}; {SHARED_PATHS}")
-        own_size = self.cluster is None and self.limits.workers != (os.cpu_count() or 1)  # -w was given
+        own_size = self.cluster is None and self.limits.workers != RUN_OPTIONS["workers"].default  # -w was given
         logger.info("Dask cluster at {}: {}, {}{}", self.address, plural(len(self.workers), "worker"),
                     plural(self.parallelism, "thread"),
                     f" (-w {self.limits.workers} does not size a cluster of your own)" if own_size else "")

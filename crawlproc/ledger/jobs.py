@@ -69,9 +69,8 @@ class Jobs:
         """The options of this run that a carry-on command must repeat (--timeout 60, --format
         parquet, ...), as command-line arguments; written only when they changed."""
         text = json.dumps(args)
-        if self.meta().get(RUN_OPTIONS_KEY, "[]") != text:
-            with self.transaction() as conn:
-                _put_meta(conn, {RUN_OPTIONS_KEY: text})
+        if (self._meta_value(RUN_OPTIONS_KEY) or "[]") != text:  # as record_scan_settings does
+            self.set_meta({RUN_OPTIONS_KEY: text})
 
     def kept_results(self) -> list[dict[str, Any]]:
         """Each time --keep-results accepted edited processor code on this OUT (since the last --reprocess)."""

@@ -159,7 +159,7 @@ def load(spec: str) -> Processor:
             return _load_plugin(spec, entry_point)
     spec = normalise_spec(spec)
     target, _, func_name = spec.rpartition(":")
-    module = _import_file(target) if target.endswith(".py") else _import_module(target)
+    module = _import_file(target) if processor_file(spec) else _import_module(target)
     try:
         obj = getattr(module, func_name)
     except AttributeError:

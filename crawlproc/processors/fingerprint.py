@@ -130,8 +130,10 @@ class _CodeHasher:
         self._hash = hashlib.blake2b(digest_size=16)
         self._met: dict[int, int] = {}
         self._open_containers: set[int] = set()  # a list that holds itself must not recurse forever
-        self._literals_by_module: dict[int, dict[str, list[_Literal]]] = {}  # by id of the module's globals
-        self._trees: dict[str, ast.Module | None] = {}  # a class's module's source, parsed, by module name
+        # A module's source, parsed once for its constants and its classes', by id of its globals
+        # (the functions and classes hashed keep them alive meanwhile).
+        self._trees: dict[int, ast.Module | None] = {}
+        self._literals_by_module: dict[int, dict[str, list[_Literal]]] = {}
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
@@ -224,16 +226,27 @@ class _CodeHasher:
                 self.put("global", name)
                 self.reference(func.__globals__[name])
             if name in literals:  # only then: the digest of code that uses no literal global stays as it was
-                self.put("literal", name)
-                for literal in literals[name]:
-                    self.put("assigned", literal.operator)
-                    self.value(literal.value)
+                self.assigned("literal", name, literals[name])
+
+    def assigned(self, tag: str, name: str, literals: list[_Literal]) -> None:
+        """The literal assignments of `name` (a module's constant, a class's attribute), in order."""
+        self.put(tag, name)
+        for literal in literals:
+            self.put("assigned", literal.operator)
+            self.value(literal.value)
+
+    def tree_of(self, module_globals: Mapping[str, Any]) -> ast.Module | None:
+        """The parsed source of the module whose globals these are (None: it has none)."""
+        key = id(module_globals)
+        if key not in self._trees:
+            self._trees[key] = _parsed(_module_source(module_globals))
+        return self._trees[key]
 
     def literals_of(self, module_globals: Mapping[str, Any]) -> dict[str, list[_Literal]]:
-        """The literal assignments of a function's module (its globals), its source parsed once."""
-        key = id(module_globals)  # the functions hashed keep their globals alive meanwhile
+        """The literal assignments at the top of a function's module (its globals)."""
+        key = id(module_globals)
         if key not in self._literals_by_module:
-            tree = _parsed(_module_source(module_globals))
+            tree = self.tree_of(module_globals)
             self._literals_by_module[key] = _literal_assignments(tree.body if tree else [])
         return self._literals_by_module[key]
 
@@ -242,12 +255,7 @@ class _CodeHasher:
         qualified name. Every definition of that name counts (a class defined twice, or in both
         branches of a try): at worst a needless refusal, never mixed records."""
         module = sys.modules.get(_module_of(cls)) if self.class_literals else None
-        if module is None:
-            return {}
-        name = module.__name__
-        if name not in self._trees:
-            self._trees[name] = _parsed(_module_source(vars(module)))
-        tree = self._trees[name]
+        tree = self.tree_of(vars(module)) if module is not None else None
         found: dict[str, list[_Literal]] = {}
         for body in _class_bodies(tree, cls.__qualname__) if tree is not None else ():
             for attribute, literals in _literal_assignments(body).items():
@@ -271,10 +279,7 @@ class _CodeHasher:
                 self.put("member", name)
                 self.reference(attr)
         for name, literals in self.class_literals_of(cls).items():  # in source order
-            self.put("class literal", name)
-            for literal in literals:
-                self.put("assigned", literal.operator)
-                self.value(literal.value)
+            self.assigned("class literal", name, literals)
 
     # -- code objects and constants -----------------------------------------------------------
     def code(self, code: types.CodeType) -> None:
@@ -423,9 +428,6 @@ def _module_source(module_globals: Mapping[str, Any]) -> str | None:
         return loader.get_source(name)
     except Exception:  # no loader (a notebook), one without sources, or the file gone since the import
         return None
-
-
-
 
 
 def _has_docstring(code: types.CodeType) -> bool:
