@@ -597,6 +597,31 @@ def test_a_worker_that_does_not_see_the_processor_file_is_named(tmp_path, cluste
     cluster.wait_for_workers(2)
 
 
+def test_a_worker_that_joins_blind_to_the_paths_is_set_aside(tmp_path, cluster):
+    """A Dask worker that joins mid-run without OUT's file system (an autoscaled node without the
+    mount) hands its batch back and gets no more: the run finishes on the others, as a clean run
+    would, and no task is charged for it. (It used to stop the whole run, exit 2.)"""
+    base = tmp_path / "shared"
+    data = make_tree(base / "data", {f"s{i:03d}.txt": f"{i}\n" * i for i in range(400)})
+    clean = crawl(data, tmp_path / "clean", "-p", SLOW, "-w", "2")
+    assert clean.returncode == 0, clean.stderr
+    out = base / "out"
+    proc = start_and_wait(data, out, dask_args(cluster), 8)
+    try:
+        with worker_blind_to(base, cluster) as blind_address:
+            code, err = finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, err
+    set_aside = [line for line in err.splitlines() if "gets no more batches" in line]  # none: it joined too late
+    assert len(set_aside) == 1 and blind_address in set_aside[0] and "same path" in set_aside[0], err
+    assert (out / "merged.jsonl").read_bytes() == (tmp_path / "clean" / "merged.jsonl").read_bytes()
+    assert set(states(out).values()) == {("done", 1, None)}  # nobody blamed for it
+    assert_no_leftovers(out)
+    cluster.wait_for_workers(2)
+
+
 # -- 8. a cluster of our own: --scheduler local:N ----------------------------------------------------
 
 def test_local_cluster_of_our_own(tmp_path):

@@ -91,6 +91,7 @@ class DaskExecutor:
         self.cluster: Any = None  # ours to close, for --scheduler local
         self.address: str | None = None
         self.workers: dict[str, int] = {}  # Dask worker address -> threads
+        self._aside: dict[str, str] = {}  # Dask workers that joined blind to our paths -> what they miss
         self._capacity = 0  # Dask tasks in flight, at most
         self._in_flight: dict[str, tuple[Any, tuple[int, ...]]] = {}  # a future's key -> it, its batch ids
         self._unsent: list[WorkBatch] = []
@@ -156,15 +157,17 @@ class DaskExecutor:
     def _take_workers(self, workers: dict[str, int]) -> None:
         """The cluster's workers (address -> threads), and the work in flight they take."""
         self.workers = workers
-        self.parallelism = sum(workers.values()) or 1
+        self.parallelism = sum(threads for address, threads in workers.items() if address not in self._aside) or 1
         self._capacity = PER_THREAD * self.parallelism
         self._workers_read_at = time.monotonic()
 
-    def _follow_workers(self) -> None:
-        """Read the cluster's workers again every few seconds, so that the work in flight follows
-        its size (a worker that joins gets work) and so does what status shows; say who came or went.
-        A scheduler slow to answer keeps the last answer: the run waits WORKERS_READ_SECONDS at most."""
-        if time.monotonic() < self._workers_read_at + WORKERS_REFRESH_SECONDS or self.client.status != "running":
+    def _follow_workers(self, *, now: bool = False) -> None:
+        """Read the cluster's workers again every few seconds (or `now`), so that the work in flight
+        follows its size (a worker that joins gets work) and so does what status shows; say who came
+        or went. A scheduler slow to answer keeps the last answer: the run waits WORKERS_READ_SECONDS
+        at most."""
+        if self.client.status != "running" or (
+                not now and time.monotonic() < self._workers_read_at + WORKERS_REFRESH_SECONDS):
             return
         self._workers_read_at = time.monotonic()
         try:
@@ -232,7 +235,8 @@ class DaskExecutor:
             ids = tuple(batch.batch_id for batch in batches)
             key = f"crawlproc-{self.job.token}-{ids[0]}"  # batch ids are never reused: nor are keys
             try:
-                future = self.client.submit(run_batches, self.job, batches, key=key, pure=False, retries=0)
+                future = self.client.submit(run_batches, self.job, batches, key=key, pure=False, retries=0,
+                                            **self._placement())
             except Exception:  # the client closed: its scheduler is gone (a watch that was idle)
                 if self.client.status == "running":
                     raise
@@ -241,6 +245,30 @@ class DaskExecutor:
             self._in_flight[key] = (future, ids)
             future.add_done_callback(self._on_done)
         self._unsent.clear()
+
+    def _placement(self) -> dict[str, Any]:
+        """Where a Dask task may run: anywhere, until a worker is set aside; then on the others,
+        loosely (were they all to leave, the scheduler places it on any worker rather than hold it
+        for ever; a blind one hands it back again)."""
+        allowed = sorted(set(self.workers) - set(self._aside)) if self._aside else []
+        return {"workers": allowed, "allow_other_workers": True} if allowed else {}
+
+    def _set_aside(self, exc: SharedPathsMissing) -> None:
+        """A Dask worker that joined after the start-up check and does not see our paths: it gets
+        no more batches of this run, and the batch it handed back goes to the others, blaming
+        nobody. An autoscaled node without the mount must not end a run of hours that the other
+        workers can finish; with no worker left that sees the paths, the run stops (exit 2)."""
+        if exc.address is None:
+            raise UsageError(f"{exc}; {SHARED_PATHS}")
+        if exc.address in self._aside:
+            return  # its other batches, already on their way back
+        self._aside[exc.address] = exc.problem
+        self._follow_workers(now=True)
+        left = sorted(set(self.workers) - set(self._aside))
+        if not left:
+            raise UsageError(f"{exc}, and no other Dask worker is left; {SHARED_PATHS}")
+        logger.warning("{}; it gets no more batches of this run, which goes on with {} ({})", exc,
+                       plural(len(left), "other worker"), SHARED_PATHS)
 
     def _on_done(self, future: Any) -> None:
         """In Dask's callback thread: queue the future and wake the coordinator."""
@@ -302,7 +330,8 @@ class DaskExecutor:
 
         named = f"batch {ids[0]}" if len(ids) == 1 else f"batches {ids[0]}-{ids[-1]}"
         if isinstance(exc, SharedPathsMissing):
-            raise UsageError(f"{exc}; {SHARED_PATHS}")
+            self._set_aside(exc)
+            return BatchLost(ids, None, "its Dask worker does not see the shared paths")
         if isinstance(exc, KilledWorker):
             logger.warning("{}: their Dask worker died ({}); their tasks go back", named, exc)
             return BatchLost(ids, None, "its Dask worker died")

@@ -42,6 +42,13 @@ SHARED_PATHS = "DATA_DIR, OUT and a processor file must be on a file system ever
 class SharedPathsMissing(Exception):
     """This Dask worker does not see DATA_DIR, OUT or the processor's file at the coordinator's paths."""
 
+    def __init__(self, address: str | None, problem: str) -> None:
+        super().__init__(address, problem)  # args, so that it pickles back to the coordinator whole
+        self.address, self.problem = address, problem
+
+    def __str__(self) -> str:
+        return f"Dask worker {self.address}: {self.problem}"
+
 
 @dataclass(frozen=True)
 class RemoteJob:
@@ -127,7 +134,7 @@ def _runner(job: RemoteJob) -> BatchRunner:
         if runner is None:
             problem = check_shared_paths(job)
             if problem is not None:
-                raise SharedPathsMissing(f"Dask worker {_dask_worker_address()}: {problem}")
+                raise SharedPathsMissing(_dask_worker_address(), problem)
             runner = _RUNNERS[job.token] = BatchRunner(job)
             _start_reaper()
         return runner
