@@ -648,6 +648,23 @@ def test_local_cluster_of_our_own(tmp_path):
                60, "the dead run's Dask processes to end")
 
 
+def test_a_cluster_of_our_own_leaves_port_8787_alone(tmp_path):
+    """Dask's scheduler serves HTTP on 8787 unless told otherwise: next to a Dask dashboard of the
+    user's, a run on `--scheduler local` printed Dask's warning that the port was taken."""
+    import socket
+
+    data = text_tree(tmp_path / "data", 3)
+    with socket.socket() as dashboard:
+        try:
+            dashboard.bind(("127.0.0.1", 8787))
+            dashboard.listen()
+        except OSError:  # taken already: as well
+            pass
+        result = crawl(data, tmp_path / "out", "--executor", "dask", "--scheduler", "local:1")
+    assert result.returncode == 0, result.stderr
+    assert "8787" not in result.stderr and "Warning" not in result.stderr, result.stderr
+
+
 NO_MAIN_GUARD = """
 import os, sys, threading
 import dask, distributed

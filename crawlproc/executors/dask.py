@@ -537,6 +537,10 @@ def local_cluster_size(address: str, workers: int | None) -> int | None:
     return n
 
 
+# Without a dashboard, Dask's scheduler still serves a few HTTP routes, on port 8787 unless told:
+# next to a Dask dashboard of yours, that printed Dask's warning that the port is taken.
+SCHEDULER_HTTP = "127.0.0.1:0"
+
 # A worker that dies while the cluster starts (killed, out of memory) fails the whole start:
 # Dask's nanny restarts workers only once the cluster is up.
 CLUSTER_START_ATTEMPTS = 3
@@ -572,7 +576,8 @@ def start_local_cluster(n: int, address: str) -> Any:
         try:
             with dask.config.set(OWN_CLUSTER_CONFIG):
                 cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                                       silence_logs=logging.ERROR, preload=[lifeline.__name__])
+                                       silence_logs=logging.ERROR, preload=[lifeline.__name__],
+                                       scheduler_kwargs={"dashboard_address": SCHEDULER_HTTP})
             return _ForkedCluster(cluster, method)
         except Exception as exc:  # e.g. RuntimeError('Nanny failed to start.'): a worker died starting
             why = str(exc).rstrip(".")
