@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import sys
 import threading
 import time
@@ -72,6 +73,7 @@ def fork_child(run: Callable[[int, int], None], *, close_others: bool = False) -
             os.close(fd)
         return None
     if pid == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the coordinator's handler (see run._sigterm_interrupts)
         try:  # the lock on OUT is closed already (see _close_kept_in_child)
             os.close(to_child_w)
             os.close(from_child_r)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import resource
 import shlex
+import signal
 import sqlite3
 import sys
 import threading
@@ -30,7 +31,7 @@ from loguru import logger
 
 from crawlproc import logs
 from crawlproc.children import forking_is_safe
-from crawlproc.errors import CrawlprocError, UsageError
+from crawlproc.errors import CrawlprocError, Interrupted, UsageError
 from crawlproc.finalize import (
     SUMMARY_NAME,
     MergeOutcome,
@@ -285,6 +286,9 @@ def _opened_ledger(options: RunOptions, command: str, processor: Processor,
         except CrawlprocError as exc:  # a handled stop (a scheduler lost, ...): not an abrupt end
             _end_run(ledger, run_id, exc.exit_code)
             raise
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside the coordinator's loop: interrupted, too
+            _end_run(ledger, run_id, Interrupted.exit_code)
+            raise
     finally:
         ledger.close()
         _note_closed(ledger.path)
@@ -339,8 +343,31 @@ def _serving(options: RunOptions, command: str) -> Iterator[Any]:
         yield board
 
 
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """A SIGTERM outside the coordinator's loop (while the job starts: a lost ledger rebuilt, a
+    Dask cluster started or its first worker awaited; while it merges) ends the job as Ctrl-C
+    does, one line and exit 130 with the run's end recorded, instead of a silent death that
+    `status` calls abrupt. The coordinator's own handlers take over while it runs. Only on the
+    main thread (where Python allows handlers) and only in place of the default."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL):
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def run_job(options: RunOptions, *, on_progress: Callable[[dict], None] | None = None) -> RunOutcome:
-    with _serving(options, "run") as board, _open_job(options, "run", early_forkserver=True) as job:
+    with (_sigterm_interrupts(), _serving(options, "run") as board,
+          _open_job(options, "run", early_forkserver=True) as job):
         job.board = board
         source = Scan(job.ledger, os.fsencode(options.data_dir), scan_options(options), log_skip,
                       claim_new=True, list_helpers=list_helpers(job), on_problem=problem_logger(options.out))
@@ -375,7 +402,7 @@ def watch_job(
     from crawlproc.notify import ServiceNotifier
     from crawlproc.watch import Watcher
 
-    with _serving(options, "watch") as board, _open_job(options, "watch") as job:
+    with _sigterm_interrupts(), _serving(options, "watch") as board, _open_job(options, "watch") as job:
         job.board = board
         watcher = Watcher(
             job.ledger, os.fsencode(options.data_dir), scan_options(options), settle=settle,

@@ -474,24 +474,51 @@ def test_a_server_that_is_no_dask_scheduler_is_one_line(tmp_path):
     assert f"no Dask scheduler answered at {address}" in result.stderr or "cannot reach" in result.stderr
 
 
-def test_a_scheduler_without_workers_says_so(tmp_path):
-    data = text_tree(tmp_path / "data", 3)
+@pytest.fixture
+def lone_scheduler(tmp_path) -> Iterator[str]:
+    """The address of a Dask scheduler that no worker joins."""
     scheduler_file = tmp_path / "scheduler.json"
     scheduler = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--port", "0",
                                   "--no-dashboard", "--scheduler-file", str(scheduler_file)],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: scheduler_file.exists() and scheduler_file.stat().st_size, 60, "the scheduler")
-        address = json.loads(scheduler_file.read_text())["address"]
-        result = subprocess.run([sys.executable, "-c", RUN_WITH_SHORT_WAITS, str(data), str(tmp_path / "out"),
-                                 address], capture_output=True, text=True, timeout=90)
+        yield json.loads(scheduler_file.read_text())["address"]
     finally:
         scheduler.kill()
         scheduler.wait(30)
+
+
+def test_a_scheduler_without_workers_says_so(tmp_path, lone_scheduler):
+    data = text_tree(tmp_path / "data", 3)
+    result = subprocess.run([sys.executable, "-c", RUN_WITH_SHORT_WAITS, str(data), str(tmp_path / "out"),
+                             lone_scheduler], capture_output=True, text=True, timeout=90)
     assert result.returncode == 2, result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"crawlproc: no Dask worker joined the scheduler at {address} within 1s"), result.stderr
+    assert last.startswith(f"crawlproc: no Dask worker joined the scheduler at {lone_scheduler} within 1s"), \
+        result.stderr
     assert "waiting up to 1s for a Dask worker" in result.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_while_waiting_for_a_worker_interrupts(tmp_path, lone_scheduler, signum):
+    """Ctrl-C or SIGTERM while the run waits for a first Dask worker: one line, exit 130 at once
+    and the run's end recorded. SIGTERM killed it in silence, and `status` said it ended abruptly."""
+    out = tmp_path / "out"
+    proc = start_run(text_tree(tmp_path / "data", 3), out, "--executor", "dask", "--scheduler", lone_scheduler)
+    log = out / "logs" / "crawlproc.log"
+    try:
+        wait_until(lambda: log.exists() and "waiting up to" in log.read_text() or proc.poll() is not None,
+                   60, "the wait for a Dask worker")
+        proc.send_signal(signum)
+        code, err = finish(proc, timeout=30)  # the wait itself is 60 s
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 130, err
+    assert err.strip().splitlines()[-1] == "crawlproc: interrupted; run the same command again to resume", err
+    assert "Traceback" not in err and "\n\n" not in err, err
+    assert query_ledger(out, "SELECT exit_code FROM runs") == [(130,)]
 
 
 WATCH_WITHOUT_ITS_SCHEDULER = """

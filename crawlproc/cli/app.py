@@ -15,7 +15,9 @@ import click
 
 from crawlproc import __version__
 from crawlproc.cli.flags import OUT_KEY
-from crawlproc.errors import CrawlprocError
+from crawlproc.errors import CrawlprocError, Interrupted
+
+INTERRUPTED = "interrupted; run the same command again to resume"
 
 
 class CrawlprocGroup(click.Group):
@@ -32,13 +34,13 @@ class CrawlprocGroup(click.Group):
             _fail(f"{where}: {_usage_message(exc)} (see {where} --help)", 2)
         except click.ClickException as exc:
             _fail(f"crawlproc: {exc.format_message()}", exc.exit_code)
-        except click.Abort:
-            _fail("crawlproc: interrupted", 130)
+        except click.Abort:  # Ctrl-C before a command began (click's own word for it)
+            _fail(f"crawlproc: {INTERRUPTED}", Interrupted.exit_code)
         except CrawlprocError as exc:
             command_line = sys.argv[1:] if args is None else list(args)
             _fail(f"crawlproc: {_with_commands(exc, command_line)}", exc.exit_code)
         except KeyboardInterrupt:
-            _fail("crawlproc: interrupted; run the same command again to resume", 130)
+            _fail(f"crawlproc: {INTERRUPTED}", Interrupted.exit_code)
         except OSError as exc:
             where = f": {exc.filename}" if exc.filename else ""
             hint = "; free some space and run again to resume" if exc.errno == errno.ENOSPC else ""
@@ -53,6 +55,8 @@ class CrawlprocGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:  # before click's main turns it into Abort and prints an empty line
+            raise Interrupted(INTERRUPTED) from None
         except sqlite3.DatabaseError as exc:  # here the command's OUT is known
             raise _ledger_failure(exc, ctx.meta.get(OUT_KEY)) from None
 
