@@ -61,6 +61,8 @@ def explain(path: str, out: Path) -> Explanation:
         relpath = relpath_under(path, data_dir, out, has_task=ledger.has_task)
         if relpath == DATA_DIR_ITSELF:
             return _data_dir_itself(path, data_dir, out)
+        if not ledger.has_task(relpath):  # a name as `failures` printed it (\xNN for a byte), as retry reads it
+            relpath = ledger.path_bytes_named(relpath_for_people(relpath)) or relpath
         root = os.fsencode(data_dir)
         settings = ledger.scan_settings()
         on_disk = _on_disk(os.path.join(root, relpath), root, _followed_links(settings))
@@ -174,9 +176,9 @@ def _state_lines(task: dict[str, Any], found: Explanation, quoted_out: str) -> l
         due = task["not_before"] or 0
         lines.append(f"waits for a retry, not before {_when(due)}" if due > time.time()
                      else "waits for the next run")
-    elif state == "running":
-        lines.append("being processed by the run going now, or left running by a run that stopped "
-                     f"(see crawlproc status -o {quoted_out})")
+    elif state == "running":  # a first run records the tasks its scan finds as its own at once
+        lines.append("claimed by the run going now (waiting for a worker, or being processed), or left so "
+                     f"by a run that stopped (see crawlproc status -o {quoted_out})")
     elif state == "gone":
         lines.append("its file was not found by the last scan (deleted, or no longer selected by "
                      "--include/--exclude): its records left the output")

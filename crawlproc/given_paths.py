@@ -4,7 +4,9 @@ Both commands read a PATH the same way: an absolute path inside DATA_DIR; else a
 relative to the current folder, when that lies under DATA_DIR (as typed in a shell
 there); else relative to DATA_DIR (as `status` and `failures` print paths). When both
 readings are under DATA_DIR, the one the ledger has a task for wins, so a path that
-`failures` or `explain` printed works from any folder.
+`failures` or `explain` printed works from any folder. A relative PATH that names no
+task and nothing under DATA_DIR is read from the current folder alone: DATA_DIR's own
+name typed in its parent is DATA_DIR, and an existing file elsewhere is not under it.
 """
 
 from __future__ import annotations
@@ -31,12 +33,26 @@ def relpath_under(path: str, data_dir: str, out: Path, has_task: Callable[[bytes
     spellings = [spelled for candidate in candidates for spelled in _spellings(candidate) if inside(spelled, root)]
     readings = [os.path.relpath(spelled, root).replace(os.sep.encode(), b"/") for spelled in spellings
                 if spelled != root]
+    with_task = next((relpath for relpath in readings if has_task(relpath)), None)
+    if with_task is not None:
+        return with_task
+    if not os.path.isabs(given) and not any(os.path.lexists(os.path.join(root, r)) for r in readings):
+        # No task and no file under DATA_DIR by that name: what the current folder holds decides.
+        here = _spellings(os.path.abspath(given))
+        if root in here:  # DATA_DIR's own name, typed in its parent
+            return DATA_DIR_ITSELF
+        if os.path.lexists(here[0]):  # a file out there, not a name under DATA_DIR
+            raise _not_under(path, data_dir, out)
     if readings:
-        return next((relpath for relpath in readings if has_task(relpath)), readings[0])
+        return readings[0]
     if spellings:  # DATA_DIR itself (`.` typed in it, or its own path): no file of it fits better
         return DATA_DIR_ITSELF
-    raise UsageError(f"{path} is not under DATA_DIR {data_dir} of OUT {out}; give a path inside it "
-                     f"(absolute, or relative to it as `crawlproc failures -o {shlex.quote(str(out))}` prints them)")
+    raise _not_under(path, data_dir, out)
+
+
+def _not_under(path: str, data_dir: str, out: Path) -> UsageError:
+    return UsageError(f"{path} is not under DATA_DIR {data_dir} of OUT {out}; give a path inside it "
+                      f"(absolute, or relative to it as `crawlproc failures -o {shlex.quote(str(out))}` prints them)")
 
 
 def _spellings(path: bytes) -> list[bytes]:

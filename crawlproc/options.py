@@ -217,7 +217,7 @@ def serve_address(value: Any) -> str:
     """--serve [HOST:]PORT: checked here, kept as given (the job parses it again)."""
     from crawlproc.serve import parse_address
 
-    address = text(value)
+    address = str(value) if isinstance(value, int) and not isinstance(value, bool) else text(value)  # serve=8080
     try:
         parse_address(address)
     except UsageError as exc:
@@ -262,7 +262,7 @@ RUN_OPTIONS: dict[str, Option] = {
     "keep_results": Option(False, flag),
     "dry_run": Option(False, flag),
     "batch_size": Option(None, optional(whole_at_least(1))),
-    "chunk_size": Option(None, optional(parse_size, OFF)),
+    "chunk_size": Option(None, optional(lambda value: parse_size(value) or None, OFF)),  # 0: whole files too
     "follow_symlinks": Option(False, flag),
     "output": Option(None, optional(output_path)),
     "format": Option("jsonl", output_format),
@@ -271,7 +271,7 @@ RUN_OPTIONS: dict[str, Option] = {
     "executor": Option("local", one_of(EXECUTORS)),
     "scheduler": Option(None, optional(text)),
     "serve": Option(None, optional(serve_address)),
-    "verbose": Option(0, whole_at_least(0)),
+    "verbose": Option(0, lambda value: int(value) if isinstance(value, bool) else whole_at_least(0)(value)),
     "quiet": Option(False, flag),
     "log_json": Option(False, flag),
     "no_progress": Option(False, flag),

@@ -468,3 +468,22 @@ def test_an_empty_exit_code_list_is_refused_but_an_empty_size_turns_the_limit_of
     with pytest.raises(OptionError, match="not a comma-separated list"):
         check("ok_exit_codes", "")
     assert check("max_memory_per_child", "off") is None and check("max_failures", "") is None
+
+
+def test_python_values_a_user_writes_are_taken_as_the_command_line_takes_their_text():
+    """serve=8080 (it said "8080 is not a string"), verbose=True ("True is not a whole number"), and
+    chunk_size=0, which chunked nothing but was kept as an identity apart from no chunk size."""
+    from crawlproc.options import check
+
+    assert check("serve", 8080) == "8080" and check("serve", "0.0.0.0:0") == "0.0.0.0:0"
+    assert check("verbose", True) == 1 and check("verbose", False) == 0 and check("verbose", "2") == 2
+    assert check("chunk_size", 0) is None and check("chunk_size", "0") is None and check("chunk_size", "1KB") == 1024
+    with pytest.raises(OptionError):
+        check("serve", True)
+
+
+def test_chunk_size_0_is_whole_files_to_the_next_run_too(data, tmp_path):
+    out = tmp_path / "out"
+    assert crawlproc.run(data, out=out, chunk_size=0, quiet=True).exit_code == 0
+    again = run_cli("run", str(data), "-o", str(out), "--no-progress")  # no --chunk-size: the same job
+    assert again.returncode == 0, again.stderr

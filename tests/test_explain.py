@@ -108,6 +108,23 @@ def test_retry_as_explain_prints_it_for_a_name_that_reads_as_an_option(tmp_path)
     assert failed_relpaths(out) == {"bad.txt"}  # `retry -o OUT --` alone would have put it back too
 
 
+def test_a_non_utf8_name_as_failures_prints_it_is_explained_as_retry_reads_it(tmp_path):
+    """`failures` shows a byte that is not UTF-8 as \\xNN; retry took that spelling, explain said
+    the file had no task."""
+    data = make_tree(tmp_path / "data", {"ok.txt": "x\n"})
+    (data / os.fsdecode(b"bad\xfe.txt")).write_text("x\n")
+    out = tmp_path / "out"
+    proc = f"{write_processor(tmp_path, 'fails', FAILS_ON_BAD)}:fails_on_bad"
+    assert run(data, out, processor=proc, retries=0).exit_code == 1
+    printed = run_cli("failures", "-o", str(out), "--json")
+    (failure,) = json.loads(printed.stdout)
+    assert failure["relpath"] == "bad\\xfe.txt"
+    code, text, _ = explain(failure["relpath"], "-o", str(out))
+    assert code == 0 and text.startswith("bad\\xfe.txt: 1 task") and "failed" in text, text
+    assert run_cli(*retry_hint(text)).returncode == 0
+    assert failed_relpaths(out) == set()
+
+
 def test_explain_and_retry_read_a_path_alike_from_a_folder_inside_data_dir(tmp_path):
     data = make_tree(tmp_path / "data", {"sub/bad1.txt": "x\n", "sub/bad2.txt": "x\n", "bad3.txt": "x\n",
                                          "sub/ok.txt": "x\n"})
@@ -201,6 +218,12 @@ def test_a_path_outside_data_dir_is_one_line_exit_2(tree, tmp_path):
     assert f"is not under DATA_DIR {os.path.realpath(tree)}" in stderr
     code, _, stderr = explain("a.txt", "-o", str(tmp_path / "missing"))
     assert code == 2 and len(stderr.splitlines()) == 1 and "does not exist" in stderr
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "s.txt").write_text("s\n")
+    for command in ("explain", "retry"):  # a file next to DATA_DIR, named from their parent folder
+        result = run_cli(command, "elsewhere/s.txt", "-o", str(out), cwd=tmp_path)
+        assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+        assert "elsewhere/s.txt is not under DATA_DIR" in result.stderr  # it was read as DATA_DIR/elsewhere/s.txt
 
 
 def test_a_followed_symlink_is_compared_by_its_target_as_the_scan_does(tmp_path):
@@ -260,7 +283,7 @@ def test_data_dir_itself_is_said_to_be_data_dir_as_a_folder_in_it_is(tree, tmp_p
     run(tree, out)
     folder_code, folder_text, _ = explain(str(tree / "keep"), "-o", str(out))
     assert folder_text == f"keep: no task in {out}\n  it is a folder: explain a file inside it\n"
-    for path, cwd in ((str(tree), None), (f"{tree}/", None), (".", tree)):
+    for path, cwd in ((str(tree), None), (f"{tree}/", None), (".", tree), ("data/", tmp_path), ("data", tmp_path)):
         code, text, stderr = explain(path, "-o", str(out), cwd=cwd)
         assert (code, stderr) == (folder_code, "")
         assert text == f"./: no task in {out}\n  it is DATA_DIR itself: explain a file inside it\n"

@@ -182,6 +182,12 @@ class Work:
         """Whether any task (of any state) is of the file `path_bytes`."""
         return self.conn.execute("SELECT 1 FROM tasks WHERE path_bytes = ? LIMIT 1", (path_bytes,)).fetchone() is not None
 
+    def path_bytes_named(self, relpath: str) -> bytes | None:
+        """The file of a task whose name, as people read it (`failures` shows a non-UTF-8 byte
+        as \\xNN), is `relpath`; None when no task has that name."""
+        row = self.conn.execute("SELECT path_bytes FROM tasks WHERE relpath = ? LIMIT 1", (relpath,)).fetchone()
+        return row[0] if row else None
+
     def unknown_relpaths(self, relpaths: Iterable[str]) -> list[str]:
         """Those of `relpaths` (as people read them) that no task has, in the order given."""
         return [p for p in relpaths
