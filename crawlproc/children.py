@@ -49,6 +49,27 @@ def _close_kept_in_child() -> None:
 os.register_at_fork(after_in_child=_close_kept_in_child)
 
 
+def coordinator_signal_handler(handler: Callable) -> Callable:
+    """Mark a SIGINT/SIGTERM handler of the coordinator's, which no forked child may keep."""
+    handler.crawlproc_coordinator = True  # type: ignore[attr-defined]
+    return handler
+
+
+def _default_signals_in_child() -> None:
+    """A child forked while one of the coordinator's handlers is installed (ours, or Dask's
+    nanny forking a worker from its thread) must end on SIGTERM as a plain process does, or
+    whoever terminates it (Dask, multiprocessing at exit) waits for it for ever; and it leaves
+    a Ctrl-C, which reaches the whole process group, to the coordinator, as crawlproc's own
+    workers do. Run by the fork itself, before any signal reaches the child's code."""
+    for signum, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.SIG_IGN)):
+        handler = signal.getsignal(signum)
+        if getattr(getattr(handler, "__func__", handler), "crawlproc_coordinator", False):
+            signal.signal(signum, default)
+
+
+os.register_at_fork(after_in_child=_default_signals_in_child)
+
+
 def forking_is_safe() -> bool:
     """No other thread runs here: a fork cannot copy a lock held mid-operation that the
     child would then wait on forever (the status page of --serve runs in a process of its
@@ -73,7 +94,6 @@ def fork_child(run: Callable[[int, int], None], *, close_others: bool = False) -
             os.close(fd)
         return None
     if pid == 0:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the coordinator's handler (see run._sigterm_interrupts)
         try:  # the lock on OUT is closed already (see _close_kept_in_child)
             os.close(to_child_w)
             os.close(from_child_r)

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 from loguru import logger
 
 from crawlproc.batching import MAX_BATCH_BYTES, BatchIds, BatchSizer, ReadyTasks
+from crawlproc.children import coordinator_signal_handler
 from crawlproc.executors import BatchLost, Event, Executor, Opening
 from crawlproc.ledger import Ledger
 from crawlproc.outcomes import Outcomes, RetryPolicy, Tally
@@ -361,6 +362,7 @@ class Coordinator:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
+    @coordinator_signal_handler
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signals += 1
         try:

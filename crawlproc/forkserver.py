@@ -44,6 +44,7 @@ REQUEST_BYTES = 8
 def main() -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM))  # held while it was spawned
     with socket.socket(fileno=int(sys.argv[1])) as control:
         control.set_inheritable(False)
         _import_ahead(filter(None, sys.argv[2].split(",")) if len(sys.argv) > 2 else ())

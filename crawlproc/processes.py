@@ -19,7 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -221,27 +220,27 @@ def _shared_memory_fd() -> int:
         return os.dup(f.fileno())
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 @contextmanager
-def _stop_signals_ignored() -> Iterator[None]:
-    """SIGINT and SIGTERM ignored while the server is spawned, so that it inherits that from
-    its first instruction. Only the main thread may change handlers; elsewhere (a run started
-    from a notebook's thread) the server ignores them itself as soon as it starts."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+def stop_signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM blocked in this thread while the server is spawned: it inherits the
+    block across exec, so that no Ctrl-C reaches it before it ignores them (then it unblocks
+    them), and one that comes meanwhile waits here for the coordinator. Ignoring them here
+    instead lost it: a watch told to stop in that moment never stopped."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _spawn_server(head_start: Iterable[str], env: Mapping[str, str] | None) -> tuple[subprocess.Popen, socket.socket]:
     """A forkserver process, importing `head_start` until its setup comes; our end of its socket."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        with _stop_signals_ignored():  # inherited across exec: the server never sees a Ctrl-C
+        with stop_signals_held():  # inherited across exec: the server never sees a Ctrl-C
             process = subprocess.Popen(
                 [sys.executable, "-m", "crawlproc.forkserver", str(theirs.fileno()), ",".join(head_start)],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,  # no worker reads our terminal

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from crawlproc import logs
-from crawlproc.children import forking_is_safe
+from crawlproc.children import coordinator_signal_handler, forking_is_safe
 from crawlproc.errors import CrawlprocError, Interrupted, UsageError
 from crawlproc.finalize import (
     SUMMARY_NAME,
@@ -361,6 +361,7 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@coordinator_signal_handler
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 

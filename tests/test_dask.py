@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,7 +37,7 @@ class Cluster:
     """A Dask scheduler and workers as processes of their own (not threads of the test process:
     a Dask client here would leave threads behind, and later tests fork)."""
 
-    def __init__(self, root: Path, workers: int) -> None:
+    def __init__(self, root: Path, workers: int, *, nanny: bool = True) -> None:
         self.env = {**os.environ, **ENV}  # the workers inherit CRASHY_SLOW_SECONDS
         scheduler_file = root / "scheduler.json"
         self.procs = [subprocess.Popen(
@@ -47,7 +46,7 @@ class Cluster:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self.env)]
         wait_until(lambda: scheduler_file.exists() and scheduler_file.stat().st_size, 60, "the scheduler")
         self.scheduler_address = json.loads(scheduler_file.read_text())["address"]
-        self.procs.append(self.add_worker("--nworkers", str(workers)))
+        self.procs.append(self.add_worker("--nworkers", str(workers), *(() if nanny else ("--no-nanny",))))
         self.wait_for_workers(workers)
 
     def add_worker(self, *args: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
@@ -573,18 +572,19 @@ def test_without_the_extra_says_what_to_install(tmp_path):
 
 @contextlib.contextmanager
 def worker_blind_to(folder: Path, cluster: Cluster) -> Iterator[str]:
-    """A third Dask worker, in a mount namespace of its own where `folder` is an empty tmpfs;
+    """One more Dask worker, in a mount namespace of its own where `folder` is an empty tmpfs;
     yields its address while it runs."""
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("needs root and unshare to give one worker another view of the file system")
+    before = len(cluster.workers())
     blind = subprocess.Popen(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-         f'mount -t tmpfs none "$0" && exec "$@"', str(folder), sys.executable, "-m",
+         'mount -t tmpfs none "$0" && exec "$@"', str(folder), sys.executable, "-m",
          "distributed.cli.dask_worker", cluster.scheduler_address, "--nthreads", "1", "--no-dashboard",
          "--name", "blind"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cluster.env)
     try:
-        wait_until(lambda: len(cluster.workers()) == 3 or blind.poll() is not None, 90, "the third worker")
+        wait_until(lambda: len(cluster.workers()) == before + 1 or blind.poll() is not None, 90, "one more worker")
         if blind.poll() is not None:
             pytest.skip("could not start a worker in a private mount namespace")
         yield next(a for a, w in cluster.workers().items() if w["name"] == "blind")
@@ -641,12 +641,38 @@ def test_a_worker_that_joins_blind_to_the_paths_is_set_aside(tmp_path, cluster):
         if proc.poll() is None:
             proc.kill()
     assert code == 0, err
-    set_aside = [line for line in err.splitlines() if "gets no more batches" in line]  # none: it joined too late
+    set_aside = [line for line in err.splitlines() if "gets no more batches" in line]
     assert len(set_aside) == 1 and blind_address in set_aside[0] and "same path" in set_aside[0], err
     assert (out / "merged.jsonl").read_bytes() == (tmp_path / "clean" / "merged.jsonl").read_bytes()
     assert set(states(out).values()) == {("done", 1, None)}  # nobody blamed for it
     assert_no_leftovers(out)
     cluster.wait_for_workers(2)
+
+
+def test_a_run_left_with_only_workers_set_aside_stops(tmp_path):
+    """Once the one worker that saw the paths was gone, its batches went to the worker set aside,
+    came back blaming nobody, and were sent to it again, for ever."""
+    base = tmp_path / "shared"
+    data = make_tree(base / "data", {f"s{i:03d}.txt": f"{i}\n" for i in range(400)})
+    own = Cluster(tmp_path, 1, nanny=False)  # no nanny: a killed worker stays gone
+    try:
+        out = base / "out"
+        proc = start_and_wait(data, out, dask_args(own), 8)
+        log = out / "logs" / "crawlproc.log"
+        try:
+            with worker_blind_to(base, own):
+                wait_until(lambda: "gets no more batches" in log.read_text() or proc.poll() is not None, 60,
+                           "the blind worker to be set aside")
+                own.procs[1].kill()  # the worker that sees the paths
+                code, err = finish(proc, timeout=90)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    finally:
+        own.close()
+    assert code == 2, err
+    assert "no other Dask worker is left" in err.strip().splitlines()[-1], err
+    assert set(states(out).values()) <= {("done", 1, None), ("pending", 0, None)}  # nobody was charged
 
 
 # -- 8. a cluster of our own: --scheduler local:N ----------------------------------------------------
@@ -690,6 +716,36 @@ def test_a_cluster_of_our_own_leaves_port_8787_alone(tmp_path):
         result = crawl(data, tmp_path / "out", "--executor", "dask", "--scheduler", "local:1")
     assert result.returncode == 0, result.stderr
     assert "8787" not in result.stderr and "Warning" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_while_our_cluster_starts_ends_the_run_in_one_line(tmp_path, signum):
+    """Ctrl-C (or a SIGTERM to the whole group, as `timeout` and systemd send it) while the
+    LocalCluster starts: its half-made cluster printed tracebacks at exit, and a worker forked
+    with the coordinator's SIGTERM handler ignored the terminate that multiprocessing's exit hook
+    sends, which then waited for it for ever."""
+    data = text_tree(tmp_path / "data", 20)
+    for attempt in range(3):
+        out = tmp_path / f"out{attempt}"
+        proc = subprocess.Popen([sys.executable, "-m", "crawlproc", "run", str(data), "-o", str(out), "--no-progress",
+                                 "--executor", "dask", "--scheduler", "local:2"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            coordinator = psutil.Process(proc.pid)
+            wait_until(lambda: coordinator.children() or proc.poll() is not None, 60, "the first Dask worker")
+            family = coordinator.children(recursive=True)
+            os.killpg(proc.pid, signum)
+            code, err = finish(proc, timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        if code == 0:
+            continue  # it had finished: nothing was interrupted
+        assert code == 130, err
+        assert err.strip().splitlines()[-1] == "crawlproc: interrupted; run the same command again to resume", err
+        assert "Traceback" not in err and "Exception ignored" not in err, err
+        wait_until(lambda: not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
+                   60, "the cluster's processes to end")
 
 
 NO_MAIN_GUARD = """

@@ -210,3 +210,17 @@ def test_a_run_that_fails_before_its_workers_leaves_no_early_server(tmp_path):
                                    stderr=stderr, env={**os.environ, "CRAWLPROC_TEST_TAG": tag})
             assert cli.wait(timeout=120) == code, stderr.seek(0) or stderr.read()
         assert tagged() == []  # the early server was ended (or taken over) before the CLI exited
+
+
+def test_a_stop_signal_while_the_server_is_spawned_is_kept_for_the_coordinator():
+    """The server is spawned with SIGINT and SIGTERM held, so that it never sees a Ctrl-C; they
+    were ignored instead, and a SIGTERM that came in that moment was lost (a watch never stopped)."""
+    received: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        with processes.stop_signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert received == []  # held
+        assert received == [signal.SIGTERM]  # delivered once it is let go
+    finally:
+        signal.signal(signal.SIGTERM, previous)

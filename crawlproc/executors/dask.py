@@ -32,16 +32,18 @@ import logging
 import os
 import queue
 import secrets
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
 
-from crawlproc.children import forking_is_safe
+from crawlproc.children import coordinator_signal_handler, forking_is_safe
 from crawlproc.errors import CrawlprocError, UsageError
 from crawlproc.executors import BatchLost, Event, Opening, WorkerLimits, lifeline, stop_if_setup_failed
 from crawlproc.executors.remote import SHARED_PATHS, RemoteJob, SharedPathsMissing, run_batches, stop_job, warm_up
@@ -157,6 +159,7 @@ class DaskExecutor:
     def _take_workers(self, workers: dict[str, int]) -> None:
         """The cluster's workers (address -> threads), and the work in flight they take."""
         self.workers = workers
+        self._aside = {address: why for address, why in self._aside.items() if address in workers}  # gone: forgotten
         self.parallelism = sum(threads for address, threads in workers.items() if address not in self._aside) or 1
         self._capacity = PER_THREAD * self.parallelism
         self._workers_read_at = time.monotonic()
@@ -260,15 +263,15 @@ class DaskExecutor:
         workers can finish; with no worker left that sees the paths, the run stops (exit 2)."""
         if exc.address is None:
             raise UsageError(f"{exc}; {SHARED_PATHS}")
-        if exc.address in self._aside:
-            return  # its other batches, already on their way back
-        self._aside[exc.address] = exc.problem
-        self._follow_workers(now=True)
+        new = exc.address not in self._aside  # else one of its batches sent before, or sent since to it
+        self._aside[exc.address] = exc.problem  # because no other worker was left: checked below
+        self._follow_workers(now=new)
         left = sorted(set(self.workers) - set(self._aside))
         if not left:
             raise UsageError(f"{exc}, and no other Dask worker is left; {SHARED_PATHS}")
-        logger.warning("{}; it gets no more batches of this run, which goes on with {} ({})", exc,
-                       plural(len(left), "other worker"), SHARED_PATHS)
+        if new:
+            logger.warning("{}; it gets no more batches of this run, which goes on with {} ({})", exc,
+                           plural(len(left), "other worker"), SHARED_PATHS)
 
     def _on_done(self, future: Any) -> None:
         """In Dask's callback thread: queue the future and wake the coordinator."""
@@ -574,13 +577,20 @@ def start_local_cluster(n: int, address: str) -> Any:
     lifeline.follow_me()  # a forked worker may hold what keeps another alive: see lifeline.py
     for attempt in range(1, CLUSTER_START_ATTEMPTS + 1):
         try:
-            with dask.config.set(OWN_CLUSTER_CONFIG):
+            with _signals_held() as received, dask.config.set(OWN_CLUSTER_CONFIG):
                 cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
                                        silence_logs=logging.ERROR, preload=[lifeline.__name__],
                                        scheduler_kwargs={"dashboard_address": SCHEDULER_HTTP})
-            return _ForkedCluster(cluster, method)
+            started = _ForkedCluster(cluster, method)
+            if received:  # Ctrl-C or SIGTERM while it started: now that it can be closed
+                started.close()
+                raise KeyboardInterrupt
+            return started
         except Exception as exc:  # e.g. RuntimeError('Nanny failed to start.'): a worker died starting
             why = str(exc).rstrip(".")
+            if received:
+                method.__exit__(None, None, None)
+                raise KeyboardInterrupt from None
             if attempt == CLUSTER_START_ATTEMPTS:
                 method.__exit__(None, None, None)
                 raise CrawlprocError(f"the local Dask cluster (--scheduler {address}) could not start ({why}); "
@@ -588,6 +598,30 @@ def start_local_cluster(n: int, address: str) -> Any:
             logger.warning("the local Dask cluster could not start ({}); starting it again ({} of {})", why,
                            attempt + 1, CLUSTER_START_ATTEMPTS)
     raise AssertionError("unreachable")
+
+
+@contextmanager
+def _signals_held() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM wait (the signals received are listed) while a LocalCluster starts:
+    interrupted half-way it cannot be closed, and Dask's exit hooks print tracebacks for it.
+    On the main thread only, where handlers can be set."""
+    if threading.current_thread() is not threading.main_thread():
+        yield []
+        return
+    received: list[int] = []
+
+    @coordinator_signal_handler  # not in the workers forked meanwhile (children.py)
+    def hold(signum: int, frame: Any) -> None:
+        received.append(signum)
+        if len(received) > 1:  # asked twice: now, tracebacks or not (a start that hangs)
+            raise KeyboardInterrupt
+
+    previous = {signum: signal.signal(signum, hold) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class _ForkedCluster:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import select
-import signal
 import threading
 import time
 from typing import Any
@@ -46,10 +45,6 @@ def dask_setup(worker: Any) -> None:
     coordinator = _coordinator
     if coordinator is None or coordinator == os.getpid():
         return
-    try:  # forked with the coordinator's SIGTERM handler: a nanny's terminate must end this process
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    except ValueError:  # not the main thread: Dask's, as it was
-        pass
     threading.Thread(target=_exit_with, args=(coordinator,), name="crawlproc-lifeline", daemon=True).start()
 
 
