@@ -58,11 +58,10 @@ def explain(path: str, out: Path) -> Explanation:
         data_dir = meta.get("data_dir")
         if not data_dir:
             raise UsageError(f"OUT {out} has no run yet: nothing to explain")
-        relpath = relpath_under(path, data_dir, out, has_task=ledger.has_task)
+        relpath = relpath_under(path, data_dir, out, has_task=lambda name: ledger.file_named(name) is not None)
         if relpath == DATA_DIR_ITSELF:
             return _data_dir_itself(path, data_dir, out)
-        if not ledger.has_task(relpath):  # a name as `failures` printed it (\xNN for a byte), as retry reads it
-            relpath = ledger.path_bytes_named(relpath_for_people(relpath)) or relpath
+        relpath = ledger.file_named(relpath) or relpath  # \xNN for a byte, as `failures` printed it
         root = os.fsencode(data_dir)
         settings = ledger.scan_settings()
         on_disk = _on_disk(os.path.join(root, relpath), root, _followed_links(settings))

@@ -38,10 +38,10 @@ def relpath_under(path: str, data_dir: str, out: Path, has_task: Callable[[bytes
         return with_task
     if not os.path.isabs(given) and not any(os.path.lexists(os.path.join(root, r)) for r in readings):
         # No task and no file under DATA_DIR by that name: what the current folder holds decides.
-        here = _spellings(os.path.abspath(given))
-        if root in here:  # DATA_DIR's own name, typed in its parent
+        here = os.path.abspath(given)
+        if os.path.realpath(here) == root:  # DATA_DIR's own name (or a link to it), typed in its parent
             return DATA_DIR_ITSELF
-        if os.path.lexists(here[0]):  # a file out there, not a name under DATA_DIR
+        if os.path.lexists(here):  # a file out there, not a name under DATA_DIR
             raise _not_under(path, data_dir, out)
     if readings:
         return readings[0]

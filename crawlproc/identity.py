@@ -49,6 +49,21 @@ class Verdict(str, Enum):
     KEPT = "kept"
 
 
+# Settings an earlier crawlproc recorded with a value that means "not set" to this one:
+# --chunk-size 0 (whole files) was kept as 0. Key -> that value.
+UNSET_BEFORE: dict[str, Any] = {"chunk_size": 0}
+
+
+def read_as_today(identity: Mapping[str, Any], *, as_text: bool = False) -> dict[str, Any]:
+    """`identity` (values; with `as_text`, the JSON texts the ledger's meta holds) with what an
+    earlier crawlproc recorded for an unset setting read as unset."""
+    read = dict(identity)
+    for key, earlier in UNSET_BEFORE.items():
+        if key in read and read[key] == (json.dumps(earlier) if as_text else earlier):
+            read[key] = "null" if as_text else None
+    return read
+
+
 def judge(stored: Mapping[str, str], wanted: Mapping[str, str], *, out: Path, reprocess: bool,
           keep_results: bool, count_done: Callable[[], int],
           earlier_code: Callable[[], Collection[str]] = frozenset) -> Verdict:
@@ -62,6 +77,7 @@ def judge(stored: Mapping[str, str], wanted: Mapping[str, str], *, out: Path, re
     """
     if "processor" not in stored:
         return Verdict.NEW
+    stored = read_as_today(stored, as_text=True)
     # A key that an older crawlproc did not record counts as null: not set then.
     differ = {key for key, value in wanted.items() if stored.get(key, "null") != value}
     adopted = False  # OUT's stamp says less about the code than ours, and no more than that it is this code

@@ -2,8 +2,8 @@
 
 Workers fork from our own forkserver (crawlproc/forkserver.py), which has
 imported the worker and the processor once, so replacing one costs a few
-milliseconds of CPU. The forkserver is started with SIGINT/SIGTERM ignored: it
-shares the coordinator's process group, and stopping is the coordinator's job
+milliseconds of CPU. The forkserver ignores SIGINT/SIGTERM (spawned with them held,
+see stop_signals_held): it shares the coordinator's process group, and stopping is the coordinator's job
 (if it dies anyway, its workers run on: see WorkerProcess). Each worker leads
 its own process group (see worker.py), so `kill_group` takes whatever it
 started along with it.

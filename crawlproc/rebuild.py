@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from crawlproc.errors import IdentityMismatch, LedgerError
+from crawlproc.identity import read_as_today
 from crawlproc.ledger import LEDGER_NAME, Ledger, diagnose
 from crawlproc.results import (
     RESULTS_DIR,
@@ -132,8 +133,8 @@ def _as_stored(identity: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _differences(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> set[str]:
-    """Identity keys whose values differ."""
-    ours = _as_stored(ours)
+    """Identity keys whose values differ (an earlier crawlproc's spelling of an unset setting is unset)."""
+    theirs, ours = read_as_today(theirs), _as_stored(ours)
     return {key for key in theirs.keys() | ours.keys() if theirs.get(key) != ours.get(key)}
 
 

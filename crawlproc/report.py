@@ -321,7 +321,7 @@ def _task_paths(paths: tuple[str, ...], data_dir: str | None, out: Path, ledger:
 
 
 def _file_relpath(path: str, data_dir: str, out: Path, ledger: Ledger) -> bytes:
-    relpath = relpath_under(path, data_dir, out, has_task=ledger.has_task)
+    relpath = relpath_under(path, data_dir, out, has_task=lambda name: ledger.file_named(name) is not None)
     if relpath == DATA_DIR_ITSELF:
         raise UsageError(f"{path} is DATA_DIR {data_dir} itself: name files inside it, or give no path to "
                          "retry every task; nothing was put back to pending")

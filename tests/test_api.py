@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -487,3 +488,8 @@ def test_chunk_size_0_is_whole_files_to_the_next_run_too(data, tmp_path):
     assert crawlproc.run(data, out=out, chunk_size=0, quiet=True).exit_code == 0
     again = run_cli("run", str(data), "-o", str(out), "--no-progress")  # no --chunk-size: the same job
     assert again.returncode == 0, again.stderr
+    with sqlite3.connect(out / "ledger.db") as ledger:  # as an earlier crawlproc recorded --chunk-size 0
+        ledger.execute("UPDATE meta SET value = '0' WHERE key = 'chunk_size'")
+    for chunk in (["--chunk-size", "0"], []):
+        again = run_cli("run", str(data), "-o", str(out), "--no-progress", *chunk)
+        assert again.returncode == 0, again.stderr

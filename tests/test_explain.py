@@ -111,17 +111,18 @@ def test_retry_as_explain_prints_it_for_a_name_that_reads_as_an_option(tmp_path)
 def test_a_non_utf8_name_as_failures_prints_it_is_explained_as_retry_reads_it(tmp_path):
     """`failures` shows a byte that is not UTF-8 as \\xNN; retry took that spelling, explain said
     the file had no task."""
-    data = make_tree(tmp_path / "data", {"ok.txt": "x\n"})
+    data = make_tree(tmp_path / "data", {"ok.txt": "x\n", "sub/ok.txt": "x\n"})
     (data / os.fsdecode(b"bad\xfe.txt")).write_text("x\n")
+    (data / "sub" / os.fsdecode(b"bad\xfe.txt")).write_text("x\n")
     out = tmp_path / "out"
     proc = f"{write_processor(tmp_path, 'fails', FAILS_ON_BAD)}:fails_on_bad"
     assert run(data, out, processor=proc, retries=0).exit_code == 1
     printed = run_cli("failures", "-o", str(out), "--json")
-    (failure,) = json.loads(printed.stdout)
-    assert failure["relpath"] == "bad\\xfe.txt"
-    code, text, _ = explain(failure["relpath"], "-o", str(out))
-    assert code == 0 and text.startswith("bad\\xfe.txt: 1 task") and "failed" in text, text
-    assert run_cli(*retry_hint(text)).returncode == 0
+    assert [failure["relpath"] for failure in json.loads(printed.stdout)] == ["bad\\xfe.txt", "sub/bad\\xfe.txt"]
+    for relpath, cwd in (("bad\\xfe.txt", None), ("sub/bad\\xfe.txt", data / "sub")):  # also from a folder in it
+        code, text, _ = explain(relpath, "-o", str(out), cwd=cwd)
+        assert code == 0 and text.startswith(f"{relpath}: 1 task") and "failed" in text, text
+        assert run_cli(*retry_hint(text), cwd=cwd).returncode == 0
     assert failed_relpaths(out) == set()
 
 

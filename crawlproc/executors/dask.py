@@ -581,22 +581,26 @@ def start_local_cluster(n: int, address: str) -> Any:
                 cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
                                        silence_logs=logging.ERROR, preload=[lifeline.__name__],
                                        scheduler_kwargs={"dashboard_address": SCHEDULER_HTTP})
-            started = _ForkedCluster(cluster, method)
-            if received:  # Ctrl-C or SIGTERM while it started: now that it can be closed
-                started.close()
-                raise KeyboardInterrupt
-            return started
+        except KeyboardInterrupt:  # asked twice while it started
+            method.__exit__(None, None, None)
+            raise
         except Exception as exc:  # e.g. RuntimeError('Nanny failed to start.'): a worker died starting
             why = str(exc).rstrip(".")
-            if received:
+            if received or attempt == CLUSTER_START_ATTEMPTS:
                 method.__exit__(None, None, None)
+            if received:
                 raise KeyboardInterrupt from None
             if attempt == CLUSTER_START_ATTEMPTS:
-                method.__exit__(None, None, None)
                 raise CrawlprocError(f"the local Dask cluster (--scheduler {address}) could not start ({why}); "
                                      "nothing is lost, run the same command again") from None
             logger.warning("the local Dask cluster could not start ({}); starting it again ({} of {})", why,
                            attempt + 1, CLUSTER_START_ATTEMPTS)
+            continue
+        started = _ForkedCluster(cluster, method)
+        if received:  # Ctrl-C or SIGTERM while it started: now that it can be closed
+            started.close()
+            raise KeyboardInterrupt
+        return started
     raise AssertionError("unreachable")
 
 

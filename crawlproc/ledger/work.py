@@ -182,10 +182,14 @@ class Work:
         """Whether any task (of any state) is of the file `path_bytes`."""
         return self.conn.execute("SELECT 1 FROM tasks WHERE path_bytes = ? LIMIT 1", (path_bytes,)).fetchone() is not None
 
-    def path_bytes_named(self, relpath: str) -> bytes | None:
-        """The file of a task whose name, as people read it (`failures` shows a non-UTF-8 byte
-        as \\xNN), is `relpath`; None when no task has that name."""
-        row = self.conn.execute("SELECT path_bytes FROM tasks WHERE relpath = ? LIMIT 1", (relpath,)).fetchone()
+    def file_named(self, relpath: bytes) -> bytes | None:
+        """The file of a task named `relpath`: those very bytes, or the name as people read it
+        (`failures` shows a byte that is not UTF-8 as \\xNN, and retry and explain take it so);
+        None when no task has that name. The bytes win: a file really named with a backslash."""
+        if self.has_task(relpath):
+            return relpath
+        row = self.conn.execute("SELECT path_bytes FROM tasks WHERE relpath = ? LIMIT 1",
+                                (relpath_for_people(relpath),)).fetchone()
         return row[0] if row else None
 
     def unknown_relpaths(self, relpaths: Iterable[str]) -> list[str]:
