@@ -237,9 +237,15 @@ def test_reducer_summary_matches_a_local_run(tmp_path, cluster):
 def slow_tree_and_clean_run(tmp_path: Path, n: int = 160) -> tuple[Path, bytes]:
     """A tree for `slow`, and the merged output of a clean local run over it."""
     data = make_tree(tmp_path / "data", {f"s{i:03d}.txt": f"{i}\n" * i for i in range(n)})
-    clean = crawl(data, tmp_path / "clean", "-p", SLOW, "-w", "2")
+    return data, clean_output(data, tmp_path / "clean")
+
+
+def clean_output(data: Path, out: Path) -> bytes:
+    """The merged output of a clean local `slow` run, made without its sleep (same records)."""
+    clean = run_cli("run", str(data), "-o", str(out), "--no-progress", "-p", SLOW, "-w", "2",
+                    env={"CRASHY_SLOW_SECONDS": "0"})
     assert clean.returncode == 0, clean.stderr
-    return data, (tmp_path / "clean" / "merged.jsonl").read_bytes()
+    return (out / "merged.jsonl").read_bytes()
 
 
 def start_and_wait(data: Path, out: Path, args: list[str], done: int) -> subprocess.Popen:
@@ -630,8 +636,7 @@ def test_a_worker_that_joins_blind_to_the_paths_is_set_aside(tmp_path, cluster):
     would, and no task is charged for it. (It used to stop the whole run, exit 2.)"""
     base = tmp_path / "shared"
     data = make_tree(base / "data", {f"s{i:03d}.txt": f"{i}\n" * i for i in range(400)})
-    clean = crawl(data, tmp_path / "clean", "-p", SLOW, "-w", "2")
-    assert clean.returncode == 0, clean.stderr
+    clean = clean_output(data, tmp_path / "clean")
     out = base / "out"
     proc = start_and_wait(data, out, dask_args(cluster), 8)
     try:
@@ -643,7 +648,7 @@ def test_a_worker_that_joins_blind_to_the_paths_is_set_aside(tmp_path, cluster):
     assert code == 0, err
     set_aside = [line for line in err.splitlines() if "gets no more batches" in line]
     assert len(set_aside) == 1 and blind_address in set_aside[0] and "same path" in set_aside[0], err
-    assert (out / "merged.jsonl").read_bytes() == (tmp_path / "clean" / "merged.jsonl").read_bytes()
+    assert (out / "merged.jsonl").read_bytes() == clean
     assert set(states(out).values()) == {("done", 1, None)}  # nobody blamed for it
     assert_no_leftovers(out)
     cluster.wait_for_workers(2)
