@@ -22,8 +22,11 @@ from loguru import logger
 
 LOG_DIR = "logs"
 LOG_NAME = "crawlproc.log"
-_FILE_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | pid={process} task={extra[task]} | {message}"
-_STDERR_FORMAT = "<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> {message}"
+_FILE_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | pid={process} task={extra[task]} | {extra[printable]}"
+_STDERR_FORMAT = "<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> {extra[printable]}"
+# Control characters but tab and newline, as \xNN: a file named with a terminal's escape sequence
+# (ESC [ 2 J clears the screen) must not drive the terminal of whoever reads the log.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c not in (0x09, 0x0A)}
 
 _console: Any = None
 _file_sink: int | None = None
@@ -45,7 +48,17 @@ def _add_stderr_sink(verbose: int, quiet: bool, json_lines: bool, **only: Any) -
     level = "WARNING" if quiet else ("DEBUG" if verbose else "INFO")
     if json_lines:
         return logger.add(_write_json_line, level=level, format="{message}", **only)
-    return logger.add(_write_stderr, level=level, format=_STDERR_FORMAT, colorize=stderr_is_a_terminal(), **only)
+    return logger.add(_write_stderr, level=level, format=_stderr_format, colorize=stderr_is_a_terminal(), **only)
+
+
+def printable(text: str) -> str:
+    """`text` with its control characters (not tab and newline) written as \\xNN."""
+    return text.translate(_CONTROLS)
+
+
+def _stderr_format(record: Any) -> str:
+    record["extra"]["printable"] = printable(record["message"])
+    return _STDERR_FORMAT + "\n{exception}"
 
 
 @contextmanager
@@ -137,6 +150,7 @@ def _file_format(record: Any) -> str:
     """The file line; `task` is '-' when no task is bound, even if setup_stderr() never ran
     (a script calling run_job itself)."""
     record["extra"].setdefault("task", "-")
+    record["extra"]["printable"] = printable(record["message"])
     return _FILE_FORMAT + "\n{exception}"
 
 

@@ -505,3 +505,30 @@ def test_only_threads_that_are_not_daemons_hold_the_exit():
     worker.join(timeout=WAIT_SECONDS)
     daemon.join(timeout=WAIT_SECONDS)
     assert not _threads_left(threading)
+
+
+FAILS_ON_ESCAPE = """
+from crawlproc import processor
+
+@processor(version="1")
+def fails_on_escape(task):
+    if "\\x1b" in task.relpath:
+        raise ValueError("no")
+    return {"path": task.relpath}
+"""
+
+
+def test_a_file_name_with_a_terminal_escape_sequence_is_logged_as_text(tmp_path):
+    """A scraped file named `a ESC[2J b.txt` cleared the terminal of whoever read the warning
+    about it (stderr, and the log file when printed): control characters are written as \\xNN."""
+    data = make_tree(tmp_path / "data", {"ok.txt": "x\n", "a\x1b[2Jb.txt": "x\n"})
+    out = tmp_path / "out"
+    proc = f"{write_processor(tmp_path, 'escape', FAILS_ON_ESCAPE)}:fails_on_escape"
+    result = run_cli("run", str(data), "-o", str(out), "-p", proc, "--retries", "0", "--no-progress")
+    assert result.returncode == 1, result.stderr
+    log = (out / "logs" / "crawlproc.log").read_text()
+    for text in (result.stderr, log):
+        assert "\x1b" not in text
+        assert "a\\x1b[2Jb.txt" in text and "failed on attempt 1/1" in text, text
+    explained = run_cli("explain", str(data / "a\x1b[2Jb.txt"), "-o", str(out))  # click drops it off a terminal
+    assert explained.returncode == 0 and explained.stdout.startswith("a\\x1b[2Jb.txt: 1 task"), explained.stdout

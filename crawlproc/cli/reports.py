@@ -142,8 +142,10 @@ def explain(path: str, out: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(found.to_json(), indent=2))
     else:
+        from crawlproc.logs import printable
+
         for line in found.lines:
-            click.echo(line)
+            click.echo(printable(line))  # a name may hold a terminal's escape sequence: shown as \xNN
 
 
 def _listen_host(ctx: click.Context, param: click.Parameter, value: str) -> str:
