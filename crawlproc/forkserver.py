@@ -45,6 +45,7 @@ def main() -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM))  # held while it was spawned
+    _whole_lines()
     with socket.socket(fileno=int(sys.argv[1])) as control:
         control.set_inheritable(False)
         _import_ahead(filter(None, sys.argv[2].split(",")) if len(sys.argv) > 2 else ())
@@ -176,6 +177,18 @@ class _Server:
             if status_w is not None:
                 _tell(status_w, os.waitstatus_to_exitcode(wait_status))
                 os.close(status_w)
+
+
+def _whole_lines() -> None:
+    """A processor's prints go out a line at a time, in one write each (its workers inherit
+    this): lines of workers printing at once were torn and mixed mid-line (unbuffered, as
+    PYTHONUNBUFFERED makes them, a print is several writes; block-buffered, a block ends
+    anywhere)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(line_buffering=True, write_through=False)
+        except (AttributeError, ValueError):  # not a text stream we can set (None, or replaced)
+            pass
 
 
 def _tell(status_w: int, value: int) -> bool:

@@ -261,3 +261,14 @@ def test_watch_publishes_right_after_the_catch_up(tmp_path, proc_spec):
         assert "late.txt" not in merged(out)  # next merge: after the interval, or at the stop
         assert w.stop() == 0
     assert "late.txt" in merged(out)
+
+
+def test_the_lines_workers_print_at_once_are_never_torn(tmp_path, noisy):
+    """With PYTHONUNBUFFERED (as CI and containers often set it) a print is several writes, and two
+    workers printing at once mixed their lines: 'noise fromnoise from  own.txt'."""
+    data = make_tree(tmp_path / "data", {f"f{i:03d}.txt": "x\n" for i in range(400)})
+    result = crawl(data, tmp_path / "out", "-p", noisy, "--batch-size", "1", "--output", "-",
+                   env={"PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 0, result.stderr
+    printed = [line for line in result.stderr.splitlines() if "noise" in line]
+    assert sorted(printed) == [f"noise from f{i:03d}.txt" for i in range(400)], printed
