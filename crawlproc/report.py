@@ -264,6 +264,9 @@ def failures_table(rows: list[dict[str, Any]]) -> Any:
     if not rows:
         return "no failed tasks"
     from rich.table import Table
+    from rich.text import Text
+
+    from crawlproc.logs import printable
 
     unscanned = sum(1 for row in rows if row["kind"] == "scan")
     title = plural(len(rows) - unscanned, "failed task") + (
@@ -274,7 +277,10 @@ def failures_table(rows: list[dict[str, Any]]) -> Any:
     for row in rows:
         error = (row["error"] or "").splitlines()[0] if row["error"] else ""
         offset = "-" if row["offset"] is None else str(row["offset"])
-        table.add_row(row["relpath"], offset, str(row["attempts"]), error[:ERROR_WIDTH])
+        # Text, not markup: a name or an error may hold [brackets] (page[1].html, "[/meta]" is a
+        # closing tag to rich: an internal error), or a terminal's control characters.
+        table.add_row(Text(printable(row["relpath"])), offset, str(row["attempts"]),
+                      Text(printable(error[:ERROR_WIDTH])))
     return table
 
 

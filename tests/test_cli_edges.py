@@ -532,3 +532,25 @@ def test_a_file_name_with_a_terminal_escape_sequence_is_logged_as_text(tmp_path)
         assert "a\\x1b[2Jb.txt" in text and "failed on attempt 1/1" in text, text
     explained = run_cli("explain", str(data / "a\x1b[2Jb.txt"), "-o", str(out))  # click drops it off a terminal
     assert explained.returncode == 0 and explained.stdout.startswith("a\\x1b[2Jb.txt: 1 task"), explained.stdout
+
+
+FAILS_WITH_A_TAG = """
+from crawlproc import processor
+
+@processor(version="1")
+def fails_with_a_tag(task):
+    raise ValueError("unexpected closing tag [/meta] in " + task.relpath)
+"""
+
+
+def test_failures_shows_brackets_in_names_and_errors_as_they_are(tmp_path):
+    """rich read them as markup: 'page[1].html' showed as 'page.html', and an error holding
+    '[/meta]' (a closing tag to rich) made `crawlproc failures` an internal error."""
+    data = make_tree(tmp_path / "data", {"page[1].html": "x\n", "a[bold]c.txt": "x\n"})
+    out = tmp_path / "out"
+    proc = f"{write_processor(tmp_path, 'tag', FAILS_WITH_A_TAG)}:fails_with_a_tag"
+    assert run_cli("run", str(data), "-o", str(out), "-p", proc, "--retries", "0", "-q").returncode == 1
+    shown = run_cli("failures", "-o", str(out), env={"COLUMNS": "200"})
+    assert shown.returncode == 0, shown.stderr
+    for text in ("page[1].html", "a[bold]c.txt", "closing tag [/meta] in page[1].html"):
+        assert text in shown.stdout, shown.stdout
