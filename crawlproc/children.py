@@ -15,7 +15,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -49,22 +50,41 @@ def _close_kept_in_child() -> None:
 os.register_at_fork(after_in_child=_close_kept_in_child)
 
 
-def coordinator_signal_handler(handler: Callable) -> Callable:
-    """Mark a SIGINT/SIGTERM handler of the coordinator's, which no forked child may keep."""
-    handler.crawlproc_coordinator = True  # type: ignore[attr-defined]
-    return handler
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_stop_handlers: list[Callable] = []  # those stop_handler() has set now, innermost last
+
+
+@contextmanager
+def stop_handler(handler: Callable, signums: tuple[int, ...] = STOP_SIGNALS, *,
+                 over_default_only: bool = False) -> Iterator[None]:
+    """`handler` for `signums` while the block runs, then what was there before. Only on the
+    main thread (where Python allows handlers; elsewhere the caller stops the job), and with
+    `over_default_only` only for a signal nobody handles. No process forked meanwhile keeps it
+    (_default_signals_in_child)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signums = tuple(s for s in signums if not over_default_only or signal.getsignal(s) == signal.SIG_DFL)
+    previous = {signum: signal.signal(signum, handler) for signum in signums}
+    _stop_handlers.append(handler)
+    try:
+        yield
+    finally:
+        _stop_handlers.remove(handler)
+        for signum, before in previous.items():
+            signal.signal(signum, before)
 
 
 def _default_signals_in_child() -> None:
-    """A child forked while one of the coordinator's handlers is installed (ours, or Dask's
-    nanny forking a worker from its thread) must end on SIGTERM as a plain process does, or
-    whoever terminates it (Dask, multiprocessing at exit) waits for it for ever; and it leaves
-    a Ctrl-C, which reaches the whole process group, to the coordinator, as crawlproc's own
+    """A child forked while one of the coordinator's handlers is set (ours, or Dask's nanny
+    forking a worker from its thread) must end on SIGTERM as a plain process does, or whoever
+    terminates it (Dask, multiprocessing at exit) waits for it for ever; and it leaves a
+    Ctrl-C, which reaches the whole process group, to the coordinator, as crawlproc's own
     workers do. Run by the fork itself, before any signal reaches the child's code."""
     for signum, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.SIG_IGN)):
-        handler = signal.getsignal(signum)
-        if getattr(getattr(handler, "__func__", handler), "crawlproc_coordinator", False):
+        if signal.getsignal(signum) in _stop_handlers:
             signal.signal(signum, default)
+    _stop_handlers.clear()
 
 
 os.register_at_fork(after_in_child=_default_signals_in_child)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from typing import Any, Protocol
 from loguru import logger
 
 from crawlproc.batching import MAX_BATCH_BYTES, BatchIds, BatchSizer, ReadyTasks
-from crawlproc.children import coordinator_signal_handler
+from crawlproc.children import stop_handler
 from crawlproc.executors import BatchLost, Event, Executor, Opening
 from crawlproc.ledger import Ledger
 from crawlproc.outcomes import Outcomes, RetryPolicy, Tally
@@ -134,27 +133,26 @@ class Coordinator:
     # -- the loop ------------------------------------------------------------
     def run(self, source: WorkSource | None) -> Tally:
         self.source = source
-        previous = self._install_signal_handlers()
         ended = False
-        try:
-            while True:
-                if self._can_feed:
-                    self._feed()
-                self._commit_turn()
-                self.executor.dispatch()
-                if self._finished():
-                    self.on_progress({**self.stats(), "final": True})
-                    break
-                self.on_turn()  # here every event received so far is in the ledger
-                self._wait()
-                self.on_progress(self.stats())
-                self._heartbeat()
-            ended = True
-        finally:
-            self._shutdown()
-            self._restore_signal_handlers(previous)
-            if not ended:  # an error ends the run (a lost scheduler): its row gets the counts reached
-                self._heartbeat_quietly()
+        with stop_handler(self._on_signal):  # SIGINT/SIGTERM stop the run gracefully (from a thread: stop=)
+            try:
+                while True:
+                    if self._can_feed:
+                        self._feed()
+                    self._commit_turn()
+                    self.executor.dispatch()
+                    if self._finished():
+                        self.on_progress({**self.stats(), "final": True})
+                        break
+                    self.on_turn()  # here every event received so far is in the ledger
+                    self._wait()
+                    self.on_progress(self.stats())
+                    self._heartbeat()
+                ended = True
+            finally:
+                self._shutdown()
+                if not ended:  # an error ends the run (a lost scheduler): its row gets the counts reached
+                    self._heartbeat_quietly()
         self._heartbeat(final=True)  # the row ends with this run's last counts and executor figures
         self.outcomes.closing_words()
         return self.tally
@@ -351,18 +349,6 @@ class Coordinator:
             os.close(self._wake_w)
 
     # -- signals and stopping --------------------------------------------------------
-    def _install_signal_handlers(self) -> dict:
-        """SIGINT/SIGTERM stop the run gracefully; only the main thread can install handlers
-        (a run started from a notebook's worker thread is stopped by its caller)."""
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        return {signum: signal.signal(signum, self._on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
-
-    def _restore_signal_handlers(self, previous: dict) -> None:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-    @coordinator_signal_handler
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signals += 1
         try:

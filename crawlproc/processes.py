@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_for
 from typing import Any
 
-from crawlproc.children import ended_within
+from crawlproc.children import STOP_SIGNALS, ended_within
 from crawlproc.errors import CrawlprocError
 from crawlproc.forkserver import SLOT_FIELDS
 from crawlproc.worker import WorkerConfig
@@ -218,9 +218,6 @@ def _shared_memory_fd() -> int:
 
     with tempfile.TemporaryFile() as f:
         return os.dup(f.fileno())
-
-
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 @contextmanager

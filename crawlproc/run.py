@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from crawlproc import logs
-from crawlproc.children import coordinator_signal_handler, forking_is_safe
+from crawlproc.children import forking_is_safe, stop_handler
 from crawlproc.errors import CrawlprocError, Interrupted, UsageError
 from crawlproc.finalize import (
     SUMMARY_NAME,
@@ -343,25 +343,15 @@ def _serving(options: RunOptions, command: str) -> Iterator[Any]:
         yield board
 
 
-@contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
+def _sigterm_interrupts() -> Any:
     """A SIGTERM outside the coordinator's loop (while the job starts: a lost ledger rebuilt, a
     Dask cluster started or its first worker awaited; while it merges) ends the job as Ctrl-C
     does, one line and exit 130 with the run's end recorded, instead of a silent death that
-    `status` calls abrupt. The coordinator's own handlers take over while it runs. Only on the
-    main thread (where Python allows handlers) and only in place of the default."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL):
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    `status` calls abrupt. The coordinator's own handlers take over while it runs; a SIGTERM
+    handler of the caller's (from Python) is left alone."""
+    return stop_handler(_raise_interrupt, (signal.SIGTERM,), over_default_only=True)
 
 
-@coordinator_signal_handler
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 

@@ -32,7 +32,6 @@ import logging
 import os
 import queue
 import secrets
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -43,7 +42,7 @@ from typing import Any
 
 from loguru import logger
 
-from crawlproc.children import coordinator_signal_handler, forking_is_safe
+from crawlproc.children import forking_is_safe, stop_handler
 from crawlproc.errors import CrawlprocError, UsageError
 from crawlproc.executors import BatchLost, Event, Opening, WorkerLimits, lifeline, stop_if_setup_failed
 from crawlproc.executors.remote import SHARED_PATHS, RemoteJob, SharedPathsMissing, run_batches, stop_job, warm_up
@@ -571,61 +570,59 @@ def start_local_cluster(n: int, address: str) -> Any:
     lives (a nanny restarting a killed worker reads it then); close() of what this returns
     sets it back."""
     import dask
-    from distributed import LocalCluster
 
     method = dask.config.set({"distributed.worker.multiprocessing-method": "fork"})
     lifeline.follow_me()  # a forked worker may hold what keeps another alive: see lifeline.py
+    try:
+        cluster, interrupted = _new_local_cluster(n, address)
+    except BaseException:  # it could not start, or was asked twice to stop while it started
+        method.__exit__(None, None, None)
+        raise
+    started = _ForkedCluster(cluster, method)
+    if interrupted:  # Ctrl-C or SIGTERM while it started: now that it can be closed
+        started.close()
+        raise KeyboardInterrupt
+    return started
+
+
+def _new_local_cluster(n: int, address: str) -> tuple[Any, bool]:
+    """A LocalCluster of `n` workers, started again when a worker dies while it starts; and
+    whether a stop signal came meanwhile."""
+    import dask
+    from distributed import LocalCluster
+
     for attempt in range(1, CLUSTER_START_ATTEMPTS + 1):
         try:
             with _signals_held() as received, dask.config.set(OWN_CLUSTER_CONFIG):
                 cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
                                        silence_logs=logging.ERROR, preload=[lifeline.__name__],
                                        scheduler_kwargs={"dashboard_address": SCHEDULER_HTTP})
-        except KeyboardInterrupt:  # asked twice while it started
-            method.__exit__(None, None, None)
-            raise
+            return cluster, bool(received)
         except Exception as exc:  # e.g. RuntimeError('Nanny failed to start.'): a worker died starting
-            why = str(exc).rstrip(".")
-            if received or attempt == CLUSTER_START_ATTEMPTS:
-                method.__exit__(None, None, None)
             if received:
                 raise KeyboardInterrupt from None
+            why = str(exc).rstrip(".")
             if attempt == CLUSTER_START_ATTEMPTS:
                 raise CrawlprocError(f"the local Dask cluster (--scheduler {address}) could not start ({why}); "
                                      "nothing is lost, run the same command again") from None
             logger.warning("the local Dask cluster could not start ({}); starting it again ({} of {})", why,
                            attempt + 1, CLUSTER_START_ATTEMPTS)
-            continue
-        started = _ForkedCluster(cluster, method)
-        if received:  # Ctrl-C or SIGTERM while it started: now that it can be closed
-            started.close()
-            raise KeyboardInterrupt
-        return started
     raise AssertionError("unreachable")
 
 
 @contextmanager
 def _signals_held() -> Iterator[list[int]]:
     """SIGINT and SIGTERM wait (the signals received are listed) while a LocalCluster starts:
-    interrupted half-way it cannot be closed, and Dask's exit hooks print tracebacks for it.
-    On the main thread only, where handlers can be set."""
-    if threading.current_thread() is not threading.main_thread():
-        yield []
-        return
+    interrupted half-way it cannot be closed, and Dask's exit hooks print tracebacks for it."""
     received: list[int] = []
 
-    @coordinator_signal_handler  # not in the workers forked meanwhile (children.py)
     def hold(signum: int, frame: Any) -> None:
         received.append(signum)
         if len(received) > 1:  # asked twice: now, tracebacks or not (a start that hangs)
             raise KeyboardInterrupt
 
-    previous = {signum: signal.signal(signum, hold) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with stop_handler(hold):
         yield received
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 class _ForkedCluster:
