@@ -54,6 +54,7 @@ from crawlproc.words import plural
 PER_THREAD = 3  # Dask tasks in flight per Dask worker thread: one running, the next ones queued
 MAX_GROUP = 16  # batches in one Dask task, at most: 16 x 512 tiny tasks is ~0.2 s of work
 CONNECT_SECONDS = 10.0
+CONNECT_GRACE_SECONDS = 5.0  # past CONNECT_SECONDS: a server that holds Dask's handshake is given up on
 WORKERS_SECONDS = 60.0  # a scheduler without workers: how long to wait for the first one
 WORKERS_REFRESH_SECONDS = 5.0  # how often a run reads the cluster's workers again
 WORKERS_READ_SECONDS = 2.0  # and how long it waits for that answer
@@ -415,9 +416,10 @@ def _client(address: str) -> Any:
 
     thread = threading.Thread(target=connect, name="crawlproc-dask-connect", daemon=True)
     thread.start()
-    thread.join(CONNECT_SECONDS + 5)
+    given = CONNECT_SECONDS + CONNECT_GRACE_SECONDS
+    thread.join(given)
     if not made:
-        raise UsageError(f"no Dask scheduler answered at {address} within {CONNECT_SECONDS + 5:g}s "
+        raise UsageError(f"no Dask scheduler answered at {address} within {given:g}s "
                          "(is it a Dask scheduler's address?)")
     if isinstance(made[0], (OSError, TimeoutError)):
         raise UsageError(f"cannot reach the Dask scheduler at {address}: {made[0]}")
