@@ -80,6 +80,17 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
     return data, tmp_path / "out"
 
 
+# crawlproc, with the scans of a watch that fell back to polling by itself every N seconds given
+# first (10 s for a user, who may choose with --poll): for the tests that would wait them out
+WITH_FALLBACK_POLL = """
+import importlib, sys
+watch = importlib.import_module("crawlproc.watch")  # the module: crawlproc.watch is the API's function
+watch.DEFAULT_POLL_SECONDS = float(sys.argv.pop(1))
+from crawlproc.cli import main
+main()
+"""
+
+
 class Watch:
     """A `crawlproc watch` subprocess; its stdout and stderr go to files in tmp_path.
 
@@ -88,7 +99,7 @@ class Watch:
     count = 0
 
     def __init__(self, data: Path, out: Path, processor: str, *args: str, sleep: float = 0.0,
-                 settle: str = SETTLE, prefix: tuple[str, ...] = ()) -> None:
+                 settle: str = SETTLE, prefix: tuple[str, ...] = (), fallback_poll: float | None = None) -> None:
         Watch.count += 1
         self.out = out
         logs = data.parent  # beside DATA_DIR, never inside it
@@ -97,7 +108,8 @@ class Watch:
         self.stdout_path = logs / f"watch-{Watch.count}.stdout"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "default",
                "WATCH_TEST_LOG": str(self.log), "WATCH_TEST_SLEEP": str(sleep)}
-        cmd = [*prefix, sys.executable, "-m", "crawlproc", "watch", str(data), "-o", str(out), "-w", "2",
+        crawlproc = ["-m", "crawlproc"] if fallback_poll is None else ["-c", WITH_FALLBACK_POLL, str(fallback_poll)]
+        cmd = [*prefix, sys.executable, *crawlproc, "watch", str(data), "-o", str(out), "-w", "2",
                "-p", processor, "--no-progress", "--settle", settle, "--merge-interval", MERGE_INTERVAL, *args]
         with open(self.stdout_path, "wb") as stdout, open(self.stderr_path, "wb") as stderr:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,

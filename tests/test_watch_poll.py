@@ -118,6 +118,9 @@ def limited(setting: str, value: int) -> tuple[str, ...]:
             f'echo {value} > /proc/sys/user/{setting} && exec "$0" "$@"')
 
 
+FALLBACK_POLL = 1.0  # seconds between the scans of a watch that fell back to polling (10 s for a user)
+
+
 def _fallback_warnings(watch: Watch) -> list[str]:
     return [line for line in watch.stderr.splitlines() if "instead of by file events" in line]
 
@@ -132,11 +135,11 @@ def test_refused_inotify_at_start_falls_back_to_polling(tmp_path, proc_spec, set
     write_old(data, {f"d{i}/f.txt": f"{i}\n" for i in range(5)})
     out = tmp_path / "out"
     with Watch(data, out, proc_spec, "--rescan-interval", "3600", settle="0.2",
-               prefix=limited(setting, value)) as watch:
+               prefix=limited(setting, value), fallback_poll=FALLBACK_POLL) as watch:
         wait_until(lambda: all_done(out, [f"d{i}/f.txt" for i in range(5)]), "the catch-up", watch=watch)
         wait_until(lambda: _fallback_warnings(watch), "the fallback warning", watch=watch)
         make_tree(data, {"d3/new.txt": "new\n", "e/f/deep.txt": "deep\n"})
-        # Found by a poll (every 10 s by default), not by a rescan (an hour) nor by events.
+        # Found by a poll (every FALLBACK_POLL s), not by a rescan (an hour) nor by events.
         wait_until(lambda: all_done(out, ["d3/new.txt", "e/f/deep.txt"]), "files found by polling",
                    timeout=DEADLINE + 20, watch=watch)
         assert watch.stop() == 0
@@ -153,7 +156,7 @@ def test_watch_limit_reached_by_a_new_folder_falls_back_to_polling(tmp_path, pro
     write_old(data, {"a/f.txt": "a\n", "b/f.txt": "b\n"})
     out = tmp_path / "out"
     with Watch(data, out, proc_spec, "--rescan-interval", "3600", settle="0.2",
-               prefix=limited("max_inotify_watches", 3)) as watch:
+               prefix=limited("max_inotify_watches", 3), fallback_poll=FALLBACK_POLL) as watch:
         wait_until(lambda: all_done(out, ["a/f.txt", "b/f.txt"]), "the catch-up", watch=watch)
         assert inotify_fds(watch.pid) == 1
         assert not _fallback_warnings(watch)
