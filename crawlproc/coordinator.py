@@ -228,13 +228,20 @@ class Coordinator:
         """Could a pending task be claimed now? If not, nothing is until the source adds some."""
         if self.ledger.has_claimable(self.ledger.conn, self.now()):
             return True
-        self._claimable = False
+        self._none_claimable(self.ledger.conn)
         return False
+
+    def _none_claimable(self, conn: Any) -> None:
+        """No pending task may be claimed now: claim again when the soonest retry comes due.
+        Asked of the ledger each time: tasks that failed a moment apart come due a moment apart,
+        and a watch has no end of run to find the later ones (nothing else would wake it)."""
+        self._claimable = False
+        self._retry_due = self.ledger.soonest_retry(conn, self.now())
 
     def _launch_if_work(self, conn: Any) -> None:
         """Workers start only once there is something to do: a no-op rerun costs no processes."""
         if not self._ready and not self.ledger.has_claimable(conn, self.now()):
-            self._claimable = False
+            self._none_claimable(conn)
             return
         self.executor.prepare()
         if self._can_feed and (self.executor.warmup_left() or 0) > 0:
@@ -249,7 +256,7 @@ class Coordinator:
         else:
             tasks = self.ledger.claim(conn, limit, MAX_BATCH_BYTES, self.now())
         if not tasks:
-            self._claimable = False
+            self._none_claimable(conn)
             return None
         for task in tasks:
             self._claimed[task[0]] = task

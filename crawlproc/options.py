@@ -377,14 +377,16 @@ def job_options(data_dir: Any, values: Mapping[str, Any], *, processor_given: bo
 # where it runs (the runs row), a one-off action (--reprocess, --dry-run...) or how it looks.
 CARRIED = ("workers", "max_tasks_per_child", "max_memory_per_child", "max_memory_per_task", "timeout", "retries",
            "retry_delay", "max_failures", "durable", "batch_size", "output", "format", "no_merge")
+WATCH_CARRIED = ("settle", "rescan_interval", "merge_interval", "poll")  # and a watch's, carried on by a watch
 
 
 def carried_args(values: Mapping[str, Any]) -> list[str]:
-    """The CARRIED options of checked `values` that are not at their defaults, as arguments."""
+    """The CARRIED options of checked `values` (and a watch's WATCH_CARRIED) that are not at their
+    defaults, as arguments."""
     args: list[str] = []
-    for name in CARRIED:
+    for name in (*CARRIED, *(name for name in WATCH_CARRIED if name in values)):
         value = values[name]
-        if value == RUN_OPTIONS[name].default:
+        if value == WATCH_OPTIONS[name].default:
             continue
         flag = "--" + name.replace("_", "-")
         if value is True:

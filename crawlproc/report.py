@@ -54,21 +54,24 @@ def read_ledger(out: Path) -> Ledger:
     return _open_readonly(out)
 
 
-def run_command(out: Path, meta: Mapping[str, str], executor: Mapping[str, Any] | None = None) -> str | None:
-    """The `crawlproc run` command line that carries on with OUT, shell-quoted: a hint to print.
+def run_command(out: Path, meta: Mapping[str, str], last_run: Mapping[str, Any] | None = None) -> str | None:
+    """The command line that carries on with OUT, shell-quoted: a hint to print.
 
-    It gives what OUT's identity holds (DATA_DIR, the processor or --cmd, params,
-    chunk size, source column), so it is accepted as printed, the last run's choice
-    of files (--include, --exclude, --follow-symlinks: without them it would take in
-    what that run left out), how it ran (-w, --timeout, --format... as options.CARRIED
-    says), and, given the last run's `executor` (its description in the runs table), the
-    cluster it ran on. None while OUT has no identity yet.
+    It is the last run's command (`crawlproc watch` after a watch, else `crawlproc run`,
+    given its row of the runs table), with what OUT's identity holds (DATA_DIR, the
+    processor or --cmd, params, chunk size, source column), so it is accepted as printed,
+    the last run's choice of files (--include, --exclude, --follow-symlinks: without them
+    it would take in what that run left out), how it ran (-w, --timeout, --format, a
+    watch's --settle... as options.CARRIED says), and the cluster it ran on. None while
+    OUT has no identity yet.
     """
     from crawlproc.processors.command import OK_EXIT_CODES
 
     if "data_dir" not in meta or is_shipped_spec(meta.get("processor")):
         return None  # no command line can load a processor sent from Python by value
-    args = ["crawlproc", "run", meta["data_dir"], "-o", str(out)]
+    command = "watch" if last_run and last_run["command"] == "watch" else "run"
+    executor = _info_of(last_run).get("executor")
+    args = ["crawlproc", command, meta["data_dir"], "-o", str(out)]
     params = dict(json.loads(meta.get("params") or "{}"))
     processor = meta.get("processor", "linecount")
     if processor == "cmd" and "cmd" in params:
@@ -95,11 +98,6 @@ def run_command(out: Path, meta: Mapping[str, str], executor: Mapping[str, Any] 
         if executor.get("scheduler_option"):  # else Dask's own setting, which still holds
             args += ["--scheduler", executor["scheduler_option"]]
     return shlex.join(args)
-
-
-def last_executor(ledger: Ledger) -> dict[str, Any] | None:
-    """Where the last run ran its batches, as its `runs` row describes it (None: locally)."""
-    return _info_of(ledger.last_run()).get("executor")
 
 
 def _info_of(run: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -153,7 +151,7 @@ def status_from(ledger: Ledger, out: Path, counts: dict[str, int]) -> dict[str, 
         "requeued_at_next_start": 0, "run_command": None,
     }
     info = _info_of(last)
-    data["run_command"] = run_command(out, meta, info.get("executor"))
+    data["run_command"] = run_command(out, meta, last)
     if last:
         end = last["finished"] or last["updated"] or time.time()
         elapsed = max(end - last["started"], 1e-9)
@@ -308,7 +306,7 @@ def retry_tasks(out: Path, *, include_done: bool, relpaths: tuple[str, ...]) -> 
                     f"to {meta.get('data_dir')}, as `crawlproc failures -o {shlex.quote(str(out))}` shows them); "
                     "nothing was put back to pending")
             return RetryOutcome(ledger.retry(include_done=include_done, relpaths=names),
-                                run_command(out, meta, last_executor(ledger)))
+                                run_command(out, meta, ledger.last_run()))
         finally:
             ledger.close()
 
@@ -363,7 +361,7 @@ def merge_only(out: Path, output: Path | None, fmt: str = "jsonl") -> MergeRepor
             identity = {k: meta.get(k) for k in ("processor", "processor_version")}
             identity["params"] = json.loads(meta.get("params", "{}"))
             summary = write_summary(out, ledger, processor, identity, merged, {"merged_at": time.time()})
-            return MergeReport(summary, merged.damaged, run_command(out, meta, last_executor(ledger)))
+            return MergeReport(summary, merged.damaged, run_command(out, meta, ledger.last_run()))
         finally:
             ledger.close()
 

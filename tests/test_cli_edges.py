@@ -184,6 +184,37 @@ def test_the_printed_run_command_keeps_the_runs_choice_of_files(tmp_path):
     assert counts(out) == taken == {"pending": 0, "running": 0, "done": 4, "failed": 1, "gone": 0}
 
 
+def test_the_printed_command_after_a_watch_is_that_watch(tmp_path):
+    """After a watch, status, retry and merge told the operator to carry on with `crawlproc run`:
+    a one-shot run, not the service it was, with its --settle and its intervals."""
+    data = make_tree(tmp_path / "data", {"a.txt": "a\n"})
+    out = tmp_path / "out"
+    how = ["--workers", "1", "--settle", "0.5", "--rescan-interval", "60.0", "--merge-interval", "5.0"]
+
+    def watch(argv: list[str]) -> None:
+        """Run `crawlproc ARGV` (a watch) until its tasks are done, then stop it as Ctrl-C does."""
+        proc = subprocess.Popen([sys.executable, "-m", "crawlproc", *argv, "--no-progress"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until(lambda: query_ledger(out, "SELECT count(*) FROM tasks WHERE state = 'pending'") == [(0,)]
+                       and query_ledger(out, "SELECT count(*) FROM tasks WHERE state = 'done'") == [(1,)]
+                       or proc.poll() is not None, 60, "the watch's catch-up")
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, err
+
+    watch(["watch", str(data), "-o", str(out), *how])
+    command = status_json(out)["run_command"]
+    assert shlex.split(command) == ["crawlproc", "watch", str(data), "-o", str(out), *how], command
+    [(first_batch,)] = query_ledger(out, "SELECT batch_id FROM tasks")
+    assert hint_after(run_cli("retry", "-o", str(out), "--all", "a.txt").stderr, "to process it: ") == command
+    watch(shlex.split(command)[1:])  # accepted as printed: it processes a.txt again
+    assert query_ledger(out, "SELECT batch_id FROM tasks") != [(first_batch,)]
+
+
 def test_the_printed_run_command_keeps_how_the_run_ran(tmp_path):
     """It dropped --timeout, --format, --output, -w... (a task that hung, a CSV output replaced
     by a JSONL one), and gave --ok-exit-codes as a --param, which the command then refused."""

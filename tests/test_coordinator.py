@@ -4,18 +4,21 @@ batch ids across runs, the per-batch log line, and runs from a thread that is no
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, make_tree, query_ledger, run_cli
+from conftest import REPO, make_tree, query_ledger, run_cli, wait_until
 from crawlproc.batching import BATCH_ID_BLOCK, BatchIds
 from crawlproc.ledger import Ledger
 
 PROCESSORS = REPO / "tests" / "crash_processors.py"
 CRASHY = f"{PROCESSORS}:crashy"
 ALWAYS_FAILS = f"{PROCESSORS}:always_fails"
+GATED = f"{REPO / 'tests' / 'gated_processor.py'}:gated"  # a file named last* waits until last_gate exists
 
 
 def crawl(data: Path, out: Path, *args: str, env: dict | None = None):
@@ -151,3 +154,35 @@ def test_run_from_another_thread(tmp_path):
     assert outcome.exit_code == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["counts"]["done"] == 5
+
+
+def test_a_batch_goes_to_an_idle_worker_not_behind_a_long_task(tmp_path):
+    """Batches went to the first worker with room in its pipeline: with a long task on it, the
+    next file queued behind that task while the other worker sat idle (in a watch: for as long
+    as the long task took)."""
+    data = make_tree(tmp_path / "data", {"last.txt": "long\n", "z.txt": "short\n"})  # claimed in this order
+    gate, last_gate, out = tmp_path / "gate", tmp_path / "last_gate", tmp_path / "out"
+    gate.touch()  # every task but last.txt goes through
+    proc = subprocess.Popen([sys.executable, "-m", "crawlproc", "run", str(data), "-o", str(out), "--no-progress",
+                             "-w", "2", "--batch-size", "1", "-p", GATED, "--param", f"gate={gate}",
+                             "--param", f"last_gate={last_gate}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def state(relpath: str) -> str | None:
+        rows = query_ledger(out, "SELECT state FROM tasks WHERE relpath = ?", (relpath,))
+        return rows[0][0] if rows else None
+
+    try:
+        wait_until(lambda: state("z.txt") == "done" or proc.poll() is not None, 60,
+                   "z.txt done by the other worker while last.txt holds its own")
+        assert state("last.txt") == "running"
+    finally:
+        last_gate.touch()
+        try:
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, err
+    pids = dict(query_ledger(out, "SELECT relpath, worker_pid FROM tasks"))
+    assert pids["last.txt"] != pids["z.txt"]

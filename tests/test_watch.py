@@ -645,6 +645,23 @@ def test_a_raising_task_fails_alone_and_watch_goes_on(dirs, proc_spec):
     assert set(merged(out)) == {"_started.txt", "good1.txt", "good2.txt", "after.txt"}
 
 
+def test_retries_of_tasks_failed_a_moment_apart_each_come_due(dirs, proc_spec):
+    """Failed a moment apart, their retries come due a moment apart: the watch claimed the first
+    at its time and forgot the later ones, which waited, pending, for a new file or the next
+    rescan (five minutes by default) to wake it."""
+    data, out = dirs
+    names = [f"boom{i}.txt" for i in range(8)]
+    with Watch(data, out, proc_spec, "--retries", "2", "--retry-delay", "0.2", "--batch-size", "1",
+               "--rescan-interval", "3600") as w:
+        started(w, data)
+        for name in names:
+            write_file(data / name, f"raises {name}\n")
+        wait_until(lambda: all(state_of(out, name) == "failed" for name in names), "every retry of every file",
+                   watch=w)
+        assert w.stop() == 0
+    assert {name: calls(w.log)[name] for name in names} == dict.fromkeys(names, 3)
+
+
 # -- 10. workers and the observer thread ------------------------------------------------------
 
 def test_workers_are_forkserver_children_and_stderr_is_clean(dirs, proc_spec):

@@ -73,9 +73,13 @@ class LocalExecutor:
 
     # -- batches ---------------------------------------------------------------------
     def openings(self) -> Iterator[Opening]:
-        for worker in list(self.workers):
-            while self._wants_work(worker):
-                yield Opening(worker, self.limits.max_tasks_per_child - worker.tasks_sent)
+        """The least busy workers first: a batch each for the idle ones, then a second each.
+        When work is scarce (a watch, the end of a run), a batch must not queue behind another
+        one's long task while a worker sits idle."""
+        for depth in range(PIPELINE):
+            for worker in list(self.workers):
+                if len(worker.inflight) == depth and self._wants_work(worker):
+                    yield Opening(worker, self.limits.max_tasks_per_child - worker.tasks_sent)
 
     def _wants_work(self, worker: WorkerHandle) -> bool:
         return (not worker.retiring and len(worker.inflight) < PIPELINE

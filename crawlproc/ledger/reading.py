@@ -160,11 +160,7 @@ class Reading:
 
     def pending_outlook(self, now: float) -> tuple[bool, float | None]:
         """(is any pending task claimable now, the soonest retry time of those that are not)."""
-        ready = self.has_claimable(self.conn, now)
-        soonest = self.conn.execute(
-            "SELECT min(not_before) FROM tasks WHERE state = 'pending' AND not_before > ?", (now,)
-        ).fetchone()[0]
-        return ready, soonest
+        return self.has_claimable(self.conn, now), self.soonest_retry(self.conn, now)
 
     def failures(self) -> list[dict[str, Any]]:
         """Failed tasks (kind "task") and paths a scan could not read (kind "scan": offset None,

@@ -114,6 +114,12 @@ class Work:
             "SELECT 1 FROM tasks WHERE state = 'pending' AND not_before <= ? LIMIT 1", (now,)
         ).fetchone() is not None
 
+    def soonest_retry(self, conn: sqlite3.Connection, now: float) -> float | None:
+        """When the first pending task that may not be claimed yet (waiting its retry delay) may."""
+        return conn.execute(
+            "SELECT min(not_before) FROM tasks WHERE state = 'pending' AND not_before > ?", (now,)
+        ).fetchone()[0]
+
     def mark_done(self, conn: sqlite3.Connection, rows: Iterable[tuple]) -> None:
         """rows: (batch_id, result_offset, result_length, result_crc, worker_pid, elapsed_s, finished_at, id)."""
         conn.executemany(
