@@ -24,6 +24,7 @@ from typing import Any
 
 from loguru import logger
 
+from crawlproc.identity import CODE_KEY
 from crawlproc.ledger import Ledger
 from crawlproc.processors.base import Processor
 from crawlproc.reduction import Reduction, records_in
@@ -118,7 +119,10 @@ def _remove_other_formats(out: Path, published: Path) -> None:
 
 
 def _signature(ledger: Ledger, output: Path, fmt: str) -> list:
-    return [str(output), fmt, *ledger.done_signature()]
+    """What a merge's outcome depends on: the output, the done tasks, and the code whose reducer
+    made the summary (an edit accepted with --keep-results changes no task, but the totals)."""
+    meta = ledger.meta()
+    return [str(output), fmt, *ledger.done_signature(), meta.get("processor_version"), meta.get(CODE_KEY)]
 
 
 def _last_merge_into(ledger: Ledger, output: Path) -> dict | None:

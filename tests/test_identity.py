@@ -166,6 +166,18 @@ def test_keep_results_keeps_done_tasks_and_uses_the_new_code_for_the_rest(data, 
     assert records(out)["a.txt"]["words"] == 30 and summary(out)["kept_results"] == []
 
 
+def test_an_edited_reducer_kept_with_keep_results_makes_the_summary(data, tmp_path):
+    """No task was left to process, so the merge was taken as unchanged and summary.json kept the
+    old reducer's totals, its written_at refreshed as if they were new."""
+    source = write(tmp_path / "procs" / "words.py", WORDS)
+    out = tmp_path / "out"
+    ok(crawl(data, out, "-p", f"{source}:words"))
+    assert summary(out)["reduced"] == {"words": 4}
+    source.write_text(WORDS.replace('return {"words": sum', 'return {"total_words": sum'))
+    ok(crawl(data, out, "-p", f"{source}:words", "--keep-results"))
+    assert processed(out) == 0 and summary(out)["reduced"] == {"total_words": 4}
+
+
 def test_keep_results_from_the_environment_and_watch_has_it(data, tmp_path):
     source = write(tmp_path / "procs" / "words.py", WORDS)
     out = tmp_path / "out"

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import crawlproc.processors.command as command_mod
 import crawlproc.processors.csv_read as csv_read
-from conftest import REPO, make_tree, run_cli
+from conftest import REPO, make_tree, query_ledger, run_cli
 from crawlproc.errors import ProcessorLoadError, TaskFailed, UsageError
 from crawlproc.processors import BUILTINS, describe_builtins
 from crawlproc.processors.base import load, normalise_spec
@@ -381,8 +381,14 @@ def test_csv_stats_unterminated_quote_does_not_crash(tmp_path, small_blocks):
     path.write_text('a,b\n1,"x\n2,3\n4,5\n')
     record = csv_stats(whole(path))
     assert record["rows"] == 1  # the open quote runs to the end of the file, as in the csv module
+    refused = []
     for task in ranged(path, [5, 9, 12]):
-        csv_stats(task)
+        try:
+            csv_stats(task)
+        except TaskFailed as exc:  # the range that holds the lone quote: a reason, not a crash
+            assert "odd number of '\"'" in str(exc)
+            refused.append(task.offset)
+    assert refused == [0]  # its first line is 1,"x
 
 
 @pytest.mark.parametrize("signs", ["positive", "mixed"])
@@ -507,6 +513,31 @@ def test_csv_stats_chunked_run_end_to_end(tmp_path):
     assert summaries[1]["tasks"] > summaries[0]["tasks"] == 2
     assert_same({k: v for k, v in summaries[1].items() if k != "tasks"},
                 {k: v for k, v in summaries[0].items() if k != "tasks"})
+
+
+def test_csv_stats_refuses_a_range_cut_inside_a_quoted_line_break(tmp_path):
+    """A quoted field holding a line break, that a --chunk-size edge fell in: the ranges on either
+    side counted cut rows as malformed, dropped others, and the totals came out wrong, exit 0.
+    Quoted fields without line breaks (doubled quotes too) are cut as before."""
+    multi = "id,comment,amount\n" + "".join(f'{i},"line one\nline, two ""q""",{i % 7}\n' for i in range(300))
+    single = "id,comment,amount\n" + "".join(f'{i},"one line, ""q""",{i % 7}\n' for i in range(300))
+    data = make_tree(tmp_path / "data", {"multi.csv": multi, "single.csv": single})
+    summaries = []
+    for extra in ([], ["--chunk-size", "500"]):
+        out = tmp_path / f"out{len(extra)}"
+        result = run_cli("run", str(data), "-o", str(out), "-p", "csv-stats", "--retries", "0", "--no-progress",
+                         *extra)
+        summaries.append((result, out))
+    (whole_run, whole_out), (cut_run, cut_out) = summaries
+    assert whole_run.returncode == 0, whole_run.stderr
+    assert cut_run.returncode == 1, cut_run.stderr
+    failed = query_ledger(cut_out, "SELECT relpath, error FROM tasks WHERE state = 'failed'")
+    assert failed and {relpath for relpath, _ in failed} == {"multi.csv"}
+    assert all("a quoted field with a line break crosses its edge" in error for _, error in failed)
+    records = [json.loads(line) for line in (cut_out / "merged.jsonl").read_text().splitlines()]
+    cut_single = [r for r in records if r["path"] == "single.csv"]
+    assert len(cut_single) > 1 and sum(r["rows"] for r in cut_single) == 300
+    assert sum(r["columns"]["amount"]["sum"] for r in cut_single) == sum(i % 7 for i in range(300))
 
 
 # -- jsonl-count ------------------------------------------------------------------
@@ -794,6 +825,25 @@ def test_readme_buffer_processors_run_and_agree_with_csv_stats(tmp_path, example
     rows = [json.loads(line) for line in (out / "merged.jsonl").read_text().splitlines()]
     assert [(r["path"], r["category"], r["amount_sum"]) for r in rows] == [
         ("a.csv", "books", 4.0), ("a.csv", "toys", 4.0), ("b/c.csv", "toys", 10)]
+
+
+def test_readme_words_example_counts_the_same_with_chunks(tmp_path):
+    """It read task.read_bytes(): a range's raw bytes, whose edges cut words in two, so a run
+    with --chunk-size counted more words than there are."""
+    import random
+
+    rng = random.Random(1)
+    text = "".join(" ".join(rng.choice(["alpha", "beta", "gamma"]) for _ in range(rng.randint(1, 12))) + "\n"
+                   for _ in range(400))
+    data = make_tree(tmp_path / "data", {"t.txt": text})
+    (tmp_path / "words.py").write_text(readme_example("words.py"))
+    totals = []
+    for extra in ([], ["--chunk-size", "1KB"]):
+        out = tmp_path / f"out{len(extra)}"
+        result = run_cli("run", str(data), "-o", str(out), "-p", f"{tmp_path / 'words.py'}:words", "-q", *extra)
+        assert result.returncode == 0, result.stderr
+        totals.append(json.loads((out / "summary.json").read_text())["reduced"]["words"])
+    assert totals == [len(text.split())] * 2
 
 
 def test_jsonl_count_blocks_with_and_without_invalid_lines(tmp_path, monkeypatch):

@@ -30,8 +30,10 @@ Rules:
 - `--param delimiter=;` (or `tab`) picks another field delimiter.
 - `--param columns=id,amount` keeps to those columns (header names): the others
   are not converted at all, which makes a wide file's task faster.
-- With --chunk-size a quoted field holding a newline, split by a chunk
-  boundary, is not supported (whole files are fine).
+- With --chunk-size a quoted field holding a newline that a range's edge
+  falls in cannot be read: the ranges on either side of it fail with that
+  reason (an odd number of quotes in the range says so) instead of giving
+  wrong totals; whole files are fine.
 
 How: the task's lines are parsed by pyarrow.csv, the columns that its first
 rows hold as numbers straight into int64 or float64, the others into strings
@@ -122,6 +124,18 @@ class _Group:
         return {names[j]: self.columns[j].result() for j in sorted(self.columns) if self.columns[j].count}
 
 
+def _odd_quotes(data: Any, span: Span) -> bool:
+    """Whether the span holds an odd number of quote characters. A range's edges are line
+    starts; a quoted field holding a line break can hold one, and then the rows on either
+    side are cut wrong. A doubled quote inside a quoted field counts two, so a range whose
+    edges are both outside quotes holds an even number, and the first range of a file whose
+    end is inside a quoted field holds an odd one: no wrong total goes unsaid."""
+    start, end = span
+    if data.find(b'"', start, end) == -1:
+        return False
+    return bytes(memoryview(data)[start:end]).count(b'"') % 2 == 1
+
+
 def _shown(header: list[str], most: int = 12, width: int = 40) -> str:
     """A header for an error line: a file that is not CSV has a first line of any length."""
     cells = [cell if len(cell) <= width else cell[:width] + "..." for cell in header[:most]]
@@ -155,6 +169,10 @@ def csv_stats(task: Task) -> dict:
     if at_top:  # the header is not a row
         cut = data.find(b"\n", span.start, span.end)
         span = Span(span.end if cut == -1 else cut + 1, span.end)
+    if task.length is not None and _odd_quotes(data, span):
+        raise TaskFailed("csv-stats: this byte range of the file (--chunk-size) holds an odd number of '\"': "
+                         "a quoted field with a line break crosses its edge (or a field holds a lone quote), "
+                         "so its rows cannot be read apart from the next range's; run without --chunk-size")
     key = names[group_index] if group_index is not None else None
     wanted = _wanted_columns(task.params, header)
     numeric = {j: name for j, name in enumerate(names) if j != group_index and (wanted is None or j in wanted)}
