@@ -82,7 +82,7 @@ def dry_run(options: RunOptions, *, watching: bool = False, with_paths: bool = F
         holder = running_pid(options.out)
         if holder:
             raise OutLocked(f"another crawlproc (pid {holder}) is using {options.out}; "
-                            "a dry run says what a run would do, so it waits for that one to end")
+                            "a dry run says what the next run would do: ask again once that one has ended")
     ledger = _ledger_to_read(options.out)
     try:
         preview = ScanPreview(retry_states(ledger, options, processor), keep_paths=with_paths)

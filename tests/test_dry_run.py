@@ -151,6 +151,7 @@ def test_dry_run_while_another_crawlproc_holds_out_exits_3(data, tmp_path):
     finally:
         os.close(fd)
     assert result.returncode == 3 and f"pid {os.getpid()}" in result.stderr
+    assert "ask again once that one has ended" in result.stderr  # it said it waited, and did not
 
 
 def test_watch_dry_run_tells_the_catch_up_and_exits(data, tmp_path):

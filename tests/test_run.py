@@ -382,6 +382,7 @@ def test_second_coordinator_on_same_out_exits_3_naming_the_pid(data, tmp_path):
         assert during["total"] == len(TREE)
         retry = run_cli("retry", "-o", str(out), "--all", timeout=WAIT_SECONDS)
         assert retry.returncode == 3 and str(first.pid) in retry.stderr
+        assert "stop that one first" in retry.stderr  # and what to do: `explain` and a watch advise retry
     finally:
         release.touch()
         try:

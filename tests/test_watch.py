@@ -662,6 +662,19 @@ def test_retries_of_tasks_failed_a_moment_apart_each_come_due(dirs, proc_spec):
     assert {name: calls(w.log)[name] for name in names} == dict.fromkeys(names, 3)
 
 
+def test_a_watch_stopped_before_it_caught_up_says_what_is_left(dirs, proc_spec):
+    """Exit 0 (a stop is how a watch ends) and '100 done ... of 1000 tasks', with no word that the
+    rest is still to do."""
+    data, out = dirs
+    make_tree(data, {f"f{i:02d}.txt": f"{i}\n" for i in range(40)})
+    with Watch(data, out, proc_spec, sleep=0.2) as w:  # a catch-up of 4 s at least
+        wait_until(lambda: len(calls(w.log)) >= 2, "the catch-up to start", watch=w)
+        assert w.stop() == 0
+    pending = query(out, "SELECT count(*) FROM tasks WHERE state = 'pending'")[0][0]
+    assert pending > 0, "the catch-up ended before the stop"
+    assert f"{pending} tasks still to process: run the same command again to carry on" in w.stderr, w.stderr
+
+
 # -- 10. workers and the observer thread ------------------------------------------------------
 
 def test_workers_are_forkserver_children_and_stderr_is_clean(dirs, proc_spec):

@@ -238,6 +238,9 @@ def _next_steps(exit_code: int, counts: dict[str, int], out: Path, problems: int
                      f"see crawlproc failures -o {quoted}")
     if exit_code == 130:
         return steps + ["interrupted: run the same command again to resume"]
+    left = counts.get("pending", 0) + counts.get("running", 0)
+    if exit_code == 0 and left:  # a watch stopped before it caught up (a stop is no error for a watch)
+        steps.append(f"{plural(left, 'task')} still to process: run the same command again to carry on")
     if not counts.get("failed"):
         return steps
     return steps + [f"{plural(counts['failed'], 'task')} failed; to see why: crawlproc failures -o {quoted}",
