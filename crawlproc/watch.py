@@ -35,6 +35,7 @@ import heapq
 import logging
 import os
 import queue
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
 TEMP_NAME_PATTERNS = ("*.tmp", "*.part", ".*")
 MAX_EVENTS_PER_STEP = 5000
 DEFAULT_POLL_SECONDS = 10.0  # when watch falls back to polling by itself
+ROOT_CHECK_SECONDS = 1.0  # how often a watch looks whether DATA_DIR itself was removed or replaced
 
 
 @dataclass
@@ -160,6 +162,8 @@ class Watcher:
         self.poll: float | None = None  # seconds between polling scans, once polling
         self._observer: Any = None
         self._spy: _WatchdogSpy | None = None
+        self._root = _folder_identity(self.data_dir)
+        self._next_root_check = monotonic() + ROOT_CHECK_SECONDS
         if poll is not None:
             self._start_polling(poll)
             logger.info("polling {} every {:g}s (--poll): no file events are used", os.fsdecode(self.data_dir), poll)
@@ -187,6 +191,7 @@ class Watcher:
 
     def step(self, max_files: int) -> int:
         self._drain_wakeups()
+        self._check_root()
         self._check_observer()
         if self._overflow.is_set():
             self._overflow.clear()
@@ -294,6 +299,33 @@ class Watcher:
             self._stop_observer()
             self._fall_back(refused(exc.errno))
 
+    def _check_root(self, *, now: bool = False) -> bool:
+        """DATA_DIR itself removed, or replaced (an inbox moved away and made again): file events
+        stay with the folder they were set on, so the new one's files would wait for a rescan,
+        in silence. Its events are set on the new folder, which is scanned at once. True when
+        DATA_DIR changed."""
+        if not now and self.monotonic() < self._next_root_check:
+            return False
+        self._next_root_check = self.monotonic() + ROOT_CHECK_SECONDS
+        root = _folder_identity(self.data_dir)
+        if root == self._root:
+            return False
+        self._root = root
+        where = os.fsdecode(self.data_dir)
+        if root is None:
+            logger.warning("DATA_DIR {} is gone (deleted, moved away or unmounted): watching for it to come back",
+                           where)
+        else:
+            logger.warning("DATA_DIR {} is another folder now (moved away and made again?): watching the new one",
+                           where)
+        if self.poll is None or self._observer is not None:  # file events, not --poll: set them on the new one
+            self._stop_observer()
+            self.poll = None
+            if root is not None:
+                self._observe_or_poll()
+        self._start_scan(b"")  # its files are what DATA_DIR holds now
+        return True
+
     def _check_observer(self) -> None:
         """Fall back to polling when the observer stopped seeing part of the tree."""
         if self._observer is None:
@@ -301,6 +333,8 @@ class Watcher:
         if self._spy is not None and self._spy.unwatched is not None:
             self._fall_back(f"{refused(errno.ENOSPC)}; {self._spy.unwatched} is not watched")
         elif not all(emitter.is_alive() for emitter in self._observer.emitters):
+            if self._check_root(now=True):  # it stops when DATA_DIR goes: that is said instead
+                return
             self._fall_back("the file-event thread stopped")
         else:
             return
@@ -495,3 +529,10 @@ class Watcher:
         return scan.files - before, scan.full and scan is not self._catch_up
 
 
+def _folder_identity(path: bytes) -> tuple[int, int] | None:
+    """(device, inode) of the folder at `path`; None when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None

@@ -675,6 +675,38 @@ def test_a_watch_stopped_before_it_caught_up_says_what_is_left(dirs, proc_spec):
     assert f"{pending} tasks still to process: run the same command again to carry on" in w.stderr, w.stderr
 
 
+def test_data_dir_moved_away_and_made_again_is_watched_again(dirs, proc_spec):
+    """An inbox rotated by renaming its folder: file events stayed with the folder moved away, so
+    files written into the new one waited, in silence, for the next rescan (five minutes)."""
+    data, out = dirs
+    with Watch(data, out, proc_spec, "--rescan-interval", "3600") as w:
+        started(w, data)
+        data.rename(data.parent / "data.old")
+        data.mkdir()
+        write_file(data / "fresh.txt", "in the new folder\n")
+        wait_until(lambda: state_of(out, "fresh.txt") == "done", "a file of the new DATA_DIR", watch=w)
+        wait_until(lambda: set(merged(out)) == {"fresh.txt"}, "the moved files to leave the output", watch=w)
+        write_file(data / "later.txt", "by file events again\n")
+        wait_until(lambda: state_of(out, "later.txt") == "done", "a file written after", watch=w)
+        assert w.stop() == 0
+    told = [line for line in w.stderr.splitlines() if "is another folder now" in line]
+    assert len(told) == 1 and "instead of by file events" not in w.stderr, w.stderr
+
+
+def test_data_dir_removed_is_said_and_watched_for(dirs, proc_spec):
+    """Removed, DATA_DIR was said to be 'the file-event thread stopped', and polled for."""
+    data, out = dirs
+    with Watch(data, out, proc_spec, "--rescan-interval", "3600") as w:
+        started(w, data)
+        shutil.rmtree(data)
+        wait_until(lambda: "is gone" in w.stderr, "the warning", watch=w)
+        data.mkdir()
+        write_file(data / "back.txt", "it came back\n")
+        wait_until(lambda: state_of(out, "back.txt") == "done", "a file of DATA_DIR made again", watch=w)
+        assert w.stop() == 0
+    assert "file-event thread stopped" not in w.stderr and "instead of by file events" not in w.stderr, w.stderr
+
+
 # -- 10. workers and the observer thread ------------------------------------------------------
 
 def test_workers_are_forkserver_children_and_stderr_is_clean(dirs, proc_spec):
