@@ -36,8 +36,8 @@ def owned_span(f: BinaryIO, offset: int | None, length: int | None, size: int) -
     """
     if offset is None:
         return Span(0, size)
-    start = _line_start_at_or_after(f, offset)
     limit = offset + (length or 0)
+    start = _line_start_at_or_after(f, offset, stop=limit)
     if start >= limit or start >= size:
         return Span(start, start)
     return Span(start, _line_start_at_or_after(f, limit) if limit < size else size)
@@ -63,14 +63,28 @@ def load_span(path: str, offset: int | None, length: int | None) -> LoadedSpan:
         return LoadedSpan(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), Span(start, end), 0)
 
 
-def _line_start_at_or_after(f: BinaryIO, pos: int) -> int:
-    """The first position >= pos where a line starts (or the end of the file)."""
+def _line_start_at_or_after(f: BinaryIO, pos: int, *, stop: int | None = None) -> int:
+    """The first position >= pos where a line starts (or the end of the file). With `stop`,
+    no byte at or past it is read: `stop` when no line starts before it (a range inside one
+    long line owns nothing, and must not read that line's megabytes to learn so, each range
+    of it again)."""
     if pos == 0:
         return 0
     f.seek(pos - 1)
-    if f.read(1) == b"\n":
-        return pos
-    return pos + len(f.readline())  # the tail of the line that started before pos
+    if stop is None:
+        if f.read(1) == b"\n":
+            return pos
+        return pos + len(f.readline())  # the tail of the line that started before pos
+    at = pos - 1
+    while at < stop:
+        block = f.read(min(_READ_BLOCK, stop - at))
+        if not block:
+            return at  # the end of the file
+        cut = block.find(b"\n")
+        if cut != -1:
+            return at + cut + 1
+        at += len(block)
+    return stop
 
 
 class Task:

@@ -242,3 +242,31 @@ def test_line_buffer_of_a_big_range_is_a_mapping_not_a_copy(tmp_path):
     import pyarrow as pa
 
     assert pa.py_buffer(buffer).size == len(buffer)  # zero-copy into Arrow
+
+
+def test_a_range_inside_one_long_line_reads_no_more_than_itself(tmp_path):
+    """Each range that started inside a long line read the rest of that line to learn it owned
+    nothing: a 3 MB line cut into 1 KB ranges took minutes (thousands of ranges, megabytes each)."""
+    import io
+
+    from crawlproc.task import Span, owned_span
+
+    path = tmp_path / "long.jsonl"
+    path.write_bytes(b'{"b": "' + b"x" * (1 << 20) + b'"}\n{"k": 1}\n')
+    size = path.stat().st_size
+
+    class Counted(io.FileIO):
+        read_bytes = 0
+
+        def readinto(self, buffer):
+            n = super().readinto(buffer)
+            Counted.read_bytes += n or 0
+            return n
+
+    with io.BufferedReader(Counted(path, "rb"), buffer_size=4096) as f:
+        assert owned_span(f, 500_000, 1024, size) == Span(501_024, 501_024)  # owns no line
+    assert Counted.read_bytes <= 1024 + 2 * 4096
+    with open(path, "rb") as f:  # the range where the next line starts owns it, to its end
+        last = size - len(b'{"k": 1}\n')
+        assert owned_span(f, last - 10, 1024, size) == Span(last, size)
+        assert owned_span(f, 0, 1024, size) == Span(0, last)  # the first range owns the long line, all of it
