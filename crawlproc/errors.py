@@ -29,6 +29,10 @@ class ProcessorSetupError(CrawlprocError):
     """The processor's preload or setup hook raised in a worker process: the run stops at its start."""
 
 
+class ReducerFailed(CrawlprocError):
+    """The processor's reducer raised: its tasks are done, nothing was published (exit 2)."""
+
+
 class WayOut(NamedTuple):
     """A way out of an error: the same command again, with `flag` added and the flags of `drop` left out."""
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import zlib
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -90,7 +91,7 @@ def merge_results(
             ledger.requeue_damaged(damaged, "result file missing or damaged; processed again")
             if not publish_if_damaged:
                 return MergeOutcome(False, written, tasks, len(damaged), batches=batches)
-        reduced = reduction.result(lambda: iter_records(temp)) if reduction is not None else None
+        reduced = _reduced(reduction, reducer, temp, out) if reduction is not None else None
         _publish(temp, output, fmt, lambda n: _describe_record(ledger, out, n))
         _remove_other_formats(out, output)
     finally:
@@ -101,6 +102,23 @@ def merge_results(
     if not damaged:  # nothing written since the copy: the signature is that of the tasks copied
         _remember_merge(ledger, output, _signature(ledger, output, fmt), reduced, batches)
     return MergeOutcome(True, written, tasks, len(damaged), output, reduced, batches=batches)
+
+
+def _reduced(reduction: Reduction, reducer: Callable, merged: Path, out: Path) -> Any:
+    """The reducer's result; if it raises, one line that names it (it is the user's code, not ours)."""
+    try:
+        return reduction.result(lambda: iter_records(merged))
+    except Exception as exc:
+        import traceback
+
+        from crawlproc.errors import ReducerFailed
+        from crawlproc.outcomes import frame_of
+
+        where = frame_of("".join(traceback.format_exception(exc)))
+        name = getattr(reducer, "__qualname__", repr(reducer))
+        raise ReducerFailed(f"the reducer {name} failed: {exc!r}{f' ({where})' if where else ''}; every task is "
+                            "done, and neither the merged output nor summary.json was written: fix it, then "
+                            f"`crawlproc merge -o {shlex.quote(str(out))}` merges and reduces them") from exc
 
 
 def _remove_other_formats(out: Path, published: Path) -> None:

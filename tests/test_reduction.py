@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import fcntl
 import io
+import json
 import os
 import threading
 from pathlib import Path
 
 import pytest
 
-from conftest import make_tree, wait_until
+from conftest import make_tree, run_cli, wait_until
 from crawlproc.finalize import merge_results
 from crawlproc.ledger import Ledger
 from crawlproc.lock import OutLock
@@ -178,3 +179,36 @@ def test_a_whole_block_of_the_merge_reaches_the_child_before_it_reads_any(tmp_pa
     finally:
         go.touch()
         reduction.close()
+
+
+BROKEN_REDUCER = '''
+from crawlproc import processor
+
+
+@processor(version="1")
+def words(task):
+    return {"path": task.relpath, "words": sum(len(line.split()) for line in task.lines())}
+
+
+@words.reducer
+def total(records):
+    return {"words": len(records)}
+'''
+
+
+def test_a_failing_reducer_is_one_line_that_names_it(tmp_path):
+    """It said 'internal error: TypeError(...)', exit 1, with no word of whose code it was; a
+    reducer that takes len() of its records is an easy mistake."""
+    data = make_tree(tmp_path / "data", {"a.txt": "one two\n", "b.txt": "three\n"})
+    source = tmp_path / "broken.py"
+    source.write_text(BROKEN_REDUCER)
+    out = tmp_path / "out"
+    result = run_cli("run", str(data), "-o", str(out), "-p", f"{source}:words", "--no-progress")
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("crawlproc: the reducer total failed: TypeError(") and f"{source}, line 12" in line, line
+    assert "internal error" not in line and not (out / "summary.json").exists()
+    source.write_text(BROKEN_REDUCER.replace("len(records)", 'sum(r["words"] for r in records)'))
+    merged = run_cli("merge", "-o", str(out))
+    assert merged.returncode == 0, merged.stderr
+    assert json.loads((out / "summary.json").read_text())["reduced"] == {"words": 3}
