@@ -29,6 +29,7 @@ from crawlproc.run import (
     check_data_dir,
     check_out_entries,
     check_out_is_not_data_dir,
+    check_params,
     earlier_code,
     load_processor,
     log_skip,
@@ -75,6 +76,7 @@ def dry_run(options: RunOptions, *, watching: bool = False, with_paths: bool = F
     check_data_dir(options.data_dir)
     check_out_is_not_data_dir(options.data_dir, options.out)
     processor = load_processor(options)
+    check_params(processor, options.params)
     if options.out.exists():
         if not options.out.is_dir():
             raise UsageError(f"OUT {options.out} exists and is not a folder")

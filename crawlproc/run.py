@@ -18,7 +18,6 @@ import resource
 import shlex
 import signal
 import sqlite3
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -165,12 +164,11 @@ def check_data_dir(data_dir: Path) -> None:
         raise UsageError(f"DATA_DIR {data_dir} is not readable")
 
 
-def check_command_params(processor: Processor, params: dict[str, str]) -> None:
-    """For --cmd (the built-in `cmd`, however named): a missing program or a bad template
-    is exit 2 now, not one failure per file."""
-    command = sys.modules.get("crawlproc.processors.command")  # loaded if `processor` is it
-    if command is not None and processor is command.run_command:
-        command.check_command(params)
+def check_params(processor: Processor, params: dict[str, str]) -> None:
+    """A built-in's --param rules (a missing program or a bad template for --cmd, a name
+    csv-stats does not take): exit 2 now, not one failure per file."""
+    if processor.check_params is not None:
+        processor.check_params(params)
 
 
 def load_processor(options: RunOptions) -> Processor:
@@ -239,7 +237,7 @@ def _open_job(options: RunOptions, command: str, *, early_forkserver: bool = Fal
     check_out_is_not_data_dir(options.data_dir, options.out)
     check_output_is_not_input(options.data_dir, options.out, options.output)
     processor = load_processor(options)  # before OUT exists: a typo in -p leaves nothing behind
-    check_command_params(processor, options.params)
+    check_params(processor, options.params)
     if options.executor == "dask":  # before OUT exists: nothing is left behind
         from crawlproc.executors.dask import check_available, scheduler_address
 

@@ -1161,3 +1161,23 @@ def test_the_forkserver_imports_what_a_processor_imports(tmp_path, imports):
     result = run_cli("run", str(data), "-o", str(out), "-p", f"{proc}:seen", "-w", "1", "-q")
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "merged.jsonl").read_text())["preloaded"] is imports
+
+
+@pytest.mark.parametrize("param, said", [
+    ("delimter=;", "csv-stats has no --param 'delimter' (did you mean 'delimiter'?"),
+    ("delimiter=ab", "delimiter must be one character, not 'ab'"),
+    ("group_by=", "--param group_by= needs a column name"),
+    ("columns= , ", "--param columns= needs a column name"),
+])
+def test_csv_stats_params_are_checked_at_the_start(tmp_path, param, said):
+    """A misspelled name was ignored (the run went on with a comma); a bad delimiter failed
+    every file three times; an empty group_by ran ungrouped. One line, exit 2, before OUT exists."""
+    data = make_tree(tmp_path / "data", {"s.csv": "id;amount\n1;2\n"})
+    out = tmp_path / "out"
+    for extra in ([], ["--dry-run"]):
+        result = run_cli("run", str(data), "-o", str(out), "-p", "csv-stats", "--param", param, *extra)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().count("\n") == 0 and said in result.stderr, result.stderr
+        assert not out.exists()
+    ok = run_cli("run", str(data), "-o", str(out), "-p", "csv-stats", "--param", "delimiter=;", "-q")
+    assert ok.returncode == 0, ok.stderr

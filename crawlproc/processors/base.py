@@ -46,6 +46,8 @@ class Processor:
         self.reduce: Callable[[Iterable[dict]], Any] | None = None
         self.setup_hook: Callable[[Mapping[str, str], Any], Any] | None = None
         self.preload_hook: Callable[[Mapping[str, str]], Any] | None = None
+        # a built-in's rules for its --param: UsageError (exit 2) at the start, not a failure per file
+        self.check_params: Callable[[Mapping[str, str]], None] | None = None
         self.__doc__ = func.__doc__
         self.__name__ = getattr(func, "__name__", "processor")
         self.__wrapped__ = func

@@ -248,3 +248,6 @@ def _tail(name: str, text: str) -> str:
     if len(text) <= OUTPUT_TAIL:
         return f"--- {name} ---\n{text.rstrip()}"
     return f"--- {name} (last {OUTPUT_TAIL} characters) ---\n{text[-OUTPUT_TAIL:].rstrip()}"
+
+
+run_command.check_params = check_command  # a bad --cmd is exit 2 at the start

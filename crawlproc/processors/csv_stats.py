@@ -202,6 +202,33 @@ def csv_stats(task: Task) -> dict:
     return record
 
 
+PARAMS = ("delimiter", "group_by", "columns")
+
+
+def _check_params(params: Any) -> None:
+    """At the start of a run: a --param name csv-stats does not take (a typo would be ignored,
+    and the run go on with the default), a delimiter it cannot use, or an empty column name."""
+    from crawlproc.errors import UsageError
+
+    unknown = sorted(set(params) - set(PARAMS))
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], PARAMS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UsageError(f"csv-stats has no --param {unknown[0]!r} ({hint}it takes {', '.join(PARAMS)})")
+    try:
+        _delimiter(params)
+    except TaskFailed as exc:
+        raise UsageError(str(exc)) from None
+    for name in ("group_by", "columns"):
+        if name in params and not params[name].strip(" ,"):
+            raise UsageError(f"csv-stats: --param {name}= needs a column name (or leave it out)")
+
+
+csv_stats.check_params = _check_params
+
+
 # -- the reducer -----------------------------------------------------------------
 
 @csv_stats.reducer
