@@ -27,6 +27,7 @@ from crawlproc.errors import UsageError
 from crawlproc.given_paths import DATA_DIR_ITSELF, inside, path_argument, relpath_under
 from crawlproc.ledger import Ledger
 from crawlproc.listing import FILE, holds_crawlproc_ledger
+from crawlproc.lock import running_pid
 from crawlproc.report import read_ledger
 from crawlproc.task import relpath_for_people
 from crawlproc.walk import SKIP_KINDS, PathFilter, judge_entry, kind_name
@@ -44,7 +45,7 @@ class Explanation:
     # also has "followed_to" (its target), and its target's size and mtime_ns (None: not a file to a scan)
     on_disk: dict[str, Any]
     tasks: list[dict[str, Any]] = field(default_factory=list)  # ledger rows, each with "run" and "changed_since"
-    why_no_task: str | None = None  # the rule that leaves it out, when it has no task
+    why_no_task: str | None = None  # the rule that leaves it out: it has no task, or only gone ones and is there
     lines: list[str] = field(default_factory=list)  # the whole story, for people
 
     def to_json(self) -> dict[str, Any]:
@@ -68,6 +69,8 @@ def explain(path: str, out: Path) -> Explanation:
         found = Explanation(path, relpath_for_people(relpath), data_dir, str(out), on_disk)
         found.tasks = [_with_history(ledger, task, on_disk) for task in ledger.tasks_of(relpath)]
         if found.tasks:
+            if on_disk["kind"] != "missing" and any(task["state"] == "gone" for task in found.tasks):
+                found.why_no_task = _why_no_task(ledger, relpath, root, on_disk, out, settings)
             found.lines = _task_lines(found, out)
         else:
             found.why_no_task = _why_no_task(ledger, relpath, root, on_disk, out, settings)
@@ -173,15 +176,16 @@ def _state_lines(task: dict[str, Any], found: Explanation, quoted_out: str) -> l
         if task["error"]:
             lines.append(f"last attempt failed: {task['error']}")
         due = task["not_before"] or 0
-        lines.append(f"waits for a retry, not before {_when(due)}" if due > time.time()
-                     else "waits for the next run")
+        holder = running_pid(Path(found.out))
+        then = f"the run going now (pid {holder})" if holder else "the next run"
+        lines.append(f"waits for a retry, not before {_when(due)}, by {then}" if due > time.time()
+                     else f"waits for {then}")
     elif state == "running":  # a first run records the tasks its scan finds as its own at once
         lines.append("claimed by the run going now (waiting for a worker, or being processed), or left so "
                      f"by a run that stopped (see crawlproc status -o {quoted_out})")
     elif state == "gone":
-        lines.append("its file was not found by the last scan (deleted, or no longer selected by "
-                     "--include/--exclude): its records left the output")
-    if task["changed_since"]:
+        lines.append(_gone_line(found))
+    if task["changed_since"] and state != "gone":  # a gone task's line says what comes next already
         what = "its target" if "followed_to" in found.on_disk else "the file"
         lines.append(f"{what} changed since ({_what_changed(task, found.on_disk)}): the next run processes it again")
     elif task["changed_since"] is None and state != "gone":
@@ -222,6 +226,17 @@ def _no_longer_a_file(on_disk: dict[str, Any]) -> str:
         return (f"it links to {on_disk['followed_to']} now, which a scan does not take as a file "
                 "(a folder, a special file, a missing target or one outside DATA_DIR)")
     return f"it is a {kind} now, no longer a regular file"
+
+
+def _gone_line(found: Explanation) -> str:
+    """Why a task is gone: its file is not there, or it is and a rule now leaves it out."""
+    if found.why_no_task is None:
+        return ("its file was not found by the last scan (deleted, or no longer selected by --include/--exclude): "
+                "its records left the output")
+    if found.why_no_task.startswith("not scanned yet"):
+        return ("its file is there again (made, or selected, after the last scan): the next run (or watch's next "
+                "event or rescan) processes it")
+    return f"its file is there, but left out: {found.why_no_task}; its records left the output"
 
 
 def _when(timestamp: float | None) -> str:

@@ -211,6 +211,42 @@ def test_chunks_and_gone_files(tree, tmp_path):
     assert code == 0 and "4 tasks" in text and text.count(": gone,") == 4 and "left the output" in text
 
 
+def test_a_gone_task_whose_file_is_there_names_the_rule_or_says_it_is_back(tree, tmp_path):
+    """A file a later run's --exclude left out was 'not found by the last scan (deleted, or ...)',
+    though it was there; one made again after the last scan was said to be deleted too."""
+    out = tmp_path / "out"
+    run(tree, out)
+    run(tree, out, exclude=["keep"])
+    code, text, _ = explain("keep/b.txt", "-o", str(out))
+    assert code == 0 and "gone" in text and "--exclude 'keep' matches its folder keep/" in text, text
+    assert "not found by the last scan" not in text
+    assert as_json("keep/b.txt", out)["why_no_task"].startswith("left out by the last run's patterns")
+    (tree / "a.txt").unlink()
+    run(tree, out, exclude=["keep"])
+    assert "not found by the last scan (deleted" in explain("a.txt", "-o", str(out))[1]
+    (tree / "a.txt").write_text("back\n")
+    text = explain("a.txt", "-o", str(out))[1]
+    assert "its file is there again" in text and "the next run" in text and "changed since" not in text, text
+
+
+def test_a_pending_task_waits_for_the_run_going_now_if_there_is_one(tree, tmp_path):
+    """'waits for the next run' was said of a task pending in a watch that was running."""
+    import fcntl
+
+    out = tmp_path / "out"
+    run(tree, out)
+    assert run_cli("retry", "-o", str(out), "--all", "a.txt").returncode == 0
+    assert "waits for the next run" in explain("a.txt", "-o", str(out))[1]
+    fd = os.open(out / "lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a run going holds it
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        text = explain("a.txt", "-o", str(out))[1]
+    finally:
+        os.close(fd)
+    assert f"waits for the run going now (pid {os.getpid()})" in text, text
+
+
 def test_a_path_outside_data_dir_is_one_line_exit_2(tree, tmp_path):
     out = tmp_path / "out"
     run(tree, out)
