@@ -39,6 +39,18 @@ def running_pid(out: Path) -> int | None:
         os.close(fd)
 
 
+def refuse_if_held(out: Path) -> None:
+    """OutLocked now when a crawlproc holds OUT: a probe that writes nothing, for what a job
+    starts before it takes the lock (its status page), so that it is not announced in vain."""
+    holder = running_pid(out)
+    if holder is not None:
+        raise OutLocked(_held_message(holder, out))
+
+
+def _held_message(holder: int, out: Path) -> str:
+    return f"another crawlproc (pid {holder if holder > 0 else 'unknown'}) is using {out}"
+
+
 def _holder(fd: int) -> int:
     text = os.pread(fd, 32, 0).decode(errors="replace").strip()
     return int(text) if text.isdigit() else -1
@@ -62,8 +74,7 @@ class OutLock:
                     continue
                 holder = _holder(fd)
                 os.close(fd)
-                raise OutLocked(f"another crawlproc (pid {holder if holder > 0 else 'unknown'}) "
-                                f"is using {self.path.parent}") from None
+                raise OutLocked(_held_message(holder, self.path.parent)) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         keep_from_children(fd)

@@ -43,7 +43,7 @@ from crawlproc.executors import WorkerLimits, make_executor
 from crawlproc.given_paths import inside
 from crawlproc.identity import CODE_KEY, PYTHON_KEY, Verdict
 from crawlproc.ledger import LEDGER_NAME, Ledger
-from crawlproc.lock import LOCK_NAME, OutLock
+from crawlproc.lock import LOCK_NAME, OutLock, refuse_if_held
 from crawlproc.logs import LOG_DIR
 from crawlproc.outcomes import RetryPolicy, Tally, out_hint
 from crawlproc.processes import ForkServer
@@ -337,6 +337,7 @@ def _serving(options: RunOptions, command: str) -> Iterator[Any]:
         return
     from crawlproc.serve import serving_run
 
+    refuse_if_held(options.out)  # the OUT lock comes later: the page must not be announced, then refused
     with serving_run(options.serve, options.out, command) as board:
         yield board
 

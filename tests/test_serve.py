@@ -262,6 +262,24 @@ def test_a_port_in_use_is_one_line_and_exit_2(tmp_path):
     assert not out.exists()  # refused before anything was written
 
 
+def test_a_served_run_on_an_out_in_use_is_refused_before_its_page_is_announced(tmp_path):
+    """It logged 'status page: http://...' (and served it a moment), then exited 3."""
+    import fcntl
+
+    data = make_tree(tmp_path / "data", {"a.txt": "one\n"})
+    out = tmp_path / "out"
+    assert run_cli("run", str(data), "-o", str(out), "-q").returncode == 0
+    fd = os.open(out / "lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a run going holds it
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        result = run_cli("run", str(data), "-o", str(out), "--serve", "0")
+    finally:
+        os.close(fd)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.strip().splitlines() == [f"crawlproc: another crawlproc (pid {os.getpid()}) is using {out}"]
+
+
 def test_serve_command_port_in_use(tmp_path):
     out = finished_out(tmp_path)
     with socket.socket() as taken:
