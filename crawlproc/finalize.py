@@ -92,7 +92,7 @@ def merge_results(
             if not publish_if_damaged:
                 return MergeOutcome(False, written, tasks, len(damaged), batches=batches)
         reduced = _reduced(reduction, reducer, temp, out) if reduction is not None else None
-        _publish(temp, output, fmt, lambda n: _describe_record(ledger, out, n))
+        _publish(temp, output, fmt, lambda n: describe_record(ledger, out, n))
         _remove_other_formats(out, output)
     finally:
         if reduction is not None:
@@ -332,7 +332,7 @@ def _csv_cell(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (dict, list)) else value
 
 
-def _describe_record(ledger: Ledger, out: Path, index: int) -> str:
+def describe_record(ledger: Ledger, out: Path, index: int) -> str:
     """Which task wrote the `index`-th merged record (from 0): for messages, so it may read a while."""
     reader = ResultReader(out)
     try:

@@ -51,17 +51,58 @@ class RecordTypesError(CrawlprocError):
     """Records whose values for one field are of kinds that do not mix in one column."""
 
 
-def records_table(records: Iterable[dict]) -> pa.Table:
+def records_table(records: Iterable[dict], describe_record: Callable[[int], str] | None = None) -> pa.Table:
     """The records as one Table in memory, with every field of every record (see the widening
-    above; names that are not UTF-8 as `\\udcXX`). RecordTypesError if a field's kinds do not mix."""
+    above; names that are not UTF-8 as `\\udcXX`). RecordTypesError if a field's kinds do not mix,
+    naming the record (and, given `describe_record(n)`, its task) and the field."""
     rows = [_valid_utf8(record) for record in records]
     try:
         return _table_of(rows)
-    except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
+    except _NOT_A_COLUMN as exc:
         for n, record in enumerate(rows):
             if (wide := _wide_integer(record)) is not None:
                 raise RecordTypesError(f"record {n + 1:,} {_too_wide(*wide)}, which Arrow cannot hold") from None
-        raise RecordTypesError(f"the records do not fit one table: {str(exc).splitlines()[0]}") from None
+        clash = _first_clash(rows)
+        if clash is None:
+            raise RecordTypesError(f"the records do not fit one table: {str(exc).splitlines()[0]}") from None
+        name, n, said = clash
+        where = f" ({describe_record(n)})" if describe_record is not None and n is not None else ""
+        record = f"record {n + 1:,}{where}, " if n is not None else ""
+        raise RecordTypesError(f"the records do not fit one table: {record}field {name!r}: {said}") from None
+
+
+_NOT_A_COLUMN = (pa.ArrowException, TypeError, ValueError, OverflowError)
+
+
+def _first_clash(rows: list[dict]) -> tuple[str, int | None, str] | None:
+    """(field, record index, what is wrong) of the first field whose values make no column: the
+    first value of another kind than the field's first; or (field, None, what Arrow says of it)
+    when the kinds differ deeper down."""
+    for name in dict.fromkeys(name for record in rows for name in record):
+        values = [record.get(name) for record in rows]
+        try:
+            pa.array(values)
+            continue
+        except _NOT_A_COLUMN as exc:
+            arrow_says = str(exc).splitlines()[0]
+        kinds = ((n, value, _kind(value)) for n, value in enumerate(values) if value is not None)
+        first = next(kinds, None)
+        for n, value, kind in kinds:
+            if kind != first[2]:
+                shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+                return name, n, f"{shown} is {kind}, where record {first[0] + 1:,} holds {first[2]}"
+        return name, None, arrow_says
+    return None
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an object" if isinstance(value, dict) else "a list" if isinstance(value, list) else type(value).__name__
 
 
 def _table_of(records: list[dict]) -> pa.Table:

@@ -80,7 +80,7 @@ class OutReader:
             if getattr(exc, "name", None) != "pyarrow":
                 raise
             raise UsageError("to_arrow() needs pyarrow, a dependency of crawlproc: pip install pyarrow") from None
-        return records_table(self.records())
+        return records_table(self.records(), describe_record=self._describe_record)
 
     def to_pandas(self) -> Any:
         """The records as a pandas DataFrame (through pyarrow)."""
@@ -91,6 +91,16 @@ class OutReader:
         return self.to_arrow().to_pandas()
 
     # -- internals --------------------------------------------------------------------
+    def _describe_record(self, index: int) -> str:
+        """Which task wrote the `index`-th record (from 0), for an error message."""
+        from crawlproc.finalize import describe_record
+
+        ledger = read_ledger(self.out)
+        try:
+            return describe_record(ledger, self.out, index)
+        finally:
+            ledger.close()
+
     def _with_ledger(self, read: Any) -> Iterator[Any]:
         """Stream what `read(ledger)` yields; the ledger is open until the stream ends or is closed."""
         ledger = read_ledger(self.out)

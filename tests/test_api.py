@@ -386,8 +386,17 @@ def test_to_arrow_of_records_whose_kinds_do_not_mix_is_a_crawlproc_error(tmp_pat
                            "    text = task.read_bytes().strip().decode()\n"
                            "    return {'v': int(text) if text.isdigit() else text}\n")
     crawlproc.run(data, out=out, processor=f"{kind}:kind", workers=1, quiet=True)
-    with pytest.raises(CrawlprocError, match="the records do not fit one table"):
+    with pytest.raises(CrawlprocError, match="the records do not fit one table") as refused:
         crawlproc.open(out).to_arrow()
+    # which record, of which task, and which field, as --format parquet says (it said only Arrow's words)
+    assert "record 2 (task 2, b.txt), field 'v': 'x' is a string, where record 1 holds a number" in str(refused.value)
+    data2 = make_tree(tmp_path / "data2", {"a.txt": "1\n", "b.txt": "x\n"})
+    nested = write_processor(tmp_path, "nested", "def nested(task):\n"
+                             "    text = task.read_bytes().strip().decode()\n"
+                             "    return {'v': {'w': int(text) if text.isdigit() else text}}\n")
+    crawlproc.run(data2, out=tmp_path / "out2", processor=f"{nested}:nested", workers=1, quiet=True)
+    with pytest.raises(CrawlprocError, match="the records do not fit one table: field 'v': "):
+        crawlproc.open(tmp_path / "out2").to_arrow()  # kinds that differ deeper down: the field, and Arrow's words
 
 
 def test_to_arrow_of_an_integer_beyond_64_bits_says_so(tmp_path):
