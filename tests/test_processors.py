@@ -385,8 +385,8 @@ def test_csv_stats_unterminated_quote_does_not_crash(tmp_path, small_blocks):
     for task in ranged(path, [5, 9, 12]):
         try:
             csv_stats(task)
-        except TaskFailed as exc:  # the range that holds the lone quote: a reason, not a crash
-            assert "odd number of '\"'" in str(exc)
+        except TaskFailed as exc:  # the range whose quoted field is still open at its end: a reason, not a crash
+            assert "a quoted field with a line break crosses an edge" in str(exc)
             refused.append(task.offset)
     assert refused == [0]  # its first line is 1,"x
 
@@ -518,10 +518,12 @@ def test_csv_stats_chunked_run_end_to_end(tmp_path):
 def test_csv_stats_refuses_a_range_cut_inside_a_quoted_line_break(tmp_path):
     """A quoted field holding a line break, that a --chunk-size edge fell in: the ranges on either
     side counted cut rows as malformed, dropped others, and the totals came out wrong, exit 0.
-    Quoted fields without line breaks (doubled quotes too) are cut as before."""
+    Quoted fields without line breaks (doubled quotes too), and quotes alone inside a field
+    (12" pipe: the csv module and Arrow read them as they are), are cut as before."""
     multi = "id,comment,amount\n" + "".join(f'{i},"line one\nline, two ""q""",{i % 7}\n' for i in range(300))
     single = "id,comment,amount\n" + "".join(f'{i},"one line, ""q""",{i % 7}\n' for i in range(300))
-    data = make_tree(tmp_path / "data", {"multi.csv": multi, "single.csv": single})
+    inches = "id,comment,amount\n" + "".join(f'{i},{i}" pipe,{i % 7}\n' for i in range(300))
+    data = make_tree(tmp_path / "data", {"multi.csv": multi, "single.csv": single, "inches.csv": inches})
     summaries = []
     for extra in ([], ["--chunk-size", "500"]):
         out = tmp_path / f"out{len(extra)}"
@@ -533,11 +535,12 @@ def test_csv_stats_refuses_a_range_cut_inside_a_quoted_line_break(tmp_path):
     assert cut_run.returncode == 1, cut_run.stderr
     failed = query_ledger(cut_out, "SELECT relpath, error FROM tasks WHERE state = 'failed'")
     assert failed and {relpath for relpath, _ in failed} == {"multi.csv"}
-    assert all("a quoted field with a line break crosses its edge" in error for _, error in failed)
+    assert all("a quoted field with a line break crosses an edge" in error for _, error in failed)
     records = [json.loads(line) for line in (cut_out / "merged.jsonl").read_text().splitlines()]
-    cut_single = [r for r in records if r["path"] == "single.csv"]
-    assert len(cut_single) > 1 and sum(r["rows"] for r in cut_single) == 300
-    assert sum(r["columns"]["amount"]["sum"] for r in cut_single) == sum(i % 7 for i in range(300))
+    for name in ("single.csv", "inches.csv"):
+        cut = [r for r in records if r["path"] == name]
+        assert len(cut) > 1 and sum(r["rows"] for r in cut) == 300 and not any(r["malformed"] for r in cut), name
+        assert sum(r["columns"]["amount"]["sum"] for r in cut) == sum(i % 7 for i in range(300)), name
 
 
 # -- jsonl-count ------------------------------------------------------------------

@@ -30,6 +30,7 @@ from collections.abc import Callable, Collection, Iterator
 from typing import NamedTuple, TypeVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 from crawlproc.task import Span
@@ -235,6 +236,25 @@ class Rows:
     def _line_of(self, offset: int) -> int:
         """The line number, from the span's start, of the line that starts at `offset`."""
         return bytes(memoryview(self.data)[self.span.start:offset]).count(b"\n") + 1
+
+
+def holds_quoted_line_breaks(data: bytes, span: Span, names: list[str], delimiter: str) -> bool:
+    """Whether a value of `data[span]` holds a line break: only a quoted field can, and one
+    still open at the span's end runs to it (a quote alone inside a field is a plain character
+    to Arrow, as to the csv module). Every column is read as text; a read Arrow refuses counts
+    as yes."""
+    start, end = span
+    try:
+        reader = pcsv.open_csv(
+            pa.BufferReader(memoryview(data)[start:end]),
+            read_options=pcsv.ReadOptions(column_names=names, block_size=BLOCK_SIZE, use_threads=False),
+            parse_options=pcsv.ParseOptions(delimiter=delimiter, newlines_in_values=True,
+                                            invalid_row_handler=lambda row: "skip"),
+            convert_options=pcsv.ConvertOptions(column_types=dict.fromkeys(names, pa.string()), check_utf8=False))
+        return any(pc.any(pc.match_substring_regex(column, "[\\r\\n]")).as_py()
+                   for batch in reader for column in batch.columns)
+    except (pa.ArrowInvalid, UnicodeDecodeError):
+        return True
 
 
 def _is_utf8(data: memoryview) -> bool:

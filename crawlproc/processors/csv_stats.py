@@ -31,9 +31,9 @@ Rules:
 - `--param columns=id,amount` keeps to those columns (header names): the others
   are not converted at all, which makes a wide file's task faster.
 - With --chunk-size a quoted field holding a newline that a range's edge
-  falls in cannot be read: the ranges on either side of it fail with that
-  reason (an odd number of quotes in the range says so) instead of giving
-  wrong totals; whole files are fine.
+  falls in cannot be read: the range that ends inside it fails with that
+  reason (an odd number of quotes in the range, and a value holding a line
+  break, say so) instead of giving wrong totals; whole files are fine.
 
 How: the task's lines are parsed by pyarrow.csv, the columns that its first
 rows hold as numbers straight into int64 or float64, the others into strings
@@ -124,16 +124,30 @@ class _Group:
         return {names[j]: self.columns[j].result() for j in sorted(self.columns) if self.columns[j].count}
 
 
-def _odd_quotes(data: Any, span: Span) -> bool:
-    """Whether the span holds an odd number of quote characters. A range's edges are line
-    starts; a quoted field holding a line break can hold one, and then the rows on either
-    side are cut wrong. A doubled quote inside a quoted field counts two, so a range whose
-    edges are both outside quotes holds an even number, and the first range of a file whose
-    end is inside a quoted field holds an odd one: no wrong total goes unsaid."""
+def _odd_quotes(data: Any, span: Span, slice_bytes: int = 1 << 20) -> bool:
+    """Whether the span holds an odd number of quote characters (counted a slice at a time: a
+    big span is mapped, and must not be copied whole)."""
     start, end = span
     if data.find(b'"', start, end) == -1:
         return False
-    return bytes(memoryview(data)[start:end]).count(b'"') % 2 == 1
+    view = memoryview(data)
+    return sum(bytes(view[at:min(at + slice_bytes, end)]).count(b'"')
+               for at in range(start, end, slice_bytes)) % 2 == 1
+
+
+def _cut_inside_quotes(data: Any, span: Span, names: list[str], delimiter: str) -> bool:
+    """Whether a range edge falls inside a quoted field that holds a line break: then the rows
+    on either side of it are cut wrong. A range's edges are line starts, so such a field must
+    hold one. A doubled quote counts two, so a range whose edges are both outside quotes holds
+    an even number of quotes, and the first range of a file whose end is inside such a field an
+    odd one; a quote alone inside a field (12" pipe) makes it odd too, and is told apart by
+    reading the rows with line breaks allowed in quoted fields and without: the same rows, then
+    no quoted field holds a line break."""
+    if not _odd_quotes(data, span):
+        return False
+    from crawlproc.processors.csv_read import holds_quoted_line_breaks
+
+    return holds_quoted_line_breaks(data, span, names, delimiter)
 
 
 def _shown(header: list[str], most: int = 12, width: int = 40) -> str:
@@ -169,10 +183,10 @@ def csv_stats(task: Task) -> dict:
     if at_top:  # the header is not a row
         cut = data.find(b"\n", span.start, span.end)
         span = Span(span.end if cut == -1 else cut + 1, span.end)
-    if task.length is not None and _odd_quotes(data, span):
-        raise TaskFailed("csv-stats: this byte range of the file (--chunk-size) holds an odd number of '\"': "
-                         "a quoted field with a line break crosses its edge (or a field holds a lone quote), "
-                         "so its rows cannot be read apart from the next range's; run without --chunk-size")
+    if task.length is not None and _cut_inside_quotes(data, span, names, delimiter):
+        raise TaskFailed("csv-stats: a quoted field with a line break crosses an edge of this byte range of the "
+                         "file (--chunk-size), so its rows cannot be read apart from the next range's; "
+                         "run without --chunk-size")
     key = names[group_index] if group_index is not None else None
     wanted = _wanted_columns(task.params, header)
     numeric = {j: name for j, name in enumerate(names) if j != group_index and (wanted is None or j in wanted)}
