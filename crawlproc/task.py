@@ -71,20 +71,16 @@ def _line_start_at_or_after(f: BinaryIO, pos: int, *, stop: int | None = None) -
     if pos == 0:
         return 0
     f.seek(pos - 1)
-    if stop is None:
-        if f.read(1) == b"\n":
-            return pos
-        return pos + len(f.readline())  # the tail of the line that started before pos
-    at = pos - 1
-    while at < stop:
-        block = f.read(min(_READ_BLOCK, stop - at))
+    at = pos - 1  # blocks, not readline(): on an unbuffered file that reads a byte per system call
+    while stop is None or at < stop:
+        block = f.read(_READ_BLOCK if stop is None else min(_READ_BLOCK, stop - at))
         if not block:
-            return at  # the end of the file
+            return max(at, pos)  # the end of the file (or pos, past it)
         cut = block.find(b"\n")
         if cut != -1:
             return at + cut + 1
         at += len(block)
-    return stop
+    return at  # == stop
 
 
 class Task:
