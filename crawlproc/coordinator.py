@@ -226,22 +226,25 @@ class Coordinator:
 
     def _claimable_now(self) -> bool:
         """Could a pending task be claimed now? If not, nothing is until the source adds some."""
-        if self.ledger.has_claimable(self.ledger.conn, self.now()):
+        now = self.now()
+        if self.ledger.has_claimable(self.ledger.conn, now):
             return True
-        self._none_claimable(self.ledger.conn)
+        self._none_claimable(self.ledger.conn, now)
         return False
 
-    def _none_claimable(self, conn: Any) -> None:
-        """No pending task may be claimed now: claim again when the soonest retry comes due.
-        Asked of the ledger each time: tasks that failed a moment apart come due a moment apart,
-        and a watch has no end of run to find the later ones (nothing else would wake it)."""
+    def _none_claimable(self, conn: Any, now: float) -> None:
+        """No pending task may be claimed at `now` (the time the claim was made with, so that a
+        retry coming due in between is on one side or the other): claim again when the soonest
+        retry comes due. Asked of the ledger each time: tasks that failed a moment apart come
+        due a moment apart, and a watch has no end of run to find the later ones."""
         self._claimable = False
-        self._retry_due = self.ledger.soonest_retry(conn, self.now())
+        self._retry_due = self.ledger.soonest_retry(conn, now)
 
     def _launch_if_work(self, conn: Any) -> None:
         """Workers start only once there is something to do: a no-op rerun costs no processes."""
-        if not self._ready and not self.ledger.has_claimable(conn, self.now()):
-            self._none_claimable(conn)
+        now = self.now()
+        if not self._ready and not self.ledger.has_claimable(conn, now):
+            self._none_claimable(conn, now)
             return
         self.executor.prepare()
         if self._can_feed and (self.executor.warmup_left() or 0) > 0:
@@ -251,12 +254,13 @@ class Coordinator:
 
     def _claim(self, conn: Any, opening: Opening) -> WorkBatch | None:
         limit = min(self.sizer.size(), opening.max_tasks)
+        now = self.now()
         if self._ready:
             tasks = self._ready.take(limit)
         else:
-            tasks = self.ledger.claim(conn, limit, MAX_BATCH_BYTES, self.now())
+            tasks = self.ledger.claim(conn, limit, MAX_BATCH_BYTES, now)
         if not tasks:
-            self._none_claimable(conn)
+            self._none_claimable(conn, now)
             return None
         for task in tasks:
             self._claimed[task[0]] = task
