@@ -164,6 +164,7 @@ class Watcher:
         self._spy: _WatchdogSpy | None = None
         self._root = _folder_identity(self.data_dir)
         self._next_root_check = monotonic() + ROOT_CHECK_SECONDS
+        self._full_scan_again = False  # DATA_DIR was replaced while a full scan listed the old one
         if poll is not None:
             self._start_polling(poll)
             logger.info("polling {} every {:g}s (--poll): no file events are used", os.fsdecode(self.data_dir), poll)
@@ -307,14 +308,16 @@ class Watcher:
         if not now and self.monotonic() < self._next_root_check:
             return False
         self._next_root_check = self.monotonic() + ROOT_CHECK_SECONDS
-        root = _folder_identity(self.data_dir)
+        root = _folder_identity(self.data_dir, self._root)
         if root == self._root:
             return False
-        self._root = root
+        was, self._root = self._root, root
         where = os.fsdecode(self.data_dir)
         if root is None:
             logger.warning("DATA_DIR {} is gone (deleted, moved away or unmounted): watching for it to come back",
                            where)
+        elif was is None:
+            logger.warning("DATA_DIR {} is back: watching it again", where)
         else:
             logger.warning("DATA_DIR {} is another folder now (moved away and made again?): watching the new one",
                            where)
@@ -323,7 +326,7 @@ class Watcher:
             self.poll = None
             if root is not None:
                 self._observe_or_poll()
-        self._start_scan(b"")  # its files are what DATA_DIR holds now
+        self._start_scan(b"", after_one_under_way=True)  # its files are what DATA_DIR holds now
         return True
 
     def _check_observer(self) -> None:
@@ -485,11 +488,15 @@ class Watcher:
         return None
 
     # -- scans ------------------------------------------------------------------------
-    def _start_scan(self, start: bytes) -> None:
+    def _start_scan(self, start: bytes, *, after_one_under_way: bool = False) -> None:
+        """A scan of the folder `start` (b"": the whole tree). A full scan already under way is
+        enough, unless what it lists is out of date (`after_one_under_way`): then another
+        follows it."""
         if not start:
             self._next_rescan = self.monotonic() + self.rescan_interval
             if any(scan.full for scan, _ in self._scans):
-                return  # a full scan is already under way
+                self._full_scan_again |= after_one_under_way
+                return
             self.stats["rescans"] += 1
         scan = Scan(self.ledger, self.data_dir, self.scan_options, self.on_skip,
                     start=start, hold_back=self._hold_back, on_problem=self.on_problem)
@@ -526,13 +533,19 @@ class Watcher:
                 logger.warning(warning)
             if scan.full:
                 self.skipped = skipped
+                if self._full_scan_again:
+                    self._full_scan_again = False
+                    self._start_scan(b"")
         return scan.files - before, scan.full and scan is not self._catch_up
 
 
-def _folder_identity(path: bytes) -> tuple[int, int] | None:
-    """(device, inode) of the folder at `path`; None when there is none."""
+def _folder_identity(path: bytes, known: tuple[int, int] | None = None) -> tuple[int, int] | None:
+    """(device, inode) of the folder at `path`; None when there is none. Another error (a
+    network file system's ESTALE or EIO, a timeout) tells nothing: `known` is kept."""
     try:
         st = os.stat(path)
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError:
+        return known
     return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None

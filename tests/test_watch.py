@@ -705,6 +705,7 @@ def test_data_dir_removed_is_said_and_watched_for(dirs, proc_spec):
         wait_until(lambda: state_of(out, "back.txt") == "done", "a file of DATA_DIR made again", watch=w)
         assert w.stop() == 0
     assert "file-event thread stopped" not in w.stderr and "instead of by file events" not in w.stderr, w.stderr
+    assert "is back: watching it again" in w.stderr and "is another folder now" not in w.stderr, w.stderr
 
 
 # -- 10. workers and the observer thread ------------------------------------------------------
