@@ -66,6 +66,7 @@ def merge_results(
     reducer: Callable[[Iterator[dict]], Any] | None = None,
     publish_if_damaged: bool = True,
     reuse_unchanged: bool = False,
+    reducer_checked: bool = True,
 ) -> MergeOutcome:
     """Copy every done task's records into `output`, atomically, and reduce them.
 
@@ -73,7 +74,9 @@ def merge_results(
     published in that case, so the caller can redo them and merge again.
     With `reuse_unchanged`, when nothing changed since the last merge into the
     same `output` and its result files are all still there (size checked, not
-    checksums), the published output is kept as it is: a no-op rerun stays cheap.
+    checksums), the published output is kept as it is: a no-op rerun stays cheap. Without
+    `reducer_checked` (`crawlproc merge`, with the code found on disk, which no run compared
+    with OUT's), no later merge takes this one's summary as its own.
     """
     last = _last_merge_into(ledger, output) if reuse_unchanged else None
     if last is not None and (previous := _unchanged(last, _signature(ledger, output, fmt), output, out)) is not None:
@@ -100,7 +103,7 @@ def merge_results(
         if temp.exists():
             os.unlink(temp)
     if not damaged:  # nothing written since the copy: the signature is that of the tasks copied
-        _remember_merge(ledger, output, _signature(ledger, output, fmt), reduced, batches)
+        _remember_merge(ledger, output, _signature(ledger, output, fmt, reducer_checked), reduced, batches)
     return MergeOutcome(True, written, tasks, len(damaged), output, reduced, batches=batches)
 
 
@@ -118,7 +121,8 @@ def _reduced(reduction: Reduction, reducer: Callable, merged: Path, out: Path) -
         name = getattr(reducer, "__qualname__", repr(reducer))
         raise ReducerFailed(f"the reducer {name} failed: {exc!r}{f' ({where})' if where else ''}; every task is "
                             "done, and neither the merged output nor summary.json was written: fix it, then "
-                            f"`crawlproc merge -o {shlex.quote(str(out))}` merges and reduces them") from exc
+                            f"`crawlproc merge -o {shlex.quote(str(out))}` merges and reduces them (and the next "
+                            "run on OUT takes --keep-results: the reducer is part of the processor's code)") from exc
 
 
 def _remove_other_formats(out: Path, published: Path) -> None:
@@ -136,11 +140,13 @@ def _remove_other_formats(out: Path, published: Path) -> None:
         logger.info("removed {}: a merged output of an earlier --format (now {})", stale, published)
 
 
-def _signature(ledger: Ledger, output: Path, fmt: str) -> list:
+def _signature(ledger: Ledger, output: Path, fmt: str, reducer_checked: bool = True) -> list:
     """What a merge's outcome depends on: the output, the done tasks, and the code whose reducer
-    made the summary (an edit accepted with --keep-results changes no task, but the totals)."""
+    made the summary (an edit accepted with --keep-results changes no task, but the totals);
+    None for code that no run compared with OUT's."""
     meta = ledger.meta()
-    return [str(output), fmt, *ledger.done_signature(), meta.get("processor_version"), meta.get(CODE_KEY)]
+    code = [meta.get("processor_version"), meta.get(CODE_KEY)] if reducer_checked else [None, None]
+    return [str(output), fmt, *ledger.done_signature(), *code]
 
 
 def _last_merge_into(ledger: Ledger, output: Path) -> dict | None:

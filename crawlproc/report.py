@@ -372,7 +372,7 @@ def merge_only(out: Path, output: Path | None, fmt: str = "jsonl") -> MergeRepor
             processor = _merging_processor(meta["processor"])
             remove_temp_files(out)
             merged = merge_results(ledger, out, output or default_output(out, fmt), fmt=fmt,
-                                   reducer=processor.reduce)
+                                   reducer=processor.reduce, reducer_checked=False)
             remove_unreferenced(out, set(merged.batches))
             identity = {k: meta.get(k) for k in ("processor", "processor_version")}
             identity["params"] = json.loads(meta.get("params", "{}"))

@@ -178,6 +178,20 @@ def test_an_edited_reducer_kept_with_keep_results_makes_the_summary(data, tmp_pa
     assert processed(out) == 0 and summary(out)["reduced"] == {"total_words": 4}
 
 
+def test_a_summary_crawlproc_merge_made_with_other_code_is_not_kept_by_the_next_run(data, tmp_path):
+    """`crawlproc merge` reduces with the code on disk, which no run compared with OUT's: its
+    summary was remembered as OUT's code's, and a run with OUT's code kept it."""
+    source = write(tmp_path / "procs" / "words.py", WORDS)
+    out = tmp_path / "out"
+    ok(crawl(data, out, "-p", f"{source}:words"))
+    source.write_text(WORDS.replace('return {"words": sum', 'return {"other": sum'))
+    assert run_cli("merge", "-o", str(out)).returncode == 0
+    assert summary(out)["reduced"] == {"other": 4}
+    source.write_text(WORDS)
+    ok(crawl(data, out, "-p", f"{source}:words"))
+    assert processed(out) == 0 and summary(out)["reduced"] == {"words": 4}
+
+
 def test_keep_results_from_the_environment_and_watch_has_it(data, tmp_path):
     source = write(tmp_path / "procs" / "words.py", WORDS)
     out = tmp_path / "out"
