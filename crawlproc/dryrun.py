@@ -19,11 +19,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from crawlproc.errors import OutLocked, UsageError
+from crawlproc.errors import UsageError
 from crawlproc.identity import Verdict
 from crawlproc.ledger import LEDGER_NAME, Ledger, State
 from crawlproc.processors.base import Processor
-from crawlproc.lock import running_pid
+from crawlproc.lock import refuse_if_held
 from crawlproc.run import (
     RunOptions,
     check_data_dir,
@@ -81,10 +81,7 @@ def dry_run(options: RunOptions, *, watching: bool = False, with_paths: bool = F
         if not options.out.is_dir():
             raise UsageError(f"OUT {options.out} exists and is not a folder")
         check_out_entries(options.out)
-        holder = running_pid(options.out)
-        if holder:
-            raise OutLocked(f"another crawlproc (pid {holder}) is using {options.out}; "
-                            "a dry run says what the next run would do: ask again once that one has ended")
+        refuse_if_held(options.out, "a dry run says what the next run would do: ask again once that one has ended")
     ledger = _ledger_to_read(options.out)
     try:
         preview = ScanPreview(retry_states(ledger, options, processor), keep_paths=with_paths)

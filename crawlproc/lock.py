@@ -39,16 +39,18 @@ def running_pid(out: Path) -> int | None:
         os.close(fd)
 
 
-def refuse_if_held(out: Path) -> None:
-    """OutLocked now when a crawlproc holds OUT: a probe that writes nothing, for what a job
-    starts before it takes the lock (its status page), so that it is not announced in vain."""
+def refuse_if_held(out: Path, advice: str = "") -> None:
+    """OutLocked now when a crawlproc holds OUT (with `advice` after the pid): a probe that
+    writes nothing, for what must not start while a run goes (a dry run; a job's status page,
+    which it starts before it takes the lock, so that it is not announced in vain)."""
     holder = running_pid(out)
     if holder is not None:
-        raise OutLocked(_held_message(holder, out))
+        raise OutLocked(_held_message(holder, out, advice))
 
 
-def _held_message(holder: int, out: Path) -> str:
-    return f"another crawlproc (pid {holder if holder > 0 else 'unknown'}) is using {out}"
+def _held_message(holder: int, out: Path, advice: str) -> str:
+    said = f"another crawlproc (pid {holder if holder > 0 else 'unknown'}) is using {out}"
+    return f"{said}; {advice}" if advice else said
 
 
 def _holder(fd: int) -> int:
@@ -57,8 +59,12 @@ def _holder(fd: int) -> int:
 
 
 class OutLock:
-    def __init__(self, out: Path) -> None:
+    """OUT's lock, held by the one crawlproc that writes its ledger. Held by another: OutLocked,
+    with `advice` (what the refused command may do instead) after the holder's pid."""
+
+    def __init__(self, out: Path, advice: str = "") -> None:
         self.path = out / LOCK_NAME
+        self.advice = advice
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -74,7 +80,7 @@ class OutLock:
                     continue
                 holder = _holder(fd)
                 os.close(fd)
-                raise OutLocked(_held_message(holder, self.path.parent)) from None
+                raise OutLocked(_held_message(holder, self.path.parent, self.advice)) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         keep_from_children(fd)

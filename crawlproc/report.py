@@ -7,15 +7,14 @@ Functions here return data or rich renderables; the CLI prints them.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shlex
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from crawlproc.errors import LedgerError, OutLocked, UsageError
+from crawlproc.errors import LedgerError, UsageError
 from crawlproc.finalize import default_output, merge_results, write_summary
 from crawlproc.given_paths import DATA_DIR_ITSELF, relpath_under
 from crawlproc.ledger import RUN_OPTIONS_KEY, SCAN_SETTINGS_KEY, Ledger
@@ -288,20 +287,6 @@ class RetryOutcome(NamedTuple):
     run_command: str | None  # the command that processes them (see run_command)
 
 
-@contextlib.contextmanager
-def _lock_or_say(out: Path, advice: str) -> Iterator[None]:
-    """OUT's lock for a command that writes the ledger; held by a run: OutLocked, with `advice`."""
-    lock = OutLock(out)
-    try:
-        lock.acquire()
-    except OutLocked as exc:
-        raise OutLocked(f"{exc}; {advice}") from None
-    try:
-        yield
-    finally:
-        lock.release()
-
-
 def retry_tasks(out: Path, *, include_done: bool, relpaths: tuple[str, ...]) -> RetryOutcome:
     """Put failed (or failed and done) tasks back to pending; every named path must have a task.
 
@@ -310,8 +295,8 @@ def retry_tasks(out: Path, *, include_done: bool, relpaths: tuple[str, ...]) -> 
     """
     check_out_entries(out)
     _open_readonly(out).close()  # a clear message when OUT has no ledger
-    with _lock_or_say(out, "retry changes what a run works on: stop that one first (a watch processes "
-                           "a file again by itself once the file changes)"):
+    with OutLock(out, advice="retry changes what a run works on: stop that one first (a watch processes "
+                             "a file again by itself once the file changes)"):
         ledger = Ledger(out / LEDGER_NAME)
         try:
             meta = ledger.meta()
