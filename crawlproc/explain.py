@@ -233,7 +233,7 @@ def _gone_line(found: Explanation) -> str:
     if found.why_no_task is None:
         return ("its file was not found by the last scan (deleted, or no longer selected by --include/--exclude): "
                 "its records left the output")
-    if found.why_no_task.startswith("not scanned yet"):
+    if found.why_no_task == NOT_SCANNED_YET:
         return ("its file is there again (made, or selected, after the last scan): the next run (or watch's next "
                 "event or rescan) processes it")
     return f"its file is there, but left out: {found.why_no_task}; its records left the output"
@@ -244,6 +244,8 @@ def _when(timestamp: float | None) -> str:
 
 
 # -- a file without a task: the first rule of a scan that leaves it out ---------------------------------
+
+NOT_SCANNED_YET = "not scanned yet: the next run (or watch's next event or rescan) records it"  # no rule does
 
 def _why_no_task(ledger: Ledger, relpath: bytes, root: bytes, on_disk: dict[str, Any], out: Path,
                  settings: dict[str, Any] | None) -> str:
@@ -264,7 +266,7 @@ def _why_no_task(ledger: Ledger, relpath: bytes, root: bytes, on_disk: dict[str,
         return "no such file under DATA_DIR now, and no scan ever recorded one there"
     if on_disk["kind"] == "folder":
         return "it is a folder: explain a file inside it"
-    return "not scanned yet: the next run (or watch's next event or rescan) records it"
+    return NOT_SCANNED_YET
 
 
 def _folder_problem(ledger: Ledger, relpath: bytes) -> str | None:

@@ -141,8 +141,7 @@ def _cut_inside_quotes(data: Any, span: Span, names: list[str], delimiter: str) 
     hold one. A doubled quote counts two, so a range whose edges are both outside quotes holds
     an even number of quotes, and the first range of a file whose end is inside such a field an
     odd one; a quote alone inside a field (12" pipe) makes it odd too, and is told apart by
-    reading the rows with line breaks allowed in quoted fields and without: the same rows, then
-    no quoted field holds a line break."""
+    reading the range: only a quoted field gives a value holding a line break."""
     if not _odd_quotes(data, span):
         return False
     from crawlproc.processors.csv_read import holds_quoted_line_breaks
