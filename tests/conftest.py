@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import os
 import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +33,27 @@ def run_cli(*args: str, timeout: float = SUBPROCESS_TIMEOUT, env: dict | None = 
         [sys.executable, "-m", "crawlproc", *args],
         capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd, preexec_fn=preexec,
     )
+
+
+def crawlproc_patched(module: str, **constants: float) -> list[str]:
+    """The command line of crawlproc with constants of `module` set first (a wait a user has,
+    cut short for a test); its arguments follow."""
+    sets = "".join(f"module.{name} = {value!r}\n" for name, value in constants.items())
+    code = (f"import importlib\nmodule = importlib.import_module({module!r})\n{sets}"
+            "from crawlproc.cli import main\nmain()\n")
+    return [sys.executable, "-c", code]
+
+
+@contextlib.contextmanager
+def out_held(out: Path) -> Iterator[None]:
+    """OUT's lock held by this test process, as a run going holds it (its pid written in it)."""
+    fd = os.open(out / "lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def drop_dac_capabilities() -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, make_tree, query_ledger, run_cli, wait_until
+from conftest import REPO, crawlproc_patched, make_tree, query_ledger, run_cli, wait_until
 
 pytest.importorskip("distributed")
 
@@ -101,26 +101,18 @@ def dask_args(cluster: Cluster) -> list[str]:
     return ["--executor", "dask", "--scheduler", cluster.scheduler_address]
 
 
-# crawlproc, with the Dask executor's waits (10 s to reach a scheduler, or to reconnect to one that
-# went away; 60 s for a first worker) cut to the seconds given first, and the cluster's workers read
-# every half second (5 s): for the tests that would wait them out
-WITH_SHORT_WAITS = """
-import sys
-import crawlproc.executors.dask as dask_executor
-seconds = float(sys.argv.pop(1))
-dask_executor.CONNECT_SECONDS = dask_executor.CONNECT_GRACE_SECONDS = dask_executor.WORKERS_SECONDS = seconds
-dask_executor.WORKERS_REFRESH_SECONDS = 0.5
-from crawlproc.cli import main
-main()
-"""
 SHORT_WAITS = 3.0  # seconds, for a run that must reach its scheduler first
 
 
 def crawlproc_command(*args: str, waits: float | None = None) -> list[str]:
-    """The command line of `crawlproc ARGS`, with the Dask waits cut to `waits` seconds if given."""
+    """The command line of `crawlproc ARGS`; with `waits`, the Dask executor's waits (10 s to
+    reach a scheduler, or to reconnect to one that went away; 60 s for a first worker) cut to
+    that many seconds, and the cluster's workers read every half second (5 s): for the tests
+    that would wait them out."""
     if waits is None:
         return [sys.executable, "-m", "crawlproc", *args]
-    return [sys.executable, "-c", WITH_SHORT_WAITS, str(waits), *args]
+    return [*crawlproc_patched("crawlproc.executors.dask", CONNECT_SECONDS=waits, CONNECT_GRACE_SECONDS=waits,
+                               WORKERS_SECONDS=waits, WORKERS_REFRESH_SECONDS=0.5), *args]
 
 
 def start_run(data: Path, out: Path, *args: str, waits: float | None = None) -> subprocess.Popen:

@@ -3,7 +3,6 @@ processed and nothing written in OUT."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tree, query_ledger, run_cli
+from conftest import make_tree, out_held, query_ledger, run_cli
 from test_cli import FAILING_PROCESSOR  # fails on files named bad*
 from crawlproc.dryrun import dry_run
 from crawlproc.errors import IdentityMismatch
@@ -143,13 +142,8 @@ def test_dry_run_refuses_what_a_run_refuses(data, tmp_path, failing):
 def test_dry_run_while_another_crawlproc_holds_out_exits_3(data, tmp_path):
     out = tmp_path / "out"
     ok(crawl(data, out))
-    fd = os.open(out / "lock", os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    with out_held(out):
         result = crawl(data, out, "--dry-run")
-    finally:
-        os.close(fd)
     assert result.returncode == 3 and f"pid {os.getpid()}" in result.stderr
     assert "ask again once that one has ended" in result.stderr  # it said it waited, and did not
 

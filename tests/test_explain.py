@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import crawlproc
-from conftest import make_tree, run_cli
+from conftest import make_tree, out_held, run_cli
 from test_run import PICKY_PROCESSOR, write_processor
 
 
@@ -231,19 +231,12 @@ def test_a_gone_task_whose_file_is_there_names_the_rule_or_says_it_is_back(tree,
 
 def test_a_pending_task_waits_for_the_run_going_now_if_there_is_one(tree, tmp_path):
     """'waits for the next run' was said of a task pending in a watch that was running."""
-    import fcntl
-
     out = tmp_path / "out"
     run(tree, out)
     assert run_cli("retry", "-o", str(out), "--all", "a.txt").returncode == 0
     assert "waits for the next run" in explain("a.txt", "-o", str(out))[1]
-    fd = os.open(out / "lock", os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a run going holds it
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    with out_held(out):
         text = explain("a.txt", "-o", str(out))[1]
-    finally:
-        os.close(fd)
     assert f"waits for the run going now (pid {os.getpid()})" in text, text
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import REPO, make_tree, run_cli, wait_until
+from conftest import REPO, make_tree, out_held, run_cli, wait_until
 
 GATED = f"{REPO / 'tests' / 'gated_processor.py'}:gated"
 SCRIPT_NAME = "<script>alert(1)</script>.txt"  # a folder `<script>alert(1)<` holding `script>.txt`
@@ -264,18 +264,11 @@ def test_a_port_in_use_is_one_line_and_exit_2(tmp_path):
 
 def test_a_served_run_on_an_out_in_use_is_refused_before_its_page_is_announced(tmp_path):
     """It logged 'status page: http://...' (and served it a moment), then exited 3."""
-    import fcntl
-
     data = make_tree(tmp_path / "data", {"a.txt": "one\n"})
     out = tmp_path / "out"
     assert run_cli("run", str(data), "-o", str(out), "-q").returncode == 0
-    fd = os.open(out / "lock", os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a run going holds it
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    with out_held(out):
         result = run_cli("run", str(data), "-o", str(out), "--serve", "0")
-    finally:
-        os.close(fd)
     assert result.returncode == 3, result.stderr
     assert result.stderr.strip().splitlines() == [f"crawlproc: another crawlproc (pid {os.getpid()}) is using {out}"]
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import make_tree, run_cli, query_ledger
+from conftest import crawlproc_patched, make_tree, run_cli, query_ledger
 
 SETTLE = "0.5"
 MERGE_INTERVAL = "0.3"
@@ -80,17 +80,6 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
     return data, tmp_path / "out"
 
 
-# crawlproc, with the scans of a watch that fell back to polling by itself every N seconds given
-# first (10 s for a user, who may choose with --poll): for the tests that would wait them out
-WITH_FALLBACK_POLL = """
-import importlib, sys
-watch = importlib.import_module("crawlproc.watch")  # the module: crawlproc.watch is the API's function
-watch.DEFAULT_POLL_SECONDS = float(sys.argv.pop(1))
-from crawlproc.cli import main
-main()
-"""
-
-
 class Watch:
     """A `crawlproc watch` subprocess; its stdout and stderr go to files in tmp_path.
 
@@ -108,8 +97,11 @@ class Watch:
         self.stdout_path = logs / f"watch-{Watch.count}.stdout"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "default",
                "WATCH_TEST_LOG": str(self.log), "WATCH_TEST_SLEEP": str(sleep)}
-        crawlproc = ["-m", "crawlproc"] if fallback_poll is None else ["-c", WITH_FALLBACK_POLL, str(fallback_poll)]
-        cmd = [*prefix, sys.executable, *crawlproc, "watch", str(data), "-o", str(out), "-w", "2",
+        # fallback_poll: seconds between the scans of a watch that fell back to polling by itself
+        # (10 s for a user, who may choose with --poll), for the tests that would wait them out
+        crawlproc = ([sys.executable, "-m", "crawlproc"] if fallback_poll is None else
+                     crawlproc_patched("crawlproc.watch", DEFAULT_POLL_SECONDS=fallback_poll))
+        cmd = [*prefix, *crawlproc, "watch", str(data), "-o", str(out), "-w", "2",
                "-p", processor, "--no-progress", "--settle", settle, "--merge-interval", MERGE_INTERVAL, *args]
         with open(self.stdout_path, "wb") as stdout, open(self.stderr_path, "wb") as stderr:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
